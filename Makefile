@@ -1,0 +1,26 @@
+# Set-up commands. Each is idempotent and installs into the project virtualenv (.venv) first.
+#   make quickstart   run the quickstart recipe end to end on the embedded tiny MoE
+#   make test         run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -c constraints.txt -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import posttrain, torch, transformers, trl, peft, ray, datasets"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/posttrain run recipes/quickstart.yaml
+
+test: install
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs

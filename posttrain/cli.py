@@ -1,0 +1,81 @@
+"""The `posttrain` command.
+
+    posttrain run RECIPE.yaml [dotted.key=value ...] [--run-dir DIR]
+    posttrain schema            print every recipe key with its type, default and documentation
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_run(args) -> int:
+    from posttrain.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    cfg = load_recipe(args.recipe, overrides)  # fails before any work on a bad recipe
+
+    from posttrain.pipeline import run_recipe
+
+    results = run_recipe(cfg)
+    print(f"\nrun directory: {cfg.run_dir}")
+    for name, info in results.items():
+        where = info.get("checkpoint", "")
+        print(f"  {name:<6} {where}")
+    if "eval" in results:
+        print("\naccuracy by difficulty (held-out problems):")
+        print(results["eval"]["table"])
+    return 0
+
+
+def _cmd_schema(args) -> int:
+    from posttrain.config import RecipeConfig
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                print(f"{prefix}{name}:  # {field.description or ann.__doc__ or ''}".rstrip())
+                walk(ann, prefix + "  ")
+            else:
+                default = field.get_default(call_default_factory=True)
+                print(f"{prefix}{name}: {default!r}  # {field.description or ''}".rstrip(" #"))
+
+    walk(RecipeConfig)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="Teach an MoE language model to think on a budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a recipe's stages into its run directory (resumes an existing one)")
+    r.add_argument("recipe", help="recipe YAML file")
+    r.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. sft.steps=50")
+    r.add_argument("--run-dir", help="override run_dir")
+    r.set_defaults(func=_cmd_run)
+    s = sub.add_parser("schema", help="print every recipe key with its default and documentation")
+    s.set_defaults(func=_cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from posttrain.data import DataError
+    from posttrain.model import CheckpointError
+    from posttrain.recipe import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

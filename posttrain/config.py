@@ -1,0 +1,208 @@
+"""The typed recipe schema. YAML recipes nest exactly like these classes; each field's description is its doc.
+
+Every model forbids extra keys, so a misspelt key is an error (see `posttrain.recipe` for the messages), never
+silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STAGE_NAMES = ("base", "sft", "eval")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face checkpoint directory of a pretrained MoE causal LM. Empty: the `base` "
+        "stage's embedded tiny model.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow the checkpoint's own Python modelling code to run.")
+    allow_pickle: bool = Field(
+        False, description="Allow checkpoints that ship only pickled weights (loaded with weights_only=True)."
+    )
+    experts_implementation: Literal["grouped_mm", "eager"] = Field(
+        "grouped_mm", description="MoE expert kernel (`batched_mm` exhausts memory on CPU and is not offered)."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().exists():
+            raise ValueError(f"directory {v!r} does not exist")
+        return v
+
+
+class DataConfig(Section):
+    source: Literal["arithmetic", "file", "hub"] = Field(
+        "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
+        "`datasets` name (needs a reachable hub)."
+    )
+    path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
+    split: str = Field("train", description="Split for source=hub.")
+    prompt_column: str = Field("prompt", description="Column holding the user prompt.")
+    answer_column: str = Field("answer", description="Column holding the reference answer.")
+    reasoning_column: str | None = Field(None, description="Optional column with a reference reasoning trace.")
+    answer_delimiter: str | None = Field(
+        None, description="If set (GSM8K uses '####'), the answer column is 'reasoning DELIM final answer'."
+    )
+    difficulty_column: str | None = Field(None, description="Optional integer column used to group metrics.")
+    max_prompt_chars: int = Field(2000, gt=0, description="Longer prompts are bad rows.")
+    skip_bad_rows: bool = Field(
+        False, description="Skip (and list in the run directory) rows with missing/wrong/empty fields instead of "
+        "stopping before training."
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataConfig":
+        if self.source in ("file", "hub") and not self.path:
+            raise ValueError(f"`path` is required when source is {self.source!r}")
+        if self.source == "file" and not Path(self.path).expanduser().is_file():
+            raise ValueError(f"path: file {self.path!r} does not exist")
+        return self
+
+
+class TaskConfig(Section):
+    """The embedded left-to-right arithmetic task (used when data.source is `arithmetic`, and for evaluation)."""
+
+    min_difficulty: int = Field(1, ge=1, le=8, description="Fewest operators in a problem.")
+    max_difficulty: int = Field(8, ge=1, le=8, description="Most operators in a problem.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "TaskConfig":
+        if self.min_difficulty > self.max_difficulty:
+            raise ValueError("min_difficulty must be <= max_difficulty")
+        return self
+
+
+class BaseStageConfig(Section):
+    """Build and pretrain the embedded tiny Qwen3-MoE base model (cached by these settings)."""
+
+    hidden_size: int = Field(128, ge=16, description="Model width.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers (all MoE).")
+    num_experts: int = Field(8, ge=2, description="Experts per MoE layer.")
+    top_k: int = Field(2, ge=1, description="Experts routed per token.")
+    moe_intermediate_size: int = Field(256, ge=8, description="Each expert's hidden width.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (head_dim = hidden_size / num_heads).")
+    vocab_size: int = Field(512, ge=400, description="BPE vocabulary size of the embedded tokenizer.")
+    steps: int = Field(700, ge=1, description="Pretraining optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Sequences per step.")
+    seq_len: int = Field(128, ge=16, description="Tokens per packed sequence.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
+    warmup_steps: int = Field(30, ge=0, description="Warmup steps.")
+    weight_decay: float = Field(0.01, ge=0)
+    cache_dir: str = Field(
+        "~/.cache/posttrain/base",
+        description="Where built base models are cached by their settings; a second run reuses them. The "
+        "POSTTRAIN_CACHE environment variable overrides it.",
+    )
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "BaseStageConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train a LoRA adapter instead of the full model.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Linear modules to adapt."
+    )
+    target_parameters: list[str] = Field(
+        default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        description="Fused 3-D expert parameters to adapt (PEFT `target_parameters`).",
+    )
+
+
+class BudgetMix(Section):
+    budgeted: float = Field(0.6, ge=0, description="Share of samples with a budget in the prompt.")
+    autonomous: float = Field(0.3, ge=0, description="Share with no budget (the model picks its length).")
+    zero: float = Field(0.1, ge=0, description="Share with budget 0 (empty think block).")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "BudgetMix":
+        if self.budgeted + self.autonomous + self.zero <= 0:
+            raise ValueError("at least one share must be positive")
+        return self
+
+
+class SFTStageConfig(Section):
+    """Supervised fine-tuning on the thinking format (TRL SFTTrainer, loss on the assistant part only)."""
+
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Sequences per step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    n_examples: int = Field(12000, ge=1, description="Training examples generated (arithmetic) or used (files).")
+    budgets: list[int] = Field(
+        default_factory=lambda: [8, 16, 24, 32, 48, 64, 96, 128],
+        description="Budgets sampled for budgeted examples (thinking tokens).",
+    )
+    mix: BudgetMix = Field(default_factory=BudgetMix, description="How examples split across thinking modes.")
+    autonomous_style: Literal["verbose", "terse"] = Field(
+        "verbose", description="Trace style of unbudgeted (autonomous) examples."
+    )
+    max_length: int = Field(256, ge=16, description="Longest training sequence in tokens.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    logging_steps: int = Field(10, ge=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= 0 for b in v):
+            raise ValueError("budgets must be a non-empty list of positive integers")
+        return v
+
+
+class EvalStageConfig(Section):
+    """Quick accuracy table by difficulty for a few budgets, on held-out problems of the embedded task."""
+
+    n_per_difficulty: int = Field(40, ge=1, description="Problems per difficulty.")
+    budgets: list[int | Literal["auto"]] = Field(
+        default_factory=lambda: [0, "auto"], description="Budgets to evaluate; `auto` = no budget (autonomous)."
+    )
+    max_new_tokens: int = Field(160, ge=1, description="Generation cap per response.")
+    batch_size: int = Field(64, ge=1)
+    seed: int = Field(12345, description="Seed of the held-out problems (distinct from training seeds).")
+
+
+class RecipeConfig(Section):
+    run_dir: str = Field("runs/quickstart", description="Directory the run writes into (resumes if it exists).")
+    seed: int = Field(0, description="Global seed.")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training dtype; auto = bf16 on CUDA, fp32 on CPU."
+    )
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores).")
+    stages: list[Literal["base", "sft", "eval"]] = Field(
+        default_factory=lambda: ["base", "sft", "eval"], description="Stages to run, in order."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    base: BaseStageConfig = Field(default_factory=BaseStageConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
+
+    @model_validator(mode="after")
+    def _stage_inputs(self) -> "RecipeConfig":
+        if "base" not in self.stages and self.model.path is None and any(s != "base" for s in self.stages):
+            raise ValueError("model.path is required when the `base` stage is not run")
+        if "base" in self.stages and self.model.path is not None:
+            raise ValueError("set either model.path (an existing checkpoint) or the `base` stage, not both")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError("stages must not repeat")
+        return self

@@ -1,0 +1,164 @@
+"""Loading and saving MoE causal LMs: one code path for the embedded tiny model and any local HF checkpoint.
+
+Security: weights are read from safetensors only (`use_safetensors=True`); a checkpoint that ships only pickled
+weights (`pytorch_model.bin`) is refused unless the recipe sets `allow_pickle`, and then it loads through
+`torch.load(weights_only=True)` (transformers' own path). Custom modelling code runs only with
+`trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Config attributes by which we recognise a Mixture-of-Experts model (Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek, ...).
+_MOE_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded safely; the message says which file and why."""
+
+
+def default_experts_implementation(device: str | torch.device) -> str:
+    """`grouped_mm` everywhere: `batched_mm` materialises per-token expert weights and exhausts CPU memory."""
+    return "grouped_mm"
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available on this machine")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def check_checkpoint_dir(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Raise CheckpointError unless `path` is a loadable HF checkpoint with safetensors weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model path {str(path)!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}/config.json is missing: not a Hugging Face checkpoint directory")
+    has_st = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    has_pickle = any(path.glob("pytorch_model*.bin"))
+    if not has_st and has_pickle and not allow_pickle:
+        raise CheckpointError(
+            f"{path} holds only pickled weights (pytorch_model*.bin); pickle can run arbitrary code when loaded. "
+            "Convert it to safetensors, or set `model.allow_pickle: true` in the recipe if you trust its source."
+        )
+    if not has_st and not has_pickle:
+        raise CheckpointError(f"{path} has no weights (*.safetensors)")
+    return path
+
+
+def is_moe_config(config) -> bool:
+    return any(getattr(config, k, None) for k in _MOE_EXPERT_KEYS)
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    experts_implementation: str | None = None,
+    require_moe: bool = False,
+):
+    """Load a causal LM from a local HF directory (the embedded tiny model is just such a directory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = check_checkpoint_dir(path, allow_pickle)
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if require_moe and not is_moe_config(config):
+        raise CheckpointError(f"{path}: {type(config).__name__} is not a Mixture-of-Experts config")
+    kwargs = {}
+    if is_moe_config(config):
+        kwargs["experts_implementation"] = experts_implementation or default_experts_implementation(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=not allow_pickle,
+        **kwargs,
+    )
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """`save_pretrained` (safetensors) for model and tokenizer into `out_dir`, written atomically:
+    everything goes to a temporary sibling directory first, which is renamed into place at the end."""
+    import os
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def tiny_moe_config(vocab_size: int, pad_id: int, eos_id: int, **overrides):
+    """A Qwen3-MoE config of a few million parameters (hidden 128, 4 layers, 8 experts, top-2)."""
+    from transformers import Qwen3MoeConfig
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        router_aux_loss_coef=0.01,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+    )
+    cfg.update(overrides)
+    return Qwen3MoeConfig(**cfg)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_checkpoint(path: str | Path) -> dict:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_experts", "vocab_size")}

@@ -1,0 +1,73 @@
+"""Running a recipe: its stages in order into the run directory, skipping stages that already finished."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.config import RecipeConfig
+from posttrain.recipe import dump_recipe
+from posttrain.runlog import MetricsWriter, StageDir, log, setup_logging
+
+
+@dataclass
+class StageContext:
+    cfg: RecipeConfig
+    run_dir: Path
+    stage: StageDir
+    metrics: MetricsWriter
+    device: object
+    dtype: object
+    model_path: Path | None  # checkpoint produced by the latest model-producing stage (or model.path)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_recipe(cfg: RecipeConfig) -> dict:
+    """Run every stage of `cfg`; returns {stage: info}. A finished stage is skipped and says so."""
+    import torch
+
+    from posttrain.model import pick_device, pick_dtype
+    from posttrain.stages import get_stage
+
+    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "run.log")
+    (run_dir / "recipe.yaml").write_text(dump_recipe(cfg))
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    log.info("run %s: stages %s on %s (%s)", run_dir, " -> ".join(cfg.stages), device, str(dtype).removeprefix("torch."))
+    model_path = Path(cfg.model.path).expanduser() if cfg.model.path else None
+    results = {}
+    for name in cfg.stages:
+        stage = StageDir(run_dir, name)
+        if stage.is_done():
+            info = stage.done_info()
+            log.info("stage %s already finished (%s); nothing to do", name, stage.done_file)
+        else:
+            seed_everything(cfg.seed)
+            metrics = MetricsWriter(stage.path)
+            t0 = time.time()
+            ctx = StageContext(cfg, run_dir, stage, metrics, device, dtype, model_path)
+            try:
+                info = get_stage(name)(ctx)
+            finally:
+                metrics.close()
+            info["seconds"] = round(time.time() - t0, 1)
+            stage.mark_done(info)
+            log.info("stage %s finished in %.0fs", name, info["seconds"])
+        if "checkpoint" in info:
+            model_path = Path(info["checkpoint"])
+        results[name] = info
+    return results

@@ -1,0 +1,103 @@
+"""Reading recipes: safe YAML, dotted overrides, and one clear message per mistake.
+
+An error names the key path (`sft.lora.r`), what was expected and, for a misspelt key, the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from posttrain.config import RecipeConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; str(e) is the whole user-facing message."""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Valid keys of the section addressed by `loc` (the error's location minus the bad key)."""
+    cls = model
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(cls.model_fields) if cls is not None else None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(RecipeConfig, loc[:-1]) or []
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (near[0],))}'?" if near else ""
+            lines.append(f"  {path}: unknown key{hint} (valid keys here: {', '.join(valid)})")
+        elif e["type"] == "literal_error":
+            allowed = re.findall(r"'([^']*)'", e.get("ctx", {}).get("expected", ""))
+            near = difflib.get_close_matches(str(e["input"]), allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            lines.append(f"  {path}: {e['msg']} (got {e['input']!r}){hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            m = re.match(r"^(\w+): ", msg)
+            if m and m.group(1) in (_fields_at(RecipeConfig, loc) or []):
+                path, msg = f"{path}.{m.group(1)}" if loc else m.group(1), msg[m.end():]
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            lines.append(f"  {path}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict, dotted: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`3`, `true`, `[0, 16]`)."""
+    if "=" not in dotted:
+        raise RecipeError(f"override {dotted!r} is not of the form key.path=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override {dotted!r} has an empty key")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"override {dotted!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple = ()) -> RecipeConfig:
+    """Parse and validate a recipe file (or only overrides when `path` is None)."""
+    data: Any = {}
+    source = "(overrides)"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {source!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {source} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {source} must be a mapping of keys, got {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return RecipeConfig.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, source)) from None
+
+
+def dump_recipe(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

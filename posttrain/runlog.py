@@ -1,0 +1,99 @@
+"""Run directories: one folder per stage with its checkpoint, metrics (JSONL + TensorBoard) and log.
+
+    RUN_DIR/recipe.yaml              the fully resolved recipe
+    RUN_DIR/run.log                  everything the run logged
+    RUN_DIR/<stage>/checkpoint/      HF-format checkpoint (safetensors), when the stage produces a model
+    RUN_DIR/<stage>/metrics.jsonl    one JSON object per logged step
+    RUN_DIR/<stage>/tb/              TensorBoard events
+    RUN_DIR/<stage>/done.json        written last: the stage finished (a rerun skips it)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("posttrain")
+
+
+def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
+    log.setLevel(level)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    if log_file is not None:
+        for h in list(log.handlers):
+            if isinstance(h, logging.FileHandler):
+                log.removeHandler(h)
+                h.close()
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends `{"step": s, **metrics}` lines to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, stage_dir: Path):
+        self.path = stage_dir / "metrics.jsonl"
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(stage_dir / "tb"))
+        except ImportError:  # tensorboard is a dependency; degrade only if someone removed it
+            log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    def log(self, step: int, metrics: dict) -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class StageDir:
+    def __init__(self, run_dir: Path, name: str):
+        self.name = name
+        self.path = run_dir / name
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def done_file(self) -> Path:
+        return self.path / "done.json"
+
+    def is_done(self) -> bool:
+        return self.done_file.is_file()
+
+    def done_info(self) -> dict:
+        return json.loads(self.done_file.read_text())
+
+    def mark_done(self, info: dict) -> None:
+        write_json_atomic(self.done_file, {"stage": self.name, "finished": time.time(), **info})

@@ -1,0 +1,57 @@
+"""SFT examples for the thinking format: budgeted, autonomous and budget-0 samples, tokenized with the chat template.
+
+Each example is `{"input_ids", "completion_mask", "mode", "budget", "n_think"}`; the completion (assistant part)
+is the only part with loss. Budgeted samples carry the most explicit trace that fits the sampled budget (see
+`posttrain.tasks.arithmetic.fit_trace`), autonomous samples the full trace, budget-0 samples none. This only
+teaches budgets roughly (the model sees traces that fit, never a penalty for overrunning): sharpening is RL's job.
+"""
+
+from __future__ import annotations
+
+import random
+
+from posttrain.config import BudgetMix
+from posttrain.data import Example
+from posttrain.tasks.arithmetic import fit_trace, make_trace, parse_expression
+from posttrain.tokenizer import THINK_END, count_tokens
+
+
+def sample_mode(rng: random.Random, mix: BudgetMix) -> str:
+    return rng.choices(["budgeted", "autonomous", "zero"], weights=[mix.budgeted, mix.autonomous, mix.zero])[0]
+
+
+def tokenize_example(tokenizer, prompt: str, budget: int | None, thinking: str, answer: str) -> dict:
+    """Prompt ids from the chat template (generation prompt included), completion = thinking, </think>, answer."""
+    kw = {} if budget is None else {"thinking_budget": budget}
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False, **kw)
+    completion = f"{answer}{tokenizer.eos_token}" if budget == 0 else f"{thinking}{THINK_END}\n\n{answer}{tokenizer.eos_token}"
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return {"input_ids": list(prompt_ids) + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
+def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], mix: BudgetMix,
+                       autonomous_style: str, seed: int, max_length: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        mode = sample_mode(rng, mix)
+        arithmetic = ex.source == "arithmetic"
+        p = parse_expression(ex.prompt) if arithmetic else None
+        full = make_trace(p, autonomous_style, 1) if arithmetic else (ex.reasoning or "")
+        if mode == "zero":
+            budget, thinking = 0, ""
+        elif mode == "autonomous":
+            budget, thinking = None, full
+        else:
+            budget = rng.choice(budgets)
+            if arithmetic:
+                thinking = fit_trace(p, budget, lambda t: count_tokens(tokenizer, t))
+            else:  # real data: keep the reference reasoning only when it fits, never cut it mid-thought
+                thinking = full if count_tokens(tokenizer, full) <= budget else ""
+        row = tokenize_example(tokenizer, ex.prompt, budget, thinking, ex.answer)
+        if len(row["input_ids"]) > max_length:
+            continue
+        row.update(mode=mode, budget=-1 if budget is None else budget, n_think=count_tokens(tokenizer, thinking))
+        out.append(row)
+    return out

@@ -1,0 +1,13 @@
+"""Stage registry: the names are the strings recipes list under `stages`."""
+
+from __future__ import annotations
+
+import importlib
+
+STAGES = {"base": "posttrain.stages.base", "sft": "posttrain.stages.sft", "eval": "posttrain.stages.eval"}
+
+
+def get_stage(name: str):
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[name]).run

@@ -1,0 +1,158 @@
+"""`base` stage: build and pretrain the embedded tiny Qwen3-MoE model on a synthetic corpus of the task.
+
+Stands in for the pretrained MoE checkpoint a user would bring (no model hub is reachable here). The corpus is
+plain text, no chat format: each document is a problem, a thinking trace in one of the styles of the task
+(verbose, terse, compressed) and the answer, or the problem and its answer directly. Documents are packed into
+fixed-length sequences. The router load-balancing loss (Switch/Mixtral style, `router_aux_loss_coef`) is
+included so experts stay in use.
+
+The result is cached by its settings (`base.cache_dir`); a second run with the same settings reuses it. It is
+saved with `save_pretrained` and read back through `posttrain.model.load_model`, the same path as any checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.config import BaseStageConfig
+from posttrain.runlog import log
+from posttrain.tasks.arithmetic import generate_problems, make_trace, sample_problem, trace_ladder
+
+CORPUS_VERSION = 1  # bump when the corpus or tokenizer changes, so stale caches are not reused
+
+
+def cache_key(cfg: BaseStageConfig, seed: int) -> str:
+    settings = cfg.model_dump(exclude={"cache_dir"})
+    blob = json.dumps({"settings": settings, "seed": seed, "corpus": CORPUS_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_root(cfg: BaseStageConfig) -> Path:
+    return Path(os.environ.get("POSTTRAIN_CACHE") or cfg.cache_dir).expanduser()
+
+
+def corpus_document(rng: random.Random, difficulty: int) -> str:
+    p = sample_problem(rng, difficulty)
+    if rng.random() < 0.25:
+        return f"{p.expression}={p.answer}"
+    ladder = trace_ladder(p)
+    # favour the explicit styles: they carry the per-step facts the model must learn
+    weights = [4.0, 3.0] + [2.0 / max(1, len(ladder) - 2)] * (len(ladder) - 2)
+    style, group = rng.choices(ladder, weights=weights)[0]
+    return f"{p.expression}\n{make_trace(p, style, group)}\n={p.answer}"
+
+
+class PackedCorpus:
+    """An endless stream of (batch_size, seq_len) token blocks of packed documents, reproducible from a seed."""
+
+    def __init__(self, tokenizer, seq_len: int, batch_size: int, seed: int):
+        self.tok, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
+        self.rng = random.Random(seed)
+        self.buffer: list[int] = []
+        self.sep = tokenizer.pad_token_id  # <|endoftext|> between documents
+
+    def next_batch(self) -> torch.Tensor:
+        need = self.seq_len * self.batch_size
+        while len(self.buffer) < need:
+            docs = [corpus_document(self.rng, self.rng.randint(1, 8)) for _ in range(256)]
+            for ids in self.tok(docs, add_special_tokens=False)["input_ids"]:
+                self.buffer.extend(ids + [self.sep])
+        block, self.buffer = self.buffer[:need], self.buffer[need:]
+        return torch.tensor(block, dtype=torch.long).view(self.batch_size, self.seq_len)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup, then cosine decay to 10% of peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, device="cpu") -> Path:
+    """Build tokenizer + model, pretrain, and save an HF checkpoint to `out_dir` (atomically)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.model import count_parameters, save_model, tiny_moe_config
+    from posttrain.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(cfg.vocab_size, seed)
+    mcfg = tiny_moe_config(
+        len(tok),
+        tok.pad_token_id,
+        tok.eos_token_id,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        intermediate_size=2 * cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=max(1, cfg.num_heads // 2),
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=max(512, cfg.seq_len),
+    )
+    mcfg._experts_implementation = "grouped_mm"
+    model = AutoModelForCausalLM.from_config(mcfg).to(device)
+    log.info("base: Qwen3-MoE %.2fM parameters, %d experts top-%d", count_parameters(model) / 1e6,
+             cfg.num_experts, cfg.top_k)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95),
+    )
+    corpus = PackedCorpus(tok, cfg.seq_len, cfg.batch_size, seed)
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="base pretrain", dynamic_ncols=True, mininterval=2.0)
+    t0 = time.time()
+    for step in bar:
+        lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.learning_rate)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = corpus.next_batch().to(device)
+        out = model(input_ids=x, labels=x, output_router_logits=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == cfg.steps - 1:
+            m = {"train/loss": out.loss.item(), "train/aux_loss": float(out.aux_loss), "train/lr": lr,
+                 "train/grad_norm": float(gnorm),
+                 "train/tokens_per_s": (step + 1) * x.numel() / (time.time() - t0)}
+            bar.set_postfix(loss=f"{m['train/loss']:.3f}")
+            if metrics is not None:
+                metrics.log(step, m)
+    bar.close()
+    model.eval()
+    return save_model(model, tok, out_dir)
+
+
+def run(ctx) -> dict:
+    """Stage entry: reuse the cached base model for these settings, or build it; copy it into the run dir."""
+    cfg: BaseStageConfig = ctx.cfg.base
+    key = cache_key(cfg, ctx.cfg.seed)
+    cached = cache_root(cfg) / key
+    if (cached / "config.json").is_file():
+        log.info("base: reusing cached model %s", cached)
+        reused = True
+    else:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        log.info("base: building and pretraining the tiny MoE (cache key %s)", key)
+        pretrain(cfg, ctx.cfg.seed, cached, ctx.metrics, ctx.device)
+        reused = False
+    if ctx.stage.checkpoint.exists():
+        shutil.rmtree(ctx.stage.checkpoint)
+    shutil.copytree(cached, ctx.stage.checkpoint)
+    return {"checkpoint": str(ctx.stage.checkpoint), "cache": str(cached), "reused_cache": reused}

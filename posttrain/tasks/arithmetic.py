@@ -1,0 +1,146 @@
+"""The embedded task: left-to-right arithmetic.
+
+Spec (kept exactly, so outside code can generate compatible problems):
+- a problem is 2 to 9 single-digit operands (0-9) joined by ``+``, ``-``, ``*``;
+- it is evaluated strictly left to right with no precedence: ``7+3*2-5`` = ((7+3)*2)-5 = 15;
+- every intermediate value and the result lie in 0..99;
+- the user message is the expression alone (``7+3*2-5``), the answer the integer alone (``15``);
+- difficulty is the number of operators (1-8).
+
+Thinking traces write the running value step by step. ``group`` operators are folded into one line, so a
+trace can be shrunk to fit a budget at the cost of harder steps:
+
+    verbose, group=1:  7+3=10\\n10*2=20\\n20-5=15
+    terse,   group=1:  7+3=10 *2=20 -5=15
+    terse,   group=2:  7+3*2=20 -5=15
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+OPS = ("+", "-", "*")
+MIN_DIFFICULTY, MAX_DIFFICULTY = 1, 8
+VALUE_MAX = 99
+TRACE_STYLES = ("verbose", "terse")
+
+
+@dataclass(frozen=True)
+class Problem:
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    @property
+    def expression(self) -> str:
+        out = str(self.operands[0])
+        for op, d in zip(self.ops, self.operands[1:]):
+            out += op + str(d)
+        return out
+
+    @property
+    def difficulty(self) -> int:
+        return len(self.ops)
+
+    @property
+    def running_values(self) -> list[int]:
+        """Value after each operator, left to right (the last one is the answer)."""
+        values, acc = [], self.operands[0]
+        for op, d in zip(self.ops, self.operands[1:]):
+            acc = apply_op(acc, op, d)
+            values.append(acc)
+        return values
+
+    @property
+    def answer(self) -> int:
+        return self.running_values[-1]
+
+
+def apply_op(a: int, op: str, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def parse_expression(expr: str) -> Problem:
+    """Parse ``7+3*2-5`` into a Problem; raises ValueError naming what is wrong."""
+    expr = expr.strip()
+    if len(expr) < 3 or len(expr) % 2 == 0:
+        raise ValueError(f"not a left-to-right arithmetic expression: {expr!r}")
+    digits, ops = expr[0::2], expr[1::2]
+    if not digits.isdigit() or any(o not in OPS for o in ops):
+        raise ValueError(f"not a left-to-right arithmetic expression: {expr!r}")
+    return Problem(tuple(int(c) for c in digits), tuple(ops))
+
+
+def evaluate_left_to_right(expr: str) -> int:
+    """Value of an expression evaluated strictly left to right."""
+    p = parse_expression(expr)
+    return p.answer
+
+
+def sample_problem(rng: random.Random, difficulty: int) -> Problem:
+    """A uniformly random valid step sequence: each step picks uniformly among the (op, digit) pairs that keep
+    the running value in 0..99, so every intermediate and the result are in range by construction."""
+    if not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY:
+        raise ValueError(f"difficulty must be in {MIN_DIFFICULTY}..{MAX_DIFFICULTY}, got {difficulty}")
+    acc = rng.randint(0, 9)
+    operands, ops = [acc], []
+    for _ in range(difficulty):
+        choices = [(op, d) for op in OPS for d in range(10) if 0 <= apply_op(acc, op, d) <= VALUE_MAX]
+        # weight operators equally, not (op, digit) pairs, so '*' (few valid digits at large values) still shows up
+        op = rng.choice(sorted({o for o, _ in choices}))
+        d = rng.choice([d for o, d in choices if o == op])
+        acc = apply_op(acc, op, d)
+        operands.append(d)
+        ops.append(op)
+    return Problem(tuple(operands), tuple(ops))
+
+
+def generate_problems(n: int, seed: int, difficulties: tuple[int, ...] | list[int] = tuple(range(1, 9))) -> list[Problem]:
+    """`n` problems, difficulties cycled evenly over `difficulties`, reproducible from `seed`."""
+    rng = random.Random(seed)
+    diffs = list(difficulties)
+    return [sample_problem(rng, diffs[i % len(diffs)]) for i in range(n)]
+
+
+def make_trace(p: Problem, style: str = "verbose", group: int = 1) -> str:
+    """A thinking trace for `p`: running values, `group` operators per line (see module docstring)."""
+    if style not in TRACE_STYLES:
+        raise ValueError(f"trace style must be one of {TRACE_STYLES}, got {style!r}")
+    if group < 1:
+        raise ValueError("group must be >= 1")
+    values = p.running_values
+    lines, acc, i = [], p.operands[0], 0
+    while i < len(p.ops):
+        j = min(i + group, len(p.ops))
+        body = "".join(op + str(d) for op, d in zip(p.ops[i:j], p.operands[i + 1 : j + 1]))
+        prefix = str(acc) if (style == "verbose" or i == 0) else ""
+        lines.append(f"{prefix}{body}={values[j - 1]}")
+        acc, i = values[j - 1], j
+    return ("\n" if style == "verbose" else " ").join(lines)
+
+
+def trace_ladder(p: Problem) -> list[tuple[str, int]]:
+    """Trace variants from most to least explicit: (verbose,1), (terse,1), (terse,2), ... (terse,difficulty)."""
+    ladder = [("verbose", 1), ("terse", 1)]
+    ladder += [("terse", g) for g in range(2, p.difficulty + 1)]
+    return ladder
+
+
+def fit_trace(p: Problem, budget: int, count_tokens) -> str:
+    """The most explicit trace whose token count fits `budget`; "" (no thinking) when none fits.
+
+    count_tokens: callable str -> int (the tokenizer's count of thinking tokens).
+    """
+    if budget <= 0:
+        return ""
+    for style, group in trace_ladder(p):
+        trace = make_trace(p, style, group)
+        if count_tokens(trace) <= budget:
+            return trace
+    return ""

@@ -1,0 +1,39 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from posttrain.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A randomly initialised, very small Qwen3-MoE saved as an HF checkpoint (no training)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.model import save_model, tiny_moe_config
+
+    torch.manual_seed(0)
+    cfg = tiny_moe_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, hidden_size=32,
+                          num_hidden_layers=2, num_experts=4, moe_intermediate_size=32, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16)
+    model = AutoModelForCausalLM.from_config(cfg)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")

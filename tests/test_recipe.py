@@ -1,0 +1,71 @@
+"""Recipe errors: the messages themselves (key path, what was expected, nearest valid key)."""
+
+import pytest
+
+from posttrain.recipe import RecipeError, load_recipe
+
+
+def error_of(tmp_path, text=None, overrides=()):
+    path = None
+    if text is not None:
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(path, list(overrides))
+    return str(ei.value)
+
+
+def test_defaults_validate():
+    cfg = load_recipe(None)
+    assert cfg.stages == ["base", "sft", "eval"] and cfg.base.num_experts == 8 and cfg.base.top_k == 2
+
+
+def test_quickstart_recipe_validates():
+    cfg = load_recipe("recipes/quickstart.yaml")
+    assert cfg.run_dir == "runs/quickstart"
+
+
+def test_misspelt_key_names_path_and_nearest(tmp_path):
+    msg = error_of(tmp_path, "sft:\n  lerning_rate: 0.1\n")
+    assert "sft.lerning_rate: unknown key" in msg and "did you mean 'sft.learning_rate'" in msg
+    msg = error_of(tmp_path, "sft:\n  lora:\n    rnak: 4\n")
+    assert "sft.lora.rnak: unknown key" in msg and "valid keys here: enabled, r, alpha" in msg
+
+
+def test_wrong_type_and_range(tmp_path):
+    msg = error_of(tmp_path, "sft:\n  steps: many\n")
+    assert "sft.steps" in msg and "valid integer" in msg and "'many'" in msg
+    msg = error_of(tmp_path, overrides=["sft.lora.r=0"])
+    assert "sft.lora.r" in msg and "greater than or equal to 1" in msg
+    msg = error_of(tmp_path, overrides=["base.top_k=9"])
+    assert "top_k (9) must be <= num_experts (8)" in msg
+
+
+def test_unknown_stage_suggests(tmp_path):
+    msg = error_of(tmp_path, "stages: [base, sfft]\n")
+    assert "stages.1" in msg and "did you mean 'sft'" in msg
+
+
+def test_missing_files(tmp_path):
+    msg = error_of(tmp_path, overrides=["stages=[sft]", "model.path=/no/such/dir"])
+    assert "model.path: directory '/no/such/dir' does not exist" in msg
+    msg = error_of(tmp_path, overrides=["data.source=file", "data.path=/no/file.jsonl"])
+    assert "data.path: file '/no/file.jsonl' does not exist" in msg
+    with pytest.raises(RecipeError, match="recipe file .* does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_bad_yaml_and_overrides(tmp_path):
+    assert "not valid YAML" in error_of(tmp_path, "sft: [unclosed\n")
+    assert "must be a mapping" in error_of(tmp_path, "- a\n- b\n")
+    assert "key.path=value" in error_of(tmp_path, overrides=["sft.steps"])
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    msg = error_of(tmp_path, "seed: !!python/object/apply:os.system ['echo pwned']\n")
+    assert "not valid YAML" in msg
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_recipe(None, ["sft.budgets=[4, 8]", "sft.lora.enabled=true", "seed=7"])
+    assert cfg.sft.budgets == [4, 8] and cfg.sft.lora.enabled is True and cfg.seed == 7
