@@ -90,7 +90,17 @@ def load_model(
         use_safetensors=not allow_pickle,
         **kwargs,
     )
+    # Router logits are a training-time output (the load-balancing loss turns them on); left on, generation
+    # computes the aux loss at every decode step against the full attention mask and fails.
+    _router_logits_off(model)
     return model.to(device)
+
+
+def _router_logits_off(model) -> None:
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is not None and hasattr(c, "output_router_logits"):
+            c.output_router_logits = False
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -112,6 +122,7 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    _router_logits_off(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():

@@ -1,8 +1,9 @@
 """The embedded model's tokenizer: byte-level BPE with whole-number tokens and a budget-aware chat template.
 
-Byte-level, so any text round-trips (real datasets, code). Digits are pre-split into runs of at most two, so every
-number 0..99 the arithmetic task uses is one token once BPE has merged it, and a reasoning step is a handful of
-tokens. Saved as a standard `PreTrainedTokenizerFast` (tokenizer.json + chat_template.jinja): `AutoTokenizer`
+Byte-level, so any text round-trips (real datasets, code). Digits are pre-split into runs of at most two and an
+operator is kept with the digit after it, so every number 0..99 and every operator-operand pair (`*2`) of the
+arithmetic task is one token once BPE has merged it. A reasoning step is then four or five tokens, and finding
+the next operand in the problem is a one-token lookup (an induction head) rather than a two-hop one. Saved as a standard `PreTrainedTokenizerFast` (tokenizer.json + chat_template.jinja): `AutoTokenizer`
 loads it with no posttrain code.
 """
 
@@ -26,6 +27,10 @@ _ENGLISH = (
 )
 
 
+# operator+digit pairs, numbers in runs of at most two digits, words (with their leading space), punctuation, space
+_PRE_TOKENIZE = r"[-+*]\d|\d{1,2}| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+"
+
+
 def chat_template() -> str:
     return resources.files("posttrain").joinpath("chat_template.jinja").read_text()
 
@@ -38,6 +43,7 @@ def _training_corpus(seed: int, n_problems: int) -> list[str]:
         texts.append(f"{p.expression}\n{make_trace(p, style, group)}\n={p.answer}")
     texts += [f"Thinking budget: {b} tokens." for b in range(1, 257)]
     texts += [" ".join(str(n) for n in range(100))] * 50  # every task value 0..99 becomes one token
+    texts += ["".join(op + str(d) for op in "+-*" for d in range(10))] * 50  # and every operator-digit pair
     texts += [_ENGLISH] * 20
     return texts
 
@@ -50,8 +56,8 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r"\d{1,2}"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Split(Regex(_PRE_TOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
@@ -74,7 +80,8 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
     fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     fast.add_special_tokens({"additional_special_tokens": [IM_START]})
     fast.chat_template = chat_template()
-    missing = [str(n) for n in range(100) if len(fast(str(n), add_special_tokens=False)["input_ids"]) != 1]
+    wanted = [str(n) for n in range(100)] + [op + str(d) for op in "+-*" for d in range(10)]
+    missing = [w for w in wanted if len(fast(w, add_special_tokens=False)["input_ids"]) != 1]
     if missing:
         raise RuntimeError(f"tokenizer did not learn whole-number tokens for {missing[:10]}; raise vocab_size")
     return fast

@@ -84,21 +84,30 @@ def evaluate_left_to_right(expr: str) -> int:
 
 
 def sample_problem(rng: random.Random, difficulty: int) -> Problem:
-    """A uniformly random valid step sequence: each step picks uniformly among the (op, digit) pairs that keep
-    the running value in 0..99, so every intermediate and the result are in range by construction."""
+    """A random valid step sequence: each step picks an operator, then a digit, among those that keep the running
+    value in 0..99, so every intermediate and the result are in range by construction (weights: `_step_weight`)."""
     if not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY:
         raise ValueError(f"difficulty must be in {MIN_DIFFICULTY}..{MAX_DIFFICULTY}, got {difficulty}")
     acc = rng.randint(0, 9)
     operands, ops = [acc], []
     for _ in range(difficulty):
-        choices = [(op, d) for op in OPS for d in range(10) if 0 <= apply_op(acc, op, d) <= VALUE_MAX]
-        # weight operators equally, not (op, digit) pairs, so '*' (few valid digits at large values) still shows up
-        op = rng.choice(sorted({o for o, _ in choices}))
-        d = rng.choice([d for o, d in choices if o == op])
+        by_op = {op: [d for d in range(10) if 0 <= apply_op(acc, op, d) <= VALUE_MAX] for op in OPS}
+        weights = {op: [_step_weight(acc, op, d) for d in ds] for op, ds in by_op.items() if ds}
+        op_names = sorted(weights)
+        op = rng.choices(op_names, weights=[max(weights[o]) for o in op_names])[0]
+        d = rng.choices(by_op[op], weights=weights[op])[0]
         acc = apply_op(acc, op, d)
         operands.append(d)
         ops.append(op)
     return Problem(tuple(operands), tuple(ops))
+
+
+def _step_weight(acc: int, op: str, d: int) -> float:
+    """Relative weight of a step: results of 0 and `*1` are rare, or long problems collapse to 0 (0 absorbs
+    `*` and allows only `-0`), and an answer of 0 could be guessed without computing anything."""
+    if apply_op(acc, op, d) == 0:
+        return 0.1
+    return 0.3 if op == "*" and d == 1 else 1.0
 
 
 def generate_problems(n: int, seed: int, difficulties: tuple[int, ...] | list[int] = tuple(range(1, 9))) -> list[Problem]:

@@ -1,0 +1,94 @@
+"""Real datasets: local JSONL/Parquet with a column mapping, GSM8K-style answers, and bad rows."""
+
+import json
+
+import pytest
+
+from posttrain.config import DataConfig, TaskConfig
+from posttrain.data import DataError, load_examples
+
+GSM8K = [
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                 "How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+                 "How much did she earn?",
+     "answer": "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10.\n#### 10"},
+    {"question": "Betty has 3 apples and buys 4 more. How many apples does she have?", "answer": "3+4 = 7\n#### 7"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def gsm8k_cfg(path, **kw):
+    return DataConfig(source="file", path=str(path), prompt_column="question", answer_column="answer",
+                      answer_delimiter="####", **kw)
+
+
+def test_gsm8k_jsonl_with_column_mapping(tmp_path):
+    ex = load_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)), TaskConfig(), 10, 0)
+    assert [e.answer for e in ex] == ["72", "10", "7"]
+    assert ex[0].reasoning.startswith("Natalia sold 48/2 = 24") and "####" not in ex[0].reasoning
+    assert ex[0].prompt.startswith("Natalia sold clips") and ex[0].source == "file"
+
+
+def test_parquet_matches_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(GSM8K), tmp_path / "gsm.parquet")
+    a = load_examples(gsm8k_cfg(tmp_path / "gsm.parquet"), TaskConfig(), 10, 0)
+    b = load_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)), TaskConfig(), 10, 0)
+    assert a == b
+
+
+@pytest.mark.parametrize("row,field,why", [
+    ({"answer": "#### 1"}, "question", "missing"),
+    ({"question": 5, "answer": "#### 1"}, "question", "must be a string"),
+    ({"question": "   ", "answer": "#### 1"}, "question", "empty"),
+    ({"question": "x" * 3000, "answer": "#### 1"}, "question", "over data.max_prompt_chars"),
+    ({"question": "q?", "answer": "1"}, "answer", "no '####' delimiter"),
+])
+def test_bad_row_stops_with_file_row_and_field(tmp_path, row, field, why):
+    path = write_jsonl(tmp_path / "bad.jsonl", GSM8K[:2] + [row])
+    with pytest.raises(DataError) as ei:
+        load_examples(gsm8k_cfg(path), TaskConfig(), 10, 0)
+    msg = str(ei.value)
+    assert str(path) in msg and "row 3" in msg and f"'{field}'" in msg and why in msg
+
+
+def test_bad_rows_skipped_counted_and_listed(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(GSM8K[0]) + "\n{not json\n" + json.dumps({"question": ""}) + "\n" + json.dumps(GSM8K[2]) + "\n")
+    listed = tmp_path / "bad_rows.jsonl"
+    ex = load_examples(gsm8k_cfg(path, skip_bad_rows=True), TaskConfig(), 10, 0, listed)
+    assert [e.answer for e in ex] == ["72", "7"]
+    bad = [json.loads(line) for line in listed.read_text().splitlines()]
+    assert [b["row"] for b in bad] == [2, 3] and "not valid JSON" in bad[0]["error"]
+
+
+def test_arithmetic_source_respects_difficulty_range():
+    ex = load_examples(DataConfig(), TaskConfig(min_difficulty=3, max_difficulty=4), 50, 0)
+    assert len(ex) == 50 and {e.difficulty for e in ex} == {3, 4}
+    assert all(int(e.answer) == eval(_nest(e.prompt)) for e in ex)
+
+
+def _nest(expr):
+    out = expr[0]
+    for i in range(1, len(expr), 2):
+        out = f"({out}{expr[i]}{expr[i + 1]})"
+    return out
+
+
+def test_sft_examples_from_file(tmp_path, tokenizer):
+    from posttrain.config import BudgetMix
+    from posttrain.sft_data import build_sft_examples
+
+    ex = load_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)), TaskConfig(), 10, 0)
+    rows = build_sft_examples(tokenizer, ex, [4096], BudgetMix(budgeted=0, autonomous=1, zero=0), "verbose", 0, 512)
+    assert len(rows) == 3
+    text = tokenizer.decode([t for t, m in zip(rows[0]["input_ids"], rows[0]["completion_mask"]) if m])
+    assert text.startswith("Natalia sold 48/2 = 24") and text.endswith("</think>\n\n72<|im_end|>")
