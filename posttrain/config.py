@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-STAGE_NAMES = ("base", "sft", "eval")
+StageName = Literal["base", "sft", "rm", "eval"]
 
 
 class Section(BaseModel):
@@ -167,6 +167,43 @@ class SFTStageConfig(Section):
         return v
 
 
+class VerifierTrainConfig(Section):
+    enabled: bool = Field(True, description="Train this reward model.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+
+
+class RMStageConfig(Section):
+    """Reward models from the policy's own samples: a generative verifier (GenRM, Zhang et al. 2024) that answers
+    Yes/No to "Is the answer correct?" (reward = P(Yes)), and optionally a scalar Bradley-Terry RM (TRL
+    RewardTrainer) on chosen/rejected pairs. Samples come from the previous stage's checkpoint and are labelled
+    by `label_reward`."""
+
+    n_prompts: int = Field(600, ge=2, description="Problems to sample responses for.")
+    samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per problem.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    budgets: list[int | Literal["auto"]] = Field(
+        default_factory=lambda: ["auto", 16, 32, 64], description="Budgets the sampled prompts are given (cycled)."
+    )
+    max_new_tokens: int = Field(128, ge=1)
+    label_reward: str = Field("exact_int", description="Registered verifiable reward that labels samples (>= 0.5 = correct).")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of problems held out for accuracy and AUC.")
+    balance: bool = Field(True, description="Balance correct/incorrect training samples by downsampling.")
+    genrm: VerifierTrainConfig = Field(default_factory=VerifierTrainConfig, description="Generative verifier.")
+
+    @field_validator("label_reward")
+    @classmethod
+    def _known_reward(cls, v: str) -> str:
+        from posttrain.rewards.registry import get_reward_cls
+
+        get_reward_cls(v)  # raises naming the known rewards
+        return v
+    scalar: VerifierTrainConfig = Field(
+        default_factory=lambda: VerifierTrainConfig(enabled=False), description="Scalar Bradley-Terry reward model."
+    )
+
+
 class EvalStageConfig(Section):
     """Quick accuracy table by difficulty for a few budgets, on held-out problems of the embedded task."""
 
@@ -187,7 +224,7 @@ class RecipeConfig(Section):
         "auto", description="Training dtype; auto = bf16 on CUDA, fp32 on CPU."
     )
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores).")
-    stages: list[Literal["base", "sft", "eval"]] = Field(
+    stages: list[StageName] = Field(
         default_factory=lambda: ["base", "sft", "eval"], description="Stages to run, in order."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -195,6 +232,7 @@ class RecipeConfig(Section):
     task: TaskConfig = Field(default_factory=TaskConfig)
     base: BaseStageConfig = Field(default_factory=BaseStageConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    rm: RMStageConfig = Field(default_factory=RMStageConfig)
     eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
 
     @model_validator(mode="after")

@@ -53,16 +53,23 @@ def test_bad_difficulty_and_expression():
 
 def test_traces_check_out_step_by_step():
     for p in generate_problems(100, seed=1):
+        pairs = re.findall(r"[-+*]\d", p.expression)
         for style, group in trace_ladder(p):
             trace = make_trace(p, style, group)
-            lines = trace.split("\n" if style == "verbose" else " ")
-            acc = None
-            for line in lines:
+            acc, used = None, 0
+            for k, line in enumerate(trace.split("\n")):
                 lhs, rhs = line.split("=")
-                lhs = lhs if acc is None or style == "verbose" else f"{acc}{lhs}"
+                if k == 0:
+                    assert lhs.startswith(str(p.operands[0]))
+                    new = re.findall(r"[-+*]\d", lhs)
+                else:  # restates the previous line's last pair, then applies its own pairs to the running value
+                    restated, *new = re.findall(r"[-+*]\d", lhs)
+                    assert restated == pairs[used - 1] and lhs.startswith(restated)
+                    lhs = str(acc) + "".join(new)
+                assert new == pairs[used:used + len(new)] and 1 <= len(new) <= group
                 assert slow_left_to_right(lhs) == int(rhs), (trace, line)
-                acc = int(rhs)
-            assert acc == p.answer
+                acc, used = int(rhs), used + len(new)
+            assert acc == p.answer and used == p.difficulty
 
 
 def test_fit_trace_fits_and_prefers_explicit(tokenizer):
@@ -75,4 +82,4 @@ def test_fit_trace_fits_and_prefers_explicit(tokenizer):
         t = fit_trace(p, budget, count)
         assert count(t) <= budget
     assert fit_trace(p, 0, count) == ""
-    assert count(fit_trace(p, 32, count)) > count(fit_trace(p, 31, count))  # terse (32 tokens) vs grouped
+    assert count(fit_trace(p, 39, count)) > count(fit_trace(p, 38, count))  # verbose (39 tokens) vs terse

@@ -45,8 +45,8 @@ def corpus_document(rng: random.Random, difficulty: int) -> str:
     if rng.random() < 0.25:
         return f"{p.expression}={p.answer}"
     ladder = trace_ladder(p)
-    # favour the explicit styles: they carry the per-step facts the model must learn
-    weights = [4.0, 3.0] + [2.0 / max(1, len(ladder) - 2)] * (len(ladder) - 2)
+    # favour the verbose style: it carries the per-step facts the model must learn
+    weights = [3.0] + [2.0 / max(1, len(ladder) - 1)] * (len(ladder) - 1)
     style, group = rng.choices(ladder, weights=weights)[0]
     return f"{p.expression}\n{make_trace(p, style, group)}\n={p.answer}"
 

@@ -7,12 +7,13 @@ Spec (kept exactly, so outside code can generate compatible problems):
 - the user message is the expression alone (``7+3*2-5``), the answer the integer alone (``15``);
 - difficulty is the number of operators (1-8).
 
-Thinking traces write the running value step by step. ``group`` operators are folded into one line, so a
-trace can be shrunk to fit a budget at the cost of harder steps:
+Thinking traces write the running value step by step; each line restates the last operand pair of the line
+before it. The terse style folds ``group`` operators into one line, so a trace can be shrunk to fit a budget
+at the cost of harder steps:
 
-    verbose, group=1:  7+3=10\\n10*2=20\\n20-5=15
-    terse,   group=1:  7+3=10 *2=20 -5=15
-    terse,   group=2:  7+3*2=20 -5=15
+    verbose:           7+3=10\\n+3*2=20\\n*2-5=15
+    terse, group=2:    7+3*2=20\\n*2-5=15
+    terse, group=3:    7+3*2-5=15
 """
 
 from __future__ import annotations
@@ -117,28 +118,34 @@ def generate_problems(n: int, seed: int, difficulties: tuple[int, ...] | list[in
     return [sample_problem(rng, diffs[i % len(diffs)]) for i in range(n)]
 
 
-def make_trace(p: Problem, style: str = "verbose", group: int = 1) -> str:
-    """A thinking trace for `p`: running values, `group` operators per line (see module docstring)."""
+def make_trace(p: Problem, style: str = "verbose", group: int = 2) -> str:
+    """A thinking trace for `p`: one line per `group` operators (verbose: one), see the module docstring.
+
+    Each line starts with the operand pair that ended the previous line (the first operand on the first line),
+    then this line's pairs, then the running value: `+3*2=20` reads "after +3 came *2, giving 20". Repeating
+    the last pair makes finding the next one a plain lookup (the token after that pair in the problem) and keeps
+    the previous value at a fixed distance, which a small model learns quickly.
+    """
     if style not in TRACE_STYLES:
         raise ValueError(f"trace style must be one of {TRACE_STYLES}, got {style!r}")
+    if style == "verbose":
+        group = 1
     if group < 1:
         raise ValueError("group must be >= 1")
     values = p.running_values
-    lines, acc, i = [], p.operands[0], 0
-    while i < len(p.ops):
-        j = min(i + group, len(p.ops))
-        body = "".join(op + str(d) for op, d in zip(p.ops[i:j], p.operands[i + 1 : j + 1]))
-        prefix = str(acc) if (style == "verbose" or i == 0) else ""
-        lines.append(f"{prefix}{body}={values[j - 1]}")
-        acc, i = values[j - 1], j
-    return ("\n" if style == "verbose" else " ").join(lines)
+    pairs = [op + str(d) for op, d in zip(p.ops, p.operands[1:])]
+    lines, prev, i = [], str(p.operands[0]), 0
+    while i < len(pairs):
+        j = min(i + group, len(pairs))
+        lines.append(f"{prev}{''.join(pairs[i:j])}={values[j - 1]}")
+        prev, i = pairs[j - 1], j
+    return "\n".join(lines)
 
 
 def trace_ladder(p: Problem) -> list[tuple[str, int]]:
-    """Trace variants from most to least explicit: (verbose,1), (terse,1), (terse,2), ... (terse,difficulty)."""
-    ladder = [("verbose", 1), ("terse", 1)]
-    ladder += [("terse", g) for g in range(2, p.difficulty + 1)]
-    return ladder
+    """Trace variants from most to least explicit: verbose (one operator a line), then terse with 2, 3, ...
+    operators a line; each is shorter and asks more of each step."""
+    return [("verbose", 1)] + [("terse", g) for g in range(2, p.difficulty + 1)]
 
 
 def fit_trace(p: Problem, budget: int, count_tokens) -> str:

@@ -1,0 +1,184 @@
+"""The reward registry: every reward is a small picklable class whose registered name is the YAML string.
+
+A reward is called on a batch::
+
+    reward(prompts: list[str], completions: list[str], **fields) -> RewardOutput
+
+where every field is a per-example list of length B (``answer``, ``budget`` (int, or None for autonomous),
+``tests``, ``difficulty``, ``n_think`` (thinking-token counts the caller computed from token ids), ``closed``,
+``group`` ...). Parameters live in ``__init__`` so an instance pickles across process boundaries (Ray actors,
+multiprocessing); rewards are never closures.
+
+Metric convention: a reward's ``metrics`` are either counts over the batch (the names in `COUNT_METRICS`, e.g.
+``errors``, ``timeout``) or batch means (everything else). `merge_metrics` adds counts and size-weights means, so
+per-sample retries and sharded batches aggregate the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+# Metrics that are counts of samples, summed when batches are merged (all other metrics are means).
+COUNT_METRICS = frozenset({"errors", "timeout", "memory", "violation", "output_limit", "crash", "sandbox_error"})
+
+# Modules that register the built-in rewards; imported on first registry lookup so importing the package stays
+# cheap (math-verify/sympy and Ray are only imported by the rewards that need them, when they are called).
+_BUILTIN_MODULES = ("verifiable", "math", "code", "budget")
+# Modules that may or may not exist yet (the generative judge `genrm` lives in its own module).
+_OPTIONAL_MODULES = ("genrm",)
+
+_REGISTRY: dict[str, type] = {}
+_builtins_loaded = False
+
+
+@dataclass
+class RewardOutput:
+    """Scores (B,) for a batch and scalar metrics (counts for `COUNT_METRICS`, batch means otherwise)."""
+
+    scores: list[float]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class UnknownRewardError(ValueError, KeyError):
+    """An unknown reward name. Both a ValueError and a KeyError, so either `except` catches it."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownParamError(TypeError, ValueError):
+    """A parameter the reward does not take. Both a TypeError and a ValueError."""
+
+
+def register_reward(name: str):
+    """Class decorator: register a reward class under `name` (the string recipes use).
+
+    >>> @register_reward("_doctest_const")
+    ... class Const:
+    ...     def __init__(self, value: float = 1.0):
+    ...         self.value = value
+    ...     def __call__(self, prompts, completions, **fields):
+    ...         return RewardOutput([self.value] * len(completions))
+    >>> build_reward("_doctest_const", value=0.5)([""], ["x"]).scores
+    [0.5]
+    """
+
+    def decorator(cls):
+        existing = _REGISTRY.get(name)
+        if existing is not None and _qualname(existing) != _qualname(cls):
+            raise ValueError(f"reward name {name!r} is already registered to {_qualname(existing)}")
+        _REGISTRY[name] = cls
+        cls.reward_name = name
+        return cls
+
+    return decorator
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True  # first, so a module that looks a reward up while importing does not recurse
+    try:
+        for mod in _BUILTIN_MODULES:
+            importlib.import_module(f"{__package__}.{mod}")
+        for mod in _OPTIONAL_MODULES:
+            full = f"{__package__}.{mod}"
+            try:
+                importlib.import_module(full)
+            except ModuleNotFoundError as e:
+                if e.name != full:  # the module exists but one of *its* imports is missing: say so
+                    raise
+    except BaseException:
+        _builtins_loaded = False
+        raise
+
+
+def list_rewards() -> list[str]:
+    """All registered reward names, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_reward_cls(name: str) -> type:
+    """The class registered under `name`; an unknown name raises `UnknownRewardError` listing the known ones."""
+    _load_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    known = sorted(_REGISTRY)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownRewardError(f"unknown reward {name!r}.{hint} Known rewards: {', '.join(known)}")
+
+
+def reward_params(cls: type) -> list[str]:
+    """The keyword parameters a reward class accepts."""
+    if cls.__init__ is object.__init__:
+        return []
+    sig = inspect.signature(cls.__init__)
+    return [p.name for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def build_reward(name: str, **params: Any):
+    """Instantiate the reward registered under `name` with `params`.
+
+    An unknown parameter is an error naming the reward, the parameter and its nearest valid spelling.
+    """
+    cls = get_reward_cls(name)
+    takes_var_kw = cls.__init__ is not object.__init__ and any(
+        p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    valid = reward_params(cls)
+    if not takes_var_kw:
+        for key in params:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise UnknownParamError(
+                    f"reward {name!r} got an unknown parameter {key!r}.{hint} "
+                    f"Valid parameters: {', '.join(valid) or '(none)'}"
+                )
+    return cls(**params)
+
+
+def merge_metrics(metrics: Sequence[dict[str, float]], sizes: Sequence[int]) -> dict[str, float]:
+    """Merge metrics of several sub-batches: counts (`COUNT_METRICS`) add up, means are size-weighted.
+
+    >>> merge_metrics([{"errors": 1, "acc": 1.0}, {"errors": 2, "acc": 0.0}], [1, 3])
+    {'errors': 3.0, 'acc': 0.25}
+    """
+    out: dict[str, float] = {}
+    weight: dict[str, int] = {}
+    for m, n in zip(metrics, sizes):
+        for k, v in m.items():
+            if k in COUNT_METRICS:
+                out[k] = out.get(k, 0.0) + float(v)
+            else:
+                out[k] = out.get(k, 0.0) + float(v) * n
+                weight[k] = weight.get(k, 0) + n
+    for k, w in weight.items():
+        out[k] = out[k] / w if w else 0.0
+    return out
+
+
+def get_field(fields: dict[str, Any], key: str, n: int, *, reward: str, default: Any = ..., ) -> list:
+    """A per-example field as a list of length `n`; missing without a default is a clear error."""
+    if key not in fields or fields[key] is None:
+        if default is ...:
+            raise ValueError(f"reward {reward!r} needs the per-example field {key!r}; got fields {sorted(fields)}")
+        return [default] * n
+    values = list(fields[key])
+    if len(values) != n:
+        raise ValueError(f"reward {reward!r}: field {key!r} has {len(values)} values for {n} completions")
+    return values
+
+
+def mean(xs: Sequence[float]) -> float:
+    return float(sum(xs)) / len(xs) if len(xs) else 0.0

@@ -1,0 +1,74 @@
+"""Rule-based rewards on the response format and the integer answer, and the table of correctness graders.
+
+`exact_int` is the same grader evaluation uses (`parse.grade_integer`), so a training reward of 1 means exactly
+what an evaluation hit means. The budget rewards pick their correctness check from `GRADERS` by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .parse import THINK_END, THINK_START, grade_integer, split_think
+from .registry import RewardOutput, get_field, mean, register_reward
+
+
+def _grade_math(completion: str, answer) -> bool:
+    from .math import math_equal_completion  # lazy: math-verify pulls in sympy
+
+    return math_equal_completion(completion, answer)
+
+
+# Correctness graders by name: (completion, gold answer) -> bool.
+GRADERS: dict[str, Callable[[str, object], bool]] = {"exact_int": grade_integer, "math": _grade_math}
+
+
+def get_grader(name: str) -> Callable[[str, object], bool]:
+    """The grader registered under `name` ("exact_int" or "math")."""
+    if name not in GRADERS:
+        raise ValueError(f"unknown grader {name!r}; known graders: {', '.join(sorted(GRADERS))}")
+    return GRADERS[name]
+
+
+@register_reward("exact_int")
+class ExactIntReward:
+    """1.0 when the completion closed its think block and then stated exactly the gold integer, else 0.0.
+
+    Fields: ``answer`` (B,) gold integers (int or str). A gold answer that is not an integer raises (a data bug).
+
+    >>> ExactIntReward()(["q"], ["7+3</think>\\n\\n10"], answer=[10]).scores
+    [1.0]
+    """
+
+    def __call__(self, prompts, completions, **fields) -> RewardOutput:
+        answers = get_field(fields, "answer", len(completions), reward="exact_int")
+        scores = [1.0 if grade_integer(c, a) else 0.0 for c, a in zip(completions, answers)]
+        return RewardOutput(scores, {"accuracy": mean(scores)})
+
+
+def is_well_formed(completion: str) -> bool:
+    """Exactly one think block and a non-empty answer after it, with no stray think tags anywhere else.
+
+    The completion may start inside the think block (the generation prompt ended with ``<think>``) or with
+    ``<think>``; at most one ``<think>`` (only as the very first thing), exactly one ``</think>``.
+
+    >>> is_well_formed("reasoning</think>\\n\\n42"), is_well_formed("<think>r</think>42")
+    (True, True)
+    >>> is_well_formed("r</think>"), is_well_formed("a<think>b</think>c"), is_well_formed("r</think>4</think>2")
+    (False, False, False)
+    """
+    if completion.count(THINK_START) > 1 or completion.count(THINK_END) != 1:
+        return False
+    if THINK_START in completion and not completion.lstrip().startswith(THINK_START):
+        return False  # a <think> that is not the opening one is nested inside the thinking
+    parsed = split_think(completion)
+    return parsed.closed and bool(parsed.answer) and THINK_START not in parsed.answer
+
+
+@register_reward("format")
+class FormatReward:
+    """1.0 for a well-formed response (see `is_well_formed`), else 0.0. Needs no fields."""
+
+    def __call__(self, prompts, completions, **fields) -> RewardOutput:
+        scores = [1.0 if is_well_formed(c) else 0.0 for c in completions]
+        closed = [1.0 if THINK_END in c else 0.0 for c in completions]
+        return RewardOutput(scores, {"well_formed": mean(scores), "closed": mean(closed)})
