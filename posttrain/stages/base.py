@@ -2,9 +2,9 @@
 
 Stands in for the pretrained MoE checkpoint a user would bring (no model hub is reachable here). The corpus is
 plain text, no chat format: each document is a problem, a thinking trace in one of the styles of the task
-(verbose, terse, compressed) and the answer, or the problem and its answer directly. Documents are packed into
-fixed-length sequences. The router load-balancing loss (Switch/Mixtral style, `router_aux_loss_coef`) is
-included so experts stay in use.
+(verbose, terse) and the answer; or the problem and its answer directly; or the problem copied verbatim (which
+trains the lookup of the next operand that every trace step needs); one document per row. The router
+load-balancing loss (Switch/Mixtral style, `router_aux_loss_coef`) is included so experts stay in use.
 
 The result is cached by its settings (`base.cache_dir`); a second run with the same settings reuses it. It is
 saved with `save_pretrained` and read back through `posttrain.model.load_model`, the same path as any checkpoint.
@@ -40,10 +40,15 @@ def cache_root(cfg: BaseStageConfig) -> Path:
     return Path(os.environ.get("POSTTRAIN_CACHE") or cfg.cache_dir).expanduser()
 
 
-def corpus_document(rng: random.Random, difficulty: int) -> str:
+def corpus_document(rng: random.Random, difficulty: int, direct_share: float = 0.1, copy_share: float = 0.3) -> str:
     p = sample_problem(rng, difficulty)
-    if rng.random() < 0.25:
+    r = rng.random()
+    if r < direct_share:
         return f"{p.expression}={p.answer}"
+    if r < direct_share + copy_share:
+        # the problem copied verbatim: every token is "the one after the token just written", the lookup (an
+        # induction head) each trace line needs to find its next operand, trained without the arithmetic around it
+        return f"{p.expression}\n{p.expression}"
     ladder = trace_ladder(p)
     # favour the verbose style: it carries the per-step facts the model must learn
     weights = [3.0] + [2.0 / max(1, len(ladder) - 1)] * (len(ladder) - 1)
@@ -51,23 +56,44 @@ def corpus_document(rng: random.Random, difficulty: int) -> str:
     return f"{p.expression}\n{make_trace(p, style, group)}\n={p.answer}"
 
 
-class PackedCorpus:
-    """An endless stream of (batch_size, seq_len) token blocks of packed documents, reproducible from a seed."""
+class DocumentBatches:
+    """An endless stream of batches of whole documents, one per row, reproducible from a seed.
 
-    def __init__(self, tokenizer, seq_len: int, batch_size: int, seed: int):
-        self.tok, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
+    Each row is `<|endoftext|> document <|endoftext|>`, right-padded; documents are bucketed by length so little
+    compute goes to padding. One document per row (rather than packing several) means the problem a trace refers
+    to is the only one in view, as it is at inference time: the lookup of the next operand pair has no
+    distractors from other problems.
+
+    Yields (input_ids, attention_mask, labels), each (batch_size, T); labels are -100 on padding.
+    """
+
+    def __init__(self, tokenizer, max_len: int, batch_size: int, seed: int, direct_share: float = 0.1):
+        self.tok, self.max_len, self.batch_size = tokenizer, max_len, batch_size
         self.rng = random.Random(seed)
-        self.buffer: list[int] = []
-        self.sep = tokenizer.pad_token_id  # <|endoftext|> between documents
+        self.direct_share = direct_share
+        self.sep = tokenizer.pad_token_id  # <|endoftext|>
+        self.ready: list[list[list[int]]] = []
 
-    def next_batch(self) -> torch.Tensor:
-        need = self.seq_len * self.batch_size
-        while len(self.buffer) < need:
-            docs = [corpus_document(self.rng, self.rng.randint(1, 8)) for _ in range(256)]
-            for ids in self.tok(docs, add_special_tokens=False)["input_ids"]:
-                self.buffer.extend(ids + [self.sep])
-        block, self.buffer = self.buffer[:need], self.buffer[need:]
-        return torch.tensor(block, dtype=torch.long).view(self.batch_size, self.seq_len)
+    def _refill(self) -> None:
+        docs = [corpus_document(self.rng, self.rng.randint(1, 8), self.direct_share) for _ in range(8 * self.batch_size)]
+        rows = [[self.sep] + ids[: self.max_len - 2] + [self.sep] for ids in self.tok(docs, add_special_tokens=False)["input_ids"]]
+        rows.sort(key=len)
+        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        self.rng.shuffle(batches)
+        self.ready.extend(batches)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.ready:
+            self._refill()
+        rows = self.ready.pop()
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.sep, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return ids, mask, labels
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -113,7 +139,7 @@ def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, devic
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(0.9, 0.95),
     )
-    corpus = PackedCorpus(tok, cfg.seq_len, cfg.batch_size, seed)
+    corpus = DocumentBatches(tok, cfg.seq_len, cfg.batch_size, seed)
     model.train()
     bar = tqdm(range(cfg.steps), desc="base pretrain", dynamic_ncols=True, mininterval=2.0)
     t0 = time.time()
@@ -121,8 +147,8 @@ def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, devic
         lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.learning_rate)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = corpus.next_batch().to(device)
-        out = model(input_ids=x, labels=x, output_router_logits=True)
+        x, mask, labels = (t.to(device) for t in corpus.next_batch())
+        out = model(input_ids=x, attention_mask=mask, labels=labels, output_router_logits=True)
         out.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -130,7 +156,7 @@ def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, devic
         if step % 10 == 0 or step == cfg.steps - 1:
             m = {"train/loss": out.loss.item(), "train/aux_loss": float(out.aux_loss), "train/lr": lr,
                  "train/grad_norm": float(gnorm),
-                 "train/tokens_per_s": (step + 1) * x.numel() / (time.time() - t0)}
+                 "train/tokens_per_s": (step + 1) * cfg.batch_size * x.shape[1] / (time.time() - t0)}
             bar.set_postfix(loss=f"{m['train/loss']:.3f}")
             if metrics is not None:
                 metrics.log(step, m)

@@ -77,7 +77,6 @@ def run(ctx) -> dict:
         bf16=ctx.dtype == torch.bfloat16,
         use_cpu=ctx.device.type == "cpu",
         dataloader_num_workers=0,
-        gradient_checkpointing=False,
         disable_tqdm=False,
     )
     trainer = SFTTrainer(
