@@ -25,6 +25,9 @@ def _cmd_run(args) -> int:
     for name, info in results.items():
         where = info.get("checkpoint", "")
         print(f"  {name:<6} {where}")
+    if "rm" in results and results["rm"].get("summary"):
+        print("\nreward models (held-out samples):")
+        print(results["rm"]["summary"])
     if "eval" in results:
         print("\naccuracy by difficulty (held-out problems):")
         print(results["eval"]["table"])

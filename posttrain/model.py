@@ -71,8 +71,14 @@ def load_model(
     allow_pickle: bool = False,
     experts_implementation: str | None = None,
     require_moe: bool = False,
+    auto_class=None,
+    **model_kwargs,
 ):
-    """Load a causal LM from a local HF directory (the embedded tiny model is just such a directory)."""
+    """Load a model from a local HF directory (the embedded tiny model is just such a directory).
+
+    `auto_class` defaults to `AutoModelForCausalLM`; reward models pass `AutoModelForSequenceClassification`
+    (with e.g. `num_labels=1` in `model_kwargs`) and get the same safety rules.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = check_checkpoint_dir(path, allow_pickle)
@@ -83,12 +89,13 @@ def load_model(
     kwargs = {}
     if is_moe_config(config):
         kwargs["experts_implementation"] = experts_implementation or default_experts_implementation(device)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(
         path,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         use_safetensors=not allow_pickle,
         **kwargs,
+        **model_kwargs,
     )
     # Router logits are a training-time output (the load-balancing loss turns them on); left on, generation
     # computes the aux loss at every decode step against the full attention mask and fails.

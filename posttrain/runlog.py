@@ -42,10 +42,21 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(_finite(obj), f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _finite(obj):
+    """NaN/inf become None, so the files stay strict JSON (a metric that is undefined, e.g. AUC with one class)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 class MetricsWriter:
@@ -64,7 +75,7 @@ class MetricsWriter:
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+            f.write(json.dumps(_finite({"step": step, "time": time.time(), **clean})) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):

@@ -1,9 +1,11 @@
 """`base` stage: build and pretrain the embedded tiny Qwen3-MoE model on a synthetic corpus of the task.
 
 Stands in for the pretrained MoE checkpoint a user would bring (no model hub is reachable here). The corpus is
-plain text, no chat format: each document is a problem, a thinking trace in one of the styles of the task
-(verbose, terse) and the answer; or the problem and its answer directly; or the problem copied verbatim (which
-trains the lookup of the next operand that every trace step needs); one document per row. The router
+a problem with a thinking trace in one of the styles of the task (verbose, terse) and the answer; or the problem
+and its answer directly; or the problem copied verbatim (which trains the lookup of the next operand that every
+trace step needs); one document per row, framed as plain text, with a preamble, or as a chat turn (see
+`_FRAMES`): like the instruction data in real pretraining corpora, and so the model finds operands by content.
+Budgets in the framing are not tied to trace length: following them is SFT's and RL's job. The router
 load-balancing loss (Switch/Mixtral style, `router_aux_loss_coef`) is included so experts stay in use.
 
 The result is cached by its settings (`base.cache_dir`); a second run with the same settings reuses it. It is
@@ -27,7 +29,7 @@ from posttrain.config import BaseStageConfig
 from posttrain.runlog import log
 from posttrain.tasks.arithmetic import generate_problems, make_trace, sample_problem, trace_ladder
 
-CORPUS_VERSION = 1  # bump when the corpus or tokenizer changes, so stale caches are not reused
+CORPUS_VERSION = 2  # bump when the corpus or tokenizer changes, so stale caches are not reused
 
 
 def cache_key(cfg: BaseStageConfig, seed: int) -> str:
@@ -40,20 +42,36 @@ def cache_root(cfg: BaseStageConfig) -> Path:
     return Path(os.environ.get("POSTTRAIN_CACHE") or cfg.cache_dir).expanduser()
 
 
+# Where a problem sits in a document varies (plain text, a chat turn, a preamble), so the model learns to find
+# operands by content rather than by their distance from the start of the document: a model that has only seen
+# the problem first cannot find it after a chat header, and SFT alone does not repair that.
+_FRAMES = (
+    ("", "\n", "\n=", ""),
+    ("Problem: ", "\nWork: ", "\nAnswer: ", ""),
+    ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n<think>", "</think>\n\n", "<|im_end|>"),
+    ("<|im_start|>system\nThinking budget: {b} tokens.<|im_end|>\n<|im_start|>user\n",
+     "<|im_end|>\n<|im_start|>assistant\n<think>", "</think>\n\n", "<|im_end|>"),
+)
+
+
 def corpus_document(rng: random.Random, difficulty: int, direct_share: float = 0.1, copy_share: float = 0.3) -> str:
     p = sample_problem(rng, difficulty)
+    pre, mid, end, post = rng.choice(_FRAMES)
     r = rng.random()
     if r < direct_share:
-        return f"{p.expression}={p.answer}"
-    if r < direct_share + copy_share:
+        body = ""
+    elif r < direct_share + copy_share:
         # the problem copied verbatim: every token is "the one after the token just written", the lookup (an
         # induction head) each trace line needs to find its next operand, trained without the arithmetic around it
-        return f"{p.expression}\n{p.expression}"
-    ladder = trace_ladder(p)
-    # favour the verbose style: it carries the per-step facts the model must learn
-    weights = [3.0] + [2.0 / max(1, len(ladder) - 1)] * (len(ladder) - 1)
-    style, group = rng.choices(ladder, weights=weights)[0]
-    return f"{p.expression}\n{make_trace(p, style, group)}\n={p.answer}"
+        return f"{pre}{p.expression}{mid}{p.expression}".replace("{b}", str(rng.choice((16, 32, 64))))
+    else:
+        ladder = trace_ladder(p)
+        # favour the verbose style: it carries the per-step facts the model must learn
+        weights = [3.0] + [2.0 / max(1, len(ladder) - 1)] * (len(ladder) - 1)
+        style, group = rng.choices(ladder, weights=weights)[0]
+        body = make_trace(p, style, group)
+    doc = f"{pre}{p.expression}{mid}{body}{end}{p.answer}{post}"
+    return doc.replace("{b}", str(rng.choice((16, 32, 64, 128))))
 
 
 class DocumentBatches:
