@@ -172,7 +172,7 @@ def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, devic
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == cfg.steps - 1:
-            m = {"train/loss": out.loss.item(), "train/aux_loss": float(out.aux_loss), "train/lr": lr,
+            m = {"train/loss": out.loss.item(), "train/aux_loss": float(out.aux_loss.detach()), "train/lr": lr,
                  "train/grad_norm": float(gnorm),
                  "train/tokens_per_s": (step + 1) * cfg.batch_size * x.shape[1] / (time.time() - t0)}
             bar.set_postfix(loss=f"{m['train/loss']:.3f}")
