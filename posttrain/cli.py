@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.data import DataError
     from posttrain.model import CheckpointError
     from posttrain.recipe import RecipeError
+    from posttrain.runlock import RunDirLocked
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, DataError, CheckpointError) as e:
+    except (RecipeError, DataError, CheckpointError, RunDirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

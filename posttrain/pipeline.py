@@ -10,6 +10,7 @@ from pathlib import Path
 
 from posttrain.config import RecipeConfig
 from posttrain.recipe import dump_recipe
+from posttrain.runlock import RunLock
 from posttrain.runlog import MetricsWriter, StageDir, log, setup_logging
 
 
@@ -34,14 +35,20 @@ def seed_everything(seed: int) -> None:
 
 
 def run_recipe(cfg: RecipeConfig) -> dict:
-    """Run every stage of `cfg`; returns {stage: info}. A finished stage is skipped and says so."""
+    """Run every stage of `cfg`; returns {stage: info}. A finished stage is skipped and says so. The run
+    directory is locked for the duration (`posttrain.runlock`)."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _run_stages(cfg, run_dir)
+
+
+def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
     import torch
 
     from posttrain.model import pick_device, pick_dtype
     from posttrain.stages import get_stage
 
-    run_dir = Path(cfg.run_dir).expanduser()
-    run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir / "run.log")
     (run_dir / "recipe.yaml").write_text(dump_recipe(cfg))
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
