@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data import DataError
     from posttrain.model import CheckpointError
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.runlock import RunDirLocked
 
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: locks released, finished stages kept
     try:
         return args.func(args)
     except (RecipeError, DataError, CheckpointError, RunDirLocked) as e:
