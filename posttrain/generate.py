@@ -80,7 +80,7 @@ def generate(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     results: list[Response | None] = [None] * len(texts)
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # restored below
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -116,4 +116,5 @@ def generate(
             results[i] = Response(text, ids, n_think, closed, bool(proc.forced[row]), budgets[i])
     if was_training:
         model.train()
+    tokenizer.padding_side = padding_side
     return results  # type: ignore[return-value]
