@@ -52,3 +52,27 @@ def test_not_a_checkpoint(tmp_path):
 def test_moe_required(tiny_model_dir):
     model = load_model(tiny_model_dir, require_moe=True)
     assert any("experts.gate_up_proj" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "olmoe"])
+def test_other_moe_families_load_through_the_same_path(arch, tmp_path, tokenizer):
+    """Any local HF MoE checkpoint loads with load_model (tiny random ones stand in for real checkpoints)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, num_experts_per_tok=2, pad_token_id=0)
+    extra = {"qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+             "mixtral": dict(num_local_experts=4),
+             "olmoe": dict(num_experts=4)}[arch]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common, **extra))
+    path = save_model(model, tokenizer, tmp_path / arch)
+    loaded = load_model(path, require_moe=True)
+    assert loaded.config.model_type == arch and loaded.config.output_router_logits is False
+    x = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CheckpointError, match="not a Mixture-of-Experts"):
+        dense = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", **{k: v for k, v in common.items()
+                                                                                  if k != "num_experts_per_tok"}))
+        load_model(save_model(dense, tokenizer, tmp_path / "dense"), require_moe=True)
