@@ -1,15 +1,16 @@
 """Quick evaluation: accuracy and thinking length by difficulty for a few budgets on held-out problems.
 
-Graded with `posttrain.rewards.parse.grade_integer`, the same grader the `exact_int` reward uses.
+Graded with `posttrain.rewards.parse.grade_integer`, the same grader the `exact_int` reward uses; grading and
+aggregation are `posttrain.eval.sweep`'s (this is a sweep's subset: no intervals, one mode).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from posttrain.generate import generate
-from posttrain.rewards.parse import grade_integer
 from posttrain.tasks.arithmetic import generate_problems
+
+
+_KEYS = ("difficulty", "n", "accuracy", "think_tokens_mean", "adherence")
 
 
 def budget_label(b: int | str | None) -> str:
@@ -28,26 +29,17 @@ def evaluate_budgets(
     cap: bool = False,
 ) -> list[dict]:
     """Rows {budget, difficulty ('all' too), n, accuracy, think_tokens_mean, adherence} on fixed problems."""
+    from posttrain.eval.sweep import aggregate, grade_responses
+
     problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
     rows = []
     for b in budgets:
         budget = None if b == "auto" else int(b)
         resp = generate(model, tokenizer, [p.expression for p in problems], [budget] * len(problems),
                         max_new_tokens=max_new_tokens, batch_size=batch_size, cap=cap)
-        groups: dict = defaultdict(list)
-        for p, r in zip(problems, resp):
-            rec = (grade_integer(r.text, p.answer), r.n_think,
-                   budget is not None and r.closed and not r.forced and r.n_think <= budget)
-            groups[p.difficulty].append(rec)
-            groups["all"].append(rec)
-        for d, recs in groups.items():
-            n = len(recs)
-            rows.append({
-                "budget": budget_label(budget), "difficulty": d, "n": n,
-                "accuracy": sum(r[0] for r in recs) / n,
-                "think_tokens_mean": sum(r[1] for r in recs) / n,
-                "adherence": (sum(r[2] for r in recs) / n) if budget is not None else None,
-            })
+        mode = "capped" if cap else "natural"
+        for r in aggregate(grade_responses(problems, resp), "", budget, mode):
+            rows.append({"budget": budget_label(budget), **{k: r[k] for k in _KEYS}})
     return rows
 
 

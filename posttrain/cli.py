@@ -2,6 +2,7 @@
 
     posttrain run RECIPE.yaml [dotted.key=value ...] [--run-dir DIR]
     posttrain schema            print every recipe key with its type, default and documentation
+    posttrain sweep --model PATH [--model PATH ...] --budgets 0,16,auto --out DIR   budget sweep with plots
 """
 
 from __future__ import annotations
@@ -52,6 +53,28 @@ def _cmd_schema(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    import os
+
+    import torch
+
+    from posttrain.eval.sweep import (format_sweep_table, parse_budgets, parse_difficulties, run_sweep,
+                                      write_outputs)
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    budgets = parse_budgets(args.budgets)
+    rows = run_sweep(args.model, budgets, args.n, args.seed, parse_difficulties(args.difficulties),
+                     args.max_new_tokens, args.batch_size, args.device)
+    out = write_outputs(rows, args.out)
+    from posttrain.eval.plots import plot_all
+
+    plot_all(rows, out)
+    print(format_sweep_table(rows))
+    print(f"\nwrote {out}/sweep.json, sweep.csv, accuracy_vs_budget.png, think_tokens_vs_budget.png, "
+          "accuracy_vs_difficulty.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Teach an MoE language model to think on a budget.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
     s = sub.add_parser("schema", help="print every recipe key with its default and documentation")
     s.set_defaults(func=_cmd_schema)
+    w = sub.add_parser("sweep", help="accuracy, thinking length and adherence over budgets, natural and capped")
+    w.add_argument("--model", action="append", required=True,
+                   help="run directory, checkpoint directory or PEFT adapter directory (repeatable)")
+    w.add_argument("--budgets", default="0,16,32,64,128,auto", help="comma-separated ints and/or 'auto'")
+    w.add_argument("--out", required=True, help="output directory (sweep.json, sweep.csv, plots)")
+    w.add_argument("--n", type=int, default=40, help="problems per difficulty")
+    w.add_argument("--seed", type=int, default=12345, help="seed of the problems (same for every model/budget)")
+    w.add_argument("--difficulties", default="1-8", help="range '1-8' or list '1,3,5'")
+    w.add_argument("--max-new-tokens", type=int, default=160)
+    w.add_argument("--batch-size", type=int, default=64)
+    w.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    w.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    w.set_defaults(func=_cmd_sweep)
     return p
 
 
@@ -71,6 +107,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data import DataError
+    from posttrain.eval.sweep import SweepError
     from posttrain.model import CheckpointError
     from posttrain.recipe import RecipeError
     from posttrain.runlock import RunDirLocked
@@ -79,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: locks released, finished stages kept
     try:
         return args.func(args)
-    except (RecipeError, DataError, CheckpointError, RunDirLocked) as e:
+    except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -44,9 +44,11 @@ class ThinkCap:
         n_think = gen.shape[1]  # every generated token so far is thinking while the row is still open
         force = (~self.closed) & (n_think >= self.caps)
         if force.any():
+            # a row whose own first choice is already </think> closes by itself: not counted as forced (with
+            # sampling this is judged by the most likely token, since the sampled one is not known yet)
+            self.forced |= force & (scores.argmax(-1) != self.end_id)
             scores[force] = float("-inf")
             scores[force, self.end_id] = 0.0
-            self.forced |= force
         return scores
 
 

@@ -1,0 +1,280 @@
+"""Budget sweep: accuracy (with 95% Wilson intervals), thinking length and budget adherence, by model, budget,
+mode and difficulty, on the embedded arithmetic task.
+
+Two modes per budget: `natural` (the budget is only an instruction in the prompt) and `capped` (a hard cap forces
+`</think>` once thinking reaches the budget: budget-forcing, Muennighoff et al. 2025). Budget `auto` (None) has
+no cap and budget 0 is a pre-closed think block, so for those two the capped rows repeat the natural responses
+(generated once; greedy decoding would give the same tokens again).
+
+`rel_length_error` is L1's length measure (Aggarwal & Welleck 2025): mean |n_think - budget| / budget.
+
+The pure parts (`wilson_interval`, `quantile`, `grade_responses`, `aggregate`) know nothing of models or files;
+`run_sweep` generates, `write_outputs` writes, `eval/plots.py` draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+MODES = ("natural", "capped")
+ROW_KEYS = (
+    "model", "budget", "mode", "difficulty", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+    "think_tokens_mean", "think_tokens_median", "think_tokens_p90", "adherence", "rel_length_error", "forced_share",
+)
+
+
+class SweepError(ValueError):
+    """A model path that cannot be swept; the message says what was looked for."""
+
+
+# ---------------------------------------------------------------------------------------------------- pure parts
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n (Wilson 1927): unlike the normal interval it stays
+    inside [0, 1] and is not degenerate at 0/n or n/n.
+
+        centre = (p + z^2 / 2n) / (1 + z^2 / n),  half = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)
+    """
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); say so rather than trust the rounding
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default, `statistics.quantiles(method="inclusive")`)."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One graded response."""
+
+    difficulty: int
+    correct: bool
+    n_think: int
+    closed: bool
+    forced: bool
+
+
+def grade_responses(problems, responses) -> list[Record]:
+    """Grade each response against its problem with `grade_integer` (the `exact_int` reward's grader)."""
+    from posttrain.rewards.parse import grade_integer
+
+    return [Record(p.difficulty, grade_integer(r.text, p.answer), r.n_think, r.closed, r.forced)
+            for p, r in zip(problems, responses)]
+
+
+def summarize(records: list[Record], budget: int | None, mode: str) -> dict:
+    """Metrics of one group of records answered under `budget` (None = autonomous) in `mode`."""
+    n = len(records)
+    k = sum(r.correct for r in records)
+    lo, hi = wilson_interval(k, n)
+    think = [r.n_think for r in records]
+    adherent = [r.closed and not r.forced and r.n_think <= budget for r in records] if budget is not None else None
+    return {
+        "n": n,
+        "accuracy": k / n,
+        "accuracy_ci_low": lo,
+        "accuracy_ci_high": hi,
+        "think_tokens_mean": sum(think) / n,
+        "think_tokens_median": quantile(think, 0.5),
+        "think_tokens_p90": quantile(think, 0.9),
+        "adherence": sum(adherent) / n if adherent is not None else None,
+        "rel_length_error": (sum(abs(t - budget) / budget for t in think) / n) if budget else None,
+        "forced_share": sum(r.forced for r in records) / n if mode == "capped" else None,
+    }
+
+
+def aggregate(records: list[Record], model: str, budget: int | None, mode: str) -> list[dict]:
+    """Rows for each difficulty (ascending) and "all"."""
+    groups: dict[int, list[Record]] = defaultdict(list)
+    for r in records:
+        groups[r.difficulty].append(r)
+    label = "auto" if budget is None else budget
+    head = {"model": model, "budget": label, "mode": mode}
+    rows = [{**head, "difficulty": d, **summarize(groups[d], budget, mode)} for d in sorted(groups)]
+    rows.append({**head, "difficulty": "all", **summarize(records, budget, mode)})
+    return rows
+
+
+def parse_budgets(spec: str) -> list[int | None]:
+    """"0,16,auto" -> [0, 16, None]."""
+    out: list[int | None] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "auto":
+            out.append(None)
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            raise SweepError(f"--budgets: {part!r} is neither a non-negative integer nor 'auto'")
+    return out
+
+
+def parse_difficulties(spec: str) -> list[int]:
+    """"1-8" or "1,3,5" -> list of ints."""
+    if "-" in spec:
+        a, b = spec.split("-", 1)
+        return list(range(int(a), int(b) + 1))
+    return [int(x) for x in spec.split(",")]
+
+
+# -------------------------------------------------------------------------------------------- model resolution
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str  # the path as given on the command line
+    checkpoint: Path  # a HF checkpoint directory, or the base of an adapter
+    adapter: Path | None = None  # a PEFT adapter directory to load on top of `checkpoint`
+
+
+def _run_checkpoint(run: Path) -> Path:
+    """The last model-producing stage's checkpoint of a run directory."""
+    import yaml
+
+    looked = []
+    stages = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("stages") or []
+    for stage in reversed(stages):
+        done = run / stage / "done.json"
+        looked.append(str(done))
+        if not done.is_file():
+            continue
+        ckpt = json.loads(done.read_text()).get("checkpoint")
+        if ckpt:
+            # done.json paths are relative to where the run was started; fall back to the stage's own folder
+            for cand in (Path(ckpt), run / stage / "checkpoint"):
+                if (cand / "config.json").is_file():
+                    return cand
+    sft = run / "sft" / "checkpoint"
+    looked.append(str(sft))
+    if (sft / "config.json").is_file():
+        return sft
+    raise SweepError(f"run directory {run}: no checkpoint found (looked for a `checkpoint` in "
+                     f"{', '.join(looked)})")
+
+
+def resolve_model(path: str) -> ModelSpec:
+    """A run directory (recipe.yaml), a checkpoint (config.json) or a PEFT adapter (adapter_config.json)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise SweepError(f"--model {path}: not a directory")
+    if (p / "adapter_config.json").is_file():
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not (Path(base).expanduser() / "config.json").is_file():
+            raise SweepError(f"--model {path}: adapter's base_model_name_or_path {base!r} is not a local "
+                             "checkpoint directory (config.json)")
+        return ModelSpec(path, Path(base).expanduser(), p)
+    if (p / "config.json").is_file():
+        return ModelSpec(path, p)
+    if (p / "recipe.yaml").is_file():
+        return ModelSpec(path, _run_checkpoint(p))
+    raise SweepError(f"--model {path}: neither a run directory (recipe.yaml), a checkpoint (config.json) nor a "
+                     "PEFT adapter (adapter_config.json)")
+
+
+def load_spec(spec: ModelSpec, device, dtype):
+    from posttrain.model import load_model, load_tokenizer
+
+    model = load_model(spec.checkpoint, device, dtype)
+    tok_dir = spec.checkpoint
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(spec.adapter))
+        if (spec.adapter / "tokenizer_config.json").is_file():
+            tok_dir = spec.adapter
+    return model, load_tokenizer(tok_dir)
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+
+def sweep_model(model, tok, label: str, problems, budgets: list[int | None], max_new_tokens: int = 160,
+                batch_size: int = 64) -> list[dict]:
+    """Rows for one loaded model over `budgets` x MODES on fixed `problems` (greedy decoding)."""
+    from posttrain.generate import generate
+
+    prompts = [p.expression for p in problems]
+    rows = []
+    for budget in budgets:
+        natural = None
+        for mode in MODES:
+            if mode == "capped" and budget in (None, 0):
+                resp = natural  # no cap to apply: same tokens as natural
+            else:
+                resp = generate(model, tok, prompts, [budget] * len(prompts), max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, cap=mode == "capped")
+            if mode == "natural":
+                natural = resp
+            rows += aggregate(grade_responses(problems, resp), label, budget, mode)
+    return rows
+
+
+def run_sweep(models: list[str], budgets: list[int | None], n_per_difficulty: int = 40, seed: int = 12345,
+              difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
+              device: str = "auto") -> list[dict]:
+    """Resolve every model first (a bad path fails before any generation), then sweep each in turn."""
+    import torch
+
+    from posttrain.model import pick_device, pick_dtype
+    from posttrain.tasks.arithmetic import generate_problems
+
+    specs = [resolve_model(m) for m in models]
+    problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
+    dev = pick_device(device)
+    rows = []
+    for spec in specs:
+        torch.manual_seed(seed)
+        model, tok = load_spec(spec, dev, pick_dtype("auto", dev))
+        rows += sweep_model(model, tok, spec.label, problems, budgets, max_new_tokens, batch_size)
+        del model
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+
+
+def write_outputs(rows: list[dict], out: str | Path) -> Path:
+    """DIR/sweep.json (list of rows) and DIR/sweep.csv (same rows, empty cells for None)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in ROW_KEYS})
+    return out
+
+
+def format_sweep_table(rows: list[dict]) -> str:
+    """Difficulty "all": model, budget, mode, accuracy ± 95% CI, mean thinking tokens, adherence."""
+    head = f"{'model':<32} {'budget':>6} {'mode':<8} {'accuracy [95% CI]':>22} {'think':>6} {'adher.':>7} " \
+           f"{'forced':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["difficulty"] != "all":
+            continue
+        acc = f"{100 * r['accuracy']:5.1f}% [{100 * r['accuracy_ci_low']:4.1f},{100 * r['accuracy_ci_high']:5.1f}]"
+        adh = "-" if r["adherence"] is None else f"{100 * r['adherence']:5.1f}%"
+        forced = "-" if r["forced_share"] is None else f"{100 * r['forced_share']:5.1f}%"
+        model = r["model"] if len(r["model"]) <= 32 else "..." + r["model"][-29:]
+        lines.append(f"{model:<32} {str(r['budget']):>6} {r['mode']:<8} {acc:>22} "
+                     f"{r['think_tokens_mean']:6.1f} {adh:>7} {forced:>7}")
+    return "\n".join(lines)

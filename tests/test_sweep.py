@@ -1,0 +1,207 @@
+"""`posttrain sweep`: Wilson intervals and aggregation against hand-worked numbers, model resolution, and the
+command end to end on the tiny random checkpoint."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.eval.sweep import (ROW_KEYS, SweepError, aggregate, grade_responses, quantile, resolve_model,
+                                  wilson_interval)
+from posttrain.generate import Response
+from posttrain.tasks.arithmetic import parse_expression
+
+
+# ------------------------------------------------------------------------------------------- Wilson interval
+
+
+def test_wilson_8_of_10_by_hand():
+    # p = 0.8, n = 10, z = 1.96, z^2 = 3.8415
+    # denom  = 1 + z^2/n               = 1.38415
+    # centre = (p + z^2/(2n)) / denom  = (0.8 + 0.19207) / 1.38415 = 0.71674
+    # half   = z/denom * sqrt(p(1-p)/n + z^2/(4n^2)) = 1.41600 * sqrt(0.016 + 0.0096037) = 1.41600 * 0.16001
+    #        = 0.22658  ->  [0.4902, 0.9433] (the value in published Wilson tables)
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+
+
+def test_wilson_edges():
+    # 0/10: p = 0, centre = half = 0.19207 / 1.38415 = 0.13877 -> [0, 0.2775]; n/n mirrors it
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert lo == pytest.approx(1 - 0.2775, abs=1e-4) and hi == 1.0
+    lo, hi = wilson_interval(1, 1)  # one success: still a wide interval, never [1, 1]
+    assert 0.2 < lo < 0.21 and hi == 1.0
+    assert all(x != x for x in wilson_interval(0, 0))  # nan: no data
+
+
+def test_quantile_matches_statistics_inclusive():
+    import statistics
+
+    xs = [3, 4, 10, 5, 7, 1]
+    assert quantile(xs, 0.5) == statistics.median(xs)
+    assert quantile(xs, 0.9) == pytest.approx(statistics.quantiles(xs, n=10, method="inclusive")[-1])
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def _resp(thinking: str, answer: str | None, n_think: int, forced: bool = False, budget=4) -> Response:
+    text = thinking if answer is None else f"{thinking}</think>\n\n{answer}"
+    return Response(text, [], n_think, answer is not None, forced, budget)
+
+
+def _hand_graded():
+    problems = [parse_expression(e) for e in ("7+3", "2*4", "9-1", "1+2*3")]  # answers 10, 8, 8, 9
+    responses = [
+        _resp("7+3=10", "10", 3),                # right, closed by itself within budget: adherent
+        _resp("2*4=", "9", 4, forced=True),      # wrong, cap forced </think> at 4: not adherent
+        _resp("9-1=8 8 8 8", None, 10),          # never closed: wrong (the grader needs </think>), not adherent
+        _resp("1+2=3\n*3=9", "9", 5),            # right, closed by itself but over the budget: not adherent
+    ]
+    return problems, responses
+
+
+def test_aggregate_hand_graded_capped():
+    problems, responses = _hand_graded()
+    rows = aggregate(grade_responses(problems, responses), "m", 4, "capped")
+    assert [r["difficulty"] for r in rows] == [1, 2, "all"]
+    a = rows[-1]
+    assert a["n"] == 4 and a["accuracy"] == 0.5 and (a["model"], a["budget"], a["mode"]) == ("m", 4, "capped")
+    # thinking tokens [3, 4, 10, 5] -> sorted [3, 4, 5, 10]: mean 5.5, median (4+5)/2, p90 at 0.9*3 = 2.7:
+    # 5 + 0.7 * (10 - 5) = 8.5
+    assert a["think_tokens_mean"] == 5.5 and a["think_tokens_median"] == 4.5 and a["think_tokens_p90"] == 8.5
+    assert a["adherence"] == 0.25 and a["forced_share"] == 0.25
+    # |3-4|/4 + 0 + |10-4|/4 + |5-4|/4 = 0.25 + 0 + 1.5 + 0.25 = 2.0, over 4 responses
+    assert a["rel_length_error"] == 0.5
+    assert (a["accuracy_ci_low"], a["accuracy_ci_high"]) == wilson_interval(2, 4)
+    d1 = rows[0]  # the three one-operator problems: [3, 4, 10]
+    assert d1["n"] == 3 and d1["accuracy"] == pytest.approx(1 / 3)
+    assert d1["think_tokens_median"] == 4 and d1["think_tokens_p90"] == pytest.approx(4 + 0.8 * 6)
+    assert d1["adherence"] == pytest.approx(1 / 3)
+    assert rows[1]["n"] == 1 and rows[1]["accuracy"] == 1.0 and rows[1]["adherence"] == 0.0
+
+
+def test_aggregate_auto_and_zero_have_no_budget_metrics():
+    problems, responses = _hand_graded()
+    records = grade_responses(problems, responses)
+    auto = aggregate(records, "m", None, "natural")[-1]
+    assert auto["budget"] == "auto" and auto["adherence"] is None and auto["rel_length_error"] is None
+    assert auto["forced_share"] is None  # natural mode never forces
+    zero = aggregate(records, "m", 0, "natural")[-1]
+    assert zero["budget"] == 0 and zero["rel_length_error"] is None and zero["adherence"] is not None
+    assert set(ROW_KEYS) == set(auto)
+
+
+# ---------------------------------------------------------------------------------------------- model paths
+
+
+def _run_dir(root: Path, stages, done: dict) -> Path:
+    run = root / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("stages: [" + ", ".join(stages) + "]\n")
+    for stage, info in done.items():
+        (run / stage).mkdir()
+        (run / stage / "done.json").write_text(json.dumps(info))
+    return run
+
+
+def test_resolve_run_dir_takes_last_model_stage(tmp_path, tiny_model_dir):
+    other = tmp_path / "sft_ckpt"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    run = _run_dir(tmp_path, ["base", "sft", "rm", "eval"], {
+        "base": {"checkpoint": str(tiny_model_dir)},
+        "sft": {"checkpoint": str(other)},
+        "rm": {"genrm": "elsewhere", "produces_model": False},
+        "eval": {"rows": 3, "produces_model": False},
+    })
+    spec = resolve_model(str(run))
+    assert spec.label == str(run) and spec.checkpoint == other and spec.adapter is None
+    assert resolve_model(str(tiny_model_dir)).checkpoint == Path(tiny_model_dir)
+
+
+def test_resolve_run_dir_falls_back_to_sft_checkpoint_and_errors(tmp_path):
+    run = _run_dir(tmp_path, ["base", "sft"], {})
+    with pytest.raises(SweepError, match=r"no checkpoint found.*sft/done.json.*base/done.json.*sft/checkpoint"):
+        resolve_model(str(run))
+    (run / "sft" / "checkpoint").mkdir(parents=True)
+    (run / "sft" / "checkpoint" / "config.json").write_text("{}")
+    assert resolve_model(str(run)).checkpoint == run / "sft" / "checkpoint"
+
+
+def test_resolve_bad_paths(tmp_path):
+    with pytest.raises(SweepError, match="not a directory"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(SweepError, match="neither a run directory"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/no/such/base"}))
+    with pytest.raises(SweepError, match="/no/such/base"):
+        resolve_model(str(tmp_path))
+
+
+def test_adapter_loads_on_its_base(tmp_path, tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.eval.sweep import load_spec, run_sweep
+    from posttrain.model import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = load_model(tiny_model_dir)
+        peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        peft.save_pretrained(tmp_path / "adapter")
+        cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
+        spec = resolve_model(str(tmp_path / "adapter"))
+        assert spec.adapter == tmp_path / "adapter" and spec.checkpoint == Path(tiny_model_dir)
+        model, _ = load_spec(spec, "cpu", torch.float32)
+        assert type(model).__name__.startswith("Peft")
+        rows = run_sweep([str(tmp_path / "adapter")], [2], n_per_difficulty=1, difficulties=[1], max_new_tokens=3)
+        assert {(r["mode"], r["difficulty"]) for r in rows} == {(m, d) for m in ("natural", "capped") for d in (1, "all")}
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def posttrain(*args, timeout=300):
+    exe = Path(sys.executable).with_name("posttrain")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=dict(os.environ), timeout=timeout)
+
+
+def test_sweep_command_end_to_end(tmp_path, tiny_model_dir):
+    args = ["sweep", "--model", str(tiny_model_dir), "--n", "1", "--budgets", "0,4,auto", "--max-new-tokens", "6",
+            "--threads", "1"]
+    proc = posttrain(*args, "--out", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "a"
+    for name in ("sweep.json", "sweep.csv", "accuracy_vs_budget.png", "think_tokens_vs_budget.png",
+                 "accuracy_vs_difficulty.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = json.loads((out / "sweep.json").read_text())
+    # 3 budgets x 2 modes x (8 difficulties + "all")
+    assert len(rows) == 3 * 2 * 9 and all(set(ROW_KEYS) <= set(r) for r in rows)
+    assert {r["budget"] for r in rows} == {0, 4, "auto"} and {r["mode"] for r in rows} == {"natural", "capped"}
+    assert {r["difficulty"] for r in rows} == set(range(1, 9)) | {"all"} and {r["model"] for r in rows} == {
+        str(tiny_model_dir)}
+    with open(out / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert "accuracy [95% CI]" in proc.stdout and "auto" in proc.stdout
+    again = posttrain(*args, "--out", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "b" / "sweep.json").read_text() == (out / "sweep.json").read_text()
+
+
+def test_sweep_command_bad_model_path(tmp_path):
+    proc = posttrain("sweep", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--threads", "1")
+    assert proc.returncode == 2 and "error:" in proc.stderr and "missing" in proc.stderr
+    assert not (tmp_path / "o").exists()
