@@ -3,6 +3,7 @@
     posttrain run RECIPE.yaml [dotted.key=value ...] [--run-dir DIR]
     posttrain schema            print every recipe key with its type, default and documentation
     posttrain sweep --model PATH [--model PATH ...] --budgets 0,16,auto --out DIR   budget sweep with plots
+    posttrain export --model RUN_OR_CHECKPOINT --out DIR [--merged] [--rank R]   PEFT LoRA adapter
 """
 
 from __future__ import annotations
@@ -75,6 +76,25 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import torch
+
+    from posttrain.export import export
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base)
+    print(f"{report['kind']} -> {args.out}")
+    if "max_relative_frobenius_error" in report:
+        print(f"  rank {report['rank']}: max relative Frobenius error {report['max_relative_frobenius_error']:.3g}, "
+              f"KL(tuned || base+adapter) {report['kl_tuned_vs_adapted']:.4g} "
+              f"(without the adapter {report['kl_tuned_vs_base']:.4g})")
+        if report["uncovered_changed_params"]:
+            print(f"  {len(report['uncovered_changed_params'])} changed parameters are not carried by the adapter "
+                  "(see export.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Teach an MoE language model to think on a budget.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. sft.steps=50")
     r.add_argument("--run-dir", help="override run_dir")
     r.set_defaults(func=_cmd_run)
+    e = sub.add_parser("export", help="write a PEFT LoRA adapter (or --merged checkpoint) with the tokenizer")
+    e.add_argument("--model", required=True, help="run directory or stage checkpoint")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--merged", action="store_true", help="write a full HF checkpoint instead of an adapter")
+    e.add_argument("--rank", type=int, default=16, help="rank of an adapter extracted from a full fine-tune")
+    e.add_argument("--base", help="base checkpoint (default: the run's base stage or recipe model.path)")
+    e.add_argument("--threads", type=int, default=0)
+    e.set_defaults(func=_cmd_export)
     s = sub.add_parser("schema", help="print every recipe key with its default and documentation")
     s.set_defaults(func=_cmd_schema)
     w = sub.add_parser("sweep", help="accuracy, thinking length and adherence over budgets, natural and capped")
@@ -108,6 +136,7 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data import DataError
     from posttrain.eval.sweep import SweepError
+    from posttrain.export import ExportError
     from posttrain.model import CheckpointError
     from posttrain.recipe import RecipeError
     from posttrain.runlock import RunDirLocked
@@ -116,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: locks released, finished stages kept
     try:
         return args.func(args)
-    except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError) as e:
+    except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
