@@ -1,0 +1,96 @@
+"""Registries for the RL algorithm core: the registered names are the strings recipes use.
+
+Three registries, one type: advantage estimators (``register_adv_est("grpo")``), policy losses
+(``register_policy_loss("vanilla")``) and KL estimators (``register_kl("k3")``). Lookups load the built-in modules
+on first use, so ``import posttrain.algo`` does not import torch. An unknown name fails with the nearest spelling and
+the list of known names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable
+
+
+class UnknownAlgoError(ValueError, KeyError):
+    """An unknown registry name. Both a ValueError and a KeyError, so either `except` catches it."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry:
+    """A name -> function table. `kind` names it in errors; `modules` (under `posttrain.algo`) register built-ins."""
+
+    def __init__(self, kind: str, modules: tuple[str, ...]):
+        self.kind = kind
+        self._modules = modules
+        self._fns: dict[str, Callable] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        """Decorator: register `fn` under `name`; a second, different function under the same name is an error."""
+
+        def decorator(fn: Callable) -> Callable:
+            existing = self._fns.get(name)
+            if existing is not None and _qualname(existing) != _qualname(fn):
+                raise ValueError(f"{self.kind} {name!r} is already registered to {_qualname(existing)}")
+            self._fns[name] = fn
+            return fn
+
+        return decorator
+
+    def _load_builtins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # first, so a module that looks a name up while importing does not recurse
+        try:
+            for mod in self._modules:
+                importlib.import_module(f"{__package__}.{mod}")
+        except BaseException:
+            self._loaded = False
+            raise
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        self._load_builtins()
+        return sorted(self._fns)
+
+    def get(self, name: str) -> Callable:
+        """The function registered under `name`; an unknown name raises `UnknownAlgoError` listing known ones."""
+        self._load_builtins()
+        if name in self._fns:
+            return self._fns[name]
+        known = sorted(self._fns)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownAlgoError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(known)}")
+
+
+def _qualname(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+ADV_ESTIMATORS = Registry("advantage estimator", ("advantages",))
+POLICY_LOSSES = Registry("policy loss", ("losses",))
+KL_ESTIMATORS = Registry("KL estimator", ("kl",))
+
+register_adv_est = ADV_ESTIMATORS.register
+register_policy_loss = POLICY_LOSSES.register
+register_kl = KL_ESTIMATORS.register
+
+
+def get_adv_estimator(name: str) -> Callable:
+    """The advantage estimator registered under `name` (``grpo``, ``dr_grpo``, ``gae``)."""
+    return ADV_ESTIMATORS.get(name)
+
+
+def get_policy_loss(name: str) -> Callable:
+    """The policy loss registered under `name` (``vanilla``, ``gspo``)."""
+    return POLICY_LOSSES.get(name)
+
+
+def get_kl_estimator(name: str) -> Callable:
+    """The per-token KL estimator registered under `name` (``k1``, ``k2``, ``k3``/``low_var_kl``)."""
+    return KL_ESTIMATORS.get(name)
