@@ -40,8 +40,50 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """`manifest.json`: size and sha256 of every file, so a truncated or corrupted checkpoint is detected."""
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_manifest(directory: Path, hashes: bool = True) -> list[str]:
+    """Problems with `directory` against its manifest ([] when it matches or has no manifest)."""
+    mf = directory / MANIFEST
+    if not mf.is_file():
+        return []
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return [f"{mf} is unreadable"]
+    problems = []
+    for name, meta in files.items():
+        f = directory / name
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != meta["size"]:
+            problems.append(f"{f} is {f.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)")
+        elif hashes and _sha256(f) != meta["sha256"]:
+            problems.append(f"{f} does not match its sha256 in the manifest (corrupted)")
+    return problems
+
+
 def check_checkpoint_dir(path: str | Path, allow_pickle: bool = False) -> Path:
-    """Raise CheckpointError unless `path` is a loadable HF checkpoint with safetensors weights."""
+    """Raise CheckpointError unless `path` is a loadable HF checkpoint with safetensors weights whose files
+    match its manifest (when it has one)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model path {str(path)!r} is not a directory")
@@ -56,6 +98,9 @@ def check_checkpoint_dir(path: str | Path, allow_pickle: bool = False) -> Path:
         )
     if not has_st and not has_pickle:
         raise CheckpointError(f"{path} has no weights (*.safetensors)")
+    problems = verify_manifest(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(problems))
     return path
 
 
@@ -120,8 +165,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """`save_pretrained` (safetensors) for model and tokenizer into `out_dir`, written atomically:
-    everything goes to a temporary sibling directory first, which is renamed into place at the end."""
+    """`save_pretrained` (safetensors) for model and tokenizer into `out_dir`, written atomically: everything
+    goes to a temporary sibling directory (with a checksum manifest, every file fsynced), which is renamed into
+    place at the end; a save that fails part-way leaves the previous checkpoint as it was."""
     import os
     import shutil
 
@@ -132,6 +178,7 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     _router_logits_off(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    write_manifest(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
