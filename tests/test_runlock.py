@@ -44,3 +44,26 @@ def test_cli_refuses_a_directory_in_use(tmp_path, capsys):
         assert not (run_dir / "base").exists()  # nothing was written
     finally:
         holder.kill()
+
+
+def test_sigterm_stops_the_run_and_releases_the_lock(tmp_path):
+    import signal
+    import time
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_dir: {run_dir}\nstages: [base]\nthreads: 1\n"
+                      "base: {hidden_size: 32, num_layers: 1, num_experts: 4, moe_intermediate_size: 32, "
+                      "num_heads: 2, steps: 100000, batch_size: 4, seq_len: 32}\n")
+    env = {**os.environ, "POSTTRAIN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("posttrain")), "run", str(recipe)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "base" / "metrics.jsonl").exists():
+        time.sleep(0.5)  # wait until training is under way
+    assert (run_dir / ".lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not (run_dir / ".lock").exists() and not (run_dir / "base" / "done.json").exists()
