@@ -1,0 +1,247 @@
+"""Rollout worker of the RL stage: groups of sampled responses with per-token log-probs and budget forcing.
+
+A plain class (no Ray; a thin actor wrapper lives elsewhere). `generate` runs its own KV-cache decoding loop
+instead of `model.generate` because the learner needs, for every response token, the policy's log-prob of the
+token that was emitted (`logp`) and whether that token was forced (`forced_mask`).
+
+How it differs from `posttrain.generate` (HF `generate` + `ThinkCap`) and from s1's budget forcing
+(Muennighoff et al. 2025):
+- each distinct prompt is prefilled once and its KV cache repeated to its group of `group_size` samples (GRPO
+  groups share a prompt), instead of one prefill per sample;
+- `logp` is log_softmax of the raw logits (temperature 1, no top-p): the policy's own log-prob, the quantity a
+  PPO/GRPO ratio needs. The token itself is drawn from the tempered, nucleus-truncated distribution, so with
+  temperature != 1 or top_p < 1 the behaviour policy is not exactly the policy whose `logp` is recorded;
+- a row that has spent its budget of thinking tokens without writing `</think>` gets `</think>` forced; it
+  counts as forced only when the row's own *sample* was not `</think>` (ThinkCap can only judge by the argmax);
+- `n_think` counts every token generated before `</think>`, exactly what the cap counts (unlike
+  `count_think_tokens_ids`, a `<think>` the model writes again does not restart the count);
+- rows stop individually at EOS and are dropped from the batch (and from the cache), so finished rows cost
+  nothing; the loop ends when all rows are done or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.generate import render_prompts
+from posttrain.model import load_model, load_tokenizer
+from posttrain.tokenizer import think_token_ids
+
+_NO_CAP = 2**62
+
+
+@dataclass
+class RolloutBatch:
+    """B = len(prompts) * group_size rows; the `group_size` samples of a prompt are adjacent."""
+
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded with the pad id
+    prompt_mask: torch.Tensor  # (B, P) long, 1 on prompt tokens
+    response_ids: torch.Tensor  # (B, T) long, right-padded with the pad id after EOS
+    response_mask: torch.Tensor  # (B, T) long, 1 on generated tokens (EOS included)
+    logp: torch.Tensor  # (B, T) float32, log pi(token | prefix) at temperature 1; 0 where response_mask is 0
+    forced_mask: torch.Tensor  # (B, T) bool, True on a forced </think>: exclude it from the policy loss
+    n_think: list[int]  # thinking tokens: generated before </think> (all of them when unclosed; 0 for budget 0)
+    closed: list[bool]  # </think> was written (by the model or forced; always True for budget 0)
+    forced: list[bool]  # </think> was forced
+    group_index: list[int]  # index of the row's prompt in the `prompts` given to `generate`
+    budgets: list[int | None]
+    texts: list[str]  # decoded responses, starting inside the think block ("</think>\n\n..." for budget 0)
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, T) long: response tokens the policy chose itself (forced tokens are not the policy's actions)."""
+        return self.response_mask * (~self.forced_mask).long()
+
+
+class RolloutWorker:
+    """Holds a copy of the policy, samples groups of responses, and takes new weights from the learner."""
+
+    def __init__(self, model_path, device="cpu", dtype=torch.float32, threads: int = 1,
+                 experts_implementation: str = "grouped_mm"):
+        torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model = load_model(model_path, device=self.device, dtype=dtype,
+                                experts_implementation=experts_implementation)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(model_path)
+        self.think_start_id, self.think_end_id = think_token_ids(self.tokenizer)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        budgets: list[int | None],
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        greedy: bool = False,
+    ) -> RolloutBatch:
+        """`group_size` responses per prompt. `greedy=True` or `temperature=0` decodes by argmax.
+
+        `budgets[i]`: an int N renders the budget instruction and forces `</think>` after N thinking tokens
+        (0 = the prompt pre-closes the think block); None = autonomous thinking, never forced.
+        """
+        if len(prompts) != len(budgets):
+            raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
+        if group_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        greedy = greedy or temperature == 0
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        self.model.eval()
+
+        prompt_ids, prompt_mask = self._encode(render_prompts(self.tokenizer, prompts, budgets))
+        caps = torch.tensor([_NO_CAP if b is None else int(b) for b in budgets], device=self.device)
+        tokens, logp, forced_mask = self._decode(
+            prompt_ids, prompt_mask, caps.repeat_interleave(group_size), group_size, max_new_tokens,
+            lambda logits: _sample(logits, temperature, top_p, gen, greedy),
+        )
+        return self._batch(prompt_ids, prompt_mask, tokens, logp, forced_mask, budgets, group_size)
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize and left-pad: (N, P) ids and mask."""
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _decode(self, prompt_ids, prompt_mask, caps, group_size, max_new_tokens, sample):
+        """The decoding loop. caps: (B,) thinking budget per row. Returns (B, max_new_tokens) tokens, logp and
+        forced_mask; positions after a row's EOS hold the pad id, logp 0 and False."""
+        from transformers import DynamicCache
+
+        n_rows = prompt_ids.shape[0] * group_size
+        # Left padding: real tokens get positions 0.., padding gets 0 (as HF generate); padding is masked anyway.
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # (B, V)
+        cache.batch_repeat_interleave(group_size)
+        mask = prompt_mask.repeat_interleave(group_size, dim=0)
+        next_pos = positions[:, -1].repeat_interleave(group_size) + 1  # prompts end with a real token
+
+        tokens = torch.full((n_rows, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        logp = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=self.device)
+        forced_mask = torch.zeros((n_rows, max_new_tokens), dtype=torch.bool, device=self.device)
+        closed = caps == 0  # budget 0: the prompt already closed the think block
+        active = torch.arange(n_rows, device=self.device)  # rows still generating, in cache order
+        for t in range(max_new_tokens):
+            tok = sample(logits)
+            # every token generated while the block is open is thinking, so t is the row's thinking count
+            force = ~closed[active] & (t >= caps[active])
+            forced_mask[active, t] = force & (tok != self.think_end_id)
+            tok = torch.where(force, torch.full_like(tok, self.think_end_id), tok)
+            tokens[active, t] = tok
+            logp[active, t] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)
+            closed[active] = closed[active] | (tok == self.think_end_id)
+            if t == max_new_tokens - 1:
+                break
+            running = tok != self.eos_id
+            if not running.all():
+                keep = running.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                active, mask, next_pos, tok = active[keep], mask[keep], next_pos[keep], tok[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return tokens, logp, forced_mask
+
+    def _batch(self, prompt_ids, prompt_mask, tokens, logp, forced_mask, budgets, group_size) -> RolloutBatch:
+        ended = tokens == self.eos_id
+        # 1 up to and including the first EOS (or everywhere when the row never ended)
+        response_mask = (ended.long().cumsum(1) - ended.long() == 0).long()
+        width = int(response_mask.sum(1).max())
+        tokens, logp, forced_mask, response_mask = (x[:, :width] for x in (tokens, logp, forced_mask, response_mask))
+        row_budgets = [b for b in budgets for _ in range(group_size)]
+        n_think, closed, texts = [], [], []
+        for ids, n, b in zip(tokens.tolist(), response_mask.sum(1).tolist(), row_budgets):
+            ids = ids[:n]
+            if b == 0:
+                think, is_closed = 0, True
+            elif self.think_end_id in ids:  # the completion starts inside the think block: count from 0
+                think, is_closed = ids.index(self.think_end_id), True
+            else:
+                think, is_closed = len(ids), False
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            n_think.append(think)
+            closed.append(is_closed)
+            texts.append("</think>\n\n" + text if b == 0 else text)
+        return RolloutBatch(
+            prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
+            response_ids=tokens,
+            response_mask=response_mask,
+            logp=logp,
+            forced_mask=forced_mask,
+            n_think=n_think,
+            closed=closed,
+            forced=forced_mask.any(1).tolist(),
+            group_index=[i for i in range(len(budgets)) for _ in range(group_size)],
+            budgets=row_budgets,
+            texts=texts,
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy the given tensors into the model (a subset of its state dict is fine); returns how many.
+
+        Every name and shape is checked before anything is copied, so a bad update leaves the model unchanged.
+        """
+        items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+        state = self.model.state_dict()  # tensors share storage with the parameters
+        for name, value in items:
+            if name not in state:
+                near = difflib.get_close_matches(name, list(state), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"update_weights: the model has no tensor named {name!r}{hint}")
+            if tuple(value.shape) != tuple(state[name].shape):
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(value.shape)}, "
+                                 f"the model expects {tuple(state[name].shape)}")
+        with torch.no_grad():
+            for name, value in items:
+                state[name].copy_(value)
+        return len(items)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> int:
+        return self.update_weights(state)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator, greedy: bool):
+    """(A, V) float logits -> (A,) token ids: argmax, or a draw from the tempered nucleus (top-p) distribution."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the mass before it already reaches top_p (the most likely token always stays)
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
