@@ -26,7 +26,7 @@ def _cmd_run(args) -> int:
     results = run_recipe(cfg)
     print(f"\nrun directory: {cfg.run_dir}")
     for name, info in results.items():
-        where = info.get("checkpoint", "")
+        where = info.get("checkpoint") or info.get("genrm") or f"{cfg.run_dir}/{name}"
         print(f"  {name:<6} {where}")
     if "rm" in results and results["rm"].get("summary"):
         print("\nreward models (held-out samples):")
