@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-StageName = Literal["base", "sft", "rm", "eval"]
+StageName = Literal["base", "sft", "rm", "grpo", "eval"]
 
 
 class Section(BaseModel):
@@ -204,6 +204,85 @@ class RMStageConfig(Section):
     )
 
 
+class GRPORewardConfig(Section):
+    """One reward component (a registered reward) and the samples it scores."""
+
+    name: str = Field(description="Registered reward name (e.g. budget_l1_max, length_group, exact_int).")
+    weight: float = Field(1.0, description="Weight in the sum of components.")
+    params: dict = Field(default_factory=dict, description="Keyword arguments of the reward's constructor.")
+    key: str | None = Field(None, description="Metric key (defaults to `name`); keys must be unique per mode.")
+    on: Literal["all", "budgeted", "auto"] = Field(
+        "all", description="Which samples it scores: `budgeted` (an int budget, 0 included), `auto` (no budget) "
+        "or `all`."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_reward(cls, v: str) -> str:
+        from posttrain.rewards.registry import get_reward_cls
+
+        get_reward_cls(v)  # raises naming the known rewards
+        return v
+
+
+def _default_grpo_rewards() -> list[GRPORewardConfig]:
+    return [
+        # alpha scaled to this task's budgets (8-48 tokens); the L1 paper's 0.0003 is for budgets of thousands
+        GRPORewardConfig(name="budget_l1_max", params={"alpha": 0.02}, on="budgeted"),
+        GRPORewardConfig(name="length_group", params={"weight": 0.5}, on="auto"),
+    ]
+
+
+class GRPOStageConfig(Section):
+    """Single-process GRPO (no Ray yet) on the embedded arithmetic task with per-prompt thinking budgets."""
+
+    steps: int = Field(60, ge=1, description="Optimizer steps (one rollout batch each).")
+    prompts_per_step: int = Field(16, ge=1, description="Problems sampled per step.")
+    group_size: int = Field(8, ge=2, description="Responses sampled per problem (a GRPO group).")
+    budgets: list[int | Literal["auto"]] = Field(
+        default_factory=lambda: [0, 8, 16, 24, 32, 48, "auto"],
+        description="Budgets drawn (uniformly, one per problem) for the prompts; `auto` = no budget.",
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate (constant).")
+    weight_decay: float = Field(0.0, ge=0)
+    adv_estimator: str = Field("grpo", description="Registered advantage estimator (`grpo`, `dr_grpo`).")
+    policy_loss: str = Field("vanilla", description="Registered policy loss (`vanilla`, `gspo`).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field("token_mean")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range of the ratio.")
+    clip_high: float = Field(0.28, ge=0, description="Upper clip range (> clip_low: DAPO clip-higher).")
+    mini_batches: int = Field(1, ge=1, description="Optimizer updates per rollout batch (split by groups).")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference loss coefficient; 0 skips the reference.")
+    kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (total L2 norm).")
+    dynamic_sampling: bool = Field(
+        True, description="Drop groups whose rewards are all equal (DAPO's filter; no resampling to refill)."
+    )
+    rewards: list[GRPORewardConfig] = Field(default_factory=_default_grpo_rewards, description="Reward components.")
+    eval_budgets: list[int | Literal["auto"]] = Field(
+        default_factory=lambda: [8, 16, 32], description="Budgets of the before/after evaluation (natural, no cap)."
+    )
+    eval_n_per_difficulty: int = Field(20, ge=0, description="Held-out problems per difficulty (0 = no eval).")
+    eval_max_new_tokens: int = Field(160, ge=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list) -> list:
+        if not v or any(b != "auto" and b < 0 for b in v):
+            raise ValueError("budgets must be a non-empty list of non-negative integers and 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "GRPOStageConfig":
+        if self.mini_batches > self.prompts_per_step:
+            raise ValueError("mini_batches must be <= prompts_per_step (mini-batches split by groups)")
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward")
+        return self
+
+
 class EvalStageConfig(Section):
     """Quick accuracy table by difficulty for a few budgets, on held-out problems of the embedded task."""
 
@@ -233,6 +312,7 @@ class RecipeConfig(Section):
     base: BaseStageConfig = Field(default_factory=BaseStageConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     rm: RMStageConfig = Field(default_factory=RMStageConfig)
+    grpo: GRPOStageConfig = Field(default_factory=GRPOStageConfig)
     eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
 
     @model_validator(mode="after")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = {"base": "posttrain.stages.base", "sft": "posttrain.stages.sft", "rm": "posttrain.stages.rm", "eval": "posttrain.stages.eval"}
+STAGES = {"base": "posttrain.stages.base", "sft": "posttrain.stages.sft", "rm": "posttrain.stages.rm",
+          "grpo": "posttrain.stages.grpo", "eval": "posttrain.stages.eval"}
 
 
 def get_stage(name: str):
