@@ -21,6 +21,7 @@ How it differs from `posttrain.generate` (HF `generate` + `ThinkCap`) and from s
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class RolloutBatch:
     group_index: list[int]  # index of the row's prompt in the `prompts` given to `generate`
     budgets: list[int | None]
     texts: list[str]  # decoded responses, starting inside the think block ("</think>\n\n..." for budget 0)
+    # (L, B, P + T, k) long, with `generate(record_routing=True)`: the top-k experts of every token of
+    # cat([prompt_ids, response_ids], 1) in each MoE layer, -1 where not recorded (response padding and each
+    # row's last token, never fed forward); replay it with `posttrain.moe.replay_routing` (R3)
+    routing: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -88,11 +93,13 @@ class RolloutWorker:
         top_p: float = 1.0,
         seed: int | None = None,
         greedy: bool = False,
+        record_routing: bool = False,
     ) -> RolloutBatch:
         """`group_size` responses per prompt. `greedy=True` or `temperature=0` decodes by argmax.
 
         `budgets[i]`: an int N renders the budget instruction and forces `</think>` after N thinking tokens
         (0 = the prompt pre-closes the think block); None = autonomous thinking, never forced.
+        `record_routing=True` fills `RolloutBatch.routing` with every token's experts (MoE models only).
         """
         if len(prompts) != len(budgets):
             raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
@@ -110,11 +117,24 @@ class RolloutWorker:
 
         prompt_ids, prompt_mask = self._encode(render_prompts(self.tokenizer, prompts, budgets))
         caps = torch.tensor([_NO_CAP if b is None else int(b) for b in budgets], device=self.device)
-        tokens, logp, forced_mask = self._decode(
-            prompt_ids, prompt_mask, caps.repeat_interleave(group_size), group_size, max_new_tokens,
-            lambda logits: _sample(logits, temperature, top_p, gen, greedy),
-        )
-        return self._batch(prompt_ids, prompt_mask, tokens, logp, forced_mask, budgets, group_size)
+        routing = recorder = None
+        with contextlib.ExitStack() as stack:
+            if record_routing:
+                from posttrain import moe
+
+                routers = moe.moe_routers(self.model)
+                recorder = stack.enter_context(moe.record_routing(self.model))
+                shape = (len(routers), prompt_ids.shape[0] * group_size, prompt_ids.shape[1] + max_new_tokens,
+                         routers[0].top_k)
+                routing = torch.full(shape, moe.UNRECORDED, dtype=torch.long, device=self.device)
+            tokens, logp, forced_mask = self._decode(
+                prompt_ids, prompt_mask, caps.repeat_interleave(group_size), group_size, max_new_tokens,
+                lambda logits: _sample(logits, temperature, top_p, gen, greedy), routing, recorder,
+            )
+        batch = self._batch(prompt_ids, prompt_mask, tokens, logp, forced_mask, budgets, group_size)
+        if routing is not None:
+            batch.routing = routing[:, :, :prompt_ids.shape[1] + batch.response_ids.shape[1]]
+        return batch
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize and left-pad: (N, P) ids and mask."""
@@ -127,9 +147,12 @@ class RolloutWorker:
             mask[i, width - len(r):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _decode(self, prompt_ids, prompt_mask, caps, group_size, max_new_tokens, sample):
+    def _decode(self, prompt_ids, prompt_mask, caps, group_size, max_new_tokens, sample, routing=None,
+                recorder=None):
         """The decoding loop. caps: (B,) thinking budget per row. Returns (B, max_new_tokens) tokens, logp and
-        forced_mask; positions after a row's EOS hold the pad id, logp 0 and False."""
+        forced_mask; positions after a row's EOS hold the pad id, logp 0 and False. With `recorder` (a
+        `posttrain.moe.RoutingRecorder` on the model), each forward's routing is scattered into `routing`, an
+        (L, B, P + max_new_tokens, k) buffer, at the rows and positions of the tokens it fed."""
         from transformers import DynamicCache
 
         n_rows = prompt_ids.shape[0] * group_size
@@ -139,6 +162,10 @@ class RolloutWorker:
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # (B, V)
+        prompt_width = prompt_ids.shape[1]
+        if recorder is not None:  # the prefill ran each distinct prompt once: repeat to the group, as the cache
+            prefill = torch.stack(recorder.pop()).unflatten(1, prompt_ids.shape)  # (L, prompts, P, k)
+            routing[:, :, :prompt_width] = prefill.repeat_interleave(group_size, dim=1)
         cache.batch_repeat_interleave(group_size)
         mask = prompt_mask.repeat_interleave(group_size, dim=0)
         next_pos = positions[:, -1].repeat_interleave(group_size) + 1  # prompts end with a real token
@@ -171,6 +198,8 @@ class RolloutWorker:
                              past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
+            if recorder is not None:  # this step fed token t of the rows still running
+                routing[:, active, prompt_width + t] = torch.stack(recorder.pop())
         return tokens, logp, forced_mask
 
     def _batch(self, prompt_ids, prompt_mask, tokens, logp, forced_mask, budgets, group_size) -> RolloutBatch:
