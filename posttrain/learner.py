@@ -1,16 +1,28 @@
-"""The GRPO learner: a plain class (no Ray) that scores rollouts with gradient and takes optimizer steps.
+"""The policy learner: a plain class (no Ray, no IO) that scores rollouts with gradient and takes optimizer steps.
 
-`token_logp` runs the policy over prompt + response in one teacher-forced pass and returns, for every response
-token, the log-prob the policy gives it (the quantity the rollout recorded as `logp`, now with grad). `step`
-turns a `RolloutBatch` and per-sequence advantages into one (or `mini_batches`) AdamW updates: clipped policy
-loss on the batch's `loss_mask` (forced `</think>` tokens are not the policy's actions and get zero weight),
-optional k3 KL to a frozen reference, gradient clipping, and a finite guard that skips (and counts) a step with a
-non-finite loss or gradient instead of applying it.
+`response_forward` runs the policy over prompt + response in one teacher-forced pass and returns, for every
+response token, the logits that predicted it (so `gather_logp` gives the log-prob the rollout recorded as `logp`,
+now with grad) and, on request, the router logits of every MoE layer. `Learner.step` turns a `RolloutBatch` and
+advantages into one AdamW update per mini-batch:
+
+    loss = policy_loss(logp, old_logp, A; mask)              clipped, token or sequence level (algo.losses)
+         + kl_coef * KL(pi || pi_ref; mask)                   when the caller passes ref_logp (k1/k2/k3)
+         - entropy_coef * H(pi; mask)                         optional bonus
+         + router_aux_coef * load_balancing_loss              Switch-Transformer loss over the MoE routers
+
+`mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
+rows of dropped groups. A step whose loss or gradients are not finite is skipped and counted, never applied.
+
+Data parallel (torch.distributed, gloo on CPU / nccl on GPU): each rank gets whole groups of the batch; every rank
+scales its loss by its share of the global count (tokens for `token_mean`, sequences otherwise) and the gradients
+are summed across ranks, so N ranks take exactly the step one rank would take on the whole batch. Skips are agreed
+collectively, so the ranks' weights never diverge.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -19,18 +31,26 @@ from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or
 from posttrain.algo.registry import get_policy_loss
 
 
-def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-    """(B, T, V) float32 logits predicting each response token, from one pass over the (B, P + T) sequence.
+def response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, router_logits: bool = False):
+    """(logits (B, T, V) float32 predicting each response token, router logits or None) from one forward pass.
 
     Prompts are left-padded and responses right-padded, so positions count real tokens only (as the rollout's
-    decoding loop does); padding is masked out of attention.
+    decoding loop does); padding is masked out of attention. With `router_logits`, the second value is the
+    model's per-layer router logits, each (B * (P + T), E).
     """
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask, response_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    return logits[:, P - 1:P + T - 1].float()  # the logit at position t predicts token t + 1
+    kwargs = {"output_router_logits": True} if router_logits else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
+    logits = out.logits[:, P - 1:P + T - 1].float()  # the logit at position t predicts token t + 1
+    return logits, (getattr(out, "router_logits", None) if router_logits else None)
+
+
+def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """(B, T, V) float32 logits predicting each response token (see `response_forward`)."""
+    return response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
 
 
 def gather_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -38,86 +58,167 @@ def gather_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def group_bounds(n_rows: int, group_size: int, parts: int) -> list[tuple[int, int]]:
+    """Split rows 0..n_rows into `parts` contiguous ranges of whole groups (some may be empty)."""
+    n_groups = n_rows // group_size
+    cuts = [round(i * n_groups / parts) * group_size for i in range(parts + 1)]
+    return list(zip(cuts, cuts[1:]))
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 class Learner:
-    """Holds the trained policy, its AdamW optimizer and (when `kl_coef` > 0) a frozen reference model."""
+    """Holds the trained policy and its AdamW optimizer; `step` applies the RL loss to a rollout batch."""
 
     def __init__(self, model, *, lr: float = 2e-5, weight_decay: float = 0.0, clip_low: float = 0.2,
-                 clip_high: float = 0.28, loss_agg: str = "token_mean", policy_loss: str = "vanilla",
-                 kl_coef: float = 0.0, kl_kind: str = "k3", max_grad_norm: float = 1.0, ref_model=None):
-        if kl_coef > 0 and ref_model is None:
-            raise ValueError("kl_coef > 0 needs a reference model")
+                 clip_high: float = 0.28, dual_clip_c: float | None = None, loss_agg: str = "token_mean",
+                 policy_loss: str = "vanilla", kl_coef: float = 0.0, kl_kind: str = "k3",
+                 entropy_coef: float = 0.0, router_aux_coef: float = 0.0, max_grad_norm: float = 1.0,
+                 max_len: int | None = None, router_metrics: bool = True, routing_replay: bool = False):
         self.model = model
-        self.ref_model = ref_model if kl_coef > 0 else None
-        if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.policy_loss = get_policy_loss(policy_loss)
-        self.loss_kwargs = {"clip_low": clip_low, "clip_high": clip_high, "agg": loss_agg}
+        self.loss_kwargs = {"clip_low": clip_low, "clip_high": clip_high, "agg": loss_agg, "max_len": max_len,
+                            "dual_clip_c": dual_clip_c}
         self.kl_coef, self.kl_kind, self.max_grad_norm = kl_coef, kl_kind, max_grad_norm
+        self.entropy_coef, self.router_aux_coef = entropy_coef, router_aux_coef
+        self.router_metrics, self.routing_replay = router_metrics, routing_replay
+        self.top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
         self.skipped_steps = 0
+        self.updates = 0
 
-    def token_logp(self, batch, rows=None, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp (B, T) with grad when enabled, logits (B, T, V)) of `batch`'s responses (`rows` selects)."""
-        sel = slice(None) if rows is None else rows
-        logits = response_logits(model or self.model, batch.prompt_ids[sel], batch.prompt_mask[sel],
-                                 batch.response_ids[sel], batch.response_mask[sel])
-        return gather_logp(logits, batch.response_ids[sel]), logits
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, batch, rows: slice, router: bool = False):
+        """(logp (R, T) with grad, logits (R, T, V), router logits or None) for `rows` of the batch."""
+        args = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.response_ids[rows], batch.response_mask[rows])
+        routing = getattr(batch, "routing", None)
+        if self.routing_replay and routing is not None:
+            from posttrain.moe import replay_routing, replay_tensors
 
-    def loss(self, batch, advantages: torch.Tensor, mask: torch.Tensor, rows=None) -> tuple[torch.Tensor, dict]:
-        """Scalar loss (with grad) and metrics. advantages: (B,); mask: (B, T) token weights (the loss mask)."""
-        sel = slice(None) if rows is None else rows
-        logp, logits = self.token_logp(batch, rows)
-        old_logp = batch.logp[sel]  # the behaviour policy's log-probs, recorded by the rollout at temperature 1
-        loss, metrics = self.policy_loss(logp, old_logp, advantages[sel], mask[sel], **self.loss_kwargs)
-        with torch.no_grad():
-            metrics["actor/entropy"] = float(masked_mean(entropy_from_logits(logits), mask[sel]))
-            metrics["actor/logp_mismatch"] = float(masked_mean((logp - old_logp).abs(), mask[sel]))
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref_logp, _ = self.token_logp(batch, rows, model=self.ref_model)
-            kl, kl_metrics = kl_loss(logp, ref_logp, mask[sel], kind=self.kl_kind, agg=self.loss_kwargs["agg"])
+            with replay_routing(self.model, replay_tensors(routing[:, rows])):
+                logits, router_logits = response_forward(self.model, *args, router_logits=router)
+        else:
+            logits, router_logits = response_forward(self.model, *args, router_logits=router)
+        return gather_logp(logits, batch.response_ids[rows]), logits, router_logits
+
+    def loss(self, batch, advantages: torch.Tensor, mask: torch.Tensor, rows: slice,
+             ref_logp: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """Scalar loss (with grad, times `scale`) and metrics for `rows`.
+
+        advantages: (B,) or (B, T); mask: (B, T) token weights; ref_logp: (B, T) or None (no KL term).
+        """
+        want_router = self.router_aux_coef > 0 or self.router_metrics
+        logp, logits, router_logits = self.forward(batch, rows, router=want_router and self.top_k > 0)
+        m = mask[rows]
+        old_logp = batch.logp[rows]  # the behaviour policy's log-probs, recorded by the rollout at temperature 1
+        loss, metrics = self.policy_loss(logp, old_logp, advantages[rows], m, **self.loss_kwargs)
+        entropy = entropy_from_logits(logits)
+        metrics["actor/entropy"] = float(masked_mean(entropy.detach(), m))
+        metrics["actor/logp_mismatch"] = float(masked_mean((logp.detach() - old_logp).abs(), m))
+        if self.entropy_coef > 0:
+            loss = loss - self.entropy_coef * masked_mean(entropy, m)
+        if ref_logp is not None and self.kl_coef > 0:
+            kl, kl_metrics = kl_loss(logp, ref_logp[rows], m, kind=self.kl_kind, agg=self.loss_kwargs["agg"],
+                                     max_len=self.loss_kwargs["max_len"])
             loss = loss + self.kl_coef * kl
             metrics |= kl_metrics
-        metrics["actor/loss"] = float(loss.detach())
-        return loss, metrics
+        if router_logits is not None:
+            from posttrain.moe import load_balancing_loss, router_metrics
 
-    def step(self, batch, advantages: torch.Tensor, mask: torch.Tensor | None = None,
-             mini_batches: int = 1, group_size: int = 1) -> dict[str, float]:
+            seq_mask = torch.cat([batch.prompt_mask[rows], batch.response_mask[rows]], dim=1)
+            if self.router_aux_coef > 0:
+                aux = load_balancing_loss(router_logits, self.top_k, seq_mask)
+                loss = loss + self.router_aux_coef * aux
+                metrics["actor/router_aux_loss"] = float(aux.detach())
+            if self.router_metrics:
+                with torch.no_grad():
+                    metrics |= router_metrics(router_logits, self.top_k, seq_mask)
+        metrics["actor/loss"] = float(loss.detach())
+        return loss * scale, metrics
+
+    # ---------------------------------------------------------------------------------------------- update
+    def _count(self, mask: torch.Tensor) -> float:
+        """What the loss averages over: tokens for token_mean, sequences (with any token) otherwise."""
+        if self.loss_kwargs["agg"] == "token_mean":
+            return float(mask.sum())
+        return float((mask.sum(-1) > 0).sum()) if self.loss_kwargs["agg"] == "seq_mean_token_mean" \
+            else float(mask.shape[0])
+
+    def step(self, batch, advantages: torch.Tensor, mask: torch.Tensor | None = None, *, mini_batches: int = 1,
+             group_size: int = 1, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
         """One update per mini-batch (contiguous whole groups); returns metrics averaged over mini-batches.
 
         mask: (B, T) token weights, default `batch.loss_mask` (forced tokens 0); rows of dropped groups are 0.
+        Under data parallelism every rank must call `step` with the same `mini_batches` (the updates are
+        collective), each on its own share of the groups.
         """
         mask = batch.loss_mask if mask is None else mask
         self.model.train()
-        n_groups = len(batch) // group_size
-        bounds = [round(i * n_groups / mini_batches) * group_size for i in range(mini_batches + 1)]
         collected: list[dict] = []
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in group_bounds(len(batch), group_size, mini_batches):
             rows = slice(lo, hi)
-            if hi <= lo or not bool(mask[rows].any()):
-                continue
+            local = self._count(mask[rows]) if hi > lo else 0.0
+            total = float(_all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
+            if total == 0:
+                continue  # no token to learn from on any rank
             self.optimizer.zero_grad(set_to_none=True)
-            loss, metrics = self.loss(batch, advantages, mask, rows)
-            loss.backward()
-            grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
-            ok, reason = finite_or_skip(loss, self.params)
-            if ok and math.isfinite(grad_norm):
-                self.optimizer.step()
-            else:
-                self.skipped_steps += 1
-                metrics["actor/skip_reason"] = reason or f"grad norm {grad_norm}"
-            self.optimizer.zero_grad(set_to_none=True)
-            metrics["actor/grad_norm"] = grad_norm
+            if local > 0:
+                loss, metrics = self.loss(batch, advantages, mask, rows, ref_logp, scale=local / total)
+                loss.backward()
+            else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce
+                loss, metrics = torch.zeros(()), {}
+            metrics |= self._apply(loss)
             collected.append(metrics)
         self.model.eval()
-        out = {k: sum(m[k] for m in collected) / len(collected)
-               for k in (collected[0] if collected else {}) if isinstance(collected[0][k], float)}
-        out["actor/clipfrac"] = out.get("actor/clipfrac_low", 0.0) + out.get("actor/clipfrac_high", 0.0)
-        out["actor/updates"] = float(len(collected))
-        out["actor/skipped_steps"] = float(self.skipped_steps)
+        return _average(collected) | {"actor/updates": float(len(collected)),
+                                      "actor/skipped_steps": float(self.skipped_steps)}
+
+    def _apply(self, loss: torch.Tensor) -> dict:
+        """All-reduce gradients, clip, check finiteness (collectively) and step; returns grad-norm metrics."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            _all_reduce_sum(p.grad)
+        grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
+        ok, reason = finite_or_skip(loss, self.named_params)
+        ok = ok and math.isfinite(grad_norm)
+        agreed = _all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))  # any rank's fault skips everyone's step
+        out = {"actor/grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan")}
+        if float(agreed) == 0:
+            self.optimizer.step()
+            self.updates += 1
+        else:
+            self.skipped_steps += 1
+            out["actor/skip_reason"] = reason or ("grad norm %s" % grad_norm if not math.isfinite(grad_norm)
+                                                  else "non-finite loss or gradient on another rank")
+        self.optimizer.zero_grad(set_to_none=True)
         return out
 
-    def named_weights(self):
-        """(name, tensor) pairs for `RolloutWorker.update_weights`."""
-        return self.model.state_dict().items()
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """{state-dict name: tensor} of what the updates change (all weights for full fine-tuning, the adapter
+        for LoRA), detached, on CPU, for `RolloutWorker.update_weights`."""
+        names = {n for n, _ in self.named_params}
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.model.state_dict().items()
+                if n in names or not names}
+
+
+def _average(collected: Sequence[dict]) -> dict[str, float]:
+    """Mean of each float metric over the mini-batches that reported it; the last skip reason is kept."""
+    out: dict = {}
+    keys = {k for m in collected for k in m}
+    for k in keys:
+        vals = [m[k] for m in collected if k in m and isinstance(m[k], (int, float))]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+        else:
+            out[k] = [m[k] for m in collected if k in m][-1]
+    out["actor/clipfrac"] = out.get("actor/clipfrac_low", 0.0) + out.get("actor/clipfrac_high", 0.0)
+    return out

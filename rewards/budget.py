@@ -135,3 +135,30 @@ class LengthGroupReward(_Graded):
         bonus = group_length_bonus(lengths, correct, groups, self.target)
         scores = length_group_combine(correct, bonus, self.weight)
         return RewardOutput(scores, {"accuracy": mean(correct), "length_bonus": mean(bonus)})
+
+
+@register_reward("budget_forced")
+class BudgetForcedReward:
+    """``-penalty`` for a budgeted sample whose thinking had to be forced closed at its budget, else 0.
+
+    The cap that forces ``</think>`` keeps every rollout within budget, so a length-shaped reward alone cannot
+    tell a model that stopped by itself from one that was stopped: both have ``n_think <= budget``. This term
+    is what teaches adherence without forcing. Fields: ``budget`` (None = autonomous: 0) and ``forced``
+    (bools from the rollout). Add it to a correctness reward in a `CombinedReward`.
+    """
+
+    reward_name = "budget_forced"
+    name = "budget_forced"
+
+    def __init__(self, penalty: float = 0.5):
+        if penalty < 0:
+            raise ValueError(f"budget_forced: penalty must be >= 0, got {penalty}")
+        self.penalty = penalty
+
+    def __call__(self, prompts, completions, **fields) -> RewardOutput:
+        n = len(completions)
+        budgets = get_field(fields, "budget", n, reward=self.name, default=None)
+        forced = get_field(fields, "forced", n, reward=self.name)
+        scores = [-self.penalty if b is not None and f else 0.0 for b, f in zip(budgets, forced)]
+        budgeted = [f for b, f in zip(budgets, forced) if b is not None]
+        return RewardOutput(scores, {"forced": mean([float(f) for f in budgeted]) if budgeted else 0.0})

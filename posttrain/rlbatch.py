@@ -1,0 +1,76 @@
+"""Splitting and joining `RolloutBatch`es: the driver spreads prompts over rollout workers and groups over
+data-parallel learners. Pure tensor bookkeeping, no models.
+
+Layout kept throughout: prompts left-padded (with `pad_id`, mask 0), responses right-padded (pad id, mask 0,
+logp 0, forced False); `routing` (L, B, P + T, k) is padded with -1 (= not recorded: the router decides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+_LIST_FIELDS = ("n_think", "closed", "forced", "budgets", "texts")
+
+
+def select_rows(batch, lo: int, hi: int):
+    """Rows lo..hi of the batch (a view on the same tensors); group indices are kept as they were."""
+    out = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    for k, v in out.items():
+        if k == "routing":
+            out[k] = None if v is None else v[:, lo:hi]
+        elif isinstance(v, torch.Tensor):
+            out[k] = v[lo:hi]
+        elif isinstance(v, list):
+            out[k] = v[lo:hi]
+    return type(batch)(**out)
+
+
+def _pad_to(x: torch.Tensor, width: int, value, left: bool, dim: int = 1) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    pad = torch.full(shape, value, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x] if left else [x, pad], dim=dim)
+
+
+def concat_batches(batches: list, pad_id: int):
+    """One batch from several (rows in order); `group_index` is offset so groups stay distinct."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.prompt_ids.shape[1] for b in batches)
+    T = max(b.response_ids.shape[1] for b in batches)
+    out: dict = {
+        "prompt_ids": torch.cat([_pad_to(b.prompt_ids, P, pad_id, left=True) for b in batches]),
+        "prompt_mask": torch.cat([_pad_to(b.prompt_mask, P, 0, left=True) for b in batches]),
+        "response_ids": torch.cat([_pad_to(b.response_ids, T, pad_id, left=False) for b in batches]),
+        "response_mask": torch.cat([_pad_to(b.response_mask, T, 0, left=False) for b in batches]),
+        "logp": torch.cat([_pad_to(b.logp, T, 0.0, left=False) for b in batches]),
+        "forced_mask": torch.cat([_pad_to(b.forced_mask, T, False, left=False) for b in batches]),
+    }
+    for k in _LIST_FIELDS:
+        out[k] = [x for b in batches for x in getattr(b, k)]
+    offset, groups = 0, []
+    for b in batches:
+        groups += [g + offset for g in b.group_index]
+        offset += (max(b.group_index) + 1) if b.group_index else 0
+    out["group_index"] = groups
+    names = {f.name for f in dataclasses.fields(batches[0])}
+    if "routing" in names:
+        rs = [b.routing for b in batches]
+        if any(r is None for r in rs):
+            out["routing"] = None
+        else:
+            parts = []
+            for b, r in zip(batches, rs):
+                p, t = b.prompt_ids.shape[1], b.response_ids.shape[1]
+                prompt, resp = r[:, :, :p], r[:, :, p:]
+                parts.append(torch.cat([_pad_to(prompt, P, -1, left=True, dim=2),
+                                        _pad_to(resp, T, -1, left=False, dim=2)], dim=2))
+            out["routing"] = torch.cat(parts, dim=1)
+    for k in names - set(out):
+        out[k] = getattr(batches[0], k)
+    return type(batches[0])(**out)

@@ -1,0 +1,451 @@
+"""The RL driver shared by the `grpo` and `ppo` stages: one driver process, each role a Ray actor.
+
+Per step (`RLDriver.train_step`), the paper's pseudocode:
+
+    problems, budgets <- prompts_per_step problems (seed + step), each with a budget from the recipe (or `auto`)
+    batch   <- rollout workers: group_size samples per problem; thinking forced closed at the budget
+    r       <- reward actor: correctness + budget shaping (budgeted) / + length cost (auto)
+    ref     <- reference actor: log-probs of the frozen initial policy (only when kl_coef > 0)
+    V       <- critic actor: values at rollout time (PPO)
+    A       <- GRPO group-relative advantages (dynamic sampling drops all-equal groups) | GAE on r - KL (PPO)
+    update  <- learner actors (data parallel over whole groups): clipped policy loss on the loss mask
+               (forced tokens excluded) + KL + router load balancing; critic: clipped value loss
+    sync    <- the learner's trainable weights to every rollout worker
+
+Every `save_every` steps the training state is saved atomically (`posttrain.rlstate`); a stage started on a run
+directory with a saved state resumes from it. SIGINT/SIGTERM stop the loop at the next step boundary after a save.
+Differences from the papers: dynamic sampling drops groups but does not refill the batch; the old policy is the
+rollout's own recorded log-probs (one rollout, `mini_batches` updates on it).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.runlog import log
+from posttrain.workers.actors import ActorOptions, Proxy, init_ray, spawn
+from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
+from posttrain.workers.reward import RLRewardWorker
+from posttrain.workers.rollout import RolloutWorker
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many skipped steps); the message says why."""
+
+
+def sample_step_problems(cfg, task, seed: int, step: int):
+    """(problems, budgets) of one step; the budgets are int or None (auto). Deterministic in (seed, step)."""
+    from posttrain.tasks.arithmetic import generate_problems
+
+    diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
+    problems = generate_problems(cfg.prompts_per_step, seed + step, diffs)
+    rng = random.Random(seed + step)
+    budgets = [rng.choice(cfg.budgets) for _ in problems]
+    return problems, [None if b == "auto" else int(b) for b in budgets]
+
+
+def rollout_metrics(batch, correct: list[bool]) -> dict[str, float]:
+    """Accuracy, thinking tokens and adherence (closed within budget without forcing) overall and by budget."""
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, b in enumerate(batch.budgets):
+        by["auto" if b is None else str(b)].append(i)
+    m = {"rollout/accuracy": sum(correct) / len(correct),
+         "rollout/response_tokens": float(batch.response_mask.sum(1).float().mean()),
+         "rollout/forced_share": sum(batch.forced) / len(batch)}
+    adherent_all = []
+    for label, rows in by.items():
+        m[f"budget/{label}/accuracy"] = sum(correct[i] for i in rows) / len(rows)
+        m[f"budget/{label}/think_tokens"] = sum(batch.n_think[i] for i in rows) / len(rows)
+        if label != "auto":
+            b = int(label)
+            adh = [batch.closed[i] and not batch.forced[i] and batch.n_think[i] <= b for i in rows]
+            m[f"budget/{label}/adherence"] = sum(adh) / len(adh)
+            if b > 0:
+                adherent_all += adh
+    if adherent_all:
+        m["rollout/adherence"] = sum(adherent_all) / len(adherent_all)
+    return m
+
+
+def compute_advantages(cfg, batch, scores: list[float], values=None, ref_logp=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """(advantages (B,) or (B, T), loss mask (B, T), returns (B, T) or None, metrics). Pure: no workers."""
+    from posttrain.algo.advantages import compute_gae, dynamic_sampling_mask, masked_whiten
+    from posttrain.algo.kl import kl_estimate
+    from posttrain.algo.registry import get_adv_estimator
+
+    r = torch.tensor(scores, dtype=torch.float32)
+    mask = batch.loss_mask
+    metrics: dict[str, float] = {}
+    kl = None
+    if ref_logp is not None and cfg.kl_in_reward and cfg.kl_coef > 0:
+        kl = kl_estimate(batch.logp, ref_logp, cfg.kl_kind) * batch.response_mask
+        metrics["actor/reward_kl_penalty"] = float(kl.sum() / batch.response_mask.sum().clamp(min=1))
+    if cfg.adv_estimator == "gae":
+        if values is None:
+            raise ValueError("adv_estimator 'gae' needs a critic (the ppo stage)")
+        token_r = torch.zeros_like(batch.logp)
+        last = (batch.response_mask.sum(1) - 1).clamp(min=0)
+        token_r[torch.arange(len(batch)), last] = r
+        if kl is not None:
+            token_r = token_r - cfg.kl_coef * kl
+        adv, returns = compute_gae(token_r, values, batch.response_mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            adv = masked_whiten(adv, mask.bool()) * mask
+        return adv, mask, returns, metrics
+    if kl is not None:
+        r = r - cfg.kl_coef * kl.sum(1)
+    groups = torch.tensor(batch.group_index)
+    adv = get_adv_estimator(cfg.adv_estimator)(r, groups)
+    if cfg.dynamic_sampling:
+        keep, ds_metrics = dynamic_sampling_mask(r, groups)
+        mask = mask * keep.long()[:, None]
+        metrics |= ds_metrics
+    return adv, mask, None, metrics
+
+
+@dataclass
+class Workers:
+    rollouts: list[Proxy[RolloutWorker]]
+    learners: list[Proxy[LearnerWorker]]
+    reward: Proxy[RLRewardWorker]
+    reference: Proxy[ReferenceWorker] | None
+    critic: Proxy[CriticWorker] | None
+
+    def all(self) -> list[Proxy]:
+        return [*self.rollouts, *self.learners, self.reward, *(p for p in (self.reference, self.critic) if p)]
+
+
+def _options(group) -> ActorOptions:
+    return ActorOptions(cpus=group.cpus, gpus=group.gpus, threads=group.threads, max_restarts=group.max_restarts,
+                        timeout_s=group.timeout_s)
+
+
+def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
+    """Spawn every role (Ray actors unless `ray.backend` is local); DP learners join one process group."""
+    ray_cfg = rc.ray
+    backend = ray_cfg.backend
+    with_critic = algo == "ppo" or cfg.adv_estimator == "gae"
+    groups = [(ray_cfg.rollout, ray_cfg.rollout.num), (ray_cfg.learner, ray_cfg.learner.num), (ray_cfg.reward, 1)]
+    if cfg.kl_coef > 0:
+        groups.append((ray_cfg.reference, 1))
+    if with_critic:
+        groups.append((ray_cfg.critic, 1))
+    if backend == "ray":
+        res = init_ray(ray_cfg.address, ray_cfg.num_cpus, required_cpus=sum(g.cpus * n for g, n in groups),
+                       required_gpus=sum(g.gpus * n for g, n in groups))
+        log.info("%s: Ray %s with %g CPUs, %g GPUs", algo, res["address"], res["CPU"], res["GPU"])
+    dev = "cuda" if device.type == "cuda" and backend == "ray" and ray_cfg.learner.gpus > 0 else str(device)
+    dt = str(dtype).removeprefix("torch.")
+    common = {"device": dev, "dtype": dt, "experts_implementation": rc.model.experts_implementation}
+    path = str(model_path)
+    learner_kwargs = dict(
+        lr=cfg.learning_rate, weight_decay=cfg.weight_decay, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        dual_clip_c=cfg.dual_clip_c, loss_agg=cfg.loss_agg, policy_loss=cfg.policy_loss,
+        kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
+        router_aux_coef=cfg.router_aux_coef, max_grad_norm=cfg.max_grad_norm, max_len=cfg.max_new_tokens,
+        routing_replay=cfg.routing_replay,
+    )
+    roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
+    rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
+                      experts_implementation=rc.model.experts_implementation, name=f"rollout{i}",
+                      options=_options(ray_cfg.rollout), backend=backend) for i in range(ray_cfg.rollout.num)]
+    learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, **learner_kwargs, name=f"learner{i}",
+                      options=_options(ray_cfg.learner), backend=backend) for i in range(ray_cfg.learner.num)]
+    reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards], name="reward",
+                   options=_options(ray_cfg.reward), backend=backend)
+    reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
+                      backend=backend) if cfg.kl_coef > 0 else None
+    critic = spawn(CriticWorker, path, **common, lr=cfg.critic_learning_rate, value_clip=cfg.value_clip,
+                   max_grad_norm=cfg.max_grad_norm, seed=rc.seed, name="critic", options=_options(ray_cfg.critic),
+                   backend=backend) if with_critic else None
+    if len(learners) > 1:
+        if backend != "ray":
+            raise ValueError("ray.learner.num > 1 (data parallel) needs ray.backend: ray")
+        url = learners[0].call(LearnerWorker.rendezvous)
+        pending = [p.submit(LearnerWorker.init_distributed, url, i, len(learners)) for i, p in enumerate(learners)]
+        [p.result() for p in pending]
+        log.info("%s: %d data-parallel learners joined %s", algo, len(learners), url)
+    return Workers(rollouts, learners, reward, reference, critic)
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    cuts = [round(i * n / parts) for i in range(parts + 1)]
+    return list(zip(cuts, cuts[1:]))
+
+
+class RLDriver:
+    """Owns the workers and the loop; `fit` runs the remaining steps (resuming from a saved state)."""
+
+    def __init__(self, ctx, algo: str):
+        self.ctx, self.algo = ctx, algo
+        self.rc = ctx.cfg
+        self.cfg = getattr(ctx.cfg, algo)
+        self.w: Workers | None = None
+        self.weights: dict | None = None  # the latest weights pushed to the rollout workers
+        self.stop_requested = False
+        self.consecutive_skips = 0
+
+    # ------------------------------------------------------------------------------------------- the roles
+    def rollout(self, prompts: list[str], budgets: list, *, seed: int, greedy: bool = False, cap: bool = True,
+                max_new_tokens: int | None = None, group_size: int | None = None, record_routing: bool = False):
+        """Generate over all rollout workers (prompts split evenly) and join the results in prompt order."""
+        from posttrain.rlbatch import concat_batches
+
+        parts = [(lo, hi) for lo, hi in _split(len(prompts), len(self.w.rollouts)) if hi > lo]
+        kwargs = dict(temperature=self.cfg.temperature, top_p=self.cfg.top_p, greedy=greedy, cap=cap)
+        if record_routing:
+            kwargs["record_routing"] = True
+        pending = [w.submit(RolloutWorker.generate, prompts[lo:hi], budgets[lo:hi],
+                            group_size or self.cfg.group_size, max_new_tokens or self.cfg.max_new_tokens,
+                            seed=seed + 7919 * i, **kwargs)
+                   for i, (w, (lo, hi)) in enumerate(zip(self.w.rollouts, parts))]
+        batches = [p.result() for p in pending]
+        return concat_batches(batches, self._pad_id)
+
+    def learn(self, batch, adv, mask, ref_logp) -> dict[str, float]:
+        """The update on every learner, each on its share of whole groups; metrics averaged over ranks."""
+        from posttrain.learner import group_bounds
+        from posttrain.rlbatch import select_rows
+
+        n = len(self.w.learners)
+        shares = group_bounds(len(batch), self.cfg.group_size, n)
+        pending = []
+        for w, (lo, hi) in zip(self.w.learners, shares):
+            part = select_rows(batch, lo, hi)
+            pending.append(w.submit(LearnerWorker.step, part, adv[lo:hi], mask[lo:hi],
+                                    mini_batches=self.cfg.mini_batches, group_size=self.cfg.group_size,
+                                    ref_logp=None if ref_logp is None else ref_logp[lo:hi]))
+        results = [p.result() for p in pending]
+        out = {}
+        for k in results[0]:
+            vals = [r[k] for r in results if isinstance(r.get(k), float)]
+            out[k] = sum(vals) / len(vals) if vals else results[0][k]
+        return out
+
+    def sync_weights(self) -> None:
+        self.weights = self.w.learners[0].call(LearnerWorker.weights)
+        pending = [w.submit(RolloutWorker.update_weights, self.weights) for w in self.w.rollouts]
+        [p.result() for p in pending]
+
+    def _restore_rollout(self, proxy) -> None:
+        """on_restart hook: a restarted rollout worker reloads the input model; give it the current weights."""
+        if self.weights is not None:
+            proxy.call(RolloutWorker.update_weights, self.weights)
+
+    # --------------------------------------------------------------------------------------------- a step
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, rc = self.cfg, self.rc
+        t = {"start": time.perf_counter()}
+        problems, budgets = sample_step_problems(cfg, rc.task, rc.seed, step)
+        batch = self.rollout([p.expression for p in problems], budgets, seed=rc.seed + step,
+                             record_routing=cfg.routing_replay)
+        t["rollout"] = time.perf_counter()
+        answers = [problems[g].answer for g in batch.group_index]
+        scores, correct, metrics = self.w.reward.call(RLRewardWorker.score, batch.texts, answers, batch.budgets,
+                                                      batch.n_think, batch.group_index, batch.forced)
+        t["reward"] = time.perf_counter()
+        ref_logp = self.w.reference.call(ReferenceWorker.logp, batch) if self.w.reference else None
+        t["reference"] = time.perf_counter()
+        values = self.w.critic.call(CriticWorker.values, batch) if self.w.critic else None
+        adv, mask, returns, adv_metrics = compute_advantages(cfg, batch, scores, values, ref_logp)
+        metrics |= adv_metrics
+        t["critic_values"] = time.perf_counter()
+        metrics |= self.learn(batch, adv, mask, None if cfg.kl_in_reward else ref_logp)
+        t["learner"] = time.perf_counter()
+        if self.w.critic is not None:
+            metrics |= self.w.critic.call(CriticWorker.step, batch, returns, values, batch.response_mask,
+                                          mini_batches=cfg.mini_batches, group_size=cfg.group_size)
+        t["critic"] = time.perf_counter()
+        self.sync_weights()
+        t["sync"] = time.perf_counter()
+        metrics |= rollout_metrics(batch, correct)
+        names = list(t)
+        for a, b in zip(names, names[1:]):
+            metrics[f"time/{b}_s"] = t[b] - t[a]
+        metrics["time/step_s"] = t["sync"] - t["start"]
+        self._check_skips(metrics)
+        return metrics
+
+    def _check_skips(self, metrics: dict) -> None:
+        skipped = metrics.get("actor/updates", 1.0) > 0 and "actor/skip_reason" in metrics
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise TrainingStopped(
+                f"{self.algo}: {self.consecutive_skips} steps in a row were skipped because the loss or the "
+                f"gradients were not finite (last: {metrics.get('actor/skip_reason')}); stopping. The last saved "
+                f"state is intact; lower {self.algo}.learning_rate or check the rewards.")
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        """{budget: accuracy, adherence, think tokens} and autonomous thinking by difficulty on held-out problems
+        (greedy; natural: the budget is only an instruction, nothing is forced)."""
+        from posttrain.rewards.parse import grade_integer
+        from posttrain.tasks.arithmetic import generate_problems
+
+        cfg, rc = self.cfg, self.rc
+        if cfg.eval_n_per_difficulty == 0:
+            return {}
+        diffs = list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1))
+        problems = generate_problems(cfg.eval_n_per_difficulty * len(diffs), rc.eval.seed, diffs)
+        out = {}
+        for b in cfg.eval_budgets:
+            budget = None if b == "auto" else int(b)
+            batch = self.rollout([p.expression for p in problems], [budget] * len(problems), seed=0, greedy=True,
+                                 cap=False, max_new_tokens=cfg.eval_max_new_tokens, group_size=1)
+            correct = [grade_integer(t, p.answer) for t, p in zip(batch.texts, problems)]
+            row = {"accuracy": sum(correct) / len(correct),
+                   "think_tokens": sum(batch.n_think) / len(batch)}
+            if budget is not None:
+                row["adherence"] = sum(c and n <= budget for c, n in zip(batch.closed, batch.n_think)) / len(batch)
+            else:
+                by = defaultdict(list)
+                for p, n in zip(problems, batch.n_think):
+                    by[p.difficulty].append(n)
+                row["think_tokens_by_difficulty"] = {d: sum(v) / len(v) for d, v in sorted(by.items())}
+            out[str(b)] = row
+        return out
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save(self, step: int) -> None:
+        from posttrain.rlstate import save_state
+
+        def write(d):
+            self.w.learners[0].call(LearnerWorker.save_state, str(d))
+            if self.w.critic is not None:
+                self.w.critic.call(CriticWorker.save_state, str(d))
+
+        path = save_state(self.ctx.stage.path / "state", step, write, {"consecutive_skips": self.consecutive_skips},
+                          keep=self.cfg.keep_checkpoints)
+        log.info("%s: saved the training state after step %d to %s", self.algo, step, path)
+
+    def resume(self) -> int:
+        """Load the newest good saved state into the workers; returns the first step to run (0 when none)."""
+        from posttrain.rlstate import latest
+
+        found = latest(self.ctx.stage.path / "state")
+        if found is None:
+            return 0
+        d, driver = found
+        pending = [w.submit(LearnerWorker.load_state, str(d)) for w in self.w.learners]
+        [p.result() for p in pending]
+        if self.w.critic is not None:
+            self.w.critic.call(CriticWorker.load_state, str(d))
+        self.consecutive_skips = int(driver.get("consecutive_skips", 0))
+        self.sync_weights()
+        _truncate_metrics(self.ctx.metrics.path, int(driver["step"]))
+        log.info("%s: resuming from %s (step %d of %d)", self.algo, d, driver["step"], self.cfg.steps)
+        return int(driver["step"])
+
+    @contextmanager
+    def _graceful_stop(self):
+        """SIGINT/SIGTERM set a flag the loop checks between steps (a second signal interrupts at once)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            log.warning("%s: stop requested (signal %d); saving after the current step", self.algo, signum)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ------------------------------------------------------------------------------------------------ fit
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from posttrain.model import load_tokenizer
+
+        ctx, cfg = self.ctx, self.cfg
+        self._pad_id = load_tokenizer(ctx.model_path).pad_token_id
+        self.w = start_workers(self.rc, cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
+        for r in self.w.rollouts:
+            r.on_restart = self._restore_rollout
+        try:
+            start = self.resume()
+            before = self.evaluate() if start == 0 else _read_json(ctx.stage.path / "eval_before.json")
+            if start == 0:
+                _write_json(ctx.stage.path / "eval_before.json", before)
+            log.info("%s: input model %s", self.algo, _brief(before))
+            history = []
+            bar = tqdm(range(start, cfg.steps), desc=self.algo, initial=start, total=cfg.steps, leave=False)
+            with self._graceful_stop():
+                for step in bar:
+                    metrics = self.train_step(step)
+                    ctx.metrics.log(step, metrics)
+                    history.append(metrics)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
+                                    adh=f"{metrics.get('rollout/adherence', float('nan')):.2f}")
+                    done = step + 1
+                    if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or self.stop_requested:
+                        self.save(done)
+                    if self.stop_requested:
+                        raise KeyboardInterrupt(f"{self.algo} stopped by a signal after step {done}; state saved")
+            self.w.learners[0].call(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
+            after = self.evaluate()
+            log.info("%s: trained model %s", self.algo, _brief(after))
+            counters = self.w.learners[0].call(LearnerWorker.counters)
+        finally:
+            for p in self.w.all():
+                p.kill()
+        summary = {"before": before, "after": after, "skipped_steps": counters["skipped_steps"],
+                   "comparison": _compare(before, after)}
+        if history:
+            last = history[-max(1, len(history) // 5):]
+            summary["final_reward_mean"] = sum(m["reward/mean"] for m in last) / len(last)
+            summary["final_accuracy"] = sum(m["rollout/accuracy"] for m in last) / len(last)
+        return {"checkpoint": str(ctx.stage.checkpoint), "summary": summary, "steps": cfg.steps}
+
+
+def _compare(before: dict, after: dict) -> dict:
+    """Per budget: accuracy and adherence before -> after (the RL stage's claim, in the summary)."""
+    out = {}
+    for b in after:
+        if b in before:
+            out[b] = {k: [before[b][k], after[b][k]] for k in ("accuracy", "adherence") if k in after[b]}
+    return out
+
+
+def _brief(ev: dict) -> str:
+    parts = []
+    for b, r in ev.items():
+        adh = f" adh {r['adherence']:.2f}" if "adherence" in r else ""
+        parts.append(f"[{b}] acc {r['accuracy']:.2f}{adh} think {r['think_tokens']:.1f}")
+    return "  ".join(parts)
+
+
+def _truncate_metrics(path, step: int) -> None:
+    """Drop metrics lines of steps >= `step` (written after the state being resumed was saved)."""
+    import json
+
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _write_json(path, obj) -> None:
+    from posttrain.runlog import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+def _read_json(path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}

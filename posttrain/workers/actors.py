@@ -1,0 +1,244 @@
+"""Thin Ray wrapper for the plain worker classes, and the typed proxies the driver calls them through.
+
+Every worker (rollout, learner, reference, critic, reward) is a plain class that knows nothing of Ray. `spawn`
+runs one inside a Ray actor (`backend="ray"`) or in this process (`backend="local"`, for tests and debugging) and
+returns a `Proxy[W]`. The driver names methods by the unbound function, not by a string:
+
+    rollout = spawn(RolloutWorker, model_path, name="rollout0", options=ActorOptions(cpus=1))
+    batch = rollout.call(RolloutWorker.generate, prompts, budgets, 8, 128)        # typed: (prompts, budgets, ...)
+    pending = [w.submit(RolloutWorker.generate, ...) for w in rollouts]            # in parallel
+    batches = [p.result() for p in pending]
+
+Failure handling (issue #7): a call that raises inside the worker re-raises here as-is (a bug is not retried);
+a dead actor process or a call that exceeds `timeout_s` is a *failure*: the actor is killed if it hangs, Ray
+restarts it (re-running the worker's constructor), the proxy's `on_restart` hook restores its state (the driver
+pushes the current weights), and the call is retried. After `max_restarts` restarts the proxy raises
+`WorkerFailed`, naming the actor and the cause.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+
+W = TypeVar("W")
+R = TypeVar("R")
+P = ParamSpec("P")
+
+
+class WorkerFailed(RuntimeError):
+    """An actor died or hung more often than its restart limit allows."""
+
+    def __init__(self, actor: str, cause: str):
+        super().__init__(f"actor {actor!r} failed: {cause}")
+        self.actor, self.cause = actor, cause
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    """Resources and fault limits of one actor (from the recipe's `ray` section)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    threads: int | None = None  # torch threads in the actor; default: the CPUs it was given (at least 1)
+    max_restarts: int = 2
+    timeout_s: float | None = None  # per call; None waits forever
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus))
+
+
+class Host:
+    """What runs inside an actor process: sets the thread count, builds the worker, dispatches calls."""
+
+    def __init__(self, cls: type, args: tuple, kwargs: dict, threads: int):
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        self.worker = cls(*args, **kwargs)
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> tuple[Any, float]:
+        """(the method's result, seconds it ran inside the actor): the rest of a call's wall time is dispatch."""
+        t0 = time.perf_counter()
+        out = getattr(self.worker, method)(*args, **kwargs)
+        return out, time.perf_counter() - t0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _method_name(cls: type, method: Callable) -> str:
+    name = getattr(method, "__name__", None)
+    if name is None or getattr(cls, name, None) is not method:
+        raise TypeError(f"{method!r} is not a method of {cls.__name__}")
+    return name
+
+
+class Pending(Generic[R]):
+    """The result of a submitted call; `result()` waits (with the proxy's timeout) and retries on failure."""
+
+    def __init__(self, proxy: "Proxy", name: str, args: tuple, kwargs: dict):
+        self.proxy, self.name, self.args, self.kwargs = proxy, name, args, kwargs
+        self._ref = proxy._start(name, args, kwargs)
+
+    def result(self) -> R:
+        return self.proxy._finish(self)
+
+
+class Proxy(Generic[W]):
+    """A typed handle on one worker of class W, in a Ray actor or in this process."""
+
+    def __init__(self, cls: type[W], name: str, options: ActorOptions, handle=None, local: W | None = None):
+        self.cls, self.name, self.options = cls, name, options
+        self.handle, self.local = handle, local
+        self.restarts = 0
+        self.on_restart: Callable[[Proxy[W]], None] | None = None
+        self.seconds = 0.0  # wall time the driver spent waiting on this actor's results
+        self.busy = 0.0  # time the actor spent running the calls (seconds - busy ~ Ray dispatch and transfer)
+
+    # the typed surface -------------------------------------------------------------------------------------
+    def submit(self, method: Callable[Concatenate[W, P], R], *args: P.args, **kwargs: P.kwargs) -> Pending[R]:
+        """Start `method(*args, **kwargs)` on the worker; returns at once (Ray) with a `Pending`."""
+        return Pending(self, _method_name(self.cls, method), args, kwargs)
+
+    def call(self, method: Callable[Concatenate[W, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """`submit(...).result()`."""
+        return self.submit(method, *args, **kwargs).result()
+
+    # the machinery -----------------------------------------------------------------------------------------
+    def _start(self, name: str, args: tuple, kwargs: dict):
+        if self.local is not None:
+            t0 = time.perf_counter()
+            try:
+                return ("ok", getattr(self.local, name)(*args, **kwargs))
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.busy += time.perf_counter() - t0
+        return self.handle.call.remote(name, args, kwargs)
+
+    def _finish(self, pending: Pending) -> Any:
+        if self.local is not None:
+            return pending._ref[1]
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        while True:
+            t0 = time.perf_counter()
+            try:
+                value, busy = ray.get(pending._ref, timeout=self.options.timeout_s)
+                self.busy += busy
+                return value
+            except GetTimeoutError:
+                cause = f"{pending.name}() took longer than timeout_s={self.options.timeout_s}"
+                ray.kill(self.handle, no_restart=False)  # a hung actor is killed and restarted like a dead one
+            except RayActorError as e:
+                cause = f"{pending.name}(): the actor process died ({_first_line(e)})"
+            finally:
+                self.seconds += time.perf_counter() - t0
+            self._recover(cause)
+            pending._ref = self._start(pending.name, pending.args, pending.kwargs)
+
+    def _recover(self, cause: str) -> None:
+        """Wait for Ray to restart the actor and restore its state, or raise `WorkerFailed`."""
+        import ray
+
+        self.restarts += 1
+        if self.restarts > self.options.max_restarts:
+            raise WorkerFailed(self.name, f"{cause}; restart limit max_restarts={self.options.max_restarts} reached")
+        from posttrain.runlog import log
+
+        log.warning("actor %s: %s; restart %d of %d, retrying", self.name, cause, self.restarts,
+                    self.options.max_restarts)
+        try:
+            ray.get(self.handle.pid.remote(), timeout=300)  # waits until the restarted actor has been built
+            if self.on_restart is not None:
+                self.on_restart(self)
+        except Exception as e:  # noqa: BLE001 - any failure here ends the actor for good
+            raise WorkerFailed(self.name, f"{cause}; the restarted actor did not come back: {_first_line(e)}") from e
+
+    def pid(self) -> int:
+        """The process id of the worker (this process for local workers)."""
+        if self.local is not None:
+            return os.getpid()
+        import ray
+
+        return ray.get(self.handle.pid.remote(), timeout=300)
+
+    def kill(self) -> None:
+        """End the actor for good (no restart)."""
+        if self.handle is not None:
+            import ray
+
+            ray.kill(self.handle, no_restart=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def spawn(cls: type[W], *args, name: str, options: ActorOptions = ActorOptions(), backend: str = "ray",
+          **kwargs) -> Proxy[W]:
+    """Build `cls(*args, **kwargs)` in a new Ray actor (or in this process) and return its typed proxy.
+
+    The constructor runs with `options.torch_threads` torch threads. Ray must already be initialised
+    (`init_ray`). The actor is scheduled with `options.cpus` / `options.gpus` and restarted by Ray up to
+    `options.max_restarts` times.
+    """
+    if backend == "local":
+        import torch
+
+        torch.set_num_threads(options.torch_threads)
+        return Proxy(cls, name, options, local=cls(*args, **kwargs))
+    if backend != "ray":
+        raise ValueError(f"unknown backend {backend!r}; expected 'ray' or 'local'")
+    import ray
+
+    actor_cls = ray.remote(Host).options(
+        name=None, num_cpus=options.cpus, num_gpus=options.gpus, max_restarts=options.max_restarts,
+        max_task_retries=0, max_concurrency=1,
+    )
+    handle = actor_cls.remote(cls, args, kwargs, options.torch_threads)
+    return Proxy(cls, name, options, handle=handle)
+
+
+def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None,
+             required_cpus: float = 0.0, required_gpus: float = 0.0) -> dict:
+    """Start a local Ray instance (address None) or join a cluster; returns its resources.
+
+    Checks that the actors the recipe asks for fit (`required_cpus` / `required_gpus`): Ray would otherwise wait
+    forever for resources that never come. A local instance gets `num_cpus` CPUs (default: this machine's count).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "warning",
+                                  "configure_logging": False}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # Ray's worker processes import torch and would each start one thread per core; the Host sets the real
+            # count, this keeps the import itself from oversubscribing a small machine.
+            env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            ray.init(num_cpus=num_cpus if num_cpus is not None else os.cpu_count(), num_gpus=num_gpus,
+                     object_store_memory=256 * 2**20, runtime_env={"env_vars": env}, **kwargs)
+    res = ray.cluster_resources()
+    have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    if required_cpus > have_cpu + 1e-9 or required_gpus > have_gpu + 1e-9:
+        raise ValueError(
+            f"the recipe's actors need {required_cpus:g} CPUs and {required_gpus:g} GPUs but Ray has {have_cpu:g} "
+            f"CPUs and {have_gpu:g} GPUs; lower the `ray.*.cpus` / `ray.*.gpus` keys or raise `ray.num_cpus`"
+        )
+    return {"CPU": have_cpu, "GPU": have_gpu, "address": address or "local"}
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,45 @@
+"""The RL stages' reward worker: one `CombinedReward` per prompt kind (budgeted / autonomous), scored together.
+
+A plain class (no Ray); the driver runs it as an actor through `workers.actors.spawn`. Budgeted rows (an int
+budget, 0 included) and autonomous rows (no budget) are scored by the components whose `on` names their kind.
+"""
+
+from __future__ import annotations
+
+from posttrain.rewards.combine import CombinedReward
+from posttrain.rewards.parse import grade_integer
+
+
+class RLRewardWorker:
+    """specs: dicts with name, weight, params, key, on (`all` | `budgeted` | `auto`), as in the recipe."""
+
+    def __init__(self, specs: list[dict]):
+        self.rewards: dict[str, CombinedReward] = {}
+        for kind in ("budgeted", "auto"):
+            chosen = [{k: s[k] for k in ("name", "weight", "params", "key")} for s in specs
+                      if s.get("on", "all") in ("all", kind)]
+            if chosen:
+                self.rewards[kind] = CombinedReward(chosen)
+
+    def score(self, texts: list[str], answers: list, budgets: list[int | None], n_think: list[int],
+              groups: list[int], forced: list[bool]) -> tuple[list[float], list[bool], dict[str, float]]:
+        """(per-row rewards, per-row correctness by the eval grader, metrics prefixed by the kind).
+
+        A row whose kind has no reward component scores 0.
+        """
+        n = len(texts)
+        total = [0.0] * n
+        metrics: dict[str, float] = {}
+        for kind, reward in self.rewards.items():
+            rows = [i for i in range(n) if (budgets[i] is None) == (kind == "auto")]
+            if not rows:
+                continue
+            out = reward([""] * len(rows), [texts[i] for i in rows], answer=[answers[i] for i in rows],
+                         budget=[budgets[i] for i in rows], n_think=[n_think[i] for i in rows],
+                         group=[groups[i] for i in rows], forced=[forced[i] for i in rows])
+            for i, s in zip(rows, out.scores):
+                total[i] = float(s)
+            metrics |= {k.replace("reward/", f"reward/{kind}/", 1): v for k, v in out.metrics.items()}
+        metrics["reward/mean"] = sum(total) / n if n else 0.0
+        correct = [grade_integer(t, a) for t, a in zip(texts, answers)]
+        return total, correct, metrics
