@@ -8,6 +8,10 @@ no cap and budget 0 is a pre-closed think block, so for those two the capped row
 
 `rel_length_error` is L1's length measure (Aggarwal & Welleck 2025): mean |n_think - budget| / budget.
 
+Generation is greedy, on `RolloutWorker`s (its own KV-cache decoding loop, the same budget forcing as RL rollouts):
+Ray actors or objects in this process, started once and reused for every model (`RolloutWorker.load`). A
+response's `n_think` is every token generated before `</think>` (the count the cap uses).
+
 The pure parts (`wilson_interval`, `quantile`, `grade_responses`, `aggregate`) know nothing of models or files;
 `run_sweep` generates, `write_outputs` writes, `eval/plots.py` draws.
 """
@@ -20,6 +24,10 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from posttrain.generate import Response
 
 MODES = ("natural", "capped")
 ROW_KEYS = (
@@ -188,28 +196,42 @@ def resolve_model(path: str) -> ModelSpec:
                      "PEFT adapter (adapter_config.json)")
 
 
-def load_spec(spec: ModelSpec, device, dtype):
-    from posttrain.model import load_model, load_tokenizer
-
-    model = load_model(spec.checkpoint, device, dtype)
-    tok_dir = spec.checkpoint
-    if spec.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(spec.adapter))
-        if (spec.adapter / "tokenizer_config.json").is_file():
-            tok_dir = spec.adapter
-    return model, load_tokenizer(tok_dir)
-
-
 # ------------------------------------------------------------------------------------------------- generation
 
 
-def sweep_model(model, tok, label: str, problems, budgets: list[int | None], max_new_tokens: int = 160,
-                batch_size: int = 64) -> list[dict]:
-    """Rows for one loaded model over `budgets` x MODES on fixed `problems` (greedy decoding)."""
-    from posttrain.generate import generate
+def _responses(batch, budget: int | None) -> list[Response]:
+    """A RolloutBatch (one sample per prompt) as `Response`s, in prompt order."""
+    from posttrain.generate import Response
 
+    lengths = batch.response_mask.sum(1).tolist()
+    return [Response(batch.texts[i], batch.response_ids[i, : lengths[i]].tolist(), batch.n_think[i],
+                     batch.closed[i], batch.forced[i], budget) for i in range(len(batch))]
+
+
+def generate_responses(workers: list, prompts: list[str], budget: int | None, cap: bool, max_new_tokens: int,
+                       batch_size: int) -> list[Response]:
+    """One greedy response per prompt from `workers` (proxies of `RolloutWorker`), in parallel.
+
+    Prompts are sorted by length and cut into batches of `batch_size`, handed out round-robin: the batches, and so
+    the tokens, do not depend on the number of workers. `cap=False` is natural mode (the budget only in the prompt).
+    """
+    from posttrain.workers.rollout import RolloutWorker
+
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    chunks = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+    pending = [workers[k % len(workers)].submit(RolloutWorker.generate, [prompts[i] for i in idx],
+                                                [budget] * len(idx), 1, max_new_tokens, greedy=True, cap=cap)
+               for k, idx in enumerate(chunks)]
+    out: list[Response | None] = [None] * len(prompts)
+    for idx, p in zip(chunks, pending):
+        for i, r in zip(idx, _responses(p.result(), budget)):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+def sweep_model(workers: list, label: str, problems, budgets: list[int | None], max_new_tokens: int = 160,
+                batch_size: int = 64) -> list[dict]:
+    """Rows for the model the workers hold over `budgets` x MODES on fixed `problems` (greedy decoding)."""
     prompts = [p.expression for p in problems]
     rows = []
     for budget in budgets:
@@ -218,32 +240,69 @@ def sweep_model(model, tok, label: str, problems, budgets: list[int | None], max
             if mode == "capped" and budget in (None, 0):
                 resp = natural  # no cap to apply: same tokens as natural
             else:
-                resp = generate(model, tok, prompts, [budget] * len(prompts), max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, cap=mode == "capped")
+                resp = generate_responses(workers, prompts, budget, mode == "capped", max_new_tokens, batch_size)
             if mode == "natural":
                 natural = resp
             rows += aggregate(grade_responses(problems, resp), label, budget, mode)
     return rows
 
 
-def run_sweep(models: list[str], budgets: list[int | None], n_per_difficulty: int = 40, seed: int = 12345,
-              difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
-              device: str = "auto") -> list[dict]:
-    """Resolve every model first (a bad path fails before any generation), then sweep each in turn."""
+def start_workers(checkpoint: Path, n: int, backend: str, device, cpus_per_worker: int = 1,
+                  ray_init: dict | None = None) -> list:
+    """`n` RolloutWorkers holding `checkpoint`: Ray actors (`backend="ray"`; on CUDA each gets 1/n of a GPU; Ray is
+    started by `init_ray(**ray_init)` unless it runs already) or objects in this process (`"local"`, which keep this
+    process's thread count)."""
     import torch
 
-    from posttrain.model import pick_device, pick_dtype
-    from posttrain.tasks.arithmetic import generate_problems
+    from posttrain.model import pick_dtype
+    from posttrain.workers.actors import ActorOptions, init_ray, spawn
+    from posttrain.workers.rollout import RolloutWorker
 
-    specs = [resolve_model(m) for m in models]
+    if n < 1:
+        raise SweepError(f"--workers must be >= 1, got {n}")
+    if backend == "ray":
+        gpus = 1 / n if device.type == "cuda" else 0.0
+        try:
+            init_ray(**(ray_init or {}), required_cpus=n * cpus_per_worker, required_gpus=n * gpus)
+        except ValueError as e:
+            raise SweepError(f"{n} sweep workers of {cpus_per_worker} CPUs do not fit: {e}") from e
+        options, device = ActorOptions(cpus=cpus_per_worker, gpus=gpus), torch.device("cuda" if gpus else "cpu")
+    elif backend == "local":
+        options = ActorOptions(cpus=cpus_per_worker, threads=torch.get_num_threads())
+    else:
+        raise SweepError(f"unknown backend {backend!r}; expected 'ray' or 'local'")
+    dtype = pick_dtype("auto", device)
+    return [spawn(RolloutWorker, str(checkpoint), str(device), dtype, options.torch_threads, name=f"sweep{i}",
+                  options=options, backend=backend) for i in range(n)]
+
+
+def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 40, seed: int = 12345,
+              difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
+              device: str = "auto", workers: int = 1, backend: str = "local", cpus_per_worker: int = 1,
+              ray_init: dict | None = None) -> list[dict]:
+    """Rows for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems.
+
+    Every model is resolved first (a bad path fails before any generation); then `workers` rollout workers are
+    started once and reused: each loads the next model in turn (`RolloutWorker.load`). They are ended on return.
+    """
+    from posttrain.model import pick_device
+    from posttrain.tasks.arithmetic import generate_problems
+    from posttrain.workers.rollout import RolloutWorker
+
+    specs = [m if isinstance(m, ModelSpec) else resolve_model(m) for m in models]
     problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
-    dev = pick_device(device)
+    pool = start_workers(specs[0].checkpoint, workers, backend, pick_device(device), cpus_per_worker, ray_init)
     rows = []
-    for spec in specs:
-        torch.manual_seed(seed)
-        model, tok = load_spec(spec, dev, pick_dtype("auto", dev))
-        rows += sweep_model(model, tok, spec.label, problems, budgets, max_new_tokens, batch_size)
-        del model
+    try:
+        for k, spec in enumerate(specs):
+            if k or spec.adapter is not None:
+                adapter = None if spec.adapter is None else str(spec.adapter)
+                for pending in [w.submit(RolloutWorker.load, str(spec.checkpoint), adapter) for w in pool]:
+                    pending.result()
+            rows += sweep_model(pool, spec.label, problems, budgets, max_new_tokens, batch_size)
+    finally:
+        for w in pool:
+            w.kill()
     return rows
 
 

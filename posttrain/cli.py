@@ -2,7 +2,7 @@
 
     posttrain run RECIPE.yaml [dotted.key=value ...] [--run-dir DIR]
     posttrain schema            print every recipe key with its type, default and documentation
-    posttrain sweep --model PATH [--model PATH ...] --budgets 0,16,auto --out DIR   budget sweep with plots
+    posttrain sweep --model PATH [--model PATH ...] --budgets 0,16,auto --out DIR [--workers N]   budget sweep
     posttrain export --model RUN_OR_CHECKPOINT --out DIR [--merged] [--rank R]   PEFT LoRA adapter
 """
 
@@ -26,7 +26,8 @@ def _cmd_run(args) -> int:
     results = run_recipe(cfg)
     print(f"\nrun directory: {cfg.run_dir}")
     for name, info in results.items():
-        where = info.get("checkpoint") or info.get("genrm") or f"{cfg.run_dir}/{name}"
+        where = (info.get("checkpoint") or info.get("genrm") or info.get("adapter") or info.get("merged")
+                 or f"{cfg.run_dir}/{name}")
         print(f"  {name:<6} {where}")
     if "rm" in results and results["rm"].get("summary"):
         print("\nreward models (held-out samples):")
@@ -34,6 +35,9 @@ def _cmd_run(args) -> int:
     if "eval" in results:
         print("\naccuracy by difficulty (held-out problems):")
         print(results["eval"]["table"])
+    if "sweep" in results:
+        print(f"\nbudget sweep ({results['sweep']['sweep']}, plots beside it):")
+        print(results["sweep"]["table"])
     return 0
 
 
@@ -62,10 +66,18 @@ def _cmd_sweep(args) -> int:
     from posttrain.eval.sweep import (format_sweep_table, parse_budgets, parse_difficulties, run_sweep,
                                       write_outputs)
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
     budgets = parse_budgets(args.budgets)
-    rows = run_sweep(args.model, budgets, args.n, args.seed, parse_difficulties(args.difficulties),
-                     args.max_new_tokens, args.batch_size, args.device)
+    try:
+        rows = run_sweep(args.model, budgets, args.n, args.seed, parse_difficulties(args.difficulties),
+                         args.max_new_tokens, args.batch_size, args.device, args.workers, args.backend,
+                         cpus_per_worker=max(1, threads // max(1, args.workers)))
+    finally:
+        if args.backend == "ray":
+            from posttrain.workers.actors import shutdown_ray
+
+            shutdown_ray()
     out = write_outputs(rows, args.out)
     from posttrain.eval.plots import plot_all
 
@@ -123,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--difficulties", default="1-8", help="range '1-8' or list '1,3,5'")
     w.add_argument("--max-new-tokens", type=int, default=160)
     w.add_argument("--batch-size", type=int, default=64)
-    w.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    w.add_argument("--workers", type=int, default=1, help="rollout workers generating in parallel (reused by "
+                   "every model)")
+    w.add_argument("--backend", choices=("ray", "local"), default="ray",
+                   help="workers as Ray actors, or in this process (debugging)")
+    w.add_argument("--threads", type=int, default=0, help="torch CPU threads in all, split across the workers "
+                   "(0: all cores)")
     w.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     w.set_defaults(func=_cmd_sweep)
     return p

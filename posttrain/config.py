@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-StageName = Literal["base", "sft", "rm", "grpo", "eval"]
+StageName = Literal["base", "sft", "rm", "grpo", "eval", "sweep", "export"]
 
 
 class Section(BaseModel):
@@ -295,6 +295,51 @@ class EvalStageConfig(Section):
     seed: int = Field(12345, description="Seed of the held-out problems (distinct from training seeds).")
 
 
+class SweepStageConfig(Section):
+    """Budget-vs-accuracy sweep of this run's models (natural and capped, by difficulty, with 95% intervals) into
+    RUN/sweep/: sweep.json, sweep.csv and plots. Greedy generation on rollout workers reused for every model."""
+
+    models: list[str] = Field(
+        default_factory=list,
+        description="Stage names of this run (sft, grpo, ppo) or model paths (checkpoint, run directory, PEFT "
+        "adapter). Empty: every sft/grpo/ppo stage listed before `sweep`, or the latest model if there is none.",
+    )
+    budgets: list[int | Literal["auto"]] = Field(
+        default_factory=lambda: [0, 8, 16, 32, 64, "auto"], description="Budgets; `auto` = no budget (autonomous)."
+    )
+    n_per_difficulty: int = Field(20, ge=1, description="Held-out problems per difficulty.")
+    seed: int = Field(12345, description="Seed of the held-out problems (the same for every model and budget).")
+    max_new_tokens: int = Field(160, ge=1, description="Generation cap per response.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
+    workers: int = Field(1, ge=1, description="Rollout workers generating in parallel (the run's threads are split "
+                         "across them).")
+    backend: Literal["ray", "local"] = Field("ray", description="Workers as Ray actors, or in the driver process.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list) -> list:
+        if not v or any(b != "auto" and b < 0 for b in v):
+            raise ValueError("budgets must be a non-empty list of non-negative integers and 'auto'")
+        return v
+
+
+class ExportStageConfig(Section):
+    """Ship the run's latest model to RUN/export/adapter as a standard PEFT LoRA adapter with the tokenizer (the
+    trained adapter of a LoRA run; extracted by per-matrix SVD from a full fine-tune), or as a merged checkpoint."""
+
+    rank: int = Field(16, ge=1, description="Rank of an adapter extracted from a full fine-tune.")
+    merged: bool = Field(False, description="Write a full HF checkpoint (RUN/export/merged) instead of an adapter.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Linear modules an extracted adapter covers (those the model lacks are skipped).",
+    )
+    target_parameters: list[str] = Field(
+        default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
+        description="Parameters (fused 3-D experts, routers) an extracted adapter covers via PEFT "
+        "`target_parameters`.",
+    )
+
+
 class RecipeConfig(Section):
     run_dir: str = Field("runs/quickstart", description="Directory the run writes into (resumes if it exists).")
     seed: int = Field(0, description="Global seed.")
@@ -314,6 +359,17 @@ class RecipeConfig(Section):
     rm: RMStageConfig = Field(default_factory=RMStageConfig)
     grpo: GRPOStageConfig = Field(default_factory=GRPOStageConfig)
     eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
+    sweep: SweepStageConfig = Field(default_factory=SweepStageConfig)
+    export: ExportStageConfig = Field(default_factory=ExportStageConfig)
+
+    @model_validator(mode="after")
+    def _sweep_models(self) -> "RecipeConfig":
+        for m in self.sweep.models:
+            if m not in self.stages and not Path(m).expanduser().is_dir():
+                raise ValueError(f"sweep.models: {m!r} is neither a stage of this recipe ({', '.join(self.stages)}) "
+                                 "nor an existing directory")
+        return self
+
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "RecipeConfig":

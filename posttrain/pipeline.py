@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,13 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     run_dir = Path(cfg.run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        return _run_stages(cfg, run_dir)
+        try:
+            return _run_stages(cfg, run_dir)
+        finally:
+            if "ray" in sys.modules:  # a stage started Ray (`init_ray`); don't import it just to stop nothing
+                from posttrain.workers.actors import shutdown_ray
+
+                shutdown_ray()
 
 
 def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:

@@ -1,5 +1,6 @@
-"""`posttrain sweep`: Wilson intervals and aggregation against hand-worked numbers, model resolution, and the
-command end to end on the tiny random checkpoint."""
+"""`posttrain sweep`: Wilson intervals and aggregation against hand-worked numbers, model resolution, the rollout
+workers' generation against HF `generate`, and the command end to end on the tiny random checkpoint (locally and
+on Ray actors)."""
 
 import csv
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.eval.sweep import (ROW_KEYS, SweepError, aggregate, grade_responses, quantile, resolve_model,
+from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, quantile, resolve_model,
                                   wilson_interval)
 from posttrain.generate import Response
 from posttrain.tasks.arithmetic import parse_expression
@@ -145,29 +146,100 @@ def test_resolve_bad_paths(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_adapter_loads_on_its_base(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def talkative_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny random model with larger random weights (at its init, greedy decoding just repeats the last prompt
+    token, which would make token comparisons vacuous)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from posttrain.eval.sweep import load_spec, run_sweep
-    from posttrain.model import load_model
+    from posttrain.model import load_model, load_tokenizer, save_model
 
-    threads = torch.get_num_threads()
+    model = load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if "norm" in k or "proj" in k:
+                v.copy_(torch.randn(v.shape, generator=g) * (1.0 if "norm" in k else 0.3))
+    return save_model(model, load_tokenizer(tiny_model_dir), tmp_path_factory.mktemp("talkative") / "model")
+
+
+@pytest.mark.parametrize("cap", [False, True])
+def test_rollout_path_matches_hf_generate_with_thinkcap(talkative_model_dir, cap):
+    """The sweep generates on RolloutWorkers; HF `generate` with the ThinkCap logits processor is the independent
+    reference (greedy): the same tokens, thinking counts and forcing, natural and capped."""
+    import torch
+
+    from posttrain.eval.sweep import generate_responses, start_workers
+    from posttrain.generate import generate
+    from posttrain.model import load_model, load_tokenizer
+    from posttrain.tasks.arithmetic import generate_problems
+
     torch.set_num_threads(1)
-    try:
-        base = load_model(tiny_model_dir)
-        peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-        peft.save_pretrained(tmp_path / "adapter")
-        cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-        assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
-        spec = resolve_model(str(tmp_path / "adapter"))
-        assert spec.adapter == tmp_path / "adapter" and spec.checkpoint == Path(tiny_model_dir)
-        model, _ = load_spec(spec, "cpu", torch.float32)
-        assert type(model).__name__.startswith("Peft")
-        rows = run_sweep([str(tmp_path / "adapter")], [2], n_per_difficulty=1, difficulties=[1], max_new_tokens=3)
-        assert {(r["mode"], r["difficulty"]) for r in rows} == {(m, d) for m in ("natural", "capped") for d in (1, "all")}
-    finally:
-        torch.set_num_threads(threads)
+    prompts = [p.expression for p in generate_problems(6, 3)]
+    model, tok = load_model(talkative_model_dir), load_tokenizer(talkative_model_dir)
+    pool = start_workers(talkative_model_dir, 2, "local", torch.device("cpu"))
+    forced = 0
+    for budget in (None, 0, 3):
+        ref = generate(model, tok, prompts, [budget] * 6, max_new_tokens=10, batch_size=4, cap=cap)
+        got = generate_responses(pool, prompts, budget, cap, max_new_tokens=10, batch_size=4)
+        assert len({tuple(r.ids) for r in ref}) > 1  # not one degenerate repetition
+        for r, g in zip(ref, got):
+            assert (g.ids, g.text, g.n_think, g.closed, g.forced) == (r.ids, r.text, r.n_think, r.closed, r.forced)
+        forced += sum(g.forced for g in got)
+    assert (forced > 0) == cap  # budget 3 is forced only when capped
+
+
+def test_workers_load_an_adapter_merged_and_are_reused(tmp_path, tiny_model_dir, talkative_model_dir):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from posttrain.eval.sweep import run_sweep
+    from posttrain.model import load_model
+    from posttrain.workers.rollout import RolloutWorker
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    peft = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    spec = resolve_model(str(tmp_path / "adapter"))
+    assert spec.adapter == tmp_path / "adapter" and spec.checkpoint == Path(tiny_model_dir)
+
+    worker = RolloutWorker(talkative_model_dir)
+    worker.load(tiny_model_dir, tmp_path / "adapter")  # replaces the talkative model
+    assert not type(worker.model).__name__.startswith("Peft")  # merged: the decoding loop sees a plain model
+    ids = torch.randint(0, 400, (2, 9))
+    ref = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(worker.model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+    models = [str(talkative_model_dir), str(tmp_path / "adapter")]
+    rows = run_sweep(models, [2], n_per_difficulty=1, difficulties=[1, 2], max_new_tokens=3, workers=2)
+    assert [r["model"] for r in rows if r["difficulty"] == "all"] == [models[0]] * 2 + [models[1]] * 2
+    assert {(r["mode"], r["difficulty"]) for r in rows} == {(m, d) for m in MODES for d in (1, 2, "all")}
+
+
+def test_run_sweep_is_deterministic_and_independent_of_worker_count(tmp_path, talkative_model_dir):
+    import torch
+
+    from posttrain.eval.plots import plot_all
+    from posttrain.eval.sweep import run_sweep, write_outputs
+
+    torch.set_num_threads(1)
+    kw = dict(n_per_difficulty=3, difficulties=[1, 4], max_new_tokens=8, batch_size=2, backend="local")
+    rows = run_sweep([str(talkative_model_dir)], [0, 2, None], workers=1, **kw)
+    assert run_sweep([str(talkative_model_dir)], [0, 2, None], workers=3, **kw) == rows
+    assert any(r["think_tokens_mean"] > 0 for r in rows) and any(r["forced_share"] for r in rows)
+    out = write_outputs(rows, tmp_path / "out")
+    plot_all(rows, out)
+    for name in ("sweep.json", "sweep.csv", "accuracy_vs_budget.png", "think_tokens_vs_budget.png",
+                 "accuracy_vs_difficulty.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "sweep.json").read_text())
+    assert len(saved) == 3 * 2 * 3 and all(set(ROW_KEYS) <= set(r) for r in saved)
+    assert {r["budget"] for r in saved} == {0, 2, "auto"} and {r["difficulty"] for r in saved} == {1, 4, "all"}
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -180,7 +252,7 @@ def posttrain(*args, timeout=300):
 
 def test_sweep_command_end_to_end(tmp_path, tiny_model_dir):
     args = ["sweep", "--model", str(tiny_model_dir), "--n", "1", "--budgets", "0,4,auto", "--max-new-tokens", "6",
-            "--threads", "1"]
+            "--threads", "1", "--backend", "local"]
     proc = posttrain(*args, "--out", str(tmp_path / "a"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "a"
@@ -196,9 +268,21 @@ def test_sweep_command_end_to_end(tmp_path, tiny_model_dir):
     with open(out / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert "accuracy [95% CI]" in proc.stdout and "auto" in proc.stdout
-    again = posttrain(*args, "--out", str(tmp_path / "b"))
+    again = posttrain(*args, "--workers", "2", "--out", str(tmp_path / "b"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "b" / "sweep.json").read_text() == (out / "sweep.json").read_text()
+
+
+@pytest.mark.ray
+def test_sweep_command_on_ray_workers(tmp_path, talkative_model_dir):
+    """Two Ray actors (the command's default backend) give the same sweep as one worker in this process."""
+    args = ["sweep", "--model", str(talkative_model_dir), "--n", "2", "--difficulties", "1,2", "--budgets", "0,3,auto",
+            "--max-new-tokens", "6", "--batch-size", "2", "--threads", "2"]
+    ray = posttrain(*args, "--workers", "2", "--out", str(tmp_path / "ray"))
+    assert ray.returncode == 0, ray.stderr[-3000:]
+    local = posttrain(*args, "--backend", "local", "--out", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert (tmp_path / "ray" / "sweep.json").read_text() == (tmp_path / "local" / "sweep.json").read_text()
 
 
 def test_sweep_command_bad_model_path(tmp_path):

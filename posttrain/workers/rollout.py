@@ -25,6 +25,7 @@ import contextlib
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -72,10 +73,24 @@ class RolloutWorker:
                  experts_implementation: str = "grouped_mm"):
         torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.model = load_model(model_path, device=self.device, dtype=dtype,
-                                experts_implementation=experts_implementation)
-        self.model.eval()
-        self.tokenizer = load_tokenizer(model_path)
+        self.dtype, self.experts_implementation = dtype, experts_implementation
+        self.load(model_path)
+
+    def load(self, checkpoint, adapter=None) -> None:
+        """Serve another model: a checkpoint directory, or `checkpoint` with a PEFT adapter directory merged into
+        it (`merge_and_unload`, so the decoding loop sees a plain model). The tokenizer comes from the adapter
+        directory when it holds one. Lets one set of workers generate for every model of a sweep."""
+        model = load_model(checkpoint, device=self.device, dtype=self.dtype,
+                           experts_implementation=self.experts_implementation)
+        tokenizer_dir = checkpoint
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            if (Path(adapter) / "tokenizer_config.json").is_file():
+                tokenizer_dir = adapter
+        self.model = model.eval()
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         self.think_start_id, self.think_end_id = think_token_ids(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id
@@ -93,12 +108,14 @@ class RolloutWorker:
         top_p: float = 1.0,
         seed: int | None = None,
         greedy: bool = False,
+        cap: bool = True,
         record_routing: bool = False,
     ) -> RolloutBatch:
         """`group_size` responses per prompt. `greedy=True` or `temperature=0` decodes by argmax.
 
         `budgets[i]`: an int N renders the budget instruction and forces `</think>` after N thinking tokens
-        (0 = the prompt pre-closes the think block); None = autonomous thinking, never forced.
+        (0 = the prompt pre-closes the think block); None = autonomous thinking, never forced. `cap=False`
+        never forces: the budget is only the prompt's instruction (a sweep's natural mode).
         `record_routing=True` fills `RolloutBatch.routing` with every token's experts (MoE models only).
         """
         if len(prompts) != len(budgets):
@@ -116,7 +133,8 @@ class RolloutWorker:
         self.model.eval()
 
         prompt_ids, prompt_mask = self._encode(render_prompts(self.tokenizer, prompts, budgets))
-        caps = torch.tensor([_NO_CAP if b is None else int(b) for b in budgets], device=self.device)
+        caps = torch.tensor([int(b) if b == 0 or (cap and b is not None) else _NO_CAP for b in budgets],
+                            device=self.device)
         routing = recorder = None
         with contextlib.ExitStack() as stack:
             if record_routing:

@@ -1,0 +1,90 @@
+"""The `sweep` and `export` stages at the end of a tiny recipe (base -> LoRA sft -> sweep -> export), run by the
+`posttrain` command; the exported adapter is loaded by a process that imports only transformers and peft."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = """\
+run_dir: {run_dir}
+seed: 0
+threads: 1
+stages: [base, sft, sweep, export]
+task: {{min_difficulty: 1, max_difficulty: 2}}
+base: {{hidden_size: 32, num_layers: 1, num_experts: 4, top_k: 2, moe_intermediate_size: 32, num_heads: 2,
+        steps: 3, batch_size: 4, seq_len: 32}}
+sft: {{steps: 2, batch_size: 4, n_examples: 16, lora: {{enabled: true, r: 4}}}}
+sweep: {{n_per_difficulty: 2, budgets: [0, 4, auto], max_new_tokens: 8, workers: 2, backend: local}}
+export: {{rank: 4}}
+"""
+
+# Runs in a fresh interpreter: a user's view of the export, with nothing of posttrain imported.
+LOAD_ADAPTER = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+adapter, trained = sys.argv[1], sys.argv[2]
+base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+ref = AutoModelForCausalLM.from_pretrained(trained).eval()
+tok = AutoTokenizer.from_pretrained(adapter)
+ids = tok.apply_chat_template([{"role": "user", "content": "2+3"}], add_generation_prompt=True,
+                              thinking_budget=4, return_tensors="pt", return_dict=True)["input_ids"]
+with torch.no_grad():
+    torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+assert not any(m == "posttrain" or m.startswith("posttrain.") for m in sys.modules)
+print("logits equal")
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(TINY.format(run_dir=root / "run"))
+    env = {**os.environ, "POSTTRAIN_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    exe = Path(sys.executable).with_name("posttrain")
+    proc = subprocess.run([str(exe), "run", str(recipe)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run", proc
+
+
+def test_sweep_stage_writes_outputs_and_summary(run):
+    run_dir, proc = run
+    out = run_dir / "sweep"
+    for name in ("sweep.json", "sweep.csv", "table.txt", "accuracy_vs_budget.png", "think_tokens_vs_budget.png",
+                 "accuracy_vs_difficulty.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = json.loads((out / "sweep.json").read_text())
+    assert {r["model"] for r in rows} == {"sft"}  # by default the recipe's model-producing stages, by name
+    assert len(rows) == 3 * 2 * 3  # budgets x modes x (2 difficulties + all)
+    done = json.loads((out / "done.json").read_text())
+    assert done["produces_model"] is False and "checkpoint" not in done
+    assert done["models"] == {"sft": str(run_dir / "sft" / "checkpoint")}
+    assert len(done["summary"]) == 3 * 2 and {"accuracy", "think_tokens_mean", "adherence"} <= set(done["summary"][0])
+    assert "accuracy [95% CI]" in proc.stdout and "accuracy [95% CI]" in (run_dir / "run.log").read_text()
+
+
+def test_export_stage_adapter_loads_with_plain_peft(run):
+    run_dir, _ = run
+    adapter = run_dir / "export" / "adapter"
+    done = json.loads((run_dir / "export" / "done.json").read_text())
+    assert done["kind"] == "lora (trained)" and done["adapter"] == str(adapter) and done["produces_model"] is False
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "chat_template.jinja").is_file()
+    proc = subprocess.run([sys.executable, "-c", LOAD_ADAPTER, str(adapter), str(run_dir / "sft" / "checkpoint")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 0 and "logits equal" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_sweep_models_must_name_a_stage_or_a_directory(tmp_path):
+    from posttrain.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY.format(run_dir=tmp_path / "run"))
+    with pytest.raises(RecipeError, match="sweep.models.*'grpo'"):
+        load_recipe(recipe, ["sweep.models=[sft,grpo]"])
+    assert load_recipe(recipe, ["sweep.models=[sft]"]).sweep.models == ["sft"]
