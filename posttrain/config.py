@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-StageName = Literal["base", "sft", "rm", "grpo", "eval", "sweep", "export"]
+StageName = Literal["base", "sft", "rm", "grpo", "ppo", "eval", "sweep", "export"]
 
 
 class Section(BaseModel):
@@ -225,20 +225,23 @@ class GRPORewardConfig(Section):
         return v
 
 
-def _default_grpo_rewards() -> list[GRPORewardConfig]:
+def _default_rl_rewards() -> list[GRPORewardConfig]:
     return [
-        # alpha scaled to this task's budgets (8-48 tokens); the L1 paper's 0.0003 is for budgets of thousands
-        GRPORewardConfig(name="budget_l1_max", params={"alpha": 0.02}, on="budgeted"),
+        # budgeted prompts: correctness, and a penalty when the thinking had to be forced closed at the budget
+        GRPORewardConfig(name="exact_int", on="budgeted", key="correct"),
+        GRPORewardConfig(name="budget_forced", params={"penalty": 0.5}, on="budgeted"),
+        # no budget: correctness plus a bonus for being shorter than the group's other answers (Kimi k1.5)
         GRPORewardConfig(name="length_group", params={"weight": 0.5}, on="auto"),
     ]
 
 
-class GRPOStageConfig(Section):
-    """Single-process GRPO (no Ray yet) on the embedded arithmetic task with per-prompt thinking budgets."""
+class RLStageConfig(Section):
+    """GRPO / PPO on the embedded arithmetic task, with per-prompt thinking budgets (controllable thinking) and
+    budget-free prompts (autonomous thinking). Roles are Ray actors (see the `ray` section)."""
 
     steps: int = Field(60, ge=1, description="Optimizer steps (one rollout batch each).")
     prompts_per_step: int = Field(16, ge=1, description="Problems sampled per step.")
-    group_size: int = Field(8, ge=2, description="Responses sampled per problem (a GRPO group).")
+    group_size: int = Field(8, ge=1, description="Responses sampled per problem (a GRPO group; PPO may use 1).")
     budgets: list[int | Literal["auto"]] = Field(
         default_factory=lambda: [0, 8, 16, 24, 32, 48, "auto"],
         description="Budgets drawn (uniformly, one per problem) for the prompts; `auto` = no budget.",
@@ -246,26 +249,43 @@ class GRPOStageConfig(Section):
     max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")
     top_p: float = Field(1.0, gt=0, le=1)
-    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate (constant).")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
     weight_decay: float = Field(0.0, ge=0)
-    adv_estimator: str = Field("grpo", description="Registered advantage estimator (`grpo`, `dr_grpo`).")
+    adv_estimator: str = Field("grpo", description="Registered advantage estimator (`grpo`, `dr_grpo`, `gae`).")
     policy_loss: str = Field("vanilla", description="Registered policy loss (`vanilla`, `gspo`).")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field("token_mean")
     clip_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range of the ratio.")
     clip_high: float = Field(0.28, ge=0, description="Upper clip range (> clip_low: DAPO clip-higher).")
-    mini_batches: int = Field(1, ge=1, description="Optimizer updates per rollout batch (split by groups).")
-    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference loss coefficient; 0 skips the reference.")
+    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages (None: off).")
+    mini_batches: int = Field(2, ge=1, description="Optimizer updates per rollout batch (split by groups).")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
     kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")
+    kl_in_reward: bool = Field(False, description="Apply the KL as a per-token reward penalty (PPO style) "
+                               "instead of a loss term.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (0: metric only).")
+    router_aux_coef: float = Field(0.001, ge=0, description="Router load-balancing loss coefficient (MoE).")
+    routing_replay: bool = Field(False, description="R3: replay the rollout's top-k experts in the learner's forward.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (total L2 norm).")
     dynamic_sampling: bool = Field(
         True, description="Drop groups whose rewards are all equal (DAPO's filter; no resampling to refill)."
     )
-    rewards: list[GRPORewardConfig] = Field(default_factory=_default_grpo_rewards, description="Reward components.")
+    max_consecutive_skips: int = Field(5, ge=1, description="Stop the run after this many skipped (non-finite) steps "
+                                       "in a row.")
+    save_every: int = Field(20, ge=0, description="Save the training state every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Saved training states kept (the newest).")
+    rewards: list[GRPORewardConfig] = Field(default_factory=_default_rl_rewards, description="Reward components.")
     eval_budgets: list[int | Literal["auto"]] = Field(
-        default_factory=lambda: [8, 16, 32], description="Budgets of the before/after evaluation (natural, no cap)."
+        default_factory=lambda: [8, 16, 32, "auto"],
+        description="Budgets of the before/after evaluation (natural: the budget is only an instruction).",
     )
-    eval_n_per_difficulty: int = Field(20, ge=0, description="Held-out problems per difficulty (0 = no eval).")
+    eval_n_per_difficulty: int = Field(25, ge=0, description="Held-out problems per difficulty (0 = no eval).")
     eval_max_new_tokens: int = Field(160, ge=1)
+    # PPO only
+    critic_learning_rate: float = Field(1e-4, gt=0, description="PPO: critic AdamW learning rate.")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO: value clipping range (None: off).")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch.")
 
     @field_validator("budgets")
     @classmethod
@@ -275,12 +295,54 @@ class GRPOStageConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "GRPOStageConfig":
+    def _check(self) -> "RLStageConfig":
         if self.mini_batches > self.prompts_per_step:
             raise ValueError("mini_batches must be <= prompts_per_step (mini-batches split by groups)")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
         return self
+
+
+class GRPOStageConfig(RLStageConfig):
+    """GRPO (Shao et al. 2024) with DAPO's clip-higher and dynamic sampling."""
+
+
+class PPOStageConfig(RLStageConfig):
+    """PPO (Schulman et al. 2017) with a critic and GAE; group_size 1 by default."""
+
+    group_size: int = Field(4, ge=1, description="Responses sampled per problem.")
+    adv_estimator: str = Field("gae", description="Advantage estimator; PPO uses `gae`.")
+    kl_coef: float = Field(0.02, ge=0, description="KL coefficient (as a reward penalty with kl_in_reward).")
+    kl_kind: str = Field("k1", description="KL estimator; k1 is the classic in-reward penalty.")
+    kl_in_reward: bool = Field(True, description="PPO applies the KL as a per-token reward penalty.")
+    dynamic_sampling: bool = Field(False, description="PPO keeps every sample (the critic is the baseline).")
+
+
+class ActorGroupConfig(Section):
+    """Resources and fault limits of one kind of Ray actor."""
+
+    num: int = Field(1, ge=1, description="How many actors of this kind.")
+    cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor; its torch threads = max(1, int(cpus)).")
+    gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    threads: int | None = Field(None, ge=1, description="torch threads (default from cpus).")
+    max_restarts: int = Field(2, ge=0, description="Restarts Ray may make after the actor dies or hangs.")
+    timeout_s: float | None = Field(600.0, gt=0, description="Seconds any call may take before the actor is "
+                                    "treated as hung (killed, restarted, the call retried).")
+
+
+class RayConfig(Section):
+    """Where the RL actors run: a local Ray instance (default) or a cluster (`address`)."""
+
+    address: str | None = Field(None, description="Ray cluster address (e.g. `ray://head:10001` or `auto`); "
+                                "null starts a local instance.")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs of the local instance (default: all cores).")
+    backend: Literal["ray", "local"] = Field("ray", description="`local` runs every worker in the driver process "
+                                             "(no Ray; for debugging).")
+    rollout: ActorGroupConfig = Field(default_factory=ActorGroupConfig)
+    learner: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(max_restarts=0))
+    reference: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
+    critic: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0, max_restarts=0))
+    reward: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
 
 
 class EvalStageConfig(Section):
@@ -358,6 +420,8 @@ class RecipeConfig(Section):
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     rm: RMStageConfig = Field(default_factory=RMStageConfig)
     grpo: GRPOStageConfig = Field(default_factory=GRPOStageConfig)
+    ppo: PPOStageConfig = Field(default_factory=PPOStageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
     sweep: SweepStageConfig = Field(default_factory=SweepStageConfig)
     export: ExportStageConfig = Field(default_factory=ExportStageConfig)
@@ -369,7 +433,6 @@ class RecipeConfig(Section):
                 raise ValueError(f"sweep.models: {m!r} is neither a stage of this recipe ({', '.join(self.stages)}) "
                                  "nor an existing directory")
         return self
-
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "RecipeConfig":

@@ -10,7 +10,25 @@ import re
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with YAML 1.2 booleans: only true/false (any case). YAML 1.1 also reads on/off/yes/no
+    as booleans, which would turn a reward's `on: auto` key into `True:`."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def safe_load(text: str):
+    """Parse recipe YAML safely (no Python objects) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 from pydantic import BaseModel, ValidationError
 
 from posttrain.config import RecipeConfig
@@ -73,7 +91,7 @@ def apply_override(data: dict, dotted: str) -> None:
         if not isinstance(nxt, dict):
             raise RecipeError(f"override {dotted!r}: {p!r} is not a section")
         node = nxt
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    node[parts[-1]] = safe_load(raw) if raw.strip() else None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple = ()) -> RecipeConfig:
@@ -86,7 +104,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple = ()) -> R
         if not path.is_file():
             raise RecipeError(f"recipe file {source!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise RecipeError(f"recipe {source} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

@@ -37,3 +37,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
                           num_key_value_heads=1, head_dim=16)
     model = AutoModelForCausalLM.from_config(cfg)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test that needs Ray (starting one costs ~5 s)."""
+    from posttrain.workers.actors import init_ray, shutdown_ray
+
+    init_ray(num_cpus=4)  # logical CPUs: lets the fault tests and 2 DP learners be scheduled side by side
+    yield
+    shutdown_ray()

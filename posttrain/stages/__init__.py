@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 STAGES = {"base": "posttrain.stages.base", "sft": "posttrain.stages.sft", "rm": "posttrain.stages.rm",
-          "grpo": "posttrain.stages.grpo", "eval": "posttrain.stages.eval",
+          "grpo": "posttrain.stages.grpo", "ppo": "posttrain.stages.ppo", "eval": "posttrain.stages.eval",
           "sweep": "posttrain.stages.sweep", "export": "posttrain.stages.export"}
 
 

@@ -155,11 +155,25 @@ class Proxy(Generic[W]):
         log.warning("actor %s: %s; restart %d of %d, retrying", self.name, cause, self.restarts,
                     self.options.max_restarts)
         try:
-            ray.get(self.handle.pid.remote(), timeout=300)  # waits until the restarted actor has been built
+            self._wait_alive(deadline=time.monotonic() + 300)
             if self.on_restart is not None:
                 self.on_restart(self)
         except Exception as e:  # noqa: BLE001 - any failure here ends the actor for good
             raise WorkerFailed(self.name, f"{cause}; the restarted actor did not come back: {_first_line(e)}") from e
+
+    def _wait_alive(self, deadline: float) -> None:
+        """Block until the restarted actor answers (its constructor has run); Ray reports it unavailable until then."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+        while True:
+            try:
+                ray.get(self.handle.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (ActorUnavailableError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def pid(self) -> int:
         """The process id of the worker (this process for local workers)."""

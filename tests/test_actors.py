@@ -1,0 +1,100 @@
+"""Typed proxies over plain workers, in-process and as Ray actors, and what happens when an actor dies or hangs."""
+
+import os
+import sys
+import time
+
+import pytest
+
+from posttrain.workers.actors import ActorOptions, WorkerFailed, spawn
+
+
+class Probe:
+    """A worker whose calls can crash or hang its process the first `n` times (counted in a file, so the count
+    survives restarts)."""
+
+    def __init__(self, counter_file: str, tag: str = "probe"):
+        self.counter_file, self.tag = counter_file, tag
+        self.state = "fresh"
+
+    def _bump(self) -> int:
+        n = int(open(self.counter_file).read() or 0) if os.path.exists(self.counter_file) else 0
+        with open(self.counter_file, "w") as f:
+            f.write(str(n + 1))
+        return n + 1
+
+    def echo(self, x: int, *, plus: int = 0) -> tuple[int, str]:
+        return x + plus, self.state
+
+    def set_state(self, s: str) -> None:
+        self.state = s
+
+    def die_first(self, times: int) -> str:
+        if self._bump() <= times:
+            os._exit(1)  # the process dies mid-call, like an OOM kill
+        return self.state
+
+    def hang_first(self, times: int) -> str:
+        if self._bump() <= times:
+            time.sleep(600)
+        return self.state
+
+    def fail(self) -> None:
+        raise ValueError("a bug in the worker")
+
+
+@pytest.fixture(autouse=True)
+def _pickle_probe_by_value():
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests folder
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_local_proxy_calls_typed_methods(tmp_path):
+    p = spawn(Probe, str(tmp_path / "n"), name="probe", backend="local")
+    assert p.call(Probe.echo, 2, plus=3) == (5, "fresh")
+    pend = p.submit(Probe.echo, 1)
+    assert pend.result() == (1, "fresh")
+    with pytest.raises(TypeError, match="not a method of Probe"):
+        p.call(len, [1])
+    with pytest.raises(ValueError, match="a bug in the worker"):
+        p.call(Probe.fail)
+
+
+def test_ray_actor_restarts_after_its_process_dies(tmp_path, ray_session):
+    p = spawn(Probe, str(tmp_path / "n"), name="rollout7", options=ActorOptions(cpus=0, max_restarts=2))
+    p.call(Probe.set_state, "updated")
+    restored = []
+    p.on_restart = lambda proxy: (restored.append(proxy.name), proxy.call(Probe.set_state, "restored"))
+    pid = p.pid()
+    assert p.call(Probe.die_first, 1) == "restored"  # died once, restarted, state restored, retried
+    assert restored == ["rollout7"] and p.restarts == 1 and p.pid() != pid
+    p.kill()
+
+
+def test_ray_actor_that_hangs_is_timed_out_restarted_and_retried(tmp_path, ray_session):
+    p = spawn(Probe, str(tmp_path / "n"), name="reward", options=ActorOptions(cpus=0, max_restarts=1, timeout_s=3))
+    t0 = time.time()
+    assert p.call(Probe.hang_first, 1) == "fresh"
+    assert p.restarts == 1 and time.time() - t0 < 60
+    p.kill()
+
+
+def test_ray_actor_out_of_restarts_names_actor_and_cause(tmp_path, ray_session):
+    p = spawn(Probe, str(tmp_path / "n"), name="rollout3", options=ActorOptions(cpus=0, max_restarts=1))
+    with pytest.raises(WorkerFailed, match=r"actor 'rollout3' failed: die_first\(\): the actor process died.*"
+                                           r"max_restarts=1"):
+        p.call(Probe.die_first, 5)
+    with pytest.raises(ValueError, match="a bug in the worker"):  # exceptions raised by the worker are not retried
+        q = spawn(Probe, str(tmp_path / "m"), name="ok", options=ActorOptions(cpus=0))
+        q.call(Probe.fail)
+    assert q.restarts == 0
+
+
+def test_init_ray_refuses_actors_that_cannot_fit(ray_session):
+    from posttrain.workers.actors import init_ray
+
+    with pytest.raises(ValueError, match="need 64 CPUs.*ray.num_cpus"):
+        init_ray(required_cpus=64)
