@@ -266,6 +266,8 @@ class RLStageConfig(Section):
     router_aux_coef: float = Field(0.001, ge=0, description="Router load-balancing loss coefficient (MoE).")
     routing_replay: bool = Field(False, description="R3: replay the rollout's top-k experts in the learner's forward.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (total L2 norm).")
+    trainable: list[str] = Field(default_factory=list, description="Regular expressions of the parameter names to "
+                                 "train (empty: all); only these reach the rollout workers after each update.")
     dynamic_sampling: bool = Field(
         True, description="Drop groups whose rewards are all equal (DAPO's filter; no resampling to refill)."
     )

@@ -156,7 +156,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
                       experts_implementation=rc.model.experts_implementation, name=f"rollout{i}",
                       options=_options(ray_cfg.rollout), backend=backend) for i in range(ray_cfg.rollout.num)]
-    learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, **learner_kwargs, name=f"learner{i}",
+    learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, trainable=list(cfg.trainable) or None,
+                      **learner_kwargs, name=f"learner{i}",
                       options=_options(ray_cfg.learner), backend=backend) for i in range(ray_cfg.learner.num)]
     reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards], name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
@@ -248,8 +249,9 @@ class RLDriver:
                              record_routing=cfg.routing_replay)
         t["rollout"] = time.perf_counter()
         answers = [problems[g].answer for g in batch.group_index]
-        scores, correct, metrics = self.w.reward.call(RLRewardWorker.score, batch.texts, answers, batch.budgets,
-                                                      batch.n_think, batch.group_index, batch.forced)
+        questions = [problems[g].expression for g in batch.group_index]
+        scores, correct, metrics = self.w.reward.call(RLRewardWorker.score, questions, batch.texts, answers,
+                                                      batch.budgets, batch.n_think, batch.group_index, batch.forced)
         t["reward"] = time.perf_counter()
         ref_logp = self.w.reference.call(ReferenceWorker.logp, batch) if self.w.reference else None
         t["reference"] = time.perf_counter()

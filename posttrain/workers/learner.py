@@ -54,12 +54,29 @@ def _load_weights(model, path: Path) -> None:
     load_st(model, str(path), strict=True)
 
 
+def freeze_except(model, patterns: list[str]) -> int:
+    """Train only the parameters whose name matches one of the regular expressions; returns how many tensors
+    stay trainable. An empty match is an error naming the patterns and a few parameter names."""
+    import re
+
+    regexes = [re.compile(p) for p in patterns]
+    kept = 0
+    for name, p in model.named_parameters():
+        keep = any(r.search(name) for r in regexes)
+        p.requires_grad_(keep)
+        kept += keep
+    if kept == 0:
+        names = [n for n, _ in model.named_parameters()][:4]
+        raise ValueError(f"trainable {patterns} matches no parameter (names look like {names})")
+    return kept
+
+
 class LearnerWorker:
     """The trained policy and its optimizer. `learner_kwargs` go to `Learner` (lr, clip ranges, kl_coef, ...)."""
 
     def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32",
-                 experts_implementation: str = "grouped_mm", lora: dict | None = None, seed: int = 0,
-                 **learner_kwargs):
+                 experts_implementation: str = "grouped_mm", lora: dict | None = None,
+                 trainable: list[str] | None = None, seed: int = 0, **learner_kwargs):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         model = load_model(model_path, device=self.device, dtype=getattr(torch, dtype),
@@ -68,6 +85,8 @@ class LearnerWorker:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        elif trainable:
+            freeze_except(model, trainable)
         self.learner = Learner(model, **learner_kwargs)
         self.rank, self.world_size = 0, 1
 

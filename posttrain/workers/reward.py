@@ -21,9 +21,11 @@ class RLRewardWorker:
             if chosen:
                 self.rewards[kind] = CombinedReward(chosen)
 
-    def score(self, texts: list[str], answers: list, budgets: list[int | None], n_think: list[int],
+    def score(self, prompts: list[str], texts: list[str], answers: list, budgets: list[int | None], n_think: list[int],
               groups: list[int], forced: list[bool]) -> tuple[list[float], list[bool], dict[str, float]]:
         """(per-row rewards, per-row correctness by the eval grader, metrics prefixed by the kind).
+
+        prompts: the problems (user messages; a generative verifier reads them); texts: the responses.
 
         A row whose kind has no reward component scores 0.
         """
@@ -34,7 +36,7 @@ class RLRewardWorker:
             rows = [i for i in range(n) if (budgets[i] is None) == (kind == "auto")]
             if not rows:
                 continue
-            out = reward([""] * len(rows), [texts[i] for i in rows], answer=[answers[i] for i in rows],
+            out = reward([prompts[i] for i in rows], [texts[i] for i in rows], answer=[answers[i] for i in rows],
                          budget=[budgets[i] for i in rows], n_think=[n_think[i] for i in rows],
                          group=[groups[i] for i in rows], forced=[forced[i] for i in rows])
             for i, s in zip(rows, out.scores):
