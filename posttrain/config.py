@@ -268,6 +268,8 @@ class RLStageConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (total L2 norm).")
     trainable: list[str] = Field(default_factory=list, description="Regular expressions of the parameter names to "
                                  "train (empty: all); only these reach the rollout workers after each update.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train a LoRA adapter on the policy; only the "
+                             "adapter reaches the rollout workers after each update.")
     dynamic_sampling: bool = Field(
         True, description="Drop groups whose rewards are all equal (DAPO's filter; no resampling to refill)."
     )

@@ -108,3 +108,25 @@ def test_grpo_advantages_mask_dropped_groups_and_forced_tokens():
     torch.testing.assert_close(adv[:2], torch.tensor([0.7071, -0.7071]), atol=1e-3, rtol=1e-3)
     assert mask[1, 2] == 0 and mask[0].tolist() == [1, 1, 1]
     assert mask[2:].sum() == 0  # the second group's rewards are all equal: dropped
+
+
+def test_grpo_with_lora_syncs_only_the_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    """grpo.lora.enabled: the learner trains a LoRA adapter, only adapter tensors go to the rollout workers,
+    and the stage's checkpoint is the merged model (different from the input)."""
+    from posttrain.workers.rollout import RolloutWorker
+
+    _noisy_rewards(monkeypatch)
+    sent = []
+    real = RolloutWorker.update_weights
+
+    @functools.wraps(real)
+    def spy(self, named):
+        sent.append(sorted(dict(named)))
+        return real(self, named)
+
+    monkeypatch.setattr(RolloutWorker, "update_weights", spy)
+    info, _ = _run(tmp_path, tiny_model_dir, "grpo", ["ray.backend=local", "grpo.lora.enabled=true",
+                                                       "grpo.lora.r=4"])
+    assert sent and all(names and all("lora_" in n for n in names) for names in sent)
+    assert any("experts" in n for n in sent[0]) and any("q_proj" in n for n in sent[0])
+    assert _changed(info, tiny_model_dir)

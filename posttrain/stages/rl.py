@@ -20,6 +20,7 @@ rollout's own recorded log-probs (one rollout, `mini_batches` updates on it).
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import time
@@ -157,8 +158,11 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
                       experts_implementation=rc.model.experts_implementation, name=f"rollout{i}",
                       options=_options(ray_cfg.rollout), backend=backend) for i in range(ray_cfg.rollout.num)]
     learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, trainable=list(cfg.trainable) or None,
+                      lora=cfg.lora.model_dump() if cfg.lora.enabled else None,
                       **learner_kwargs, name=f"learner{i}",
                       options=_options(ray_cfg.learner), backend=backend) for i in range(ray_cfg.learner.num)]
+    if cfg.lora.enabled:
+        [p.result() for p in [r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump()) for r in rollouts]]
     reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards], name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
     reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
@@ -253,6 +257,8 @@ class RLDriver:
         scores, correct, metrics = self.w.reward.call(RLRewardWorker.score, questions, batch.texts, answers,
                                                       batch.budgets, batch.n_think, batch.group_index, batch.forced)
         t["reward"] = time.perf_counter()
+        if not all(math.isfinite(s) for s in scores):  # the learner skips the step (non-finite advantages)
+            metrics["reward/non_finite"] = float(sum(not math.isfinite(s) for s in scores))
         ref_logp = self.w.reference.call(ReferenceWorker.logp, batch) if self.w.reference else None
         t["reference"] = time.perf_counter()
         values = self.w.critic.call(CriticWorker.values, batch) if self.w.critic else None
@@ -272,17 +278,20 @@ class RLDriver:
         for a, b in zip(names, names[1:]):
             metrics[f"time/{b}_s"] = t[b] - t[a]
         metrics["time/step_s"] = t["sync"] - t["start"]
-        self._check_skips(metrics)
+        self._check_skips(metrics, step)
         return metrics
 
-    def _check_skips(self, metrics: dict) -> None:
-        skipped = metrics.get("actor/updates", 1.0) > 0 and "actor/skip_reason" in metrics
+    def _check_skips(self, metrics: dict, step: int) -> None:
+        skipped = "actor/skip_reason" in metrics
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if skipped:
+            log.warning("%s: step %d: update skipped (%s); %d in a row, the limit is %d", self.algo, step,
+                        metrics["actor/skip_reason"], self.consecutive_skips, self.cfg.max_consecutive_skips)
         if self.consecutive_skips >= self.cfg.max_consecutive_skips:
             raise TrainingStopped(
-                f"{self.algo}: {self.consecutive_skips} steps in a row were skipped because the loss or the "
-                f"gradients were not finite (last: {metrics.get('actor/skip_reason')}); stopping. The last saved "
-                f"state is intact; lower {self.algo}.learning_rate or check the rewards.")
+                f"{self.algo}: {self.consecutive_skips} steps in a row were skipped because the rewards, advantages, "
+                f"loss or gradients were not finite (last: {metrics.get('actor/skip_reason')}); stopping. The last "
+                f"saved state is intact; lower {self.algo}.learning_rate or check the rewards.")
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
@@ -333,6 +342,7 @@ class RLDriver:
 
         found = latest(self.ctx.stage.path / "state")
         if found is None:
+            _truncate_metrics(self.ctx.metrics.path, 0)  # lines of a run killed before its first save
             return 0
         d, driver = found
         pending = [w.submit(LearnerWorker.load_state, str(d)) for w in self.w.learners]

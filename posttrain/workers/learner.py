@@ -54,6 +54,18 @@ def _load_weights(model, path: Path) -> None:
     load_st(model, str(path), strict=True)
 
 
+def apply_lora(model, lora: dict):
+    """Wrap `model` in a PEFT LoRA model from a recipe `lora` section (as a dict); the rollout workers wrap their
+    copy the same way, so the adapter tensors have the same names on both sides."""
+    from peft import get_peft_model
+
+    from posttrain.config import LoraConfig
+    from posttrain.stages.sft import peft_config
+
+    torch.manual_seed(0)  # the same initial adapter everywhere (B = 0, so the wrapped model is the input model)
+    return get_peft_model(model, peft_config(LoraConfig(**{**lora, "enabled": True}), model))
+
+
 def freeze_except(model, patterns: list[str]) -> int:
     """Train only the parameters whose name matches one of the regular expressions; returns how many tensors
     stay trainable. An empty match is an error naming the patterns and a few parameter names."""
@@ -82,9 +94,7 @@ class LearnerWorker:
         model = load_model(model_path, device=self.device, dtype=getattr(torch, dtype),
                            experts_implementation=experts_implementation)
         if lora:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+            model = apply_lora(model, lora)
         elif trainable:
             freeze_except(model, trainable)
         self.learner = Learner(model, **learner_kwargs)
