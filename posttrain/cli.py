@@ -168,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # a run stopped by a fault (too many skipped steps, an actor out of restarts)
+        from posttrain.stages.rl import TrainingStopped
+        from posttrain.workers.actors import WorkerFailed
+
+        if not isinstance(e, (TrainingStopped, WorkerFailed)):
+            raise
+        print(f"error: {e}\nthe last saved training state is intact: run the same command again to resume",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

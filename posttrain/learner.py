@@ -11,7 +11,8 @@ advantages into one AdamW update per mini-batch:
          + router_aux_coef * load_balancing_loss              Switch-Transformer loss over the MoE routers
 
 `mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
-rows of dropped groups. A step whose loss or gradients are not finite is skipped and counted, never applied.
+rows of dropped groups. A step whose advantages, loss or gradients are not finite is skipped and counted, never
+applied.
 
 Data parallel (torch.distributed, gloo on CPU / nccl on GPU): each rank gets whole groups of the batch; every rank
 scales its loss by its share of the global count (tokens for `token_mean`, sequences otherwise) and the gradients
@@ -161,6 +162,13 @@ class Learner:
         collective), each on its own share of the groups.
         """
         mask = batch.loss_mask if mask is None else mask
+        # a NaN/inf advantage (from a NaN reward, say) skips the whole step on every rank, masked rows included:
+        # dynamic sampling would otherwise drop a NaN group as "all equal" and train on the rest
+        bad = _all_reduce_sum(torch.tensor([float((~torch.isfinite(advantages)).sum())], dtype=torch.float64))
+        if float(bad) > 0:
+            self.skipped_steps += 1
+            return {"actor/updates": 0.0, "actor/skipped_steps": float(self.skipped_steps),
+                    "actor/skip_reason": f"non-finite advantages ({int(bad)} values; a reward was NaN or inf?)"}
         self.model.train()
         collected: list[dict] = []
         for lo, hi in group_bounds(len(batch), group_size, mini_batches):

@@ -3,7 +3,9 @@
 Layout: ``STAGE/state/step_000040/`` holds what the workers wrote (learner weights + optimizer + RNG, critic),
 ``driver.json`` (the next step, the driver's RNG, the data position) and ``manifest.json`` (size and sha256 of
 every file). A save goes to ``state/.tmp-step_000040``; every file is fsynced, then the directory is renamed into
-place, so a crash or a full disk mid-save leaves only a temporary directory, which the next save removes.
+place, so a crash or a full disk mid-save leaves only a temporary directory: a save that fails with an error
+removes it at once, one killed mid-write leaves it for the next save to remove. Either way no ``step_*`` directory
+is ever half-written.
 `latest` walks the saved steps from the newest and returns the first whose manifest checks out, warning about
 each one it skips (truncated, corrupted, missing files).
 """
@@ -40,12 +42,17 @@ def save_state(state_root: Path, step: int, write: Callable[[Path], None], drive
     final = state_root / f"step_{step:06d}"
     tmp = state_root / f".tmp-{final.name}"
     tmp.mkdir()
-    write(tmp)
-    (tmp / "driver.json").write_text(json.dumps({"step": step, **driver}))
-    write_manifest(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        write(tmp)
+        (tmp / "driver.json").write_text(json.dumps({"step": step, **driver}))
+        write_manifest(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:  # a full disk, a file-size limit, a worker that died: free the space, keep the old saves
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # a save of the same step from an earlier attempt: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -240,7 +240,10 @@ class RLDriver:
         [p.result() for p in pending]
 
     def _restore_rollout(self, proxy) -> None:
-        """on_restart hook: a restarted rollout worker reloads the input model; give it the current weights."""
+        """on_restart hook: a restarted rollout worker reloads the input model; give it the LoRA wrapper (the
+        weights sent are adapter tensors) and the current weights."""
+        if self.cfg.lora.enabled:
+            proxy.call(RolloutWorker.enable_lora, self.cfg.lora.model_dump())
         if self.weights is not None:
             proxy.call(RolloutWorker.update_weights, self.weights)
 

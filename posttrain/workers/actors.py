@@ -12,7 +12,9 @@ returns a `Proxy[W]`. The driver names methods by the unbound function, not by a
 Failure handling (issue #7): a call that raises inside the worker re-raises here as-is (a bug is not retried);
 a dead actor process or a call that exceeds `timeout_s` is a *failure*: the actor is killed if it hangs, Ray
 restarts it (re-running the worker's constructor), the proxy's `on_restart` hook restores its state (the driver
-pushes the current weights), and the call is retried. After `max_restarts` restarts the proxy raises
+pushes the current weights), and the call is retried. An actor that died *between* calls is restarted by Ray
+before the next call reaches it, so no call fails; every result carries the actor's incarnation (a fresh id per
+constructor run) and a changed one is handled like a death: restore, then run the call again on restored state. After `max_restarts` restarts the proxy raises
 `WorkerFailed`, naming the actor and the cause.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
@@ -61,15 +64,20 @@ class Host:
 
         torch.set_num_threads(threads)
         self.worker = cls(*args, **kwargs)
+        self.incarnation = uuid.uuid4().hex  # new after every restart: tells the proxy its state was lost
 
-    def call(self, method: str, args: tuple, kwargs: dict) -> tuple[Any, float]:
-        """(the method's result, seconds it ran inside the actor): the rest of a call's wall time is dispatch."""
+    def call(self, method: str, args: tuple, kwargs: dict) -> tuple[Any, float, str]:
+        """(the method's result, seconds it ran inside the actor, incarnation): the rest of a call's wall time is
+        dispatch."""
         t0 = time.perf_counter()
         out = getattr(self.worker, method)(*args, **kwargs)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, self.incarnation
 
     def pid(self) -> int:
         return os.getpid()
+
+    def ident(self) -> str:
+        return self.incarnation
 
 
 def _method_name(cls: type, method: Callable) -> str:
@@ -97,6 +105,7 @@ class Proxy(Generic[W]):
         self.cls, self.name, self.options = cls, name, options
         self.handle, self.local = handle, local
         self.restarts = 0
+        self.incarnation: str | None = None  # the Host incarnation whose state this proxy knows
         self.on_restart: Callable[[Proxy[W]], None] | None = None
         self.seconds = 0.0  # wall time the driver spent waiting on this actor's results
         self.busy = 0.0  # time the actor spent running the calls (seconds - busy ~ Ray dispatch and transfer)
@@ -130,9 +139,14 @@ class Proxy(Generic[W]):
         while True:
             t0 = time.perf_counter()
             try:
-                value, busy = ray.get(pending._ref, timeout=self.options.timeout_s)
+                value, busy, incarnation = ray.get(pending._ref, timeout=self.options.timeout_s)
                 self.busy += busy
-                return value
+                if self.incarnation in (None, incarnation):
+                    self.incarnation = incarnation
+                    return value
+                # Ray restarted the actor after it died between calls: the call ran on a fresh worker (initial
+                # weights), so its result is discarded and the call runs again once the state is restored
+                cause = f"{pending.name}(): the actor was restarted since its last call (its process died while idle)"
             except GetTimeoutError:
                 cause = f"{pending.name}() took longer than timeout_s={self.options.timeout_s}"
                 ray.kill(self.handle, no_restart=False)  # a hung actor is killed and restarted like a dead one
@@ -168,7 +182,7 @@ class Proxy(Generic[W]):
 
         while True:
             try:
-                ray.get(self.handle.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                self.incarnation = ray.get(self.handle.ident.remote(), timeout=max(1.0, deadline - time.monotonic()))
                 return
             except (ActorUnavailableError, GetTimeoutError):
                 if time.monotonic() > deadline:

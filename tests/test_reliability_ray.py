@@ -1,0 +1,165 @@
+"""Actor faults in real grpo runs on Ray actors (issue #7): a rollout actor killed mid-call and between calls, a
+reward call that hangs, and a rollout actor out of restarts. Two runs in all (each starts its actors, ~20 s)."""
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from posttrain.recipe import load_recipe
+from posttrain.rlstate import latest
+from posttrain.workers.reward import RLRewardWorker
+from posttrain.workers.rollout import RolloutWorker
+
+TINY = ["stages=[grpo]", "threads=1", "task.max_difficulty=2", "grpo.steps=4", "grpo.save_every=2",
+        "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.budgets=[0,4,auto]", "grpo.max_new_tokens=8",
+        "grpo.learning_rate=1e-2", "grpo.eval_budgets=[4]", "grpo.eval_n_per_difficulty=1",
+        "grpo.eval_max_new_tokens=8", "ray.backend=ray"]
+
+
+def _bump(counter_file: str) -> int:
+    """Count a call in a file (the count survives the actor's restarts); returns the count including this one."""
+    n = int(open(counter_file).read() or 0) if os.path.exists(counter_file) else 0
+    with open(counter_file, "w") as f:
+        f.write(str(n + 1))
+    return n + 1
+
+
+class FaultyRollout(RolloutWorker):
+    """A rollout worker whose process dies in the middle of its `die_on`-th generate call, as an OOM kill would.
+    The class attributes are set by the test; they travel with the class, which Ray gets pickled by value."""
+
+    counter, die_on = "", 0
+
+    def generate(self, *args, **kwargs):
+        if _bump(self.counter) == self.die_on:
+            os._exit(1)
+        return RolloutWorker.generate(self, *args, **kwargs)
+
+    def weights_of(self, names: list[str]) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        return {n: state[n].clone() for n in names}
+
+
+class HangingReward(RLRewardWorker):
+    """The real reward plus per-row noise (the random tiny model never answers correctly, so without it most
+    steps would change nothing); its `hang_on`-th call hangs."""
+
+    counter, hang_on = "", 0
+
+    def score(self, *args, **kwargs):
+        if _bump(self.counter) == self.hang_on:
+            time.sleep(600)
+        scores, correct, metrics = RLRewardWorker.score(self, *args, **kwargs)
+        return [s + 0.1 * i for i, s in enumerate(scores)], correct, metrics
+
+
+@pytest.fixture()
+def faulty_workers(monkeypatch, tmp_path, ray_session):
+    """The driver spawns FaultyRollout and HangingReward; returns what the test hooks record."""
+    from ray import cloudpickle
+
+    from posttrain.stages import rl
+    from posttrain.workers import actors
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests folder
+    monkeypatch.setattr(actors, "shutdown_ray", lambda: None)  # the session's Ray outlives the run
+    monkeypatch.setattr(rl, "RolloutWorker", FaultyRollout)
+    monkeypatch.setattr(rl, "RLRewardWorker", HangingReward)
+    monkeypatch.setattr(FaultyRollout, "counter", str(tmp_path / "generate_calls"))
+    monkeypatch.setattr(HangingReward, "counter", str(tmp_path / "score_calls"))
+    seen = {"workers": None, "checked": 0, "stale": []}
+    real_start, real_rollout = rl.start_workers, rl.RLDriver.rollout
+
+    @functools.wraps(real_start)
+    def start_workers(*args, **kwargs):
+        seen["workers"] = real_start(*args, **kwargs)
+        return seen["workers"]
+
+    def rollout(driver, *args, **kwargs):
+        """After every rollout: the rollout worker holds exactly the weights the driver last synced."""
+        out = real_rollout(driver, *args, **kwargs)
+        if driver.weights is not None:
+            names = list(driver.weights)
+            held = driver.w.rollouts[0].call(FaultyRollout.weights_of, names)
+            seen["checked"] += 1
+            if not all(torch.equal(held[n], driver.weights[n]) for n in names):
+                seen["stale"].append(driver.w.rollouts[0].restarts)
+        return out
+
+    monkeypatch.setattr(rl, "start_workers", start_workers)
+    monkeypatch.setattr(rl.RLDriver, "rollout", rollout)
+    yield seen
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def _kill_between_calls(monkeypatch, before_step: int) -> None:
+    """SIGKILL the rollout actor's process while it is idle, before `before_step`, and wait until Ray has
+    restarted it: the proxy is not told, so only the incarnation check can notice that its weights are gone."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from posttrain.stages import rl
+
+    real = rl.RLDriver.train_step
+
+    def train_step(driver, step):
+        if step == before_step:
+            proxy = driver.w.rollouts[0]
+            old = proxy.pid()
+            os.kill(old, signal.SIGKILL)
+            t0 = time.time()
+            while time.time() - t0 < 120:
+                try:
+                    if proxy.pid() != old:
+                        break
+                except (RayActorError, ActorUnavailableError):
+                    time.sleep(0.2)
+        return real(driver, step)
+
+    monkeypatch.setattr(rl.RLDriver, "train_step", train_step)
+
+
+def test_rollout_deaths_and_a_reward_hang_are_survived(faulty_workers, tiny_model_dir, tmp_path, monkeypatch):
+    """The rollout actor dies mid-call in step 1 and is killed while idle before step 2; the reward call of step
+    3 hangs past `ray.reward.timeout_s`. Each time the actor is restarted, the rollout gets the current weights
+    back (`on_restart`), the call is retried, and the run ends with every step."""
+    from posttrain.pipeline import run_recipe
+
+    monkeypatch.setattr(FaultyRollout, "die_on", 3)  # generate calls: 1 = the evaluation before, 2 = step 0, ...
+    monkeypatch.setattr(HangingReward, "hang_on", 4)
+    _kill_between_calls(monkeypatch, before_step=2)
+    run = tmp_path / "run"
+    info = run_recipe(load_recipe(None, [f"run_dir={run}", f"model.path={tiny_model_dir}", *TINY,
+                                         "ray.rollout.max_restarts=3", "ray.reward.timeout_s=5",
+                                         "ray.reward.max_restarts=2"]))["grpo"]
+    assert info["steps"] == 4 and (run / "grpo" / "done.json").is_file()
+    lines = (run / "grpo" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in lines] == [0, 1, 2, 3]
+    assert faulty_workers["checked"] >= 4 and faulty_workers["stale"] == []  # no rollout ran on lost weights
+    w = faulty_workers["workers"]
+    assert w.rollouts[0].restarts == 2 and w.reward.restarts >= 1
+    log = (run / "run.log").read_text()
+    assert "actor rollout0: generate(): the actor process died" in log
+    assert "actor rollout0: generate(): the actor was restarted since its last call" in log
+    assert "actor reward: score() took longer than timeout_s=5.0" in log
+
+
+def test_rollout_out_of_restarts_stops_the_run_naming_the_actor(faulty_workers, tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    from posttrain.pipeline import run_recipe
+    from posttrain.workers.actors import WorkerFailed
+
+    monkeypatch.setattr(FaultyRollout, "die_on", 5)  # step 3, after the step-2 save
+    run = tmp_path / "run"
+    with pytest.raises(WorkerFailed, match=r"actor 'rollout0' failed: generate\(\): the actor process died .*"
+                                           r"restart limit max_restarts=0 reached"):
+        run_recipe(load_recipe(None, [f"run_dir={run}", f"model.path={tiny_model_dir}", *TINY,
+                                      "ray.rollout.max_restarts=0"]))
+    assert not (run / "grpo" / "done.json").exists() and not (run / ".lock").exists()
+    d, driver = latest(run / "grpo" / "state")
+    assert d.name == "step_000002" and driver["step"] == 2
