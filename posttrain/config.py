@@ -227,11 +227,13 @@ class GRPORewardConfig(Section):
 
 def _default_rl_rewards() -> list[GRPORewardConfig]:
     return [
-        # budgeted prompts: correctness, and a penalty when the thinking had to be forced closed at the budget
-        GRPORewardConfig(name="exact_int", on="budgeted", key="correct"),
-        GRPORewardConfig(name="budget_forced", params={"penalty": 0.5}, on="budgeted"),
-        # no budget: correctness plus a bonus for being shorter than the group's other answers (Kimi k1.5)
-        GRPORewardConfig(name="length_group", params={"weight": 0.5}, on="auto"),
+        # budgeted prompts: correctness minus L1-Exact's gap to the budget (alpha per token, scaled to budgets of
+        # tens of tokens), and a penalty when </think> had to be forced: the cap keeps every rollout within
+        # budget, so only this term tells a model that stopped by itself from one that was stopped
+        GRPORewardConfig(name="budget_l1_exact", params={"alpha": 0.005}, on="budgeted", key="correct_l1"),
+        GRPORewardConfig(name="budget_forced", params={"penalty": 0.25}, on="budgeted"),
+        # no budget: correctness plus a small bonus for being shorter than the group's other answers (Kimi k1.5)
+        GRPORewardConfig(name="length_group", params={"weight": 0.05}, on="auto"),
     ]
 
 
@@ -258,7 +260,7 @@ class RLStageConfig(Section):
     clip_high: float = Field(0.28, ge=0, description="Upper clip range (> clip_low: DAPO clip-higher).")
     dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages (None: off).")
     mini_batches: int = Field(2, ge=1, description="Optimizer updates per rollout batch (split by groups).")
-    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
+    kl_coef: float = Field(0.05, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
     kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")
     kl_in_reward: bool = Field(False, description="Apply the KL as a per-token reward penalty (PPO style) "
                                "instead of a loss term.")
