@@ -4,6 +4,7 @@
     posttrain schema            print every recipe key with its type, default and documentation
     posttrain sweep --model PATH [--model PATH ...] --budgets 0,16,auto --out DIR [--workers N]   budget sweep
     posttrain export --model RUN_OR_CHECKPOINT --out DIR [--merged] [--rank R]   PEFT LoRA adapter
+    posttrain bench [--steps N] [--warmup N] [--out DIR] [--model PATH] [--quick]   our GRPO step against TRL's
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from posttrain.bench import BenchSettings, format_table, run_bench
+
+    s = BenchSettings(steps=args.steps, warmup=args.warmup, out=args.out, model=args.model, quick=args.quick,
+                      threads=args.threads, backend=args.backend, trl=not args.no_trl, scaling=not args.no_scaling,
+                      overrides=list(args.set))
+    result = run_bench(s)
+    print(format_table(result))
+    if args.out:
+        print(f"\nwrote {args.out}/bench.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Teach an MoE language model to think on a budget.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0: all cores)")
     w.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     w.set_defaults(func=_cmd_sweep)
+    b = sub.add_parser("bench", help="our GRPO step against TRL's GRPOTrainer, rollout/learner throughput, "
+                       "time shares, peak memory, rollout scaling (bench.json and a table)")
+    b.add_argument("--steps", type=int, default=5, help="timed GRPO steps per side (and rollout repetitions)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    b.add_argument("--out", help="directory for bench.json")
+    b.add_argument("--model", help="checkpoint (default: runs/quickstart/sft/checkpoint, else the cached base "
+                   "model, else a random tiny MoE)")
+    b.add_argument("--quick", action="store_true", help="small batch and short completions (a smoke run)")
+    b.add_argument("--threads", type=int, default=2, help="torch threads of TRL and of the in-process rollout "
+                   "comparison (both also timed at 1); our actors' threads come from the recipe's ray section")
+    b.add_argument("--backend", choices=("ray", "local"), default="ray", help="our workers as Ray actors or in "
+                   "this process")
+    b.add_argument("--no-trl", action="store_true", help="skip the TRL side")
+    b.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 rollout workers measurement")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for both sides (repeatable), e.g. model.experts_implementation=eager")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

@@ -1,0 +1,626 @@
+"""`posttrain bench`: our GRPO step against TRL's GRPOTrainer on the same checkpoint, prompts and settings, with
+rollout and learner throughput, the time shares of a step, peak memory and rollout scaling, in one invocation.
+
+    result = run_bench(BenchSettings(steps=5, warmup=1, out="runs/bench"))   # also writes bench.json
+    print(format_table(result))
+
+What is measured, in order (every figure on the same model and the recipe's `grpo` settings):
+- `matmul`: this machine's fp32 matmul rate (a few 1024^3 `torch.matmul`), at 1 thread (a learner actor's) and
+  at the bench's thread count: the ceiling the learner's achieved FLOP/s is read against;
+- `ours`: `RLDriver.train_step` with Ray actors as the recipe's `ray` section sets them (the quickstart: rollout
+  and learner 1 CPU / 1 torch thread each, reward and reference 0 CPUs / 1 thread; the phases of a step run one
+  after another, so at most 2 threads are ever busy), `warmup` steps then `steps` timed. Every proxy call is
+  recorded, so a step splits into the time inside the actors (rollout, reward, reference, learner), weight sync
+  (`time/sync_s`: learner -> driver -> rollout workers), the driver's own work (advantages), and Ray dispatch +
+  transfer (each phase's wall time minus the time its actors were busy);
+- `trl`: TRL 1.16's `GRPOTrainer` in this process at the bench's thread count (the same total as ours) and at
+  1 thread (see `bench_trl`). Both the median and the fastest step are reported: on a shared machine other work
+  only ever slows a step down, and a second thread suffers most (its partner is descheduled at every barrier);
+- `rollout`: `RolloutWorker.generate` against HF `model.generate` (+ the same `ThinkCap` budget forcing) on the
+  same model object, batch (the step's prompts, each repeated group_size times), sampling and max_new_tokens,
+  in this process at 1 thread (our rollout actor's) and at the bench's thread count, alternating run by run;
+  new tokens (up to and including EOS) per second;
+- `learner`: real (unpadded) prompt + response tokens per second of the learner actor's busy time, and achieved
+  FLOP/s = 6 x active parameters x tokens / s (forward + backward, attention scores not counted; active
+  parameters: every matrix a token passes through, with each routed-expert tensor counted top_k / num_experts of
+  its size and the (tied) LM head counted as a matmul, the embedding lookup not);
+- `scaling`: rollout seconds per step with 1 and 2 rollout actors (1 thread each) on the same batch;
+- `memory`: peak summed RSS of this process and all its descendants (Ray's GCS, raylet and actor processes),
+  sampled every 0.2 s by a background thread, overall and per phase; and PSS (which does not count shared pages
+  twice; every 2 s, as it is ~10x dearer to read).
+On a machine with CUDA, `ours`, `trl` and `rollout` run again with device cuda (bf16) under `cuda`.
+The grpo settings are the quickstart recipe's (its defaults) except `dynamic_sampling: false` (so that, like
+TRL, every group is trained on whatever the rewards) and no before/after evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TARGETS = {"grpo_speedup": 1.5, "rollout_speedup": 1.5, "dispatch_sync_share": 0.10, "peak_rss_gib": 6.0}
+
+
+@dataclass
+class BenchSettings:
+    steps: int = 5  # timed GRPO steps per side (and rollout repetitions)
+    warmup: int = 1  # untimed steps first
+    model: str | None = None  # checkpoint; default: the quickstart SFT checkpoint, the cached base, or a random one
+    out: str | None = None  # directory for bench.json
+    quick: bool = False  # small batch (4 prompts x 4, 32 tokens): a smoke run, not the quickstart's settings
+    recipe: str | None = "recipes/quickstart.yaml"  # its grpo/ray sections are the settings (defaults if absent)
+    threads: int = 2  # torch threads in all, per side
+    backend: str = "ray"  # `local`: every worker in this process (tests)
+    trl: bool = True
+    scaling: bool = True
+    cuda: bool = True  # also on CUDA when there is one
+    overrides: list[str] = field(default_factory=list)  # dotted.key=value recipe overrides, e.g. ray.learner.threads=2
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def resolve_model(model: str | None, tmp: Path) -> tuple[Path, str]:
+    """(checkpoint, what it is): `model`, else the quickstart's SFT checkpoint, else the cached base model of
+    the default base settings, else a freshly initialised tiny MoE of the base stage's shape saved under tmp."""
+    if model:
+        return Path(model), "given"
+    sft = Path("runs/quickstart/sft/checkpoint")
+    if (sft / "config.json").is_file():
+        return sft, "quickstart SFT checkpoint"
+    from posttrain.config import BaseStageConfig
+    from posttrain.stages.base import cache_key, cache_root
+
+    base = BaseStageConfig()
+    cached = cache_root(base) / cache_key(base, 0)
+    if (cached / "config.json").is_file():
+        return cached, "cached base model"
+    return random_tiny_model(base, tmp / "random_tiny"), "random tiny MoE (untrained)"
+
+
+def random_tiny_model(base, out: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.model import save_model, tiny_moe_config
+    from posttrain.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(base.vocab_size, 0)
+    cfg = tiny_moe_config(len(tok), tok.pad_token_id, tok.eos_token_id, hidden_size=base.hidden_size,
+                          num_hidden_layers=base.num_layers, num_experts=base.num_experts,
+                          num_experts_per_tok=base.top_k, moe_intermediate_size=base.moe_intermediate_size,
+                          intermediate_size=2 * base.hidden_size, num_attention_heads=base.num_heads,
+                          num_key_value_heads=max(1, base.num_heads // 2), head_dim=base.hidden_size // base.num_heads)
+    return save_model(AutoModelForCausalLM.from_config(cfg), tok, out)
+
+
+def active_parameters(model_path) -> tuple[int, int]:
+    """(all parameters, parameters one token passes through): routed experts count top_k / num_experts of their
+    size, the embedding lookup is free and the LM head is a matmul (counted even when tied to the embedding)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    top_k = getattr(config, "num_experts_per_tok", None) or 1
+    n_experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                      if getattr(config, k, None)), 1)
+    head = model.get_output_embeddings().weight
+    total = active = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if p is head:
+            continue
+        if "embed_tokens" in name:
+            continue
+        active += p.numel() * (top_k / n_experts if ".experts." in name else 1)
+    return total, int(active + head.numel())
+
+
+# ----------------------------------------------------------------------------------------------- the machine
+def matmul_flops(threads: int, n: int = 1024, reps: int = 6) -> float:
+    """fp32 FLOP/s of an n x n x n torch.matmul at `threads` torch threads (median of `reps`)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return 2 * n**3 / statistics.median(times)
+    finally:
+        torch.set_num_threads(old)
+
+
+class MemorySampler:
+    """Peak summed RSS / PSS (bytes) of this process and its descendants (Ray's processes), overall and per phase."""
+
+    def __init__(self, interval: float = 0.2, pss_every: int = 10):
+        import psutil
+
+        self.root, self.interval, self.pss_every = psutil.Process(), interval, pss_every
+        self.phase = "setup"
+        self.peak = {"rss": 0, "pss": 0}
+        self.by_phase: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-memory")
+
+    def sample(self, pss: bool = True) -> dict[str, int]:
+        """Summed RSS (cheap: /proc/PID/statm) and, with `pss`, PSS (smaps_rollup: ~1 ms a process)."""
+        import psutil
+
+        out = {"rss": 0, "pss": 0} if pss else {"rss": 0}
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            procs = [self.root]
+        for p in procs:
+            try:  # a process may end between listing and reading
+                if pss:
+                    info = p.memory_full_info()
+                    out["rss"] += info.rss
+                    out["pss"] += getattr(info, "pss", info.rss)
+                else:
+                    out["rss"] += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return out
+
+    def _run(self) -> None:
+        tick = 0
+        while not self._stop.is_set():
+            now = self.sample(pss=tick % self.pss_every == 0)  # PSS less often: it costs ~10x more to read
+            tick += 1
+            ph = self.by_phase.setdefault(self.phase, {"rss": 0, "pss": 0})
+            for k, v in now.items():
+                self.peak[k] = max(self.peak[k], v)
+                ph[k] = max(ph[k], v)
+            self._stop.wait(self.interval)
+
+    @contextmanager
+    def during(self, phase: str):
+        old, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = old
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+def bench_recipe(model_path: Path, s: BenchSettings, device: str = "cpu"):
+    """The RecipeConfig of the run: the recipe's grpo/ray settings on `model_path`, 1 CPU per rollout/learner."""
+    from posttrain.recipe import load_recipe
+
+    recipe = s.recipe if s.recipe and Path(s.recipe).is_file() else None
+    over = [f"model.path={model_path}", "stages=[grpo]", f"device={device}", "grpo.dynamic_sampling=false",
+            "grpo.eval_n_per_difficulty=0", "grpo.save_every=0", f"ray.backend={s.backend}",
+            "ray.rollout.cpus=1", "ray.learner.cpus=1", f"ray.num_cpus={max(2, s.threads)}"]
+    if device == "cpu":
+        over.append("dtype=float32")
+    else:
+        over += ["ray.rollout.gpus=0.5", "ray.learner.gpus=0.5"]
+    if s.quick:
+        over += ["grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=32", "grpo.mini_batches=2"]
+    return load_recipe(recipe, over + list(s.overrides))
+
+
+# -------------------------------------------------------------------------------------------------- our step
+_PHASE = {"generate": "rollout", "score": "reward", "logp": "reference", "values": "critic_values",
+          "weights": "sync", "update_weights": "sync"}
+
+
+def _record_calls(proxy, calls: list) -> None:
+    """Wrap `proxy.submit` so every call appends (proxy name, method, seconds busy in the actor, result)."""
+    submit = proxy.submit
+
+    def recorded(method, *args, **kwargs):
+        busy0 = proxy.busy
+        pending = submit(method, *args, **kwargs)
+        result = pending.result
+
+        def finish():
+            out = result()
+            calls.append((proxy.name, method.__name__, proxy.busy - busy0, out))
+            return out
+
+        pending.result = finish
+        return pending
+
+    proxy.submit = recorded
+
+
+def step_profile(metrics: dict, calls: list, active_params: int) -> dict:
+    """One step's seconds by component (they add up to time/step_s) and its token counts."""
+    busy: dict[str, list[float]] = {}
+    batches, sync_bytes = [], 0
+    for name, method, b, out in calls:
+        phase = ("critic" if name == "critic" else "learner") if method == "step" else _PHASE.get(method, method)
+        busy.setdefault(f"{phase}:{method}", []).append(b)
+        if method == "generate":
+            batches.append(out)
+        if method == "weights":
+            sync_bytes += sum(t.numel() * t.element_size() for t in out.values())
+
+    def par(key):  # calls of one phase run in parallel on different actors: the slowest is the phase's
+        return max(busy.get(key, [0.0]))
+
+    inside = {"rollout": par("rollout:generate"), "reward": par("reward:score"),
+              "reference": par("reference:logp"), "learner": par("learner:step"), "critic": par("critic:step")}
+    dispatch = sum(max(0.0, metrics.get(f"time/{p}_s", 0.0) - b) for p, b in inside.items())
+    critic_values = par("critic_values:values")
+    driver = max(0.0, metrics["time/critic_values_s"] - critic_values)
+    prof = {**{f"{k}_s": v for k, v in inside.items()}, "critic_values_s": critic_values,
+            "sync_s": metrics["time/sync_s"], "dispatch_s": dispatch, "driver_s": driver,
+            "step_s": metrics["time/step_s"]}
+    prof["sync_inside_s"] = par("sync:weights") + par("sync:update_weights")
+    prof["sync_bytes"] = sync_bytes
+    real = sum(int(b.prompt_mask.sum() + b.response_mask.sum()) for b in batches)
+    new = sum(int(b.response_mask.sum()) for b in batches)
+    rows = sum(len(b) for b in batches)
+    width = max((b.prompt_ids.shape[1] + b.response_ids.shape[1] for b in batches), default=0)
+    prof |= {"rows": rows, "learner_tokens": real, "learner_padded_tokens": rows * width, "new_tokens": new,
+             "response_tokens_mean": new / max(1, rows)}
+    prof["learner_tokens_per_s"] = real / prof["learner_s"] if prof["learner_s"] else 0.0
+    prof["learner_flops"] = 6 * active_params * prof["learner_tokens_per_s"]
+    return prof
+
+
+def bench_ours(rc, device, dtype, *, warmup: int, steps: int, tmp: Path, active_params: int) -> dict:
+    """Our driver's `train_step` with the recipe's actors; per-step profiles and medians of the timed steps."""
+    from posttrain.model import load_tokenizer
+    from posttrain.pipeline import StageContext
+    from posttrain.runlog import StageDir
+    from posttrain.stages.rl import RLDriver, start_workers
+
+    model_path = Path(rc.model.path)
+    ctx = StageContext(rc, tmp, StageDir(tmp, "grpo"), None, device, dtype, model_path)
+    driver = RLDriver(ctx, "grpo")
+    driver._pad_id = load_tokenizer(model_path).pad_token_id  # what `fit` sets before its loop
+    driver.w = start_workers(rc, driver.cfg, model_path, device, dtype, "grpo")
+    calls: list = []
+    for p in driver.w.all():
+        _record_calls(p, calls)
+    profiles = []
+    try:
+        for step in range(warmup + steps):
+            calls.clear()
+            profiles.append(step_profile(driver.train_step(step), calls, active_params))
+    finally:
+        for p in driver.w.all():
+            p.kill()
+    timed = profiles[warmup:] or profiles
+    mean = {k: statistics.fmean(p[k] for p in timed) for k in timed[0]}
+    return {"step_s": statistics.median(p["step_s"] for p in timed), "step_s_min": min(p["step_s"] for p in timed),
+            "step_s_all": [p["step_s"] for p in timed],
+            "mean": mean, "learner_tokens_per_s": statistics.median(p["learner_tokens_per_s"] for p in timed),
+            "learner_flops": statistics.median(p["learner_flops"] for p in timed)}
+
+
+# ------------------------------------------------------------------------------------------------- rollouts
+def bench_rollout(rc, device, dtype, *, threads: int, reps: int, warmup: int) -> dict:
+    """New tokens/s of `RolloutWorker.generate` and of HF `generate` (+ ThinkCap) on the same model and batch at
+    `threads` torch threads; the two alternate run by run, so that a change in the machine's load hits both."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from posttrain.generate import ThinkCap, render_prompts
+    from posttrain.stages.rl import sample_step_problems
+    from posttrain.workers.rollout import RolloutWorker
+
+    cfg = rc.grpo
+    old = torch.get_num_threads()
+    worker = RolloutWorker(rc.model.path, device=device, dtype=dtype, threads=threads,
+                           experts_implementation=rc.model.experts_implementation)
+    problems, budgets = sample_step_problems(cfg, rc.task, rc.seed, 0)
+    prompts = [p.expression for p in problems]
+    tok, model = worker.tokenizer, worker.model
+    side = tok.padding_side
+    tok.padding_side = "left"
+    enc = tok(render_prompts(tok, prompts, budgets), return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = side
+    ids = enc["input_ids"].repeat_interleave(cfg.group_size, 0).to(device)
+    mask = enc["attention_mask"].repeat_interleave(cfg.group_size, 0).to(device)
+    caps = [b for b in budgets for _ in range(cfg.group_size)]
+
+    def ours(seed):
+        b = worker.generate(prompts, budgets, cfg.group_size, cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, seed=seed)
+        return int(b.response_mask.sum())
+
+    def hf(seed):
+        torch.manual_seed(seed)
+        cap = ThinkCap(worker.think_end_id, caps, ids.shape[1], device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
+                             top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=worker.pad_id,
+                             eos_token_id=worker.eos_id, logits_processor=LogitsProcessorList([cap]))
+        gen = out[:, ids.shape[1]:]
+        ended = gen == worker.eos_id
+        return int(((ended.long().cumsum(1) - ended.long()) == 0).sum())  # up to and including the first EOS
+
+    runs: dict[str, list[tuple[float, int]]] = {"ours": [], "hf": []}
+    try:
+        torch.set_num_threads(threads)
+        for i in range(warmup + reps):
+            for name, fn in (("ours", ours), ("hf", hf)):
+                _sync(device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    n = fn(i)
+                _sync(device)
+                if i >= warmup:
+                    runs[name].append((time.perf_counter() - t0, n))
+    finally:
+        torch.set_num_threads(old)
+    res: dict = {"threads": threads, "rows": int(ids.shape[0])}
+    for name, rs in runs.items():
+        res[name] = {"s": statistics.median(r[0] for r in rs), "new_tokens": statistics.median(r[1] for r in rs),
+                     "tokens_per_s": statistics.median(r[1] / r[0] for r in rs)}
+    res["speedup"] = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+    return res
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_scaling(rc, *, reps: int, warmup: int) -> dict:
+    """Rollout seconds per step (the driver's `rollout`, prompts split evenly) with 1 and 2 rollout actors."""
+    from posttrain.model import load_tokenizer
+    from posttrain.stages.rl import RLDriver, Workers, _options, sample_step_problems
+    from posttrain.workers.actors import spawn
+    from posttrain.workers.rollout import RolloutWorker
+
+    cfg = rc.grpo
+    problems, budgets = sample_step_problems(cfg, rc.task, rc.seed, 0)
+    out = {}
+    for n in (1, 2):
+        driver = RLDriver(_Ctx(rc), "grpo")
+        driver._pad_id = load_tokenizer(rc.model.path).pad_token_id
+        opts = _options(rc.ray.rollout)
+        rollouts = [spawn(RolloutWorker, rc.model.path, threads=opts.torch_threads,
+                          experts_implementation=rc.model.experts_implementation, name=f"rollout{i}",
+                          options=opts, backend=rc.ray.backend) for i in range(n)]
+        driver.w = Workers(rollouts, [], None, None, None)
+        try:
+            times = []
+            for i in range(warmup + reps):
+                t0 = time.perf_counter()
+                driver.rollout([p.expression for p in problems], budgets, seed=i)
+                times.append(time.perf_counter() - t0)
+        finally:
+            for p in rollouts:
+                p.kill()
+        out[f"rollout_s_{n}_workers"] = statistics.median(times[warmup:] or times)
+        out[f"rollout_s_{n}_workers_min"] = min(times[warmup:] or times)
+    out["speedup_2_vs_1"] = out["rollout_s_1_workers"] / out["rollout_s_2_workers"]
+    return out
+
+
+@dataclass
+class _Ctx:
+    cfg: object
+
+
+# --------------------------------------------------------------------------------------------- the whole run
+def _device_run(s: BenchSettings, model_path: Path, device_name: str, tmp: Path, active: int,
+                mem: MemorySampler) -> dict:
+    import torch
+
+    from posttrain.bench_trl import bench_trl
+    from posttrain.model import pick_dtype
+
+    rc = bench_recipe(model_path, s, device_name)
+    device = torch.device(device_name)
+    dtype = pick_dtype(rc.dtype, device)
+    res: dict = {"device": device_name, "dtype": str(dtype).removeprefix("torch.")}
+    torch.set_num_threads(1)  # the driver only waits on the actors
+    with mem.during(f"ours_{device_name}"):
+        res["ours"] = bench_ours(rc, device, dtype, warmup=s.warmup, steps=s.steps, tmp=tmp / f"ours_{device_name}",
+                                 active_params=active)
+    for threads in thread_counts(s) if device.type == "cpu" else [s.threads]:
+        if s.trl:
+            torch.set_num_threads(threads)
+            with mem.during(f"trl_{device_name}"):
+                res.setdefault("trl", {})[str(threads)] = bench_trl(
+                    rc, model_path, device, dtype, warmup=s.warmup, steps=s.steps, out_dir=tmp / f"trl_{threads}")
+        with mem.during(f"rollout_{device_name}"):
+            res.setdefault("rollout", {})[str(threads)] = bench_rollout(rc, device, dtype, threads=threads,
+                                                                        reps=s.steps, warmup=s.warmup)
+    torch.set_num_threads(s.threads)
+    return res
+
+
+def describe_threads(rc) -> str:
+    """Our actors' torch threads and reserved CPUs, as the recipe's `ray` section sets them."""
+    from posttrain.stages.rl import _options
+
+    roles = [("rollout", rc.ray.rollout, rc.ray.rollout.num), ("learner", rc.ray.learner, rc.ray.learner.num),
+             ("reward", rc.ray.reward, 1)]
+    if rc.grpo.kl_coef > 0:
+        roles.append(("reference", rc.ray.reference, 1))
+    parts = [f"{n} {name} ({_options(g).torch_threads} thread, {g.cpus:g} CPU)" for name, g, n in roles]
+    return ", ".join(parts) + "; a step's phases run one after another, the driver waits"
+
+
+def thread_counts(s: BenchSettings) -> list[int]:
+    """TRL and the rollout comparison run at the bench's thread count (TRL's equal share) and at 1 thread (what
+    each of our actors has): on a shared machine a second thread can cost more than it brings."""
+    return sorted({s.threads, 1}, reverse=True)
+
+
+def run_bench(s: BenchSettings) -> dict:
+    """Run every measurement (see the module docstring); writes `bench.json` into `s.out` when given."""
+    import torch
+
+    from posttrain.workers.actors import shutdown_ray
+
+    t_start = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as tmp_name, MemorySampler() as mem:
+        tmp = Path(tmp_name)
+        try:
+            model_path, source = resolve_model(s.model, tmp)
+            total, active = active_parameters(model_path)
+            rc = bench_recipe(model_path, s)
+            result: dict = {
+                "settings": asdict(s), "model": str(model_path), "model_source": source,
+                "params_total": total, "params_active": active,
+                "grpo": {k: getattr(rc.grpo, k) for k in ("prompts_per_step", "group_size", "max_new_tokens",
+                                                           "mini_batches", "learning_rate", "kl_coef", "clip_low",
+                                                           "clip_high", "max_grad_norm", "temperature")},
+                "threads": {"trl": s.threads, "ours": describe_threads(rc)},
+                "matmul_flops_1_thread": matmul_flops(1), f"matmul_flops_{s.threads}_threads": matmul_flops(s.threads),
+                "loadavg_start": os.getloadavg(),
+            }
+            cpu = _device_run(s, model_path, "cpu", tmp, active, mem)
+            if s.scaling and s.backend == "ray":
+                with mem.during("scaling"):
+                    result["scaling"] = bench_scaling(bench_recipe(model_path, s), reps=s.steps, warmup=s.warmup)
+            if s.cuda and torch.cuda.is_available():
+                result["cuda"] = _summary(_device_run(s, model_path, "cuda", tmp, active, mem), None, s.threads)
+        finally:
+            if s.backend == "ray":
+                shutdown_ray()
+        result |= _summary(cpu, result["matmul_flops_1_thread"], s.threads)
+        result["peak_rss_gib"] = mem.peak["rss"] / 2**30
+        result["peak_pss_gib"] = mem.peak["pss"] / 2**30
+        result["peak_rss_gib_by_phase"] = {k: v["rss"] / 2**30 for k, v in mem.by_phase.items()}
+        result["peak_pss_gib_by_phase"] = {k: v["pss"] / 2**30 for k, v in mem.by_phase.items()}
+    result["targets"] = {k: {"target": t, "value": result.get(k), "met": _met(k, result.get(k), t)}
+                         for k, t in TARGETS.items()}
+    result["loadavg_end"] = os.getloadavg()
+    result["bench_s"] = time.perf_counter() - t_start
+    if s.out:
+        out = Path(s.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def _met(key: str, value, target) -> bool | None:
+    if value is None:
+        return None
+    return value <= target if key in ("dispatch_sync_share", "peak_rss_gib") else value >= target
+
+
+def _summary(run: dict, matmul_1: float | None, threads: int) -> dict:
+    """The flat headline keys of one device's run (and the run itself under `detail`). TRL's step is taken at the
+    bench's thread count (the same total as ours); the rollout comparison at 1 thread (our rollout actor's)."""
+    ours, mean = run["ours"], run["ours"]["mean"]
+    step = mean["step_s"]
+    shares = {k: mean[f"{k}_s"] / step for k in ("rollout", "reward", "reference", "learner", "critic", "sync",
+                                                 "dispatch", "driver", "critic_values")}
+    roll = run["rollout"].get("1") or next(iter(run["rollout"].values()))
+    out = {"grpo_step_s_ours": ours["step_s"], "rollout_speedup": roll["speedup"],
+           "rollout_tokens_per_s_ours": roll["ours"]["tokens_per_s"],
+           "rollout_tokens_per_s_hf": roll["hf"]["tokens_per_s"],
+           "rollout_speedup_by_threads": {k: v["speedup"] for k, v in run["rollout"].items()},
+           "learner_tokens_per_s": ours["learner_tokens_per_s"], "learner_flops": ours["learner_flops"],
+           "learner_padding_share": 1 - mean["learner_tokens"] / max(1.0, mean["learner_padded_tokens"]),
+           "step_shares": shares, "dispatch_sync_share": shares["dispatch"] + shares["sync"],
+           "response_tokens_mean_ours": mean["response_tokens_mean"], "detail": run}
+    if matmul_1:
+        out["learner_flops_utilisation"] = ours["learner_flops"] / matmul_1
+    if "trl" in run:
+        trl = run["trl"]
+        out["grpo_step_s_trl"] = trl[str(threads)]["step_s"]
+        out["grpo_speedup"] = out["grpo_step_s_trl"] / ours["step_s"]
+        out["grpo_step_s_trl_by_threads"] = {k: v["step_s"] for k, v in trl.items()}
+        out["grpo_speedup_by_trl_threads"] = {k: v["step_s"] / ours["step_s"] for k, v in trl.items()}
+        # the fastest step of each side: other work on a shared machine only ever slows a step down
+        out["grpo_step_s_ours_min"] = ours["step_s_min"]
+        out["grpo_step_s_trl_min_by_threads"] = {k: v["step_s_min"] for k, v in trl.items()}
+        out["grpo_speedup_min_by_trl_threads"] = {k: v["step_s_min"] / ours["step_s_min"] for k, v in trl.items()}
+        out["response_tokens_mean_trl"] = trl[str(threads)]["completion_tokens_mean"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- table
+def format_table(r: dict) -> str:
+    """The headline figures, both sides and their ratios, the step's time shares and the targets."""
+    g = r["grpo"]
+    lines = [
+        f"model: {r['model']} ({r['model_source']}; {r['params_total'] / 1e6:.2f}M parameters, "
+        f"{r['params_active'] / 1e6:.2f}M active per token)",
+        f"settings: {g['prompts_per_step']} prompts x {g['group_size']} samples, max {g['max_new_tokens']} new "
+        f"tokens, {g['mini_batches']} updates per step, AdamW lr {g['learning_rate']:g}, clip {g['clip_low']}/"
+        f"{g['clip_high']}, kl_coef {g['kl_coef']:g} (TRL beta {g['kl_coef']:g})",
+        f"threads: TRL {r['threads']['trl']} torch threads in-process (also timed at 1); ours: "
+        f"{r['threads']['ours']}",
+        "",
+        f"{'':38}{'ours':>12}{'TRL / HF':>12}{'ratio':>9}",
+    ]
+
+    def row(label, ours, theirs, ratio, fmt="{:.3f}"):
+        f = lambda v: (fmt.format(v) if v is not None else "-")  # noqa: E731
+        lines.append(f"{label:38}{f(ours):>12}{f(theirs):>12}{(f'{ratio:.2f}x' if ratio else '-'):>9}")
+
+    for t, secs in r.get("grpo_step_s_trl_by_threads", {"-": None}).items():
+        row(f"GRPO step s, median (TRL {t} thr)", r["grpo_step_s_ours"], secs,
+            r["grpo_speedup_by_trl_threads"][t] if secs else None)
+        if secs:
+            row(f"GRPO step s, fastest (TRL {t} thr)", r["grpo_step_s_ours_min"],
+                r["grpo_step_s_trl_min_by_threads"][t], r["grpo_speedup_min_by_trl_threads"][t])
+    row("  mean completion tokens", r["response_tokens_mean_ours"], r.get("response_tokens_mean_trl"), None,
+        "{:.1f}")
+    for t, ro in r["detail"]["rollout"].items():
+        row(f"rollout tokens/s ({ro['rows']} rows, {t} thr)", ro["ours"]["tokens_per_s"], ro["hf"]["tokens_per_s"],
+            ro["speedup"], "{:.0f}")
+    mm = r["matmul_flops_1_thread"]
+    threads = r["settings"]["threads"]
+    mm_key = f"matmul_flops_{threads}_threads"
+    lines += [
+        "",
+        f"learner: {r['learner_tokens_per_s']:.0f} tokens/s, {r['learner_flops'] / 1e9:.2f} GFLOP/s achieved "
+        f"= {100 * r['learner_flops'] / mm:.1f}% of this machine's 1-thread fp32 matmul rate "
+        f"({mm / 1e9:.1f} GFLOP/s; {r[mm_key] / 1e9:.1f} at {threads} threads); "
+        f"padding {100 * r['learner_padding_share']:.0f}% of the positions",
+        "step time shares (ours, mean of the timed steps): " + ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in r["step_shares"].items() if v > 0.0005),
+    ]
+    if "scaling" in r:
+        sc = r["scaling"]
+        lines.append(f"scaling: rollout {sc['rollout_s_1_workers']:.3f} s/step with 1 worker, "
+                     f"{sc['rollout_s_2_workers']:.3f} s with 2 ({sc['speedup_2_vs_1']:.2f}x; fastest "
+                     f"{sc['rollout_s_1_workers_min']:.3f} vs {sc['rollout_s_2_workers_min']:.3f} s)")
+    ph = ", ".join(f"{k} {v:.2f}" for k, v in r["peak_rss_gib_by_phase"].items())
+    lines.append(f"peak memory: RSS {r['peak_rss_gib']:.2f} GiB (PSS {r['peak_pss_gib']:.2f}), this process and "
+                 f"its descendants, Ray's included; by phase (RSS GiB): {ph}")
+    if "cuda" in r:
+        c = r["cuda"]
+        lines.append(f"cuda: step {c['grpo_step_s_ours']:.3f} s ours vs {c.get('grpo_step_s_trl', float('nan')):.3f}"
+                     f" s TRL ({c.get('grpo_speedup', float('nan')):.2f}x), rollout {c['rollout_speedup']:.2f}x")
+    lines.append(f"load average (1 min) at start/end: {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f} on "
+                 f"{os.cpu_count()} cores (other work on the machine slows both sides, a second thread most)")
+    lines.append("targets: " + "; ".join(_target_text(k, t) for k, t in r["targets"].items()))
+    return "\n".join(lines)
+
+
+def _target_text(key: str, t: dict) -> str:
+    value = "-" if t["value"] is None else f"{t['value']:.3g}"
+    op = "<=" if key in ("dispatch_sync_share", "peak_rss_gib") else ">="
+    verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
+    return f"{key} {value} ({op} {t['target']:g}: {verdict})"

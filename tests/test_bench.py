@@ -1,0 +1,51 @@
+"""Smoke test of `posttrain bench` (the API the subcommand calls) on the random tiny model: every headline key is
+there and finite, the table prints, bench.json is written. No timing is asserted: timings belong to the bench."""
+
+import json
+import math
+
+import pytest
+
+
+def test_bench_smoke(tiny_model_dir, tmp_path, capsys):
+    from posttrain.bench import format_table
+    from posttrain.cli import main
+
+    assert main(["bench", "--quick", "--steps", "1", "--warmup", "0", "--model", str(tiny_model_dir), "--threads",
+                 "1", "--backend", "local", "--no-scaling", "--out", str(tmp_path)]) == 0
+    assert "GRPO step" in capsys.readouterr().out
+    r = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("grpo_step_s_ours", "grpo_step_s_trl", "grpo_speedup", "rollout_speedup", "peak_rss_gib",
+                "learner_tokens_per_s", "learner_flops", "dispatch_sync_share", "matmul_flops_1_thread"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
+    shares = r["step_shares"]
+    assert {"rollout", "reward", "reference", "learner", "sync", "dispatch"} <= set(shares)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)  # the components add up to the step
+    assert r["params_active"] < r["params_total"]  # 2 of 4 experts per token
+    assert set(r["targets"]) == {"grpo_speedup", "rollout_speedup", "dispatch_sync_share", "peak_rss_gib"}
+    assert "GRPO step" in format_table(r)  # the table reads bench.json as well
+
+
+def test_active_parameters_count_top_k_experts(tiny_model_dir):
+    """Active = total - embedding + LM head (tied: a matmul all the same) - the unrouted experts' share."""
+    from transformers import AutoConfig
+
+    from posttrain.bench import active_parameters
+    from posttrain.model import load_model
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    model = load_model(tiny_model_dir)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    embed = model.get_input_embeddings().weight.numel()
+    total, active = active_parameters(tiny_model_dir)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert active == total - experts + experts * cfg.num_experts_per_tok // cfg.num_experts
+    assert cfg.tie_word_embeddings and embed == model.get_output_embeddings().weight.numel()
+
+
+def test_trl_reward_is_our_grader():
+    from posttrain.bench_trl import exact_int_reward
+    from posttrain.rewards.parse import grade_integer
+
+    texts, answers = ["1+1=2</think>\n\n2", "1+1=2</think>\n\n3", "no answer"], ["2", "2", "2"]
+    assert exact_int_reward(texts, answer=answers) == [float(grade_integer(t, a)) for t, a in zip(texts, answers)]
