@@ -251,7 +251,7 @@ class RLStageConfig(Section):
     max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")
     top_p: float = Field(1.0, gt=0, le=1)
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
+    learning_rate: float = Field(7e-5, gt=0, description="AdamW learning rate (constant).")
     weight_decay: float = Field(0.0, ge=0)
     adv_estimator: str = Field("grpo", description="Registered advantage estimator (`grpo`, `dr_grpo`, `gae`).")
     policy_loss: str = Field("vanilla", description="Registered policy loss (`vanilla`, `gspo`).")

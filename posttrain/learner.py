@@ -179,7 +179,12 @@ class Learner:
                 continue  # no token to learn from on any rank
             self.optimizer.zero_grad(set_to_none=True)
             if local > 0:
-                loss, metrics = self.loss(batch, advantages, mask, rows, ref_logp, scale=local / total)
+                from posttrain.rlbatch import compact
+
+                part, cols = compact(batch, lo, hi)  # no padding-only columns: no compute spent on them
+                adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, cols]
+                ref = None if ref_logp is None else ref_logp[rows, cols]
+                loss, metrics = self.loss(part, adv, mask[rows, cols], slice(None), ref, scale=local / total)
                 loss.backward()
             else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce
                 loss, metrics = torch.zeros(()), {}

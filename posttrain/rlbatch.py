@@ -74,3 +74,26 @@ def concat_batches(batches: list, pad_id: int):
     for k in names - set(out):
         out[k] = getattr(batches[0], k)
     return type(batches[0])(**out)
+
+
+def compact(batch, lo: int, hi: int):
+    """(rows lo..hi without the columns that are padding in every one of them, response column slice).
+
+    Prompts are left-padded and responses right-padded, so a block of rows needs only the last `p` prompt
+    columns and the first `t` response columns (p, t: its longest prompt and response). The learner and the
+    reference compute no padding this way; other (B, T) tensors are cut with the returned slice.
+    """
+    part = select_rows(batch, lo, hi)
+    P, T = part.prompt_ids.shape[1], part.response_ids.shape[1]
+    p = int(part.prompt_mask.sum(1).max()) if hi > lo else P
+    t = max(1, int(part.response_mask.sum(1).max())) if hi > lo else T
+    if p == P and t == T:
+        return part, slice(0, T)
+    out = {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+    for k in ("prompt_ids", "prompt_mask"):
+        out[k] = out[k][:, P - p:]
+    for k in ("response_ids", "response_mask", "logp", "forced_mask"):
+        out[k] = out[k][:, :t]
+    if out.get("routing") is not None:
+        out["routing"] = out["routing"][:, :, P - p:P + t]
+    return type(part)(**out), slice(0, t)

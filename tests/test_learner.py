@@ -7,26 +7,19 @@ import pytest
 import torch
 
 
-class _Batch:
-    """A hand-made rollout batch: 2 rows, the second with a forced token at position 1."""
+def _Batch(n=2):
+    """A hand-made rollout batch: n rows, the second with a forced token at position 1."""
+    from posttrain.workers.rollout import RolloutBatch
 
-    def __init__(self, n=2):
-        g = torch.Generator().manual_seed(0)
-        self.prompt_ids = torch.randint(3, 100, (n, 4), generator=g)
-        self.prompt_mask = torch.ones(n, 4, dtype=torch.long)
-        self.response_ids = torch.randint(3, 100, (n, 3), generator=g)
-        self.response_mask = torch.ones(n, 3, dtype=torch.long)
-        self.forced_mask = torch.zeros(n, 3, dtype=torch.bool)
-        self.forced_mask[1, 1] = True
-        self.logp = torch.zeros(n, 3)
-        self.routing = None
-
-    @property
-    def loss_mask(self):
-        return self.response_mask * (~self.forced_mask).long()
-
-    def __len__(self):
-        return self.response_ids.shape[0]
+    g = torch.Generator().manual_seed(0)
+    forced = torch.zeros(n, 3, dtype=torch.bool)
+    forced[1, 1] = True
+    return RolloutBatch(prompt_ids=torch.randint(3, 100, (n, 4), generator=g),
+                        prompt_mask=torch.ones(n, 4, dtype=torch.long),
+                        response_ids=torch.randint(3, 100, (n, 3), generator=g),
+                        response_mask=torch.ones(n, 3, dtype=torch.long), logp=torch.zeros(n, 3),
+                        forced_mask=forced, n_think=[3] * n, closed=[True] * n, forced=[False, True] + [False] * (n - 2),
+                        group_index=list(range(n)), budgets=[None] * n, texts=[""] * n)
 
 
 def test_forced_tokens_get_zero_loss_weight(tiny_model_dir):

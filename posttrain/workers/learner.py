@@ -176,13 +176,20 @@ class ReferenceWorker:
                                 experts_implementation=experts_implementation).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def logp(self, batch) -> torch.Tensor:
+    def logp(self, batch, chunk: int = 32) -> torch.Tensor:
         """(B, T) reference log-probs of the batch's response tokens (0 off the response), on CPU."""
         from posttrain.learner import gather_logp
 
+        from posttrain.rlbatch import compact
+
         b = _to(batch, self.device)
-        logits, _ = response_forward(self.model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
-        return (gather_logp(logits, b.response_ids) * b.response_mask).cpu()
+        out = torch.zeros(b.response_ids.shape, dtype=torch.float32)
+        for lo in range(0, len(b), chunk):  # blocks of rows with their own padding trimmed
+            part, cols = compact(b, lo, min(lo + chunk, len(b)))
+            logits, _ = response_forward(self.model, part.prompt_ids, part.prompt_mask, part.response_ids,
+                                         part.response_mask)
+            out[lo:lo + chunk, cols] = (gather_logp(logits, part.response_ids) * part.response_mask).cpu()
+        return out
 
 
 class ValueModel(torch.nn.Module):
