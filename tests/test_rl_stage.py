@@ -130,3 +130,24 @@ def test_grpo_with_lora_syncs_only_the_adapter(tiny_model_dir, tmp_path, monkeyp
     assert sent and all(names and all("lora_" in n for n in names) for names in sent)
     assert any("experts" in n for n in sent[0]) and any("q_proj" in n for n in sent[0])
     assert _changed(info, tiny_model_dir)
+
+
+def test_grpo_with_routing_replay(tiny_model_dir, tmp_path, monkeypatch):
+    """grpo.routing_replay: rollouts record every token's experts and the learner replays them (R3); the run
+    trains and reports router metrics."""
+    from posttrain.learner import Learner
+
+    _noisy_rewards(monkeypatch)
+    seen = []
+    real = Learner.forward
+
+    @functools.wraps(real)
+    def spy(self, batch, rows, router=False):
+        seen.append(batch.routing is not None and self.routing_replay)
+        return real(self, batch, rows, router)
+
+    monkeypatch.setattr(Learner, "forward", spy)
+    info, lines = _run(tmp_path, tiny_model_dir, "grpo", ["ray.backend=local", "grpo.routing_replay=true"])
+    assert seen and all(seen)
+    assert all(math.isfinite(m["router/max_share"]) for m in lines)
+    assert _changed(info, tiny_model_dir)
