@@ -1,6 +1,7 @@
 # Set-up commands. Each is idempotent and installs into the project virtualenv (.venv) first.
 #   make quickstart   run the quickstart recipe end to end on the embedded tiny MoE
 #   make test         run the test suite
+#   make bench        our GRPO step against TRL's GRPOTrainer and the other benchmarks (runs/bench/bench.json)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,6 +22,9 @@ quickstart: install
 
 test: install
 	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/posttrain bench --out runs/bench
 
 clean:
 	rm -rf $(VENV) runs
