@@ -77,11 +77,15 @@ def test_rl_curve_sits_on_or_above_sft_curve():
 
 def test_exported_adapter_loads_with_plain_peft_and_keeps_thinking_within_budget(tmp_path):
     """A fresh interpreter that imports only transformers and peft loads the adapter on the base checkpoint and,
-    asked through the chat template for a budget, keeps its thinking within it."""
+    asked through the chat template for a budget, keeps its thinking within it (held-out problems of every
+    difficulty; the problems are made here and passed in as text)."""
     import subprocess
     import sys
 
+    from posttrain.tasks.arithmetic import generate_problems
+
     adapter = Path(RUN) / "export" / "adapter"
+    problems = [p.expression for p in generate_problems(24, 777, list(range(1, 9)))]  # 3 per difficulty
     code = f"""
 import json, sys
 import torch
@@ -92,7 +96,7 @@ base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_pat
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
 tok = AutoTokenizer.from_pretrained(adapter)
 end = tok.convert_tokens_to_ids("</think>")
-problems = ["7+3*2-5", "9-4+8*2-6+1", "3*3+2-7+9*2-4", "8+1-5*3+2-9+4*2", "6*2-3+7-8*4+5-9+2"]
+problems = {problems!r}
 out = []
 for budget in (8, 16, 32):
     for p in problems:
