@@ -8,8 +8,8 @@ What is measured, in order (every figure on the same model and the recipe's `grp
 - `matmul`: this machine's fp32 matmul rate (a few 1024^3 `torch.matmul`), at 1 thread (a learner actor's) and
   at the bench's thread count: the ceiling the learner's achieved FLOP/s is read against;
 - `ours`: `RLDriver.train_step` with Ray actors as the recipe's `ray` section sets them (the quickstart: rollout
-  and learner 1 CPU / 1 torch thread each, reward and reference 0 CPUs / 1 thread; the phases of a step run one
-  after another, so at most 2 threads are ever busy), `warmup` steps then `steps` timed. Every proxy call is
+  and learner 1 CPU each, rollout, learner and reference 2 torch threads each, reward 0 CPUs / 1 thread; the
+  phases of a step run one after another, so at most 2 threads are ever busy), `warmup` steps then `steps` timed. Every proxy call is
   recorded, so a step splits into the time inside the actors (rollout, reward, reference, learner), weight sync
   (`time/sync_s`: learner -> driver -> rollout workers), the driver's own work (advantages), and Ray dispatch +
   transfer (each phase's wall time minus the time its actors were busy);
@@ -387,7 +387,9 @@ def _sync(device) -> None:
 
 
 def bench_scaling(rc, *, reps: int, warmup: int) -> dict:
-    """Rollout seconds per step (the driver's `rollout`, prompts split evenly) with 1 and 2 rollout actors."""
+    """Rollout seconds per step (the driver's `rollout`, prompts split evenly) with 1 and 2 rollout actors, each
+    with 1 CPU and 1 torch thread (two 2-thread actors would oversubscribe two cores)."""
+    import dataclasses
     from posttrain.model import load_tokenizer
     from posttrain.stages.rl import RLDriver, Workers, _options, sample_step_problems
     from posttrain.workers.actors import spawn
@@ -399,7 +401,7 @@ def bench_scaling(rc, *, reps: int, warmup: int) -> dict:
     for n in (1, 2):
         driver = RLDriver(_Ctx(rc), "grpo")
         driver._pad_id = load_tokenizer(rc.model.path).pad_token_id
-        opts = _options(rc.ray.rollout)
+        opts = dataclasses.replace(_options(rc.ray.rollout), cpus=1.0, threads=1)
         rollouts = [spawn(RolloutWorker, rc.model.path, threads=opts.torch_threads,
                           experts_implementation=rc.model.experts_implementation, name=f"rollout{i}",
                           options=opts, backend=rc.ray.backend) for i in range(n)]
