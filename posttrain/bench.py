@@ -287,16 +287,14 @@ def step_profile(metrics: dict, calls: list, active_params: int) -> dict:
 
 def bench_ours(rc, device, dtype, *, warmup: int, steps: int, tmp: Path, active_params: int) -> dict:
     """Our driver's `train_step` with the recipe's actors; per-step profiles and medians of the timed steps."""
-    from posttrain.model import load_tokenizer
     from posttrain.pipeline import StageContext
     from posttrain.runlog import StageDir
-    from posttrain.stages.rl import RLDriver, start_workers
+    from posttrain.stages.rl import RLDriver
 
     model_path = Path(rc.model.path)
     ctx = StageContext(rc, tmp, StageDir(tmp, "grpo"), None, device, dtype, model_path)
     driver = RLDriver(ctx, "grpo")
-    driver._pad_id = load_tokenizer(model_path).pad_token_id  # what `fit` sets before its loop
-    driver.w = start_workers(rc, driver.cfg, model_path, device, dtype, "grpo")
+    driver.start()
     calls: list = []
     for p in driver.w.all():
         _record_calls(p, calls)
@@ -479,7 +477,10 @@ def run_bench(s: BenchSettings) -> dict:
 
     from posttrain.workers.actors import shutdown_ray
 
+    from posttrain.pipeline import _ray_running
+
     t_start = time.perf_counter()
+    ray_before = _ray_running()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as tmp_name, MemorySampler() as mem:
         tmp = Path(tmp_name)
@@ -504,7 +505,7 @@ def run_bench(s: BenchSettings) -> dict:
             if s.cuda and torch.cuda.is_available():
                 result["cuda"] = _summary(_device_run(s, model_path, "cuda", tmp, active, mem), None, s.threads)
         finally:
-            if s.backend == "ray":
+            if s.backend == "ray" and not ray_before:  # stop only a Ray this run started
                 shutdown_ray()
         result |= _summary(cpu, result["matmul_flops_1_thread"], s.threads)
         result["peak_rss_gib"] = mem.peak["rss"] / 2**30

@@ -40,14 +40,20 @@ def run_recipe(cfg: RecipeConfig) -> dict:
     directory is locked for the duration (`posttrain.runlock`)."""
     run_dir = Path(cfg.run_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
+    ray_before = _ray_running()
     with RunLock(run_dir):
         try:
             return _run_stages(cfg, run_dir)
         finally:
-            if "ray" in sys.modules:  # a stage started Ray (`init_ray`); don't import it just to stop nothing
+            if not ray_before and _ray_running():  # a stage started Ray (`init_ray`): stop what we started only
                 from posttrain.workers.actors import shutdown_ray
 
                 shutdown_ray()
+
+
+def _ray_running() -> bool:
+    """Whether Ray is initialised in this process (without importing it when nothing has)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:

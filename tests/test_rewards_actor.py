@@ -45,17 +45,16 @@ def test_worker_without_ray():
     assert out.metrics["reward/flaky/errors"] == 2.0
 
 
-def test_ray_actor_scores_and_counts_errors():
-    ray = pytest.importorskip("ray")
+def test_ray_actor_scores_and_counts_errors(ray_session):
+    import ray
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker cannot import this test module
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    actor = start_reward_actor(CombinedReward(**SPECS), num_cpus=1)
     try:
-        actor = start_reward_actor(CombinedReward(**SPECS), num_cpus=1)
         out = ray.get(actor.score.remote([""] * 3, COMPS, answer=ANSWERS, tests=TESTS), timeout=120)
     finally:
-        ray.shutdown()
+        ray.kill(actor)
     assert out.scores == pytest.approx(EXPECTED)
     assert out.metrics["reward/flaky/errors"] == 2.0
     assert out.metrics["reward/exact_int/errors"] == 0.0

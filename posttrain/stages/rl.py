@@ -381,16 +381,23 @@ class RLDriver:
                 signal.signal(s, h)
 
     # ------------------------------------------------------------------------------------------------ fit
+    def start(self) -> Workers:
+        """Spawn the workers (`start_workers`) and hook the rollout workers' restarts; `fit` calls it first, and
+        `train_step` can be driven by hand after it (the benchmark does). The caller kills the workers."""
+        from posttrain.model import load_tokenizer
+
+        ctx = self.ctx
+        self._pad_id = load_tokenizer(ctx.model_path).pad_token_id
+        self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
+        for r in self.w.rollouts:
+            r.on_restart = self._restore_rollout
+        return self.w
+
     def fit(self) -> dict:
         from tqdm.auto import tqdm
 
-        from posttrain.model import load_tokenizer
-
         ctx, cfg = self.ctx, self.cfg
-        self._pad_id = load_tokenizer(ctx.model_path).pad_token_id
-        self.w = start_workers(self.rc, cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
-        for r in self.w.rollouts:
-            r.on_restart = self._restore_rollout
+        self.start()
         try:
             start = self.resume()
             before = self.evaluate() if start == 0 else _read_json(ctx.stage.path / "eval_before.json")
