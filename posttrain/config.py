@@ -14,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 StageName = Literal["base", "sft", "rm", "grpo", "ppo", "eval", "sweep", "export"]
 
 
+def check_budgets(v: list) -> list:
+    """A recipe's list of thinking budgets: non-empty, each a non-negative integer or "auto"."""
+    if not v or any(b != "auto" and b < 0 for b in v):
+        raise ValueError("budgets must be a non-empty list of non-negative integers and 'auto'")
+    return v
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -296,9 +303,7 @@ class RLStageConfig(Section):
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: list) -> list:
-        if not v or any(b != "auto" and b < 0 for b in v):
-            raise ValueError("budgets must be a non-empty list of non-negative integers and 'auto'")
-        return v
+        return check_budgets(v)
 
     @model_validator(mode="after")
     def _check(self) -> "RLStageConfig":
@@ -386,9 +391,7 @@ class SweepStageConfig(Section):
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: list) -> list:
-        if not v or any(b != "auto" and b < 0 for b in v):
-            raise ValueError("budgets must be a non-empty list of non-negative integers and 'auto'")
-        return v
+        return check_budgets(v)
 
 
 class ExportStageConfig(Section):

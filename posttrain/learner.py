@@ -30,6 +30,7 @@ import torch
 from posttrain.algo.kl import kl_loss
 from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or_skip, masked_mean
 from posttrain.algo.registry import get_policy_loss
+from posttrain.rlbatch import compact
 
 
 def response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, router_logits: bool = False):
@@ -179,8 +180,6 @@ class Learner:
                 continue  # no token to learn from on any rank
             self.optimizer.zero_grad(set_to_none=True)
             if local > 0:
-                from posttrain.rlbatch import compact
-
                 part, cols = compact(batch, lo, hi)  # no padding-only columns: no compute spent on them
                 adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, cols]
                 ref = None if ref_logp is None else ref_logp[rows, cols]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.runlog import log
+from posttrain.runlog import log, write_json_atomic
 from posttrain.workers.actors import ActorOptions, Proxy, init_ray, spawn
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker
@@ -402,7 +402,7 @@ class RLDriver:
             start = self.resume()
             before = self.evaluate() if start == 0 else _read_json(ctx.stage.path / "eval_before.json")
             if start == 0:
-                _write_json(ctx.stage.path / "eval_before.json", before)
+                write_json_atomic(ctx.stage.path / "eval_before.json", before)
             log.info("%s: input model %s", self.algo, _brief(before))
             history = []
             bar = tqdm(range(start, cfg.steps), desc=self.algo, initial=start, total=cfg.steps, leave=False)
@@ -459,12 +459,6 @@ def _truncate_metrics(path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
     path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def _write_json(path, obj) -> None:
-    from posttrain.runlog import write_json_atomic
-
-    write_json_atomic(path, obj)
 
 
 def _read_json(path) -> dict:
