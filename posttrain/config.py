@@ -162,6 +162,12 @@ class SFTStageConfig(Section):
     autonomous_style: Literal["verbose", "terse"] = Field(
         "verbose", description="Trace style of unbudgeted (autonomous) examples."
     )
+    budget_traces: Literal["most_explicit", "sampled"] = Field(
+        "sampled",
+        description="Embedded task, budgeted examples: `sampled` draws a trace among those that fit the budget "
+                    "(any line count, any grouping: the model sees every way to spend it and RL finds the one it "
+                    "executes best); `most_explicit` always takes the most explicit trace of uniform grouping.",
+    )
     max_length: int = Field(256, ge=16, description="Longest training sequence in tokens.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     logging_steps: int = Field(10, ge=1)

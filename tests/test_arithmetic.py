@@ -4,7 +4,8 @@ import re
 import pytest
 
 from posttrain.tasks.arithmetic import (
-    evaluate_left_to_right, fit_trace, generate_problems, make_trace, parse_expression, sample_problem, trace_ladder,
+    evaluate_left_to_right, fit_trace, generate_problems, make_trace, make_trace_groups, parse_expression,
+    random_groups, sample_fitting_trace, sample_problem, trace_ladder,
 )
 
 
@@ -51,11 +52,21 @@ def test_bad_difficulty_and_expression():
         parse_expression("7+/3")
 
 
+def _mixed_traces(p, rng):
+    """The ladder's traces (uniform grouping, `group` = the most a line may fold) and random mixed groupings."""
+    for style, group in trace_ladder(p):
+        yield make_trace(p, style, group), group
+    for n in range(1, p.difficulty + 1):
+        groups = random_groups(rng, p.difficulty, n)
+        assert len(groups) == n and sum(groups) == p.difficulty and min(groups) >= 1
+        yield make_trace_groups(p, groups), max(groups)
+
+
 def test_traces_check_out_step_by_step():
+    rng = random.Random(0)
     for p in generate_problems(100, seed=1):
         pairs = re.findall(r"[-+*]\d", p.expression)
-        for style, group in trace_ladder(p):
-            trace = make_trace(p, style, group)
+        for trace, group in _mixed_traces(p, rng):
             acc, used = None, 0
             for k, line in enumerate(trace.split("\n")):
                 lhs, rhs = line.split("=")
@@ -70,6 +81,42 @@ def test_traces_check_out_step_by_step():
                 assert slow_left_to_right(lhs) == int(rhs), (trace, line)
                 acc, used = int(rhs), used + len(new)
             assert acc == p.answer and used == p.difficulty
+
+
+def test_make_trace_groups_example_and_errors():
+    p = parse_expression("7+3*2-5*3")
+    assert make_trace_groups(p, [1, 1, 2]) == "7+3=10\n+3*2=20\n*2-5*3=45"
+    assert make_trace_groups(p, [1, 1, 1, 1]) == make_trace(p, "verbose")
+    assert make_trace_groups(p, [2, 2]) == make_trace(p, "terse", 2)
+    for bad in ([1, 1, 1], [0, 4], [2, 3]):
+        with pytest.raises(ValueError, match="sum to the difficulty 4"):
+            make_trace_groups(p, bad)
+
+
+def test_random_groups_is_uniform_over_compositions():
+    # compositions of 5 into 3 parts: C(4, 2) = 6, each should come up ~1/6 of the time
+    rng = random.Random(0)
+    counts = {}
+    for _ in range(6000):
+        g = tuple(random_groups(rng, 5, 3))
+        counts[g] = counts.get(g, 0) + 1
+    assert len(counts) == 6 and all(800 < c < 1200 for c in counts.values()), counts
+
+
+def test_sample_fitting_trace_fits_and_spreads_over_line_counts(tokenizer):
+    from posttrain.tokenizer import count_tokens
+
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+    rng = random.Random(0)
+    p = parse_expression("8+9*3*1+2+8-5*1-8")  # 8 operators: a trace of L lines costs 8 + 4L - 1 tokens
+    for budget in (11, 19, 27, 39):
+        lines = set()
+        for _ in range(60):
+            t = sample_fitting_trace(p, budget, count, rng)
+            assert 0 < count(t) <= budget
+            lines.add(t.count("\n") + 1)
+        assert lines == set(range(1, (budget - 8 + 1) // 4 + 1)), (budget, lines)  # every count that fits
+    assert sample_fitting_trace(p, 10, count, rng) == "" and sample_fitting_trace(p, 0, count, rng) == ""
 
 
 def test_fit_trace_fits_and_prefers_explicit(tokenizer):

@@ -51,7 +51,8 @@ def run(ctx) -> dict:
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     examples = load_examples(rc.data, rc.task, cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
-    rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, cfg.autonomous_style, rc.seed + 2, cfg.max_length)
+    rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, cfg.autonomous_style, rc.seed + 2, cfg.max_length,
+                              cfg.budget_traces)
     if not rows:
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.max_length} tokens")
     modes = Counter(r["mode"] for r in rows)

@@ -132,14 +132,29 @@ def make_trace(p: Problem, style: str = "verbose", group: int = 2) -> str:
         group = 1
     if group < 1:
         raise ValueError("group must be >= 1")
+    return make_trace_groups(p, [group] * (p.difficulty // group) + ([p.difficulty % group] if p.difficulty % group else []))
+
+
+def make_trace_groups(p: Problem, groups: list[int]) -> str:
+    """A trace whose k-th line folds `groups[k]` operators (they must sum to the difficulty): `[1, 1, 2]` on
+    ``7+3*2-5*3`` gives ``7+3=10\\n+3*2=20\\n*2-5*3=45``. Every line costs 4 tokens besides its pairs, so with
+    values below 100 a trace of L lines has difficulty + 4L - 1 tokens, whatever the grouping."""
+    if any(g < 1 for g in groups) or sum(groups) != p.difficulty:
+        raise ValueError(f"groups {groups} must be positive and sum to the difficulty {p.difficulty}")
     values = p.running_values
     pairs = [op + str(d) for op, d in zip(p.ops, p.operands[1:])]
     lines, prev, i = [], str(p.operands[0]), 0
-    while i < len(pairs):
-        j = min(i + group, len(pairs))
+    for g in groups:
+        j = i + g
         lines.append(f"{prev}{''.join(pairs[i:j])}={values[j - 1]}")
         prev, i = pairs[j - 1], j
     return "\n".join(lines)
+
+
+def random_groups(rng: random.Random, total: int, n_lines: int) -> list[int]:
+    """A uniformly random composition of `total` operators into `n_lines` non-empty lines."""
+    cuts = sorted(rng.sample(range(1, total), n_lines - 1))
+    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
 
 
 def trace_ladder(p: Problem) -> list[tuple[str, int]]:
@@ -160,3 +175,23 @@ def fit_trace(p: Problem, budget: int, count_tokens) -> str:
         if count_tokens(trace) <= budget:
             return trace
     return ""
+
+
+def sample_fitting_trace(p: Problem, budget: int, count_tokens, rng: random.Random) -> str:
+    """A trace drawn among those that fit `budget`: a line count uniform over the counts that fit, then a random
+    grouping of the operators into that many lines; "" when none fits.
+
+    Unlike `fit_trace` (always the most explicit), this shows a model every way of spending the budget without
+    saying which one it executes best: a demonstrator does not know that, and RL finds it from the rewards.
+    """
+    if budget <= 0:
+        return ""
+    fits = [n for n in range(1, p.difficulty + 1)
+            if count_tokens(make_trace_groups(p, [p.difficulty - n + 1] + [1] * (n - 1))) <= budget]
+    if not fits:
+        return ""
+    n = rng.choice(fits)
+    trace = make_trace_groups(p, random_groups(rng, p.difficulty, n))
+    if count_tokens(trace) > budget:  # a value of 100+ would cost more; fall back to the grouping that was counted
+        trace = make_trace_groups(p, [p.difficulty - n + 1] + [1] * (n - 1))
+    return trace
