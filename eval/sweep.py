@@ -12,7 +12,7 @@ Generation is greedy, on `RolloutWorker`s (its own KV-cache decoding loop, the s
 Ray actors or objects in this process, started once and reused for every model (`RolloutWorker.load`). A
 response's `n_think` is every token generated before `</think>` (the count the cap uses).
 
-The pure parts (`wilson_interval`, `quantile`, `grade_responses`, `aggregate`) know nothing of models or files;
+The pure parts (`wilson_interval`, `paired_difference`, `quantile`, `grade_responses`, `aggregate`) know nothing of models or files;
 `run_sweep` generates, `write_outputs` writes, `eval/plots.py` draws.
 """
 
@@ -57,6 +57,30 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); say so rather than trust the rounding
     return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
+
+
+def paired_difference(before: list[bool], after: list[bool], z: float = 1.959964) -> dict:
+    """Change in a success rate measured twice on the same items (before -> after), with a 95% interval and
+    McNemar's exact test (McNemar 1947): only the items that changed carry information.
+
+    gained = after right, before wrong; lost = the reverse; diff = (gained - lost) / n, and
+        var(diff) = (gained + lost - (gained - lost)^2 / n) / n^2          (paired Wald; Agresti, Categorical Data
+                                                                             Analysis, 10.1)
+        p = min(1, 2 * P[Binomial(gained + lost, 1/2) <= min(gained, lost)])
+    `measurably` is "above" or "below" when p < 0.05, else "unchanged".
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_difference needs two equal, non-empty lists (got {len(before)} and {len(after)})")
+    n = len(before)
+    gained = sum(bool(a) and not bool(b) for b, a in zip(before, after))
+    lost = sum(bool(b) and not bool(a) for b, a in zip(before, after))
+    diff = (gained - lost) / n
+    half = z * math.sqrt(max(0.0, gained + lost - (gained - lost) ** 2 / n)) / n
+    m = gained + lost
+    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, k) for k in range(min(gained, lost) + 1)) / 2 ** m)
+    verdict = "unchanged" if p >= 0.05 else ("above" if diff > 0 else "below")
+    return {"n": n, "diff": diff, "ci_low": diff - half, "ci_high": diff + half, "gained": gained, "lost": lost,
+            "p_value": p, "measurably": verdict}
 
 
 def quantile(xs: list[float], q: float) -> float:

@@ -59,6 +59,13 @@ def test_local_proxy_calls_typed_methods(tmp_path):
     assert pend.result() == (1, "fresh")
     with pytest.raises(TypeError, match="not a method of Probe"):
         p.call(len, [1])
+
+    class Louder(Probe):  # a base-class method called on a subclass runs the override, as a plain call would
+        def echo(self, x, plus=0):
+            return (10 * (x + plus), self.state)
+
+    q = spawn(Louder, str(tmp_path / "m"), name="louder", backend="local")
+    assert q.call(Probe.echo, 2, plus=3) == q.call(Louder.echo, 2, plus=3) == (50, "fresh")
     with pytest.raises(ValueError, match="a bug in the worker"):
         p.call(Probe.fail)
 

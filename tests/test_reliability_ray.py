@@ -130,7 +130,8 @@ def test_rollout_deaths_and_a_reward_hang_are_survived(faulty_workers, tiny_mode
     back (`on_restart`), the call is retried, and the run ends with every step."""
     from posttrain.pipeline import run_recipe
 
-    monkeypatch.setattr(FaultyRollout, "die_on", 3)  # generate calls: 1 = the evaluation before, 2 = step 0, ...
+    # generate calls: 1-2 = the evaluation before (natural, capped), 3 = step 0, 4 = step 1, ...
+    monkeypatch.setattr(FaultyRollout, "die_on", 4)
     monkeypatch.setattr(HangingReward, "hang_on", 4)
     _kill_between_calls(monkeypatch, before_step=2)
     run = tmp_path / "run"
@@ -140,7 +141,7 @@ def test_rollout_deaths_and_a_reward_hang_are_survived(faulty_workers, tiny_mode
     assert info["steps"] == 4 and (run / "grpo" / "done.json").is_file()
     lines = (run / "grpo" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["step"] for s in lines] == [0, 1, 2, 3]
-    assert faulty_workers["checked"] >= 4 and faulty_workers["stale"] == []  # no rollout ran on lost weights
+    assert faulty_workers["checked"] >= 3 and faulty_workers["stale"] == []  # no rollout ran on lost weights
     w = faulty_workers["workers"]
     assert w.rollouts[0].restarts == 2 and w.reward.restarts >= 1
     log = (run / "run.log").read_text()
@@ -154,7 +155,7 @@ def test_rollout_out_of_restarts_stops_the_run_naming_the_actor(faulty_workers, 
     from posttrain.pipeline import run_recipe
     from posttrain.workers.actors import WorkerFailed
 
-    monkeypatch.setattr(FaultyRollout, "die_on", 5)  # step 3, after the step-2 save
+    monkeypatch.setattr(FaultyRollout, "die_on", 6)  # step 3 (calls 1-2 are the evaluation), after the step-2 save
     run = tmp_path / "run"
     with pytest.raises(WorkerFailed, match=r"actor 'rollout0' failed: generate\(\): the actor process died .*"
                                            r"restart limit max_restarts=0 reached"):

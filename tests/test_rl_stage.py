@@ -63,7 +63,17 @@ def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch):
     s = info["summary"]
     assert s["skipped_steps"] == 0
     assert set(s["before"]) == set(s["after"]) == {"4", "auto"}
-    assert set(s["comparison"]["4"]) == {"accuracy", "adherence"}
+    assert set(s["comparison"]["4"]) == {"accuracy", "accuracy_capped", "adherence"}
+    for r in s["comparison"]["4"].values():  # paired on the same problems: the interval holds the difference
+        assert r["ci95"][0] <= r["diff"] <= r["ci95"][1] and r["measurably"] in ("above", "below", "unchanged")
+        assert r["diff"] == pytest.approx(r["after"] - r["before"])
+    v = s["verdict"]  # one eval budget: it is also the "middle" one; pooled over it alone = its own comparison
+    assert v["budgets"] == v["middle_budgets"] == [4]
+    assert v["adherence"]["diff"] == pytest.approx(s["comparison"]["4"]["adherence"]["diff"])
+    assert v["accuracy_capped_middle"]["p_value"] == pytest.approx(s["comparison"]["4"]["accuracy_capped"]["p_value"])
+    assert "correct" not in s["after"]["4"]  # per-problem lists stay in eval_after.json
+    ev = json.loads((tmp_path / "run" / "grpo" / "eval_after.json").read_text())
+    assert len(ev["4"]["correct"]) == len(ev["4"]["correct_capped"]) == len(ev["4"]["adherent"]) > 0
     assert "think_tokens_by_difficulty" in s["after"]["auto"]
     assert _changed(info, tiny_model_dir)
 
@@ -151,3 +161,23 @@ def test_grpo_with_routing_replay(tiny_model_dir, tmp_path, monkeypatch):
     assert seen and all(seen)
     assert all(math.isfinite(m["router/max_share"]) for m in lines)
     assert _changed(info, tiny_model_dir)
+
+
+def test_verdict_pools_adherence_over_budgets_and_accuracy_over_the_middle_ones():
+    from posttrain.eval.sweep import paired_difference
+    from posttrain.stages.rl import _verdict
+
+    def ev(adh, cor, cap):
+        return {"adherent": adh, "correct": cor, "correct_capped": cap}
+
+    before = {"8": ev([0, 0, 1], [0, 0, 0], [0, 0, 0]), "16": ev([1, 0, 1], [0, 1, 0], [0, 0, 0]),
+              "24": ev([1, 1, 1], [1, 0, 0], [1, 0, 0]), "auto": {"correct": [1, 1, 1]}}
+    after = {"8": ev([1, 1, 1], [0, 0, 1], [0, 0, 1]), "16": ev([1, 1, 1], [1, 1, 1], [1, 1, 0]),
+             "24": ev([1, 1, 0], [0, 0, 0], [0, 0, 0]), "auto": {"correct": [0, 0, 0]}}
+    v = _verdict(before, after)
+    assert v["budgets"] == [8, 16, 24] and v["middle_budgets"] == [16]
+    adh = paired_difference([0, 0, 1, 1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 0])  # gained 3, lost 1
+    assert v["adherence"]["diff"] == pytest.approx(2 / 9) == pytest.approx(adh["diff"])
+    assert v["adherence"]["p_value"] == adh["p_value"] and v["adherence"]["before"] == pytest.approx(6 / 9)
+    assert v["accuracy_middle"]["diff"] == pytest.approx(2 / 3)  # budget 16 only: 1 of 3 -> 3 of 3
+    assert v["accuracy_capped_middle"]["after"] == pytest.approx(2 / 3)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, quantile, resolve_model,
-                                  wilson_interval)
+from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, paired_difference, quantile,
+                                  resolve_model, wilson_interval)
 from posttrain.generate import Response
 from posttrain.tasks.arithmetic import parse_expression
 
@@ -39,6 +39,26 @@ def test_wilson_edges():
     lo, hi = wilson_interval(1, 1)  # one success: still a wide interval, never [1, 1]
     assert 0.2 < lo < 0.21 and hi == 1.0
     assert all(x != x for x in wilson_interval(0, 0))  # nan: no data
+
+
+def test_paired_difference_by_hand():
+    # 100 items: 10 gained, 2 lost, 88 unchanged. diff = 8/100 = 0.08
+    # var = (12 - 8^2/100) / 100^2 = 11.36e-4 -> half = 1.96 * 0.033705 = 0.066062
+    # McNemar exact: m = 12, 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096 = 0.038574
+    before = [False] * 10 + [True] * 2 + [True] * 50 + [False] * 38
+    after = [True] * 10 + [False] * 2 + [True] * 50 + [False] * 38
+    d = paired_difference(before, after)
+    assert (d["gained"], d["lost"], d["n"]) == (10, 2, 100)
+    assert d["diff"] == pytest.approx(0.08)
+    assert d["ci_low"] == pytest.approx(0.08 - 0.066062, abs=1e-5) and d["ci_high"] == pytest.approx(0.146062, abs=1e-5)
+    assert d["p_value"] == pytest.approx(0.038574, abs=1e-6) and d["measurably"] == "above"
+    # the mirror image is measurably below; 5 gained and 3 lost is not measurable (p = 2 * 93/256 = 0.7266)
+    assert paired_difference(after, before)["measurably"] == "below"
+    d = paired_difference([False] * 5 + [True] * 3, [True] * 5 + [False] * 3)
+    assert d["p_value"] == pytest.approx(0.7265625) and d["measurably"] == "unchanged"
+    assert paired_difference([True, False], [True, False])["p_value"] == 1.0  # nothing changed
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([True], [True, False])
 
 
 def test_quantile_matches_statistics_inclusive():

@@ -298,9 +298,14 @@ class RLDriver:
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        """{budget: accuracy, adherence, think tokens} and autonomous thinking by difficulty on held-out problems
-        (greedy; natural: the budget is only an instruction, nothing is forced)."""
-        from posttrain.rewards.parse import grade_integer
+        """Held-out problems, greedy, per eval budget (`eval.sweep`'s generation and grading):
+
+        - natural (the budget only in the prompt): `accuracy`, `think_tokens`, `adherence` (closed within the
+          budget by itself) and, for `auto`, `think_tokens_by_difficulty`;
+        - capped (`</think>` forced at the budget, what a caller who sets a budget gets): `accuracy_capped`;
+        - per problem, in problem order, for paired comparisons: `correct`, `correct_capped`, `adherent`.
+        """
+        from posttrain.eval.sweep import generate_responses, grade_responses, summarize
         from posttrain.tasks.arithmetic import generate_problems
 
         cfg, rc = self.cfg, self.rc
@@ -308,20 +313,28 @@ class RLDriver:
             return {}
         diffs = list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1))
         problems = generate_problems(cfg.eval_n_per_difficulty * len(diffs), rc.eval.seed, diffs)
+        prompts = [p.expression for p in problems]
+
+        def graded(budget, cap):
+            return grade_responses(problems, generate_responses(self.w.rollouts, prompts, budget, cap,
+                                                                cfg.eval_max_new_tokens, batch_size=64))
+
         out = {}
         for b in cfg.eval_budgets:
             budget = None if b == "auto" else int(b)
-            batch = self.rollout([p.expression for p in problems], [budget] * len(problems), seed=0, greedy=True,
-                                 cap=False, max_new_tokens=cfg.eval_max_new_tokens, group_size=1)
-            correct = [grade_integer(t, p.answer) for t, p in zip(batch.texts, problems)]
-            row = {"accuracy": sum(correct) / len(correct),
-                   "think_tokens": sum(batch.n_think) / len(batch)}
+            natural = graded(budget, cap=False)
+            s = summarize(natural, budget, "natural")
+            row = {"accuracy": s["accuracy"], "think_tokens": s["think_tokens_mean"],
+                   "correct": [int(r.correct) for r in natural]}
             if budget is not None:
-                row["adherence"] = sum(c and n <= budget for c, n in zip(batch.closed, batch.n_think)) / len(batch)
+                capped = natural if budget == 0 else graded(budget, cap=True)
+                row |= {"adherence": s["adherence"], "accuracy_capped": sum(r.correct for r in capped) / len(capped),
+                        "adherent": [int(r.closed and r.n_think <= budget) for r in natural],
+                        "correct_capped": [int(r.correct) for r in capped]}
             else:
                 by = defaultdict(list)
-                for p, n in zip(problems, batch.n_think):
-                    by[p.difficulty].append(n)
+                for r in natural:
+                    by[r.difficulty].append(r.n_think)
                 row["think_tokens_by_difficulty"] = {d: sum(v) / len(v) for d, v in sorted(by.items())}
             out[str(b)] = row
         return out
@@ -420,13 +433,17 @@ class RLDriver:
                         raise KeyboardInterrupt(f"{self.algo} stopped by a signal after step {done}; state saved")
             self.w.learners[0].call(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
             after = self.evaluate()
+            write_json_atomic(ctx.stage.path / "eval_after.json", after)
             log.info("%s: trained model %s", self.algo, _brief(after))
+            log.info("%s: against the input model (95%% paired intervals)\n%s", self.algo,
+                     format_comparison(_compare(before, after), _verdict(before, after)))
             counters = self.w.learners[0].call(LearnerWorker.counters)
         finally:
             for p in self.w.all():
                 p.kill()
-        summary = {"before": before, "after": after, "skipped_steps": counters["skipped_steps"],
-                   "comparison": _compare(before, after)}
+        summary = {"before": _without_vectors(before), "after": _without_vectors(after),
+                   "skipped_steps": counters["skipped_steps"], "comparison": _compare(before, after),
+                   "verdict": _verdict(before, after)}
         if history:
             last = history[-max(1, len(history) // 5):]
             summary["final_reward_mean"] = sum(m["reward/mean"] for m in last) / len(last)
@@ -434,19 +451,83 @@ class RLDriver:
         return {"checkpoint": str(ctx.stage.checkpoint), "summary": summary, "steps": cfg.steps}
 
 
+PER_PROBLEM = {"accuracy": "correct", "accuracy_capped": "correct_capped", "adherence": "adherent"}
+
+
 def _compare(before: dict, after: dict) -> dict:
-    """Per budget: accuracy and adherence before -> after (the RL stage's claim, in the summary)."""
+    """Per budget and measure (natural accuracy, capped accuracy, adherence): before, after, and the paired
+    difference on the same problems with its 95% interval, McNemar p-value and whether it is measurable
+    (`eval.sweep.paired_difference`): the RL stage's claim, in the summary."""
+    from posttrain.eval.sweep import paired_difference
+
     out = {}
     for b in after:
-        if b in before:
-            out[b] = {k: [before[b][k], after[b][k]] for k in ("accuracy", "adherence") if k in after[b]}
+        if b not in before:
+            continue
+        out[b] = {}
+        for k, vec in PER_PROBLEM.items():
+            if k not in after[b] or k not in before[b]:
+                continue
+            row = {"before": before[b][k], "after": after[b][k]}
+            if vec in before[b] and vec in after[b] and len(before[b][vec]) == len(after[b][vec]):
+                d = paired_difference(before[b][vec], after[b][vec])
+                row |= {"diff": d["diff"], "ci95": [d["ci_low"], d["ci_high"]], "p_value": d["p_value"],
+                        "measurably": d["measurably"]}
+            out[b][k] = row
     return out
+
+
+def _verdict(before: dict, after: dict) -> dict:
+    """The stage's claim over budgets pooled (paired on the same problems): adherence over every positive eval
+    budget, and accuracy (natural and capped) over the middle budgets, those strictly between the smallest and
+    the largest (all of them when there are fewer than three)."""
+    from posttrain.eval.sweep import paired_difference
+
+    budgets = sorted(int(b) for b in after if b != "auto" and b in before and int(b) > 0 and "adherent" in after[b])
+    if not budgets:
+        return {}
+    middle = budgets[1:-1] if len(budgets) >= 3 else budgets
+
+    def pooled(bs, vec):
+        d = paired_difference([x for b in bs for x in before[str(b)][vec]], [x for b in bs for x in after[str(b)][vec]])
+        n = d["n"]
+        before_rate = sum(x for b in bs for x in before[str(b)][vec]) / n
+        return {"before": before_rate, "after": before_rate + d["diff"], "diff": d["diff"],
+                "ci95": [d["ci_low"], d["ci_high"]], "p_value": d["p_value"], "measurably": d["measurably"]}
+
+    return {"budgets": budgets, "middle_budgets": middle, "adherence": pooled(budgets, "adherent"),
+            "accuracy_middle": pooled(middle, "correct"), "accuracy_capped_middle": pooled(middle, "correct_capped")}
+
+
+def _without_vectors(ev: dict) -> dict:
+    """An evaluation without its per-problem lists (kept in eval_before.json / eval_after.json)."""
+    return {b: {k: v for k, v in r.items() if k not in PER_PROBLEM.values()} for b, r in ev.items()}
+
+
+def format_comparison(cmp: dict, verdict: dict | None = None) -> str:
+    """The comparison as a table: one line per budget and measure, then the pooled verdict lines."""
+    lines = [f"{'budget':>6}  {'measure':<15} {'before':>7} {'after':>7} {'diff [95% CI]':>22}  {'p':>7}  verdict"]
+    for b, measures in cmp.items():
+        for k, r in measures.items():
+            ci = f"{100 * r['diff']:+5.1f} [{100 * r['ci95'][0]:+5.1f}, {100 * r['ci95'][1]:+5.1f}]" if "diff" in r else "-"
+            p = f"{r['p_value']:.3g}" if "p_value" in r else "-"
+            lines.append(f"{b:>6}  {k:<15} {100 * r['before']:6.1f}% {100 * r['after']:6.1f}% {ci:>22}  {p:>7}  "
+                         f"{r.get('measurably', '-')}")
+    if verdict:
+        lines.append("pooled: adherence over budgets %s; accuracy over the middle budgets %s"
+                     % (",".join(map(str, verdict["budgets"])), ",".join(map(str, verdict["middle_budgets"]))))
+        for k in ("adherence", "accuracy_middle", "accuracy_capped_middle"):
+            r = verdict[k]
+            lines.append(f"{'':>6}  {k:<22} {100 * r['before']:5.1f}% -> {100 * r['after']:5.1f}%  "
+                         f"{100 * r['diff']:+5.1f} [{100 * r['ci95'][0]:+5.1f}, {100 * r['ci95'][1]:+5.1f}]  "
+                         f"p {r['p_value']:.3g}  {r['measurably']}")
+    return "\n".join(lines)
 
 
 def _brief(ev: dict) -> str:
     parts = []
     for b, r in ev.items():
-        adh = f" adh {r['adherence']:.2f}" if "adherence" in r else ""
+        adh = f" adh {r['adherence']:.2f} capped acc {r['accuracy_capped']:.2f}" if "adherence" in r else ""
         parts.append(f"[{b}] acc {r['accuracy']:.2f}{adh} think {r['think_tokens']:.1f}")
     return "  ".join(parts)
 

@@ -81,8 +81,10 @@ class Host:
 
 
 def _method_name(cls: type, method: Callable) -> str:
+    """The name to dispatch `method` by: a function `cls` defines or inherits (a base class's method called on a
+    subclass runs the subclass's override, as a plain call would)."""
     name = getattr(method, "__name__", None)
-    if name is None or getattr(cls, name, None) is not method:
+    if name is None or not any(vars(base).get(name) is method for base in cls.__mro__):
         raise TypeError(f"{method!r} is not a method of {cls.__name__}")
     return name
 
