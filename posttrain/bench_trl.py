@@ -8,7 +8,7 @@ closest TRL 1.16 configuration (field names from `trl/trainer/grpo_config.py`):
     per_device_train_batch_size = generation_batch_size / mini_batches,  steps_per_generation = mini_batches
     num_generations = group_size, num_iterations = 1, max_completion_length = max_new_tokens
     epsilon = clip_low, epsilon_high = clip_high, loss_type = "dapo" (token mean over the mini-batch = our
-    token_mean), scale_rewards = "group" (our `grpo` estimator), beta = kl_coef (k3 KL as a loss term, as ours
+    token_mean), scale_rewards = "group" (our `grpo` estimator; "none" for `dr_grpo`), beta = kl_coef (k3 KL as a loss term, as ours
     with kl_in_reward false; 0: no reference model on either side)
     AdamW with our learning_rate / weight_decay, constant schedule, max_grad_norm, router_aux_loss_coef
     temperature, top_p, top_k = 0; no gradient checkpointing, no bf16 autocast on CPU
@@ -46,17 +46,18 @@ def grpo_config_kwargs(cfg, *, max_steps: int, seed: int, use_cpu: bool, bf16: b
     if cfg.prompts_per_step % cfg.mini_batches:
         raise ValueError(f"the TRL comparison needs prompts_per_step ({cfg.prompts_per_step}) divisible by "
                          f"mini_batches ({cfg.mini_batches}): TRL's mini-batches all have the same size")
-    if cfg.loss_agg != "token_mean" or cfg.adv_estimator != "grpo" or cfg.policy_loss != "vanilla" or (
+    if cfg.loss_agg != "token_mean" or cfg.adv_estimator not in ("grpo", "dr_grpo") or cfg.policy_loss != "vanilla" or (
             cfg.kl_coef > 0 and (cfg.kl_in_reward or cfg.kl_kind != "k3")):
-        raise ValueError("the TRL comparison covers loss_agg=token_mean, adv_estimator=grpo, policy_loss=vanilla "
-                         "and a k3 KL loss term")
+        raise ValueError("the TRL comparison covers loss_agg=token_mean, adv_estimator=grpo or dr_grpo, "
+                         "policy_loss=vanilla and a k3 KL loss term")
     return dict(
         per_device_train_batch_size=rows // cfg.mini_batches, steps_per_generation=cfg.mini_batches,
         gradient_accumulation_steps=1, num_generations=cfg.group_size, num_iterations=1,
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, lr_scheduler_type="constant",
         warmup_steps=0, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch", beta=cfg.kl_coef,
-        epsilon=cfg.clip_low, epsilon_high=cfg.clip_high, loss_type="dapo", scale_rewards="group",
+        epsilon=cfg.clip_low, epsilon_high=cfg.clip_high, loss_type="dapo",
+        scale_rewards="group" if cfg.adv_estimator == "grpo" else "none",  # dr_grpo: no std division
         router_aux_loss_coef=cfg.router_aux_coef, activation_checkpointing=False, bf16=bf16, use_cpu=use_cpu,
         shuffle_dataset=False, max_steps=max_steps, seed=seed, logging_steps=10**9, save_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
