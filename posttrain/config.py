@@ -163,10 +163,16 @@ class SFTStageConfig(Section):
         "verbose", description="Trace style of unbudgeted (autonomous) examples."
     )
     budget_traces: Literal["most_explicit", "sampled"] = Field(
-        "sampled",
-        description="Embedded task, budgeted examples: `sampled` draws a trace among those that fit the budget "
-                    "(any line count, any grouping: the model sees every way to spend it and RL finds the one it "
-                    "executes best); `most_explicit` always takes the most explicit trace of uniform grouping.",
+        "most_explicit",
+        description="Embedded task, budgeted examples: `sampled` takes the full trace when it fits the budget, else "
+                    "draws one among those that fit (any line count, any grouping: the model sees every way to "
+                    "compress and RL finds the one it executes best); `most_explicit` always takes the most "
+                    "explicit trace of uniform grouping.",
+    )
+    full_trace_share: float = Field(
+        1.0, ge=0, le=1,
+        description="With `budget_traces: sampled`: the share of budgeted examples whose budget fits the full trace "
+                    "that take it; the others draw among every trace that fits, as examples short of room do.",
     )
     max_length: int = Field(256, ge=16, description="Longest training sequence in tokens.")
     lora: LoraConfig = Field(default_factory=LoraConfig)

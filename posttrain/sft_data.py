@@ -1,11 +1,12 @@
 """SFT examples for the thinking format: budgeted, autonomous and budget-0 samples, tokenized with the chat template.
 
 Each example is `{"input_ids", "completion_mask", "mode", "budget", "n_think"}`; the completion (assistant part)
-is the only part with loss. Budgeted samples carry a trace that fits the sampled budget: one drawn among all that fit
-(`budget_traces="sampled"`, `posttrain.tasks.arithmetic.sample_fitting_trace`) or the most explicit one
-(`"most_explicit"`, `fit_trace`); autonomous samples the full trace, budget-0 samples none. This only teaches
-budgets roughly (the model sees traces that fit, never a penalty for overrunning, and not which way of fitting it
-gets right most often): sharpening both is RL's job.
+is the only part with loss. Budgeted samples carry a trace that fits the sampled budget: with
+`budget_traces="sampled"` the full trace when it fits, else one drawn among all that fit
+(`posttrain.tasks.arithmetic.sample_fitting_trace`); with `"most_explicit"` the most explicit one (`fit_trace`).
+Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
+traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
+sharpening both is RL's job.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def tokenize_example(tokenizer, prompt: str, budget: int | None, thinking: str, 
 
 def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], mix: BudgetMix,
                        autonomous_style: str, seed: int, max_length: int,
-                       budget_traces: str = "most_explicit") -> list[dict]:
+                       budget_traces: str = "most_explicit", full_trace_share: float = 1.0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for ex in examples:
@@ -51,7 +52,7 @@ def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], m
             if arithmetic:
                 count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
                 thinking = (fit_trace(p, budget, count) if budget_traces == "most_explicit"
-                            else sample_fitting_trace(p, budget, count, rng))
+                            else sample_fitting_trace(p, budget, count, rng, full_trace_share))
             else:  # real data: keep the reference reasoning only when it fits, never cut it mid-thought
                 thinking = full if count_tokens(tokenizer, full) <= budget else ""
         row = tokenize_example(tokenizer, ex.prompt, budget, thinking, ex.answer)

@@ -109,13 +109,19 @@ def test_sample_fitting_trace_fits_and_spreads_over_line_counts(tokenizer):
     count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
     rng = random.Random(0)
     p = parse_expression("8+9*3*1+2+8-5*1-8")  # 8 operators: a trace of L lines costs 8 + 4L - 1 tokens
-    for budget in (11, 19, 27, 39):
+    for budget in (11, 19, 27, 35):
         lines = set()
         for _ in range(60):
             t = sample_fitting_trace(p, budget, count, rng)
             assert 0 < count(t) <= budget
             lines.add(t.count("\n") + 1)
         assert lines == set(range(1, (budget - 8 + 1) // 4 + 1)), (budget, lines)  # every count that fits
+    for budget in (39, 100):  # the full trace (39 tokens) fits: always it
+        assert sample_fitting_trace(p, budget, count, rng) == make_trace(p, "verbose")
+    # full_share=0.5: about half full, the rest over every line count that fits (full one included)
+    draws = [sample_fitting_trace(p, 39, count, rng, full_share=0.5) for _ in range(400)]
+    assert 150 <= sum(t == make_trace(p, "verbose") for t in draws) <= 280
+    assert {t.count("\n") + 1 for t in draws} == set(range(1, 9))
     assert sample_fitting_trace(p, 10, count, rng) == "" and sample_fitting_trace(p, 0, count, rng) == ""
 
 

@@ -177,15 +177,20 @@ def fit_trace(p: Problem, budget: int, count_tokens) -> str:
     return ""
 
 
-def sample_fitting_trace(p: Problem, budget: int, count_tokens, rng: random.Random) -> str:
-    """A trace drawn among those that fit `budget`: a line count uniform over the counts that fit, then a random
-    grouping of the operators into that many lines; "" when none fits.
+def sample_fitting_trace(p: Problem, budget: int, count_tokens, rng: random.Random, full_share: float = 1.0) -> str:
+    """With probability `full_share` the full (verbose) trace when it fits `budget`; otherwise one drawn among the
+    traces that fit: a line count uniform over the counts that fit, then a random grouping of the operators into
+    that many lines; "" when none fits.
 
-    Unlike `fit_trace` (always the most explicit), this shows a model every way of spending the budget without
-    saying which one it executes best: a demonstrator does not know that, and RL finds it from the rewards.
+    Demonstrations vary in how much of the budget they spend, and a demonstrator short of room has many ways to
+    compress and no way of knowing which one the student model will execute best. Unlike `fit_trace` (always the
+    most explicit), this shows the model all of them, and RL finds the best from the rewards.
     """
     if budget <= 0:
         return ""
+    full = make_trace(p, "verbose")
+    if count_tokens(full) <= budget and rng.random() < full_share:
+        return full
     fits = [n for n in range(1, p.difficulty + 1)
             if count_tokens(make_trace_groups(p, [p.difficulty - n + 1] + [1] * (n - 1))) <= budget]
     if not fits:
