@@ -44,31 +44,46 @@ def _budget_rows(rows, model, mode="natural"):
     return {r["budget"]: r for r in rows if r["model"] == model and r["mode"] == mode and r["difficulty"] == "all"}
 
 
-def test_grpo_follows_budgets_better_than_sft_without_losing_accuracy():
-    """The grpo stage's own before/after evaluation (natural mode: the budget is only an instruction)."""
-    done = json.loads((Path(RUN) / "grpo" / "done.json").read_text())
-    before, after = done["summary"]["before"], done["summary"]["after"]
-    budgets = [b for b in after if b != "auto"]
-    adh = lambda ev: sum(ev[b]["adherence"] for b in budgets) / len(budgets)  # noqa: E731
-    assert adh(after) >= adh(before) + 0.05, (before, after)
-    assert min(after[b]["adherence"] for b in budgets) >= 0.9, after
-    middle = [b for b in budgets if 16 <= int(b) <= 32]
-    acc = lambda ev: sum(ev[b]["accuracy"] for b in middle) / len(middle)  # noqa: E731
-    assert acc(after) >= acc(before) - 0.02, (before, after)
-    # autonomous mode: thinking still grows with difficulty
+def test_grpo_follows_budgets_measurably_better_than_sft_without_losing_accuracy():
+    """From the grpo stage's own paired evaluation (`eval_before.json` of the SFT model, `eval_after.json` of the
+    GRPO model: the same held-out problems, greedy): budget adherence without forcing, pooled over every budget,
+    is measurably above SFT's (McNemar p < 0.05) and no budget's is measurably below; accuracy at the middle
+    budgets, natural and with the budget enforced, is not measurably below (the RL stage's claim of a measurable
+    accuracy gain is not met on the embedded task: docs/rl_findings.md); autonomous thinking still grows with
+    difficulty. The pooled figures are recomputed here from the per-problem lists."""
+    from posttrain.eval.sweep import paired_difference
+
+    stage = Path(RUN) / "grpo"
+    summary = json.loads((stage / "done.json").read_text())["summary"]
+    before = json.loads((stage / "eval_before.json").read_text())
+    after = json.loads((stage / "eval_after.json").read_text())
+    v = summary["verdict"]
+    assert v["middle_budgets"] and set(v["middle_budgets"]) < set(v["budgets"]), v
+
+    def pooled(budgets, key):
+        return paired_difference([x for b in budgets for x in before[str(b)][key]],
+                                 [x for b in budgets for x in after[str(b)][key]])
+
+    for name, budgets, key in (("adherence", v["budgets"], "adherent"), ("accuracy_middle", v["middle_budgets"], "correct"),
+                               ("accuracy_capped_middle", v["middle_budgets"], "correct_capped")):
+        d = pooled(budgets, key)
+        assert d["diff"] == pytest.approx(v[name]["diff"]) and d["p_value"] == pytest.approx(v[name]["p_value"])
+        assert d["measurably"] == ("above" if name == "adherence" else d["measurably"]) != "below", (name, d)
+    for b in v["budgets"]:
+        assert summary["comparison"][str(b)]["adherence"]["measurably"] != "below", (b, summary["comparison"][str(b)])
     by_d = after["auto"]["think_tokens_by_difficulty"]
     means = [by_d[k] for k in sorted(by_d, key=int)]
     assert means[-1] > 2 * means[0] and sum(a <= b for a, b in zip(means, means[1:])) >= len(means) - 2, means
 
 
 def test_rl_curve_sits_on_or_above_sft_curve():
-    """sweep.json: at every budget the GRPO model's natural-mode accuracy is within noise of SFT's or above,
-    and its budget adherence is at least SFT's."""
+    """sweep.json: at every budget the GRPO model's natural-mode accuracy is within noise of SFT's or above (SFT's
+    accuracy is inside or below the GRPO row's 95% interval), and its budget adherence is at least SFT's."""
     rows = json.loads((Path(RUN) / "sweep" / "sweep.json").read_text())
     sft, rl = _budget_rows(rows, "sft"), _budget_rows(rows, "grpo")
     assert set(sft) == set(rl) and len(sft) >= 5
     for b in sft:
-        assert rl[b]["accuracy"] >= sft[b]["accuracy"] - 0.04, (b, sft[b], rl[b])
+        assert rl[b]["accuracy_ci_high"] >= sft[b]["accuracy"], (b, sft[b], rl[b])
         if sft[b]["adherence"] is not None and b not in (0, "0"):
             assert rl[b]["adherence"] >= sft[b]["adherence"] - 0.02, (b, sft[b], rl[b])
     for name in ("accuracy_vs_budget.png", "think_tokens_vs_budget.png"):
@@ -77,14 +92,16 @@ def test_rl_curve_sits_on_or_above_sft_curve():
 
 def test_exported_adapter_loads_with_plain_peft_and_keeps_thinking_within_budget(tmp_path):
     """A fresh interpreter that imports only transformers and peft loads the adapter on the base checkpoint and,
-    asked through the chat template for a budget, keeps its thinking within it (held-out problems of every
-    difficulty; the problems are made here and passed in as text)."""
+    asked through the chat template for a budget, keeps its thinking within it as often as the GRPO checkpoint it
+    was extracted from does (same held-out problems of every difficulty, made here and passed in as text; at most
+    2 of 72 fewer), and at least 80% of the time."""
     import subprocess
     import sys
 
     from posttrain.tasks.arithmetic import generate_problems
 
     adapter = Path(RUN) / "export" / "adapter"
+    grpo = Path(RUN) / "grpo" / "checkpoint"
     problems = [p.expression for p in generate_problems(24, 777, list(range(1, 9)))]  # 3 per difficulty
     code = f"""
 import json, sys
@@ -93,23 +110,27 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 adapter = {str(adapter.resolve())!r}
 base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+models = {{"adapter": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval(),
+          "grpo": AutoModelForCausalLM.from_pretrained({str(grpo.resolve())!r}).eval()}}
 tok = AutoTokenizer.from_pretrained(adapter)
 end = tok.convert_tokens_to_ids("</think>")
 problems = {problems!r}
-out = []
-for budget in (8, 16, 32):
-    for p in problems:
-        ids = tok.apply_chat_template([{{"role": "user", "content": p}}], add_generation_prompt=True,
-                                      thinking_budget=budget, return_tensors="pt", return_dict=True)
-        gen = model.generate(**ids, max_new_tokens=80, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
-        n = gen.index(end) if end in gen else len(gen)
-        out.append([budget, n, end in gen])
+out = {{}}
+for name, model in models.items():
+    out[name] = []
+    for budget in (8, 16, 32):
+        for p in problems:
+            ids = tok.apply_chat_template([{{"role": "user", "content": p}}], add_generation_prompt=True,
+                                          thinking_budget=budget, return_tensors="pt", return_dict=True)
+            gen = model.generate(**ids, max_new_tokens=80, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+            n = gen.index(end) if end in gen else len(gen)
+            out[name].append([budget, n, end in gen])
 print(json.dumps(out))
 assert not [m for m in sys.modules if m.startswith("posttrain")]
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    within = [closed and n <= budget for budget, n, closed in rows]
-    assert sum(within) >= 0.9 * len(within), rows
+    within = {k: sum(closed and n <= budget for budget, n, closed in v) for k, v in rows.items()}
+    total = len(rows["adapter"])
+    assert within["adapter"] >= within["grpo"] - 2 and within["adapter"] >= 0.8 * total, (within, rows)
