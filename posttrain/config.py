@@ -357,7 +357,9 @@ class RayConfig(Section):
     """Where the RL actors run: a local Ray instance (default) or a cluster (`address`)."""
 
     address: str | None = Field(None, description="Ray cluster address (e.g. `ray://head:10001` or `auto`); "
-                                "null starts a local instance.")
+                                "null joins `RAY_ADDRESS` when set (as under `ray job submit`), else starts a "
+                                "local instance. A cluster with token authentication (Ray's default) needs "
+                                "RAY_AUTH_MODE=token and its token in this process's environment.")
     num_cpus: float | None = Field(None, gt=0, description="CPUs of the local instance (default: all cores).")
     backend: Literal["ray", "local"] = Field("ray", description="`local` runs every worker in the driver process "
                                              "(no Ray; for debugging).")

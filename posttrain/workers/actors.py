@@ -241,22 +241,30 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
              required_cpus: float = 0.0, required_gpus: float = 0.0) -> dict:
     """Start a local Ray instance (address None) or join a cluster; returns its resources.
 
-    Checks that the actors the recipe asks for fit (`required_cpus` / `required_gpus`): Ray would otherwise wait
-    forever for resources that never come. A local instance gets `num_cpus` CPUs (default: this machine's count).
+    With no address, `RAY_ADDRESS` (which `ray job submit` sets for its entrypoint) is joined when set; otherwise a
+    new local instance starts even if another Ray runs on this machine (Ray itself would join the last one that
+    `ray start` made, or a dead one whose address file was left behind). A local instance gets `num_cpus` CPUs
+    (default: this machine's count). Checks that the actors the recipe asks for fit (`required_cpus` /
+    `required_gpus`): Ray would otherwise wait forever for resources that never come.
     """
     import ray
 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": "warning",
                                   "configure_logging": False}
+        source = "ray.address" if address else "RAY_ADDRESS"
+        address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as e:
+                raise ConnectionError(_join_failure(source, address, e)) from e
         else:
             # Ray's worker processes import torch and would each start one thread per core; the Host sets the real
             # count, this keeps the import itself from oversubscribing a small machine.
             env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            ray.init(num_cpus=num_cpus if num_cpus is not None else os.cpu_count(), num_gpus=num_gpus,
-                     object_store_memory=256 * 2**20, runtime_env={"env_vars": env}, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+                     num_gpus=num_gpus, object_store_memory=256 * 2**20, runtime_env={"env_vars": env}, **kwargs)
     res = ray.cluster_resources()
     have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     if required_cpus > have_cpu + 1e-9 or required_gpus > have_gpu + 1e-9:
@@ -265,6 +273,20 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
             f"CPUs and {have_gpu:g} GPUs; lower the `ray.*.cpus` / `ray.*.gpus` keys or raise `ray.num_cpus`"
         )
     return {"CPU": have_cpu, "GPU": have_gpu, "address": address or "local"}
+
+
+def _join_failure(source: str, address: str, err: BaseException) -> str:
+    """The message for a failed `ray.init(address=...)`: names where the address came from (`source`) and, when the
+    cluster refused this process, what to set (Ray turns token authentication on by itself only for `auto`)."""
+    chain, e = [], err
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(type(c).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(c) for c in chain):
+        return (f"{source}: the Ray cluster at {address} requires token authentication and refused this "
+                "process; set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN, in the file named "
+                "by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+    return f"{source}: could not join the Ray cluster at {address}: {err}"
 
 
 def shutdown_ray() -> None:
