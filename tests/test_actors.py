@@ -82,7 +82,9 @@ def test_ray_actor_restarts_after_its_process_dies(tmp_path, ray_session):
 
 
 def test_ray_actor_that_hangs_is_timed_out_restarted_and_retried(tmp_path, ray_session):
-    p = spawn(Probe, str(tmp_path / "n"), name="reward", options=ActorOptions(cpus=0, max_restarts=1, timeout_s=3))
+    p = spawn(Probe, str(tmp_path / "n"), name="reward", options=ActorOptions(cpus=0, max_restarts=1, timeout_s=10))
+    p.pid()  # waits for the actor to start (untimed): timeout_s also counts a first call's actor start, which on a
+    # slow machine (importing torch) can take seconds and be taken for the hang
     t0 = time.time()
     assert p.call(Probe.hang_first, 1) == "fresh"
     assert p.restarts == 1 and time.time() - t0 < 60
