@@ -356,7 +356,7 @@ class ActorGroupConfig(Section):
 class RayConfig(Section):
     """Where the RL actors run: a local Ray instance (default) or a cluster (`address`)."""
 
-    address: str | None = Field(None, description="Ray cluster address (e.g. `ray://head:10001` or `auto`); "
+    address: str | None = Field(None, description="Ray cluster address (the head's `host:6379` as `ray start` prints it, or `auto`); "
                                 "null joins `RAY_ADDRESS` when set (as under `ray job submit`), else starts a "
                                 "local instance. A cluster with token authentication (Ray's default) needs "
                                 "RAY_AUTH_MODE=token and its token in this process's environment.")

@@ -37,10 +37,10 @@ def ray_head(tmp_path):
     port = _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = _env()  # token authentication on (Ray's default): the token is ~/.ray/auth_token, made if missing
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=5", "--num-gpus=0",
-                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
-                            stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    with open(tmp_path / "ray_head.log", "w") as log:  # the child keeps its own copy of the descriptor
+        head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=5", "--num-gpus=0",
+                                 "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     import ray.util
 
     address = f"{ray.util.get_node_ip_address()}:{port}"  # Ray's GCS listens on the node's address
