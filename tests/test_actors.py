@@ -83,12 +83,40 @@ def test_ray_actor_restarts_after_its_process_dies(tmp_path, ray_session):
 
 def test_ray_actor_that_hangs_is_timed_out_restarted_and_retried(tmp_path, ray_session):
     p = spawn(Probe, str(tmp_path / "n"), name="reward", options=ActorOptions(cpus=0, max_restarts=1, timeout_s=10))
-    p.pid()  # waits for the actor to start (untimed): timeout_s also counts a first call's actor start, which on a
-    # slow machine (importing torch) can take seconds and be taken for the hang
     t0 = time.time()
     assert p.call(Probe.hang_first, 1) == "fresh"
     assert p.restarts == 1 and time.time() - t0 < 60
     p.kill()
+
+
+class SlowStart(Probe):
+    """A worker whose constructor takes longer than a call may (a model load)."""
+
+    def __init__(self, counter_file: str, seconds: float):
+        time.sleep(seconds)
+        super().__init__(counter_file)
+
+
+class BrokenStart(Probe):
+    def __init__(self, counter_file: str):
+        raise OSError(f"no checkpoint at {counter_file}")
+
+
+def test_ray_actor_start_is_not_counted_in_the_call_timeout(tmp_path, ray_session):
+    p = spawn(SlowStart, str(tmp_path / "n"), 4.0, name="learner",
+              options=ActorOptions(cpus=0, max_restarts=1, timeout_s=2))
+    assert p.call(Probe.echo, 1) == (1, "fresh")  # the 4 s constructor did not make the 2 s call time out
+    assert p.restarts == 0
+    with pytest.raises(WorkerFailed, match=r"actor 'slow' failed: did not start within start_timeout_s=1"):
+        spawn(SlowStart, str(tmp_path / "m"), 30.0, name="slow",
+              options=ActorOptions(cpus=0, max_restarts=0, start_timeout_s=1)).call(Probe.echo, 1)
+    p.kill()
+
+
+def test_ray_actor_whose_constructor_fails_names_the_cause(tmp_path, ray_session):
+    p = spawn(BrokenStart, str(tmp_path / "ckpt"), name="rollout0", options=ActorOptions(cpus=0, max_restarts=2))
+    with pytest.raises(WorkerFailed, match=r"actor 'rollout0' failed: could not start: .*no checkpoint at"):
+        p.call(Probe.echo, 1)
 
 
 def test_ray_actor_out_of_restarts_names_actor_and_cause(tmp_path, ray_session):

@@ -48,7 +48,8 @@ class ActorOptions:
     gpus: float = 0.0
     threads: int | None = None  # torch threads in the actor; default: the CPUs it was given (at least 1)
     max_restarts: int = 2
-    timeout_s: float | None = None  # per call; None waits forever
+    timeout_s: float | None = None  # per call, not counting the actor's start; None waits forever
+    start_timeout_s: float = 600.0  # how long a new or restarted actor may take to construct its worker
 
     @property
     def torch_threads(self) -> int:
@@ -130,7 +131,23 @@ class Proxy(Generic[W]):
             finally:
                 self.seconds += time.perf_counter() - t0
                 self.busy += time.perf_counter() - t0
+        if self.incarnation is None:  # a new actor: its start (imports, model load) is not part of a call's timeout
+            self._wait_started()
         return self.handle.call.remote(name, args, kwargs)
+
+    def _wait_started(self) -> None:
+        """Block until a new actor's worker is constructed, at most `start_timeout_s`; a constructor that raises
+        (or an actor that cannot start) ends it with `WorkerFailed`."""
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        try:
+            self._wait_alive(deadline=time.monotonic() + self.options.start_timeout_s)
+        except (ActorUnavailableError, GetTimeoutError) as e:
+            self.kill()
+            raise WorkerFailed(self.name, f"did not start within start_timeout_s={self.options.start_timeout_s}") from e
+        except RayActorError as e:
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]  # the constructor's error is last
+            raise WorkerFailed(self.name, f"could not start: {lines[-1] if lines else type(e).__name__}") from e
 
     def _finish(self, pending: Pending) -> Any:
         if self.local is not None:
@@ -171,7 +188,7 @@ class Proxy(Generic[W]):
         log.warning("actor %s: %s; restart %d of %d, retrying", self.name, cause, self.restarts,
                     self.options.max_restarts)
         try:
-            self._wait_alive(deadline=time.monotonic() + 300)
+            self._wait_alive(deadline=time.monotonic() + self.options.start_timeout_s)
             if self.on_restart is not None:
                 self.on_restart(self)
         except Exception as e:  # noqa: BLE001 - any failure here ends the actor for good
