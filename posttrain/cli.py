@@ -96,7 +96,8 @@ def _cmd_export(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base)
+    save = tuple(m for m in (args.modules_to_save or "").split(",") if m)
+    report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base, modules_to_save=save)
     print(f"{report['kind']} -> {args.out}")
     if "max_relative_frobenius_error" in report:
         print(f"  rank {report['rank']}: max relative Frobenius error {report['max_relative_frobenius_error']:.3g}, "
@@ -104,7 +105,7 @@ def _cmd_export(args) -> int:
               f"(without the adapter {report['kl_tuned_vs_base']:.4g})")
         if report["uncovered_changed_params"]:
             print(f"  {len(report['uncovered_changed_params'])} changed parameters are not carried by the adapter "
-                  "(see export.json)")
+                  "(see export.json; --modules-to-save stores such modules whole)")
     return 0
 
 
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merged", action="store_true", help="write a full HF checkpoint instead of an adapter")
     e.add_argument("--rank", type=int, default=16, help="rank of an adapter extracted from a full fine-tune")
     e.add_argument("--base", help="base checkpoint (default: the run's base stage or recipe model.path)")
+    e.add_argument("--modules-to-save", default="", help="comma-separated module name suffixes an extracted adapter "
+                   "stores whole (PEFT modules_to_save), e.g. norm,embed_tokens")
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=_cmd_export)
     s = sub.add_parser("schema", help="print every recipe key with its default and documentation")

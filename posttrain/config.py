@@ -174,6 +174,12 @@ class SFTStageConfig(Section):
         description="With `budget_traces: sampled`: the share of budgeted examples whose budget fits the full trace "
                     "that take it; the others draw among every trace that fits, as examples short of room do.",
     )
+    truncate_share: float = Field(
+        0.0, ge=0, le=1,
+        description="With `budget_traces: sampled`: the share of budgeted examples, among those not taking the full "
+                    "trace, whose thinking is the verbose trace cut to the budget (whole lines), the answer then "
+                    "folding the rest, as after a forced `</think>`; the others draw a compressed trace.",
+    )
     max_length: int = Field(256, ge=16, description="Longest training sequence in tokens.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     logging_steps: int = Field(10, ge=1)
@@ -422,6 +428,12 @@ class ExportStageConfig(Section):
         default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
         description="Parameters (fused 3-D experts, routers) an extracted adapter covers via PEFT "
         "`target_parameters`.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules (name suffixes) an extracted adapter stores whole with their tuned weights (PEFT "
+        "`modules_to_save`), for changes a low-rank delta does not carry: `norm` matches every RMSNorm, "
+        "`embed_tokens` the embedding (and a tied output layer). Costs their full size in the adapter.",
     )
 
 

@@ -87,17 +87,30 @@ def _fill_experts(layer, adapter: str, delta: torch.Tensor, rank: int) -> None:
         wb.data[:, torch.arange(k) * n_exp + e] = b / scale
 
 
-def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str], target_parameters: list[str]):
-    """A PeftModel on `base_model` whose LoRA deltas approximate tuned - base; returns (peft_model, errors)."""
+def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str], target_parameters: list[str],
+                    modules_to_save: list[str] = ()):
+    """A PeftModel on `base_model` whose LoRA deltas approximate tuned - base; returns (peft_model, errors,
+    uncovered). Modules named by `modules_to_save` (name suffixes, PEFT's `modules_to_save`: norms, the embedding)
+    are stored whole, with the tuned weights, so their change is carried exactly."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+    from peft.utils import ModulesToSaveWrapper
 
-    tuned = dict(tuned_model.named_parameters())
+    tuned, tuned_state = dict(tuned_model.named_parameters()), tuned_model.state_dict()
     base_params = {n: p.detach().clone() for n, p in base_model.named_parameters()}
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules or None,
-                     target_parameters=target_parameters or None, init_lora_weights=False, task_type="CAUSAL_LM")
+                     target_parameters=target_parameters or None, init_lora_weights=False, task_type="CAUSAL_LM",
+                     modules_to_save=list(modules_to_save) or None,
+                     ensure_weight_tying=bool(modules_to_save))  # a saved embedding stays tied to the output layer
     peft_model = get_peft_model(base_model, cfg)
     errors, covered = {}, set()
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and "default" in module.modules_to_save:
+            prefix = name.removeprefix("base_model.model.")
+            with torch.no_grad():
+                for pn, p in module.modules_to_save["default"].named_parameters():
+                    p.copy_(tuned_state[f"{prefix}.{pn}"].detach().to(p.dtype))  # state_dict: tied names too
+                    covered.add(f"{prefix}.{pn}")
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
             continue
@@ -153,6 +166,7 @@ def heldout_batch(tokenizer, tuned_model, n: int = 32, seed: int = 4242):
 def export(model: str | Path, out: str | Path, merged: bool = False, rank: int = 16, base: str | Path | None = None,
            target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
            target_parameters: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
+           modules_to_save: tuple[str, ...] = (),
            ) -> dict:
     """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json)."""
     from posttrain.model import load_model, load_tokenizer, save_model
@@ -178,7 +192,8 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         tuned, base_model = load_model(ckpt), load_model(base)
         mods = [m for m in target_modules if any(n.endswith(m) for n, _ in base_model.named_modules())]
         params = [p for p in target_parameters if any(n.endswith(p) for n, _ in base_model.named_parameters())]
-        peft_model, errors, uncovered = extract_adapter(base_model, tuned, rank, mods, params)
+        save = [m for m in modules_to_save if any(n.endswith(m) for n, _ in base_model.named_modules())]
+        peft_model, errors, uncovered = extract_adapter(base_model, tuned, rank, mods, params, save)
         peft_model.peft_config["default"].base_model_name_or_path = str(base.resolve())
         ids, mask = heldout_batch(tok, tuned)
         kl = mean_token_kl(tuned, peft_model, ids, mask)
@@ -191,7 +206,8 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         worst = max(errors.values()) if errors else 0.0
         report = {"kind": "lora (extracted by SVD)", "source": str(ckpt), "base": str(base.resolve()), "rank": rank,
                   "relative_frobenius_error": errors, "max_relative_frobenius_error": worst,
-                  "kl_tuned_vs_adapted": kl, "kl_tuned_vs_base": kl_base, "uncovered_changed_params": uncovered}
+                  "kl_tuned_vs_adapted": kl, "kl_tuned_vs_base": kl_base, "modules_to_save": save,
+                  "uncovered_changed_params": uncovered}
     write_json_atomic(out / "export.json", report)
     log.info("export: %s -> %s", report["kind"], out)
     return report

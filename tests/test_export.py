@@ -82,6 +82,19 @@ def test_full_finetune_adapter_is_extracted_by_svd(runs):
     for name, p in merged.named_parameters():  # every adapted matrix, fused experts included, is reproduced
         if any(t in name for t in ("experts.gate_up_proj", "experts.down_proj", "q_proj", "o_proj", "mlp.gate")):
             torch.testing.assert_close(p, tuned_params[name], rtol=1e-4, atol=1e-5)
+    # norms and the (tied) embedding are not low-rank targets: their change is reported as not carried, unless the
+    # adapter stores those modules whole; then base + adapter is the tuned model itself
+    assert any("norm" in n for n in report["uncovered_changed_params"]), report["uncovered_changed_params"]
+    ids = torch.randint(0, 400, (2, 12))
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), out)
+    assert not torch.allclose(logits(adapted.eval(), ids), logits(tuned.eval(), ids), atol=1e-4)
+    whole = root / "full_export_whole"
+    proc = cli("export", "--model", str(run["full"]), "--out", str(whole), "--rank", "64",
+               "--modules-to-save", "norm,embed_tokens", env=env)
+    assert "not carried" not in proc.stdout
+    assert json.loads((whole / "export.json").read_text())["uncovered_changed_params"] == {}
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), whole)
+    torch.testing.assert_close(logits(adapted.eval(), ids), logits(tuned, ids), rtol=1e-4, atol=1e-4)
     # and a low-rank export reports the larger error it makes
     low = root / "full_export_r1"
     cli("export", "--model", str(run["full"]), "--out", str(low), "--rank", "1", env=env)
