@@ -35,7 +35,8 @@ def tokenize_example(tokenizer, prompt: str, budget: int | None, thinking: str, 
 
 def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], mix: BudgetMix,
                        autonomous_style: str, seed: int, max_length: int,
-                       budget_traces: str = "most_explicit", full_trace_share: float = 1.0) -> list[dict]:
+                       budget_traces: str = "most_explicit", full_trace_share: float = 1.0,
+                       truncate_share: float = 0.0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for ex in examples:
@@ -52,7 +53,7 @@ def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], m
             if arithmetic:
                 count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
                 thinking = (fit_trace(p, budget, count) if budget_traces == "most_explicit"
-                            else sample_fitting_trace(p, budget, count, rng, full_trace_share))
+                            else sample_fitting_trace(p, budget, count, rng, full_trace_share, truncate_share))
             else:  # real data: keep the reference reasoning only when it fits, never cut it mid-thought
                 thinking = full if count_tokens(tokenizer, full) <= budget else ""
         row = tokenize_example(tokenizer, ex.prompt, budget, thinking, ex.answer)

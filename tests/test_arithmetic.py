@@ -5,7 +5,7 @@ import pytest
 
 from posttrain.tasks.arithmetic import (
     evaluate_left_to_right, fit_trace, generate_problems, make_trace, make_trace_groups, parse_expression,
-    random_groups, sample_fitting_trace, sample_problem, trace_ladder,
+    random_groups, sample_fitting_trace, sample_problem, trace_ladder, truncated_trace,
 )
 
 
@@ -123,6 +123,25 @@ def test_sample_fitting_trace_fits_and_spreads_over_line_counts(tokenizer):
     assert 150 <= sum(t == make_trace(p, "verbose") for t in draws) <= 280
     assert {t.count("\n") + 1 for t in draws} == set(range(1, 9))
     assert sample_fitting_trace(p, 10, count, rng) == "" and sample_fitting_trace(p, 0, count, rng) == ""
+
+
+def test_truncated_trace_is_the_longest_verbose_prefix_that_fits(tokenizer):
+    from posttrain.tokenizer import count_tokens
+
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+    p = parse_expression("8+9*3*1+2+8-5*1-8")  # verbose lines: 4 tokens, then 5 each (newline included)
+    lines = make_trace(p, "verbose").split("\n")
+    assert lines[:2] == ["8+9=17", "+9*3=51"]
+    for budget, k in ((0, 0), (3, 0), (4, 1), (8, 1), (9, 2), (38, 7), (39, 8), (100, 8)):
+        assert truncated_trace(p, budget, count) == "\n".join(lines[:k]), budget
+    # truncate_share: the cut trace instead of a compressed one, only when the full trace is not taken
+    rng = random.Random(1)
+    draws = [sample_fitting_trace(p, 27, count, rng, truncate_share=0.5) for _ in range(400)]
+    cut = "\n".join(lines[:5])
+    assert 150 <= sum(t == cut for t in draws) <= 250
+    assert all(count(t) <= 27 for t in draws) and len(set(draws)) > 20  # the rest: compressed traces
+    assert sample_fitting_trace(p, 39, count, rng, truncate_share=1.0) == make_trace(p, "verbose")
+    assert sample_fitting_trace(p, 27, count, rng, truncate_share=1.0) == cut
 
 
 def test_fit_trace_fits_and_prefers_explicit(tokenizer):

@@ -52,7 +52,7 @@ def run(ctx) -> dict:
                        rc.model.experts_implementation)
     examples = load_examples(rc.data, rc.task, cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
     rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, cfg.autonomous_style, rc.seed + 2, cfg.max_length,
-                              cfg.budget_traces, cfg.full_trace_share)
+                              cfg.budget_traces, cfg.full_trace_share, cfg.truncate_share)
     if not rows:
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.max_length} tokens")
     modes = Counter(r["mode"] for r in rows)

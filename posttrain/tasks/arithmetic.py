@@ -177,7 +177,20 @@ def fit_trace(p: Problem, budget: int, count_tokens) -> str:
     return ""
 
 
-def sample_fitting_trace(p: Problem, budget: int, count_tokens, rng: random.Random, full_share: float = 1.0) -> str:
+def truncated_trace(p: Problem, budget: int, count_tokens) -> str:
+    """The longest prefix of the verbose trace (whole lines) that fits `budget`; "" when not even its first line
+    does. The answer that follows it must fold the operators the trace did not reach, as an answer after thinking
+    forced closed at the budget must (s1's budget forcing; Qwen3's thinking budget)."""
+    lines = make_trace(p, "verbose").split("\n")
+    for k in range(len(lines), 0, -1):
+        trace = "\n".join(lines[:k])
+        if count_tokens(trace) <= budget:
+            return trace
+    return ""
+
+
+def sample_fitting_trace(p: Problem, budget: int, count_tokens, rng: random.Random, full_share: float = 1.0,
+                         truncate_share: float = 0.0) -> str:
     """With probability `full_share` the full (verbose) trace when it fits `budget`; otherwise one drawn among the
     traces that fit: a line count uniform over the counts that fit, then a random grouping of the operators into
     that many lines; "" when none fits.
@@ -191,6 +204,8 @@ def sample_fitting_trace(p: Problem, budget: int, count_tokens, rng: random.Rand
     full = make_trace(p, "verbose")
     if count_tokens(full) <= budget and rng.random() < full_share:
         return full
+    if rng.random() < truncate_share:
+        return truncated_trace(p, budget, count_tokens)
     fits = [n for n in range(1, p.difficulty + 1)
             if count_tokens(make_trace_groups(p, [p.difficulty - n + 1] + [1] * (n - 1))) <= budget]
     if not fits:
