@@ -2,7 +2,7 @@
 (held-out AUC clearly above chance and above what difficulty alone gives).
 
 These read `$POSTTRAIN_QUICKSTART_RUN` (a run directory of recipes/quickstart.yaml); `.ci/run` sets it after
-running the quickstart, since training a model that can think and verify takes ~9 minutes on 2 cores, more
+running the quickstart, since training a model that can think and verify takes 12-25 minutes on 2 cores, more
 than the unit suite's budget. Without the variable they are skipped.
 """
 
