@@ -1,0 +1,40 @@
+"""Reading embedded-task traces line by line (posttrain.tasks.trace_lines), checked on traces built by hand."""
+
+from posttrain.tasks.arithmetic import make_trace, make_trace_groups, parse_expression
+from posttrain.tasks.trace_lines import read_trace, summarize
+
+P = parse_expression("7+3*2-5*3")  # running values 10, 20, 15, 45
+
+
+def respond(thinking: str, answer: int) -> str:
+    return f"{thinking}</think>\n\n{answer}<|im_end|>"
+
+
+def test_reads_groupings_line_values_and_what_is_left_to_the_answer():
+    r = read_trace(P, respond(make_trace(P), 45))
+    assert r.lines == ((1, True),) * 4 and r.left_to_answer == 0 and r.answer_right and not r.malformed
+    r = read_trace(P, respond("7+3=10\n+3*2-5=16\n-5*3=45", 45))  # 2-operator line with a wrong value (15)
+    assert r.grouping == (1, 2, 1) and [ok for _, ok in r.lines] == [True, False, True] and r.answer_right
+    r = read_trace(P, respond("7+3=10\n+3*2=20", 44))  # cut after two lines: the answer folds the last two
+    assert r.grouping == (1, 1) and r.left_to_answer == 2 and not r.answer_right
+    r = read_trace(P, respond(make_trace_groups(P, [3, 1]), 45))
+    assert r.lines == ((3, True), (1, True))
+    assert read_trace(P, respond("", 45)).left_to_answer == 4  # no thinking: the answer folds everything
+
+
+def test_a_line_restating_the_wrong_pair_stops_the_reading():
+    r = read_trace(P, respond("7+3=10\n*2-5=15\n-5*3=45", 45))  # the second line skips +3's restatement
+    assert r.malformed and r.grouping == (1,)
+    assert read_trace(P, respond("7+3=10\nso 20", 20)).malformed
+
+
+def test_summary_counts_by_hand():
+    q = parse_expression("4+5")
+    responses = [respond(make_trace(P), 45), respond("7+3*2=20\n*2-5*3=45", 45), respond("7+3=10", 9),
+                 respond("4+5=9", 9)]
+    s = summarize([P, P, P, q], responses, forced=[False, False, True, False])
+    assert s["accuracy_by_difficulty"] == {1: 1.0, 4: 2 / 3}
+    assert s["line_accuracy_by_ops"] == {1: {"right": 6, "lines": 6}, 2: {"right": 2, "lines": 2}}
+    assert s["groupings"][4] == [{"grouping": "1-1-1-1", "count": 1, "right": 1},
+                                 {"grouping": "2-2", "count": 1, "right": 1},
+                                 {"grouping": "1+a3+F", "count": 1, "right": 0}]
