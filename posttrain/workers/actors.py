@@ -10,7 +10,8 @@ returns a `Proxy[W]`. The driver names methods by the unbound function, not by a
     batches = [p.result() for p in pending]
 
 Failure handling (issue #7): a call that raises inside the worker re-raises here as-is (a bug is not retried);
-a dead actor process or a call that exceeds `timeout_s` is a *failure*: the actor is killed if it hangs, Ray
+a dead actor process or a call that exceeds `timeout_s` (its actor's start not counted: a new actor's first call
+waits for the constructor first, at most `start_timeout_s`) is a *failure*: the actor is killed if it hangs, Ray
 restarts it (re-running the worker's constructor), the proxy's `on_restart` hook restores its state (the driver
 pushes the current weights), and the call is retried. An actor that died *between* calls is restarted by Ray
 before the next call reaches it, so no call fails; every result carries the actor's incarnation (a fresh id per
