@@ -13,7 +13,8 @@ def run(ctx) -> dict:
     cfg = ctx.cfg.export
     out = ctx.stage.path / ("merged" if cfg.merged else "adapter")
     report = export(ctx.model_path, out, merged=cfg.merged, rank=cfg.rank,
-                    target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters), modules_to_save=tuple(cfg.modules_to_save))
+                    target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
+                    modules_to_save=tuple(cfg.modules_to_save))
     keys = ("kind", "source", "base", "rank", "max_relative_frobenius_error", "kl_tuned_vs_adapted",
             "kl_tuned_vs_base")
     info = {k: report[k] for k in keys if k in report}

@@ -33,11 +33,13 @@ class Problem:
     ops: tuple[str, ...]
 
     @property
+    def pairs(self) -> list[str]:
+        """Each operator with its digit, as a trace writes them: ``["+3", "*2", "-5"]`` for ``7+3*2-5``."""
+        return [op + str(d) for op, d in zip(self.ops, self.operands[1:])]
+
+    @property
     def expression(self) -> str:
-        out = str(self.operands[0])
-        for op, d in zip(self.ops, self.operands[1:]):
-            out += op + str(d)
-        return out
+        return str(self.operands[0]) + "".join(self.pairs)
 
     @property
     def difficulty(self) -> int:
@@ -141,8 +143,7 @@ def make_trace_groups(p: Problem, groups: list[int]) -> str:
     values below 100 a trace of L lines has difficulty + 4L - 1 tokens, whatever the grouping."""
     if any(g < 1 for g in groups) or sum(groups) != p.difficulty:
         raise ValueError(f"groups {groups} must be positive and sum to the difficulty {p.difficulty}")
-    values = p.running_values
-    pairs = [op + str(d) for op, d in zip(p.ops, p.operands[1:])]
+    values, pairs = p.running_values, p.pairs
     lines, prev, i = [], str(p.operands[0]), 0
     for g in groups:
         j = i + g

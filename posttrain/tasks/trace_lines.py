@@ -34,8 +34,7 @@ class TraceReading:
 def read_trace(p: Problem, response: str, think_end: str = "</think>") -> TraceReading:
     """Read one response (thinking, `think_end`, answer) to problem `p`."""
     think, _, answer = response.partition(think_end)
-    pairs = [op + str(d) for op, d in zip(p.ops, p.operands[1:])]
-    values, pos, lines, malformed = p.running_values, 0, [], False
+    pairs, values, pos, lines, malformed = p.pairs, p.running_values, 0, [], False
     for text in (t.strip() for t in think.strip().split("\n")):
         if not text:
             continue
