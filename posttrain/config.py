@@ -292,6 +292,18 @@ class RLStageConfig(Section):
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (0: metric only).")
     router_aux_coef: float = Field(0.001, ge=0, description="Router load-balancing loss coefficient (MoE).")
     routing_replay: bool = Field(False, description="R3: replay the rollout's top-k experts in the learner's forward.")
+    ptx_coef: float = Field(
+        0.0, ge=0, description="Embedded task: add this times the NLL of demonstrations of each step's problems "
+        "(as the SFT stage writes them) to the policy loss, InstructGPT's PPO-ptx: keeps what SFT taught from "
+        "eroding while RL changes how budgets are spent.")
+    ptx_traces: Literal["fitting", "full"] = Field(
+        "fitting", description="ptx demonstrations: `fitting`, the SFT stage's (the most explicit trace that fits "
+        "each budget); `full`, only full verbose traces (no budget, or one they fit), leaving compression (and "
+        "budget 0's direct answers) to RL.")
+    process_penalty: float = Field(
+        0.0, ge=0, description="Embedded task: subtract this from the advantage (GRPO) or reward (PPO) of the token "
+        "where a response's first error is (the first trace line with a wrong value or a miscopied pair, else a wrong "
+        "answer): a verifiable process reward that blames the step that went wrong, not every token of the trace.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (total L2 norm).")
     trainable: list[str] = Field(default_factory=list, description="Regular expressions of the parameter names to "
                                  "train (empty: all); only these reach the rollout workers after each update.")

@@ -9,6 +9,7 @@ advantages into one AdamW update per mini-batch:
          + kl_coef * KL(pi || pi_ref; mask)                   when the caller passes ref_logp (k1/k2/k3)
          - entropy_coef * H(pi; mask)                         optional bonus
          + router_aux_coef * load_balancing_loss              Switch-Transformer loss over the MoE routers
+         + ptx_coef * NLL(demonstrations)                     InstructGPT's PPO-ptx, when the caller passes demos
 
 `mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
 rows of dropped groups. A step whose advantages, loss or gradients are not finite is skipped and counted, never
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -60,6 +62,25 @@ def gather_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+@dataclass
+class DemoBatch:
+    """Demonstrations for the ptx term (`Learner.step(demos=...)`): N examples."""
+
+    prompt_ids: torch.Tensor  # (N, P) long, left-padded
+    prompt_mask: torch.Tensor  # (N, P) long
+    response_ids: torch.Tensor  # (N, T) long, right-padded
+    response_mask: torch.Tensor  # (N, T) long, 1 on the tokens to imitate
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+def demo_nll_sum(model, demos: DemoBatch) -> torch.Tensor:
+    """Summed negative log-likelihood of the demonstrations' response tokens (with grad)."""
+    logits = response_logits(model, demos.prompt_ids, demos.prompt_mask, demos.response_ids, demos.response_mask)
+    return -(gather_logp(logits, demos.response_ids) * demos.response_mask).sum()
+
+
 def group_bounds(n_rows: int, group_size: int, parts: int) -> list[tuple[int, int]]:
     """Split rows 0..n_rows into `parts` contiguous ranges of whole groups (some may be empty)."""
     n_groups = n_rows // group_size
@@ -82,7 +103,8 @@ class Learner:
                  clip_high: float = 0.28, dual_clip_c: float | None = None, loss_agg: str = "token_mean",
                  policy_loss: str = "vanilla", kl_coef: float = 0.0, kl_kind: str = "k3",
                  entropy_coef: float = 0.0, router_aux_coef: float = 0.0, max_grad_norm: float = 1.0,
-                 max_len: int | None = None, router_metrics: bool = True, routing_replay: bool = False):
+                 max_len: int | None = None, router_metrics: bool = True, routing_replay: bool = False,
+                 ptx_coef: float = 0.0):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -91,7 +113,7 @@ class Learner:
         self.loss_kwargs = {"clip_low": clip_low, "clip_high": clip_high, "agg": loss_agg, "max_len": max_len,
                             "dual_clip_c": dual_clip_c}
         self.kl_coef, self.kl_kind, self.max_grad_norm = kl_coef, kl_kind, max_grad_norm
-        self.entropy_coef, self.router_aux_coef = entropy_coef, router_aux_coef
+        self.entropy_coef, self.router_aux_coef, self.ptx_coef = entropy_coef, router_aux_coef, ptx_coef
         self.router_metrics, self.routing_replay = router_metrics, routing_replay
         self.top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
         self.skipped_steps = 0
@@ -155,7 +177,8 @@ class Learner:
             else float(mask.shape[0])
 
     def step(self, batch, advantages: torch.Tensor, mask: torch.Tensor | None = None, *, mini_batches: int = 1,
-             group_size: int = 1, ref_logp: torch.Tensor | None = None) -> dict[str, float]:
+             group_size: int = 1, ref_logp: torch.Tensor | None = None,
+             demos: DemoBatch | None = None) -> dict[str, float]:
         """One update per mini-batch (contiguous whole groups); returns metrics averaged over mini-batches.
 
         mask: (B, T) token weights, default `batch.loss_mask` (forced tokens 0); rows of dropped groups are 0.
@@ -172,6 +195,11 @@ class Learner:
                     "actor/skip_reason": f"non-finite advantages ({int(bad)} values; a reward was NaN or inf?)"}
         self.model.train()
         collected: list[dict] = []
+        ptx = demos is not None and self.ptx_coef > 0
+        if ptx:  # every update adds ptx_coef * (mean NLL per demonstration token over all ranks' demos)
+            demo_tokens = float(_all_reduce_sum(torch.tensor([float(demos.response_mask.sum())],
+                                                             dtype=torch.float64)).item())
+            ptx = demo_tokens > 0
         for lo, hi in group_bounds(len(batch), group_size, mini_batches):
             rows = slice(lo, hi)
             local = self._count(mask[rows]) if hi > lo else 0.0
@@ -187,6 +215,10 @@ class Learner:
                 loss.backward()
             else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce
                 loss, metrics = torch.zeros(()), {}
+            if ptx and len(demos):
+                nll = demo_nll_sum(self.model, demos)
+                (self.ptx_coef * nll / demo_tokens).backward()
+                metrics["actor/ptx_nll"] = float(nll.detach()) / float(demos.response_mask.sum())
             metrics |= self._apply(loss)
             collected.append(metrics)
         self.model.eval()

@@ -97,23 +97,33 @@ def test_router_aux_loss_joins_the_loss_and_router_metrics_are_reported(tiny_mod
 
 
 @pytest.mark.ray
-def test_two_data_parallel_learners_take_the_same_step_as_one(tiny_model_dir, ray_session):
+@pytest.mark.parametrize("ptx_coef, atol", [(0.0, 2e-6), (0.5, 1e-4)])
+def test_two_data_parallel_learners_take_the_same_step_as_one(tiny_model_dir, tokenizer, ray_session, ptx_coef, atol):
     """2 LearnerWorker actors over gloo, each on half the groups, end with the weights of one learner that saw
-    the whole batch (token-mean loss: each rank scales by its share of the global token count)."""
+    the whole batch (token-mean loss: each rank scales by its share of the global token count), the ptx term
+    included (each rank imitates the demonstrations of its own problems). With ptx, Adam's first step (nearly
+    g / |g|) turns float-order differences in a few near-zero gradients into ~1e-5 differences, hence the
+    looser tolerance; a wrongly scaled ptx term moves many weights by ~lr = 1e-2."""
+    import dataclasses
+
     from posttrain.learner import group_bounds
     from posttrain.rlbatch import select_rows
+    from posttrain.stages.rl import demo_batch
+    from posttrain.tasks.arithmetic import parse_expression
     from posttrain.workers.actors import ActorOptions, spawn
     from posttrain.workers.learner import LearnerWorker
     from posttrain.workers.rollout import RolloutWorker
 
     roll = RolloutWorker(str(tiny_model_dir))
-    batch = roll.generate(["1+2", "3*4", "5-1", "2+2"], [4, None, 0, 8], group_size=2, max_new_tokens=6, seed=0)
+    prompts, budgets = ["1+2", "3*4", "5-1", "2+2"], [4, None, 0, 8]
+    batch = roll.generate(prompts, budgets, group_size=2, max_new_tokens=6, seed=0)
     adv = torch.linspace(-1, 1, len(batch))
     mask = batch.loss_mask
-    kw = dict(lr=1e-2, seed=0)
+    demos = demo_batch(tokenizer, [parse_expression(p) for p in prompts], budgets, tokenizer.pad_token_id)
+    kw = dict(lr=1e-2, seed=0, ptx_coef=ptx_coef)
 
     single = LearnerWorker(str(tiny_model_dir), **kw)
-    single.step(batch, adv, mask, mini_batches=2, group_size=2)
+    single.step(batch, adv, mask, mini_batches=2, group_size=2, demos=demos)
     expected = single.weights()
 
     opts = ActorOptions(cpus=0.5, threads=1, max_restarts=0, timeout_s=120)
@@ -124,11 +134,82 @@ def test_two_data_parallel_learners_take_the_same_step_as_one(tiny_model_dir, ra
     shares = [(0, 6), (6, 8)]
     assert group_bounds(len(batch), 2, 2) == [(0, 4), (4, 8)]
     pending = [w.submit(LearnerWorker.step, select_rows(batch, lo, hi), adv[lo:hi], mask[lo:hi], mini_batches=2,
-                        group_size=2) for w, (lo, hi) in zip(learners, shares)]
+                        group_size=2, demos=dataclasses.replace(demos, **{k: v[lo // 2:hi // 2]
+                                                                          for k, v in vars(demos).items()}))
+               for w, (lo, hi) in zip(learners, shares)]
     [p.result() for p in pending]
     got = [w.call(LearnerWorker.weights) for w in learners]
     for name, value in expected.items():
-        torch.testing.assert_close(got[0][name], value, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(got[0][name], value, atol=atol, rtol=1e-4)
         torch.testing.assert_close(got[1][name], got[0][name], atol=0, rtol=0)  # the ranks never diverge
     for w in learners:
         w.kill()
+
+
+def test_ptx_term_adds_the_demonstrations_nll_gradient(tiny_model_dir, tokenizer):
+    """ptx_coef: with zero advantages (no policy gradient) and no KL, the step's gradient is exactly that of
+    ptx_coef * mean NLL of the demonstration tokens, and a few steps lower that NLL."""
+    from posttrain.learner import Learner, demo_nll_sum
+    from posttrain.model import load_model
+    from posttrain.stages.rl import demo_batch
+    from posttrain.tasks.arithmetic import parse_expression
+
+    problems = [parse_expression(e) for e in ("7+3*2", "4-1", "9*9-5+2")]
+    demos = demo_batch(tokenizer, problems, [16, None, 0], tokenizer.pad_token_id)
+    model = load_model(tiny_model_dir)
+    learner = Learner(model, lr=1e-2, router_metrics=False, router_aux_coef=0.0, ptx_coef=0.5, max_grad_norm=1e9)
+    batch = _Batch()
+    with torch.no_grad():
+        batch.logp = learner.forward(batch, slice(None))[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    captured = {}
+    real_apply = learner._apply
+
+    def spy(loss):
+        captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return real_apply(loss)
+
+    learner._apply = spy
+    metrics = learner.step(batch, torch.zeros(2), demos=demos)
+    model.zero_grad()
+    for n, p in model.named_parameters():  # the step changed the weights: recompute the reference at `before`
+        p.data.copy_(before[n])
+    (0.5 * demo_nll_sum(model, demos) / demos.response_mask.sum()).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().max() > 0:
+            torch.testing.assert_close(captured[n], p.grad, atol=1e-6, rtol=1e-4)
+    model.zero_grad()
+    nll0 = metrics["actor/ptx_nll"]
+    for _ in range(5):
+        metrics = learner.step(batch, torch.zeros(2), demos=demos)
+    assert metrics["actor/ptx_nll"] < nll0
+
+
+def test_demo_batch_renders_prompts_as_rollouts_do_and_fits_the_budget(tokenizer):
+    from posttrain.generate import render_prompts
+    from posttrain.stages.rl import demo_batch
+    from posttrain.tasks.arithmetic import parse_expression
+    from posttrain.tokenizer import THINK_END
+
+    problems = [parse_expression(e) for e in ("7+3*2-5*3+1", "4-1", "9*9-5+2")]
+    budgets = [16, None, 0]
+    demos = demo_batch(tokenizer, problems, budgets, tokenizer.pad_token_id)
+    for i, (p, b, text) in enumerate(zip(problems, budgets, render_prompts(tokenizer, [p.expression for p in problems], budgets))):
+        prompt = demos.prompt_ids[i][demos.prompt_mask[i].bool()].tolist()
+        assert prompt == tokenizer(text, add_special_tokens=False)["input_ids"]
+        resp = tokenizer.decode(demos.response_ids[i][demos.response_mask[i].bool()].tolist())
+        assert resp.endswith(f"{p.answer}{tokenizer.eos_token}")
+        if b == 0:
+            assert THINK_END not in resp
+        else:
+            think = resp.split(THINK_END)[0]
+            if b is None:  # autonomous: the full verbose trace
+                assert think == "4-1=3"
+            else:  # the verbose trace (21 tokens) does not fit 16; two operators a line (16 tokens) does
+                assert think == "7+3*2=20\n*2-5*3=45\n*3+1=46"
+                assert len(tokenizer(think, add_special_tokens=False)["input_ids"]) == 16
+    full = demo_batch(tokenizer, problems, budgets, tokenizer.pad_token_id, traces="full")
+    # budget 16 needs a compressed trace, budget 0 answers directly: both left to RL; autonomous kept
+    assert full.response_mask[0].sum() == 0 and full.response_mask[2].sum() == 0
+    assert torch.equal(full.response_mask[1], demos.response_mask[1])

@@ -181,3 +181,52 @@ def test_verdict_pools_adherence_over_budgets_and_accuracy_over_the_middle_ones(
     assert v["adherence"]["p_value"] == adh["p_value"] and v["adherence"]["before"] == pytest.approx(6 / 9)
     assert v["accuracy_middle"]["diff"] == pytest.approx(2 / 3)  # budget 16 only: 1 of 3 -> 3 of 3
     assert v["accuracy_capped_middle"]["after"] == pytest.approx(2 / 3)
+
+
+def test_first_error_marks_land_on_the_token_that_went_wrong(tokenizer):
+    """grpo.process_penalty: the mark sits on the first wrong value's token (found through the tokens' decoded
+    pieces), right rows get none, and compute_advantages adds the marks to the group advantages per token."""
+    from types import SimpleNamespace
+
+    from posttrain.config import GRPOStageConfig
+    from posttrain.stages.rl import compute_advantages, first_error_marks
+    from posttrain.tasks.arithmetic import parse_expression
+
+    p = parse_expression("7+3*2-5")  # running values 10, 20, 15
+    think_end = "</think>"
+    bodies = ["7+3=10\n+3*2=20\n*2-5=15", "7+3=10\n+3*2=21\n*2-5=16", "7+3=10\n+3*2=20\n*2-5=15", ""]
+    answers = ["15", "16", "14", "15"]
+    rows = [tokenizer(b + think_end + "\n\n" + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for b, a in zip(bodies, answers)]
+    rows[3] = tokenizer("15", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # budget 0
+    width = max(map(len, rows))
+    ids = torch.full((4, width), tokenizer.pad_token_id)
+    mask = torch.zeros((4, width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+    texts[3] = "</think>\n\n" + texts[3]
+    batch = SimpleNamespace(response_ids=ids, response_mask=mask, texts=texts, group_index=[0, 0, 0, 0],
+                            loss_mask=mask, logp=torch.zeros(4, width))
+    batch.__len__ = lambda: 4
+    marks = first_error_marks(tokenizer, batch, [p], 0.5)
+    assert marks[0].abs().sum() == 0 and marks[3].abs().sum() == 0  # right rows: no mark
+    for r, wrong in ((1, "21"), (2, "14")):
+        (t,) = marks[r].nonzero().squeeze(1).tolist()
+        assert marks[r, t] == -0.5 and tokenizer.decode(rows[r][t]).startswith(wrong[0])
+        assert tokenizer.decode(rows[r][:t]).endswith("=" if r == 1 else "\n\n")
+    adv, _, _, m = compute_advantages(GRPOStageConfig(), batch, [1.0, 0.0, 0.0, 1.0], marks=marks)
+    plain, _, _, _ = compute_advantages(GRPOStageConfig(), batch, [1.0, 0.0, 0.0, 1.0])
+    assert adv.shape == (4, width) and m["process/first_error_share"] == 0.5
+    torch.testing.assert_close(adv, plain[:, None] + marks)
+
+
+def test_grpo_with_ptx_and_process_penalty(tiny_model_dir, tmp_path, monkeypatch):
+    """grpo.ptx_coef and grpo.process_penalty: the stage trains and reports the demonstrations' NLL and the share
+    of responses whose first error was marked (the random tiny model is wrong everywhere)."""
+    _noisy_rewards(monkeypatch)
+    info, lines = _run(tmp_path, tiny_model_dir, "grpo", ["ray.backend=local", "grpo.ptx_coef=0.5",
+                                                           "grpo.process_penalty=0.5"])
+    assert all(math.isfinite(m["actor/ptx_nll"]) and m["actor/ptx_nll"] > 0 for m in lines)
+    assert all(0 < m["process/first_error_share"] <= 1 for m in lines)
+    assert _changed(info, tiny_model_dir)

@@ -38,3 +38,19 @@ def test_summary_counts_by_hand():
     assert s["groupings"][4] == [{"grouping": "1-1-1-1", "count": 1, "right": 1},
                                  {"grouping": "2-2", "count": 1, "right": 1},
                                  {"grouping": "1+a3+F", "count": 1, "right": 0}]
+
+
+def test_first_error_is_the_first_wrong_value_else_a_miscopy_else_the_answer():
+    from posttrain.tasks.trace_lines import first_error_offset
+
+    assert first_error_offset(P, respond(make_trace(P), 45)) is None
+    assert first_error_offset(P, respond("7+3*2=20\n*2-5*3=45", 45)) is None  # folded lines, all right
+    text = respond("7+3=10\n+3*2=21\n*2-5=16\n-5*3=48", 48)  # 21 is the first error; the rest build on it
+    assert text[first_error_offset(P, text):].startswith("21\n")
+    text = respond("7+3=10\n-5*3=15", 45)  # the second line restates -5 instead of +3: the miscopy is blamed
+    assert text[first_error_offset(P, text):].startswith("-5*3")
+    text = respond("7+3=10\n+3*2=20", 44)  # right lines, the answer folds the rest wrongly
+    assert text[first_error_offset(P, text):].startswith("44<|im_end|>")
+    text = "</think>\n\n46"  # budget 0: the answer alone
+    assert first_error_offset(P, text) == len("</think>\n\n")
+    assert first_error_offset(P, "7+3=10\n+3*2=20") == len("7+3=10\n+3*2=20")  # unclosed: nothing to blame in it

@@ -7,9 +7,11 @@ Per step (`RLDriver.train_step`), the paper's pseudocode:
     r       <- reward actor: correctness + budget shaping (budgeted) / + length cost (auto)
     ref     <- reference actor: log-probs of the frozen initial policy (only when kl_coef > 0)
     V       <- critic actor: values at rollout time (PPO)
-    A       <- GRPO group-relative advantages (dynamic sampling drops all-equal groups) | GAE on r - KL (PPO)
+    A       <- GRPO group-relative advantages (dynamic sampling drops all-equal groups) | GAE on r - KL (PPO);
+               with process_penalty, minus that on the token where each response's first error starts
     update  <- learner actors (data parallel over whole groups): clipped policy loss on the loss mask
-               (forced tokens excluded) + KL + router load balancing; critic: clipped value loss
+               (forced tokens excluded) + KL + router load balancing (+ ptx_coef * the NLL of demonstrations
+               of the step's problems: InstructGPT's PPO-ptx); critic: clipped value loss
     sync    <- the learner's trainable weights to every rollout worker
 
 Every `save_every` steps the training state is saved atomically (`posttrain.rlstate`); a stage started on a run
@@ -75,8 +77,72 @@ def rollout_metrics(batch, correct: list[bool]) -> dict[str, float]:
     return m
 
 
-def compute_advantages(cfg, batch, scores: list[float], values=None, ref_logp=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
-    """(advantages (B,) or (B, T), loss mask (B, T), returns (B, T) or None, metrics). Pure: no workers."""
+def first_error_marks(tokenizer, batch, problems, penalty: float) -> torch.Tensor:
+    """(B, T) float: -penalty on the response token where each row's first error starts
+    (`tasks.trace_lines.first_error_offset`), 0 elsewhere and on rows that are right.
+
+    The character offset is mapped to a token through the tokens' own decoded pieces; a row whose pieces do not
+    rebuild its text (not seen with the embedded tokenizer) gets no mark rather than a wrong one.
+    """
+    from posttrain.tasks.trace_lines import first_error_offset
+
+    marks = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+    for r, n in enumerate(batch.response_mask.sum(1).tolist()):
+        text = batch.texts[r]
+        offset = first_error_offset(problems[batch.group_index[r]], text)
+        if offset is None:
+            continue
+        pieces = tokenizer.batch_decode([[i] for i in batch.response_ids[r, :n].tolist()], skip_special_tokens=True)
+        shift = len(text) - sum(map(len, pieces))  # budget 0: the text starts with the prompt's "</think>\n\n"
+        if shift < 0 or text[shift:] != "".join(pieces) or offset < shift:
+            continue
+        end = shift
+        for t, piece in enumerate(pieces):
+            end += len(piece)
+            if end > offset:
+                marks[r, t] = -penalty
+                break
+    return marks
+
+
+def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, traces: str = "fitting"):
+    """`learner.DemoBatch` of the step's problems as the SFT stage demonstrates them (for `ptx_coef`): with a
+    budget, the most explicit trace that fits it (`fit_trace`); without one, the full verbose trace; budget 0, the
+    answer alone. One demonstration per problem, in problem order.
+
+    traces="full": only the full verbose trace is demonstrated (without a budget, or with one it fits); a problem
+    whose budget needs a compressed trace (or no trace: budget 0) keeps its row with nothing to imitate, so how
+    to compress is left to RL.
+    """
+    from posttrain.learner import DemoBatch
+    from posttrain.sft_data import tokenize_example
+    from posttrain.tasks.arithmetic import fit_trace, make_trace
+    from posttrain.tokenizer import count_tokens
+
+    rows = []
+    for p, b in zip(problems, budgets):
+        thinking = (make_trace(p) if b is None else
+                    fit_trace(p, b, lambda t: count_tokens(tokenizer, t)) if b > 0 else "")
+        ex = tokenize_example(tokenizer, p.expression, b, thinking, str(p.answer))
+        cut = ex["completion_mask"].index(1)
+        imitate = traces == "fitting" or b is None or thinking == make_trace(p)
+        rows.append((ex["input_ids"][:cut], ex["input_ids"][cut:], imitate))
+    n, P, T = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    out = DemoBatch(torch.full((n, P), pad_id), torch.zeros((n, P), dtype=torch.long),
+                    torch.full((n, T), pad_id), torch.zeros((n, T), dtype=torch.long))
+    for i, (a, c, imitate) in enumerate(rows):
+        out.prompt_ids[i, P - len(a):], out.prompt_mask[i, P - len(a):] = torch.tensor(a), 1
+        out.response_ids[i, :len(c)], out.response_mask[i, :len(c)] = torch.tensor(c), int(imitate)
+    return out
+
+
+def compute_advantages(cfg, batch, scores: list[float], values=None, ref_logp=None,
+                       marks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """(advantages (B,) or (B, T), loss mask (B, T), returns (B, T) or None, metrics). Pure: no workers.
+
+    marks: (B, T) or None, per-token process rewards (`first_error_marks`): added to the token rewards before GAE,
+    or to the sequence advantages (which then become (B, T)) for the group estimators.
+    """
     from posttrain.algo.advantages import compute_gae, dynamic_sampling_mask, masked_whiten
     from posttrain.algo.kl import kl_estimate
     from posttrain.algo.registry import get_adv_estimator
@@ -94,6 +160,8 @@ def compute_advantages(cfg, batch, scores: list[float], values=None, ref_logp=No
         token_r = torch.zeros_like(batch.logp)
         last = (batch.response_mask.sum(1) - 1).clamp(min=0)
         token_r[torch.arange(len(batch)), last] = r
+        if marks is not None:
+            token_r = token_r + marks
         if kl is not None:
             token_r = token_r - cfg.kl_coef * kl
         adv, returns = compute_gae(token_r, values, batch.response_mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -104,6 +172,9 @@ def compute_advantages(cfg, batch, scores: list[float], values=None, ref_logp=No
         r = r - cfg.kl_coef * kl.sum(1)
     groups = torch.tensor(batch.group_index)
     adv = get_adv_estimator(cfg.adv_estimator)(r, groups)
+    if marks is not None:
+        adv = adv[:, None] + marks
+        metrics["process/first_error_share"] = float((marks != 0).any(1).float().mean())
     if cfg.dynamic_sampling:
         keep, ds_metrics = dynamic_sampling_mask(r, groups)
         mask = mask * keep.long()[:, None]
@@ -151,7 +222,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
         dual_clip_c=cfg.dual_clip_c, loss_agg=cfg.loss_agg, policy_loss=cfg.policy_loss,
         kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
         router_aux_coef=cfg.router_aux_coef, max_grad_norm=cfg.max_grad_norm, max_len=cfg.max_new_tokens,
-        routing_replay=cfg.routing_replay,
+        routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
     rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
@@ -214,8 +285,11 @@ class RLDriver:
         batches = [p.result() for p in pending]
         return concat_batches(batches, self._pad_id)
 
-    def learn(self, batch, adv, mask, ref_logp) -> dict[str, float]:
-        """The update on every learner, each on its share of whole groups; metrics averaged over ranks."""
+    def learn(self, batch, adv, mask, ref_logp, demos=None) -> dict[str, float]:
+        """The update on every learner, each on its share of whole groups (and of the demonstrations of those
+        groups' problems); metrics averaged over ranks."""
+        import dataclasses
+
         from posttrain.learner import group_bounds
         from posttrain.rlbatch import select_rows
 
@@ -224,9 +298,12 @@ class RLDriver:
         pending = []
         for w, (lo, hi) in zip(self.w.learners, shares):
             part = select_rows(batch, lo, hi)
+            g0, g1 = batch.group_index[lo] if hi > lo else 0, batch.group_index[hi - 1] + 1 if hi > lo else 0
+            mine = None if demos is None else dataclasses.replace(
+                demos, **{k: v[g0:g1] for k, v in vars(demos).items()})
             pending.append(w.submit(LearnerWorker.step, part, adv[lo:hi], mask[lo:hi],
                                     mini_batches=self.cfg.mini_batches, group_size=self.cfg.group_size,
-                                    ref_logp=None if ref_logp is None else ref_logp[lo:hi]))
+                                    ref_logp=None if ref_logp is None else ref_logp[lo:hi], demos=mine))
         results = [p.result() for p in pending]
         out = {}
         for k in results[0]:
@@ -265,10 +342,14 @@ class RLDriver:
         ref_logp = self.w.reference.call(ReferenceWorker.logp, batch) if self.w.reference else None
         t["reference"] = time.perf_counter()
         values = self.w.critic.call(CriticWorker.values, batch) if self.w.critic else None
-        adv, mask, returns, adv_metrics = compute_advantages(cfg, batch, scores, values, ref_logp)
+        marks = (first_error_marks(self._tokenizer, batch, problems, cfg.process_penalty)
+                 if cfg.process_penalty > 0 else None)
+        adv, mask, returns, adv_metrics = compute_advantages(cfg, batch, scores, values, ref_logp, marks)
         metrics |= adv_metrics
         t["critic_values"] = time.perf_counter()
-        metrics |= self.learn(batch, adv, mask, None if cfg.kl_in_reward else ref_logp)
+        demos = (demo_batch(self._tokenizer, problems, budgets, self._pad_id, cfg.ptx_traces)
+                 if cfg.ptx_coef > 0 else None)
+        metrics |= self.learn(batch, adv, mask, None if cfg.kl_in_reward else ref_logp, demos)
         t["learner"] = time.perf_counter()
         if self.w.critic is not None:
             metrics |= self.w.critic.call(CriticWorker.step, batch, returns, values, batch.response_mask,
@@ -400,7 +481,8 @@ class RLDriver:
         from posttrain.model import load_tokenizer
 
         ctx = self.ctx
-        self._pad_id = load_tokenizer(ctx.model_path).pad_token_id
+        self._tokenizer = load_tokenizer(ctx.model_path)
+        self._pad_id = self._tokenizer.pad_token_id
         self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
         for r in self.w.rollouts:
             r.on_restart = self._restore_rollout

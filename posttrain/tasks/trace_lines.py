@@ -51,6 +51,35 @@ def read_trace(p: Problem, response: str, think_end: str = "</think>") -> TraceR
                         bool(digits) and int(digits.group(1)) == p.answer)
 
 
+def first_error_offset(p: Problem, response: str, think_end: str = "</think>") -> int | None:
+    """Character offset in `response` where its first error starts, or None when the response is right.
+
+    The first error is the value of the first trace line whose value is wrong, else the start of the first line
+    that does not restate the problem's pairs (a miscopy), else the answer when it is wrong (it folded what the
+    trace left, or miscopied the last value). Later lines build on the error, so they are not blamed.
+    """
+    think, sep, answer = response.partition(think_end)
+    pairs, values, pos, start = p.pairs, p.running_values, 0, 0
+    for raw in think.split("\n"):
+        line_start, start = start, start + len(raw) + 1
+        text = raw.strip()
+        if not text:
+            continue
+        m = _LINE.fullmatch(text)
+        new = re.findall(r"[+\-*]\d", m.group(2)) if m else []
+        head = str(p.operands[0]) if pos == 0 else pairs[pos - 1]
+        if not m or not new or m.group(1) != head or pairs[pos:pos + len(new)] != new:
+            return line_start + (len(raw) - len(raw.lstrip()))
+        pos += len(new)
+        if int(m.group(3)) != values[pos - 1]:
+            return line_start + raw.index("=") + 1
+    digits = re.match(r"\s*(\d+)", answer)
+    if digits and int(digits.group(1)) == p.answer:
+        return None
+    at = len(think) + len(sep)
+    return at + (digits.start(1) if digits else len(answer) - len(answer.lstrip()))
+
+
 def summarize(problems: list[Problem], responses: list[str], forced: list[bool] | None = None) -> dict:
     """Accuracy by difficulty, line accuracy by operators folded, and each difficulty's commonest groupings
     (`a<k>`: k operators left to the answer; `bad`: reading stopped at a malformed line; `F`: `</think>` forced)."""

@@ -120,13 +120,14 @@ class LearnerWorker:
 
     # ----------------------------------------------------------------------------------------- training
     def step(self, batch, advantages, mask=None, *, mini_batches: int = 1, group_size: int = 1,
-             ref_logp=None) -> dict[str, float]:
-        """`Learner.step` on this rank's share of the batch (whole groups)."""
+             ref_logp=None, demos=None) -> dict[str, float]:
+        """`Learner.step` on this rank's share of the batch (whole groups) and of the ptx demonstrations."""
         dev = self.device
         batch = _to(batch, dev)
         return self.learner.step(batch, advantages.to(dev), None if mask is None else mask.to(dev),
                                  mini_batches=mini_batches, group_size=group_size,
-                                 ref_logp=None if ref_logp is None else ref_logp.to(dev))
+                                 ref_logp=None if ref_logp is None else ref_logp.to(dev),
+                                 demos=None if demos is None else _to(demos, dev))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The trainable weights on CPU (all of them for full fine-tuning, the adapter for LoRA)."""
