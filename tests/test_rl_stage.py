@@ -230,3 +230,28 @@ def test_grpo_with_ptx_and_process_penalty(tiny_model_dir, tmp_path, monkeypatch
     assert all(math.isfinite(m["actor/ptx_nll"]) and m["actor/ptx_nll"] > 0 for m in lines)
     assert all(0 < m["process/first_error_share"] <= 1 for m in lines)
     assert _changed(info, tiny_model_dir)
+
+
+def test_process_marks_join_the_token_rewards_before_gae():
+    """PPO (adv_estimator gae): a mark is a token reward, so the advantages equal GAE over (outcome at the last
+    token + marks), computed here by hand with gamma = lambda = 1 and zero values, then whitened."""
+    from types import SimpleNamespace
+
+    from posttrain.algo.advantages import masked_whiten
+    from posttrain.config import PPOStageConfig
+    from posttrain.stages.rl import compute_advantages
+
+    cfg = PPOStageConfig(kl_coef=0.0, gamma=1.0, lam=1.0)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    class Batch(SimpleNamespace):
+        def __len__(self):
+            return 2
+
+    batch = Batch(loss_mask=mask, response_mask=mask, logp=torch.zeros(2, 4), group_index=[0, 1])
+    marks = torch.zeros(2, 4)
+    marks[0, 1] = -0.5
+    adv, _, returns, _ = compute_advantages(cfg, batch, [1.0, 0.0], values=torch.zeros(2, 4), marks=marks)
+    # returns-to-go: row 0 gets 1 at its last token and -0.5 at token 1; row 1 nothing
+    expected_returns = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(returns * mask, expected_returns)
+    torch.testing.assert_close(adv, masked_whiten(expected_returns, mask.bool()) * mask)
