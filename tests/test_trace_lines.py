@@ -54,3 +54,28 @@ def test_first_error_is_the_first_wrong_value_else_a_miscopy_else_the_answer():
     text = "</think>\n\n46"  # budget 0: the answer alone
     assert first_error_offset(P, text) == len("</think>\n\n")
     assert first_error_offset(P, "7+3=10\n+3*2=20") == len("7+3=10\n+3*2=20")  # unclosed: nothing to blame in it
+
+
+def test_teacher_forced_lines_aligns_values_with_the_predictions_that_score_them(tokenizer):
+    """An oracle that predicts each next token scores every line and answer right; one that repeats the current
+    token scores none; the line counts add up to the groupings drawn (with the same seed)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from posttrain.tasks.trace_lines import teacher_forced_lines
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, input_ids, attention_mask=None):
+            target = input_ids.roll(-self.shift, dims=1)  # shift 1: position t predicts token t + 1
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(target, len(tokenizer)).float())
+
+    right = teacher_forced_lines(Oracle(1), tokenizer, n=40, batch_size=16)
+    assert all(v["right"] == v["lines"] > 0 for v in right.values()), right
+    assert right["answer"]["lines"] == 40 and sum(v["lines"] for k, v in right.items() if k != "answer") > 40
+    wrong = teacher_forced_lines(Oracle(0), tokenizer, n=40, batch_size=16)
+    assert all(v["right"] == 0 for v in wrong.values()), wrong

@@ -6,6 +6,7 @@ answer to fold. This is what showed that the tiny model's errors sit in lines th
 (docs/rl_findings.md). Run on a checkpoint:
 
     python -m posttrain.tasks.trace_lines CHECKPOINT --budgets 16,24,32 --n 25
+    python -m posttrain.tasks.trace_lines CHECKPOINT --teacher-forced 700   # folding skill on gold traces
 """
 
 from __future__ import annotations
@@ -107,6 +108,54 @@ def summarize(problems: list[Problem], responses: list[str], forced: list[bool] 
     }
 
 
+def teacher_forced_lines(model, tokenizer, n: int = 700, seed: int = 1234, batch_size: int = 64) -> dict:
+    """Line-value accuracy by operators folded, teacher-forced: what a model can compute in one line, apart from
+    which lines it would choose to write.
+
+    Each of `n` problems (difficulty 2-8) gets a random grouping (a line count uniform in 1..d, then
+    `random_groups`), written as a gold trace and answer in the chat frame without a budget. A line is right when
+    the model's argmax predicts every token of its value given the gold text before it; the answer likewise.
+    Returns {"1": {"right", "lines"}, ..., "4+": ..., "answer": ...}.
+    """
+    import random
+
+    import torch
+
+    from posttrain.tasks.arithmetic import make_trace_groups, random_groups, sample_problem
+
+    rng = random.Random(seed)
+    docs, spans = [], []
+    for _ in range(n):
+        d = rng.randint(2, 8)
+        p = sample_problem(rng, d)
+        groups = random_groups(rng, d, rng.randint(1, d))
+        trace = make_trace_groups(p, groups)
+        head = f"<|im_start|>user\n{p.expression}<|im_end|>\n<|im_start|>assistant\n<think>"
+        tail = f"</think>\n\n{p.answer}<|im_end|>"
+        row, pos = [], len(head)
+        for line, g in zip(trace.split("\n"), groups):  # (start, end) of each line's value, its operator count
+            row.append((pos + line.index("=") + 1, pos + len(line), str(g) if g < 4 else "4+"))
+            pos += len(line) + 1
+        answer_at = len(head) + len(trace) + len("</think>\n\n")
+        row.append((answer_at, answer_at + len(str(p.answer)), "answer"))
+        docs.append(head + trace + tail)
+        spans.append(row)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for b in range(0, n, batch_size):
+        enc = tokenizer(docs[b:b + batch_size], return_offsets_mapping=True, padding=True, return_tensors="pt",
+                        add_special_tokens=False)
+        with torch.no_grad():
+            pred = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.argmax(-1)
+        for r in range(pred.shape[0]):
+            offsets, ids = enc["offset_mapping"][r].tolist(), enc["input_ids"][r]
+            for start, end, key in spans[b + r]:
+                toks = [t for t, (o0, o1) in enumerate(offsets) if o1 > o0 and o0 >= start and o1 <= end]
+                right = bool(toks) and all(int(pred[r, t - 1]) == int(ids[t]) for t in toks)
+                counts[key][0] += right
+                counts[key][1] += 1
+    return {k: {"right": a, "lines": m} for k, (a, m) in sorted(counts.items())}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -121,7 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="16,24,32", help="comma-separated budgets (capped, greedy)")
     ap.add_argument("--n", type=int, default=25, help="problems per difficulty")
     ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--teacher-forced", type=int, default=0, metavar="N",
+                    help="instead: line-value accuracy by operators folded on N gold traces (teacher_forced_lines)")
     args = ap.parse_args(argv)
+    if args.teacher_forced:
+        from posttrain.model import load_model, load_tokenizer
+
+        model = load_model(args.checkpoint).eval()
+        print(json.dumps(teacher_forced_lines(model, load_tokenizer(args.checkpoint), args.teacher_forced)))
+        return 0
     worker = RolloutWorker(args.checkpoint, "cpu", torch.float32, torch.get_num_threads())
     problems = generate_problems(8 * args.n, seed=args.seed)
     for budget in (int(b) for b in args.budgets.split(",")):
