@@ -215,7 +215,7 @@ class Learner:
                 loss.backward()
             else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce
                 loss, metrics = torch.zeros(()), {}
-            if ptx and len(demos):
+            if ptx and demos.response_mask.any():  # a rank whose demos are all masked adds nothing
                 nll = demo_nll_sum(self.model, demos)
                 (self.ptx_coef * nll / demo_tokens).backward()
                 metrics["actor/ptx_nll"] = float(nll.detach()) / float(demos.response_mask.sum())
