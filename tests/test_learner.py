@@ -108,7 +108,7 @@ def test_two_data_parallel_learners_take_the_same_step_as_one(tiny_model_dir, to
 
     from posttrain.learner import group_bounds
     from posttrain.rlbatch import select_rows
-    from posttrain.stages.rl import demo_batch
+    from posttrain.stages.rl_task import demo_batch
     from posttrain.tasks.arithmetic import parse_expression
     from posttrain.workers.actors import ActorOptions, spawn
     from posttrain.workers.learner import LearnerWorker
@@ -151,7 +151,7 @@ def test_ptx_term_adds_the_demonstrations_nll_gradient(tiny_model_dir, tokenizer
     ptx_coef * mean NLL of the demonstration tokens, and a few steps lower that NLL."""
     from posttrain.learner import Learner, demo_nll_sum
     from posttrain.model import load_model
-    from posttrain.stages.rl import demo_batch
+    from posttrain.stages.rl_task import demo_batch
     from posttrain.tasks.arithmetic import parse_expression
 
     problems = [parse_expression(e) for e in ("7+3*2", "4-1", "9*9-5+2")]
@@ -188,7 +188,7 @@ def test_ptx_term_adds_the_demonstrations_nll_gradient(tiny_model_dir, tokenizer
 
 def test_demo_batch_renders_prompts_as_rollouts_do_and_fits_the_budget(tokenizer):
     from posttrain.generate import render_prompts
-    from posttrain.stages.rl import demo_batch
+    from posttrain.stages.rl_task import demo_batch
     from posttrain.tasks.arithmetic import parse_expression
     from posttrain.tokenizer import THINK_END
 

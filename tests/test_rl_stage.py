@@ -189,7 +189,8 @@ def test_first_error_marks_land_on_the_token_that_went_wrong(tokenizer):
     from types import SimpleNamespace
 
     from posttrain.config import GRPOStageConfig
-    from posttrain.stages.rl import compute_advantages, first_error_marks
+    from posttrain.stages.rl import compute_advantages
+    from posttrain.stages.rl_task import first_error_marks
     from posttrain.tasks.arithmetic import parse_expression
 
     p = parse_expression("7+3*2-5")  # running values 10, 20, 15

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
 from posttrain.workers.actors import ActorOptions, Proxy, init_ray, spawn
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
@@ -77,71 +78,12 @@ def rollout_metrics(batch, correct: list[bool]) -> dict[str, float]:
     return m
 
 
-def first_error_marks(tokenizer, batch, problems, penalty: float) -> torch.Tensor:
-    """(B, T) float: -penalty on the response token where each row's first error starts
-    (`tasks.trace_lines.first_error_offset`), 0 elsewhere and on rows that are right.
-
-    The character offset is mapped to a token through the tokens' own decoded pieces; a row whose pieces do not
-    rebuild its text (not seen with the embedded tokenizer) gets no mark rather than a wrong one.
-    """
-    from posttrain.tasks.trace_lines import first_error_offset
-
-    marks = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
-    for r, n in enumerate(batch.response_mask.sum(1).tolist()):
-        text = batch.texts[r]
-        offset = first_error_offset(problems[batch.group_index[r]], text)
-        if offset is None:
-            continue
-        pieces = tokenizer.batch_decode([[i] for i in batch.response_ids[r, :n].tolist()], skip_special_tokens=True)
-        shift = len(text) - sum(map(len, pieces))  # budget 0: the text starts with the prompt's "</think>\n\n"
-        if shift < 0 or text[shift:] != "".join(pieces) or offset < shift:
-            continue
-        end = shift
-        for t, piece in enumerate(pieces):
-            end += len(piece)
-            if end > offset:
-                marks[r, t] = -penalty
-                break
-    return marks
-
-
-def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, traces: str = "fitting"):
-    """`learner.DemoBatch` of the step's problems as the SFT stage demonstrates them (for `ptx_coef`): with a
-    budget, the most explicit trace that fits it (`fit_trace`); without one, the full verbose trace; budget 0, the
-    answer alone. One demonstration per problem, in problem order.
-
-    traces="full": only the full verbose trace is demonstrated (without a budget, or with one it fits); a problem
-    whose budget needs a compressed trace (or no trace: budget 0) keeps its row with nothing to imitate, so how
-    to compress is left to RL.
-    """
-    from posttrain.learner import DemoBatch
-    from posttrain.sft_data import tokenize_example
-    from posttrain.tasks.arithmetic import fit_trace, make_trace
-    from posttrain.tokenizer import count_tokens
-
-    rows = []
-    for p, b in zip(problems, budgets):
-        thinking = (make_trace(p) if b is None else
-                    fit_trace(p, b, lambda t: count_tokens(tokenizer, t)) if b > 0 else "")
-        ex = tokenize_example(tokenizer, p.expression, b, thinking, str(p.answer))
-        cut = ex["completion_mask"].index(1)
-        imitate = traces == "fitting" or b is None or thinking == make_trace(p)
-        rows.append((ex["input_ids"][:cut], ex["input_ids"][cut:], imitate))
-    n, P, T = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    out = DemoBatch(torch.full((n, P), pad_id), torch.zeros((n, P), dtype=torch.long),
-                    torch.full((n, T), pad_id), torch.zeros((n, T), dtype=torch.long))
-    for i, (a, c, imitate) in enumerate(rows):
-        out.prompt_ids[i, P - len(a):], out.prompt_mask[i, P - len(a):] = torch.tensor(a), 1
-        out.response_ids[i, :len(c)], out.response_mask[i, :len(c)] = torch.tensor(c), int(imitate)
-    return out
-
-
 def compute_advantages(cfg, batch, scores: list[float], values=None, ref_logp=None,
                        marks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     """(advantages (B,) or (B, T), loss mask (B, T), returns (B, T) or None, metrics). Pure: no workers.
 
-    marks: (B, T) or None, per-token process rewards (`first_error_marks`): added to the token rewards before GAE,
-    or to the sequence advantages (which then become (B, T)) for the group estimators.
+    marks: (B, T) or None, per-token process rewards (`rl_task.first_error_marks`): added to the token rewards
+    before GAE, or to the sequence advantages (which then become (B, T)) for the group estimators.
     """
     from posttrain.algo.advantages import compute_gae, dynamic_sampling_mask, masked_whiten
     from posttrain.algo.kl import kl_estimate

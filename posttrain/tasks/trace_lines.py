@@ -32,23 +32,45 @@ class TraceReading:
         return tuple(g for g, _ in self.lines)
 
 
-def read_trace(p: Problem, response: str, think_end: str = "</think>") -> TraceReading:
-    """Read one response (thinking, `think_end`, answer) to problem `p`."""
-    think, _, answer = response.partition(think_end)
-    pairs, values, pos, lines, malformed = p.pairs, p.running_values, 0, [], False
-    for text in (t.strip() for t in think.strip().split("\n")):
+@dataclass(frozen=True)
+class _Line:
+    start: int  # offset in the thinking of the line's first non-space character
+    ops: int  # operators it folds; 0 for a malformed line (the reading stops there)
+    value_at: int  # offset of its value
+    right: bool  # its value is the problem's running value
+
+
+def _scan(p: Problem, think: str):
+    """The thinking's non-blank lines as `_Line`s, up to and including the first malformed one (a line that does
+    not parse or does not restate the problem's next pairs)."""
+    pairs, values, pos, start = p.pairs, p.running_values, 0, 0
+    for raw in think.split("\n"):
+        line_start, start = start, start + len(raw) + 1
+        text = raw.strip()
         if not text:
             continue
+        first = line_start + len(raw) - len(raw.lstrip())
         m = _LINE.fullmatch(text)
         new = re.findall(r"[+\-*]\d", m.group(2)) if m else []
         head = str(p.operands[0]) if pos == 0 else pairs[pos - 1]
         if not m or not new or m.group(1) != head or pairs[pos:pos + len(new)] != new:
-            malformed = True
-            break
+            yield _Line(first, 0, first, False)
+            return
         pos += len(new)
-        lines.append((len(new), int(m.group(3)) == values[pos - 1]))
-    digits = re.match(r"\s*(\d+)", answer)
-    return TraceReading(tuple(lines), malformed, p.difficulty - pos,
+        yield _Line(first, len(new), line_start + raw.index("=") + 1, int(m.group(3)) == values[pos - 1])
+
+
+def _answer_digits(answer: str):
+    return re.match(r"\s*(\d+)", answer)
+
+
+def read_trace(p: Problem, response: str, think_end: str = "</think>") -> TraceReading:
+    """Read one response (thinking, `think_end`, answer) to problem `p`."""
+    think, _, answer = response.partition(think_end)
+    scanned = list(_scan(p, think))
+    lines = tuple((ln.ops, ln.right) for ln in scanned if ln.ops)
+    digits = _answer_digits(answer)
+    return TraceReading(lines, any(not ln.ops for ln in scanned), p.difficulty - sum(g for g, _ in lines),
                         bool(digits) and int(digits.group(1)) == p.answer)
 
 
@@ -60,21 +82,10 @@ def first_error_offset(p: Problem, response: str, think_end: str = "</think>") -
     trace left, or miscopied the last value). Later lines build on the error, so they are not blamed.
     """
     think, sep, answer = response.partition(think_end)
-    pairs, values, pos, start = p.pairs, p.running_values, 0, 0
-    for raw in think.split("\n"):
-        line_start, start = start, start + len(raw) + 1
-        text = raw.strip()
-        if not text:
-            continue
-        m = _LINE.fullmatch(text)
-        new = re.findall(r"[+\-*]\d", m.group(2)) if m else []
-        head = str(p.operands[0]) if pos == 0 else pairs[pos - 1]
-        if not m or not new or m.group(1) != head or pairs[pos:pos + len(new)] != new:
-            return line_start + (len(raw) - len(raw.lstrip()))
-        pos += len(new)
-        if int(m.group(3)) != values[pos - 1]:
-            return line_start + raw.index("=") + 1
-    digits = re.match(r"\s*(\d+)", answer)
+    for ln in _scan(p, think):
+        if not ln.right:
+            return ln.value_at
+    digits = _answer_digits(answer)
     if digits and int(digits.group(1)) == p.answer:
         return None
     at = len(think) + len(sep)
