@@ -162,12 +162,13 @@ class SFTStageConfig(Section):
     autonomous_style: Literal["verbose", "terse"] = Field(
         "verbose", description="Trace style of unbudgeted (autonomous) examples."
     )
-    budget_traces: Literal["most_explicit", "sampled"] = Field(
+    budget_traces: Literal["most_explicit", "most_lines", "sampled"] = Field(
         "most_explicit",
         description="Embedded task, budgeted examples: `sampled` takes the full trace when it fits the budget, else "
                     "draws one among those that fit (any line count, any grouping: the model sees every way to "
                     "compress and RL finds the one it executes best); `most_explicit` always takes the most "
-                    "explicit trace of uniform grouping.",
+                    "explicit trace of uniform grouping; `most_lines` the trace with the most lines that fits, its "
+                    "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2).",
     )
     full_trace_share: float = Field(
         1.0, ge=0, le=1,

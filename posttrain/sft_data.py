@@ -1,9 +1,10 @@
 """SFT examples for the thinking format: budgeted, autonomous and budget-0 samples, tokenized with the chat template.
 
 Each example is `{"input_ids", "completion_mask", "mode", "budget", "n_think"}`; the completion (assistant part)
-is the only part with loss. Budgeted samples carry a trace that fits the sampled budget: with
+is the only part with loss. Budgeted samples carry a trace that fits the sampled budget (`budget_trace`): with
 `budget_traces="sampled"` the full trace when it fits, else one drawn among all that fit
-(`posttrain.tasks.arithmetic.sample_fitting_trace`); with `"most_explicit"` the most explicit one (`fit_trace`).
+(`posttrain.tasks.arithmetic.sample_fitting_trace`); with `"most_explicit"` the most explicit one of uniform
+grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`).
 Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
 traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
 sharpening both is RL's job.
@@ -15,7 +16,7 @@ import random
 
 from posttrain.config import BudgetMix
 from posttrain.data import Example
-from posttrain.tasks.arithmetic import fit_trace, make_trace, parse_expression, sample_fitting_trace
+from posttrain.tasks.arithmetic import fit_trace, make_trace, most_lines_trace, parse_expression, sample_fitting_trace
 from posttrain.tokenizer import THINK_END, count_tokens
 
 
@@ -31,6 +32,18 @@ def tokenize_example(tokenizer, prompt: str, budget: int | None, thinking: str, 
     completion = f"{answer}{tokenizer.eos_token}" if budget == 0 else f"{thinking}{THINK_END}\n\n{answer}{tokenizer.eos_token}"
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return {"input_ids": list(prompt_ids) + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
+
+
+def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces: str = "most_explicit",
+                 full_trace_share: float = 1.0, truncate_share: float = 0.0) -> str:
+    """The thinking a budgeted example of arithmetic problem `p` demonstrates (`sft.budget_traces`)."""
+    if budget_traces == "most_explicit":
+        return fit_trace(p, budget, count_tokens)
+    if budget_traces == "most_lines":
+        return most_lines_trace(p, budget, count_tokens)
+    if budget_traces == "sampled":
+        return sample_fitting_trace(p, budget, count_tokens, rng, full_trace_share, truncate_share)
+    raise ValueError(f"budget_traces must be most_explicit, most_lines or sampled, got {budget_traces!r}")
 
 
 def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], mix: BudgetMix,
@@ -51,9 +64,8 @@ def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], m
         else:
             budget = rng.choice(budgets)
             if arithmetic:
-                count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
-                thinking = (fit_trace(p, budget, count) if budget_traces == "most_explicit"
-                            else sample_fitting_trace(p, budget, count, rng, full_trace_share, truncate_share))
+                thinking = budget_trace(p, budget, lambda t: count_tokens(tokenizer, t), rng, budget_traces,
+                                        full_trace_share, truncate_share)
             else:  # real data: keep the reference reasoning only when it fits, never cut it mid-thought
                 thinking = full if count_tokens(tokenizer, full) <= budget else ""
         row = tokenize_example(tokenizer, ex.prompt, budget, thinking, ex.answer)

@@ -4,8 +4,8 @@ import re
 import pytest
 
 from posttrain.tasks.arithmetic import (
-    evaluate_left_to_right, fit_trace, generate_problems, make_trace, make_trace_groups, parse_expression,
-    random_groups, sample_fitting_trace, sample_problem, trace_ladder, truncated_trace,
+    balanced_groups, evaluate_left_to_right, fit_trace, generate_problems, make_trace, make_trace_groups,
+    most_lines_trace, parse_expression, random_groups, sample_fitting_trace, sample_problem, trace_ladder, truncated_trace,
 )
 
 
@@ -123,6 +123,41 @@ def test_sample_fitting_trace_fits_and_spreads_over_line_counts(tokenizer):
     assert 150 <= sum(t == make_trace(p, "verbose") for t in draws) <= 280
     assert {t.count("\n") + 1 for t in draws} == set(range(1, 9))
     assert sample_fitting_trace(p, 10, count, rng) == "" and sample_fitting_trace(p, 0, count, rng) == ""
+
+
+def test_balanced_groups_are_even_and_larger_first():
+    for total in range(1, 9):
+        for n in range(1, total + 1):
+            g = balanced_groups(total, n)
+            assert sum(g) == total and len(g) == n and max(g) - min(g) <= 1 and g == sorted(g, reverse=True)
+    assert balanced_groups(4, 3) == [2, 1, 1] and balanced_groups(7, 2) == [4, 3]
+
+
+def test_most_lines_trace_folds_fewer_operators_than_fit_trace(tokenizer):
+    import itertools
+
+    from posttrain.tokenizer import count_tokens
+
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+    p = parse_expression("8+9*3*1+2+8-5*1-8")  # values below 100: a trace of L lines costs 8 + 4L - 1 tokens
+    assert most_lines_trace(p, 39, count) == make_trace(p, "verbose")
+    assert most_lines_trace(p, 10, count) == "" and most_lines_trace(p, 0, count) == ""
+    for budget in range(11, 39):
+        t, uniform = most_lines_trace(p, budget, count), fit_trace(p, budget, count)
+        lines = t.split("\n")
+        assert count(t) <= budget and len(lines) == (budget - 8 + 1) // 4, budget  # the most lines that fit
+        assert len(lines) >= uniform.count("\n") + 1
+        # independent check: no grouping into that many lines folds fewer operators into its largest line
+        sizes = [len(re.findall(r"[-+*]\d+", line)) - (k > 0) for k, line in enumerate(lines)]
+        best = min(max(c) for c in itertools.product(range(1, 9), repeat=len(lines)) if sum(c) == 8)
+        assert sum(sizes) == 8 and max(sizes) == best, (budget, t)
+        assert int(lines[-1].split("=")[1]) == p.answer
+    # fit_trace's uniform groups fold more than needed: at 27 it writes 4 lines of 2 where 5 lines fit
+    assert fit_trace(p, 27, count).count("\n") + 1 == 4 and most_lines_trace(p, 27, count).count("\n") + 1 == 5
+    # a value of 100+ costs a token more: a grouping that does not fit gives way to one line fewer
+    q = parse_expression("9*9*2-8")  # running values 81, 162, 154; [2, 1] costs 12 tokens, [1, 2] 11
+    assert most_lines_trace(q, 12, count) == "9*9*2=162\n*2-8=154"
+    assert most_lines_trace(q, 11, count) == "9*9*2-8=154"
 
 
 def test_truncated_trace_is_the_longest_verbose_prefix_that_fits(tokenizer):

@@ -92,3 +92,28 @@ def test_sft_examples_from_file(tmp_path, tokenizer):
     assert len(rows) == 3
     text = tokenizer.decode([t for t, m in zip(rows[0]["input_ids"], rows[0]["completion_mask"]) if m])
     assert text.startswith("Natalia sold 48/2 = 24") and text.endswith("</think>\n\n72<|im_end|>")
+
+
+@pytest.mark.parametrize("budget_traces", ["most_explicit", "most_lines", "sampled"])
+def test_sft_budgeted_examples_fit_and_follow_budget_traces(tokenizer, budget_traces):
+    from posttrain.config import BudgetMix
+    from posttrain.data import arithmetic_examples
+    from posttrain.sft_data import build_sft_examples
+    from posttrain.tasks.arithmetic import fit_trace, most_lines_trace, parse_expression
+    from posttrain.tokenizer import THINK_END, count_tokens
+
+    ex = arithmetic_examples(200, 0, TaskConfig())
+    rows = build_sft_examples(tokenizer, ex, [16, 24], BudgetMix(budgeted=1, autonomous=0, zero=0), "verbose", 0, 512,
+                              budget_traces=budget_traces)
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+    differs = 0
+    for e, row in zip(ex, rows):
+        think = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]).split(THINK_END)[0]
+        assert 0 < row["n_think"] == count(think) <= row["budget"], (e.prompt, think)
+        p = parse_expression(e.prompt)
+        if budget_traces == "most_explicit":
+            assert think == fit_trace(p, row["budget"], count)
+        elif budget_traces == "most_lines":
+            assert think == most_lines_trace(p, row["budget"], count)
+        differs += think != fit_trace(p, row["budget"], count)
+    assert (differs == 0) == (budget_traces == "most_explicit")

@@ -213,3 +213,28 @@ def test_demo_batch_renders_prompts_as_rollouts_do_and_fits_the_budget(tokenizer
     # budget 16 needs a compressed trace, budget 0 answers directly: both left to RL; autonomous kept
     assert full.response_mask[0].sum() == 0 and full.response_mask[2].sum() == 0
     assert torch.equal(full.response_mask[1], demos.response_mask[1])
+
+
+def test_ptx_demonstrations_follow_the_sft_stages_budget_traces(tokenizer):
+    import random
+
+    from posttrain.config import SFTStageConfig
+    from posttrain.sft_data import budget_trace
+    from posttrain.stages.rl_task import demo_batch, sft_demonstrator
+    from posttrain.tasks.arithmetic import parse_expression
+    from posttrain.tokenizer import THINK_END, count_tokens
+
+    p = parse_expression("7+3*2-5*3")  # the full trace (19 tokens) does not fit 16: three lines (15) do
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+
+    def think(demos):
+        return tokenizer.decode(demos.response_ids[0][demos.response_mask[0].bool()].tolist()).split(THINK_END)[0]
+
+    assert think(demo_batch(tokenizer, [p], [16], tokenizer.pad_token_id)) == "7+3*2=20\n*2-5*3=45"
+    fit = sft_demonstrator(SFTStageConfig(budget_traces="most_lines"), random.Random(0))
+    assert think(demo_batch(tokenizer, [p], [16], tokenizer.pad_token_id, fit=fit)) == "7+3*2=20\n*2-5=15\n-5*3=45"
+    cfg = SFTStageConfig(budget_traces="sampled", full_trace_share=1.0, truncate_share=0.5)
+    got = think(demo_batch(tokenizer, [p], [16], tokenizer.pad_token_id, fit=sft_demonstrator(cfg, random.Random(3))))
+    assert got == budget_trace(p, 16, count, random.Random(3), "sampled", 1.0, 0.5)
+    with pytest.raises(ValueError, match="budget_traces"):
+        budget_trace(p, 16, count, random.Random(0), "shortest")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.stages.rl_task import demo_batch, first_error_marks
+from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
 from posttrain.runlog import log, write_json_atomic
 from posttrain.workers.actors import ActorOptions, Proxy, init_ray, spawn
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
@@ -289,8 +289,8 @@ class RLDriver:
         adv, mask, returns, adv_metrics = compute_advantages(cfg, batch, scores, values, ref_logp, marks)
         metrics |= adv_metrics
         t["critic_values"] = time.perf_counter()
-        demos = (demo_batch(self._tokenizer, problems, budgets, self._pad_id, cfg.ptx_traces)
-                 if cfg.ptx_coef > 0 else None)
+        demos = (demo_batch(self._tokenizer, problems, budgets, self._pad_id, cfg.ptx_traces,
+                            sft_demonstrator(rc.sft, random.Random(rc.seed + step))) if cfg.ptx_coef > 0 else None)
         metrics |= self.learn(batch, adv, mask, None if cfg.kl_in_reward else ref_logp, demos)
         t["learner"] = time.perf_counter()
         if self.w.critic is not None:

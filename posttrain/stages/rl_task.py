@@ -39,10 +39,11 @@ def first_error_marks(tokenizer, batch, problems, penalty: float) -> torch.Tenso
     return marks
 
 
-def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, traces: str = "fitting"):
+def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, traces: str = "fitting", fit=None):
     """`learner.DemoBatch` of the step's problems as the SFT stage demonstrates them (for `ptx_coef`): with a
-    budget, the most explicit trace that fits it (`fit_trace`); without one, the full verbose trace; budget 0, the
-    answer alone. One demonstration per problem, in problem order.
+    budget, `fit(problem, budget, count_tokens)` (the SFT stage's demonstrator, `sft_data.budget_trace`; default
+    `fit_trace`, the most explicit); without one, the full verbose trace; budget 0, the answer alone. One
+    demonstration per problem, in problem order.
 
     traces="full": only the full verbose trace is demonstrated (without a budget, or with one it fits); a problem
     whose budget needs a compressed trace (or no trace: budget 0) keeps its row with nothing to imitate, so how
@@ -53,10 +54,11 @@ def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, trac
     from posttrain.tasks.arithmetic import fit_trace, make_trace
     from posttrain.tokenizer import count_tokens
 
+    fit = fit or fit_trace
     rows = []
     for p, b in zip(problems, budgets):
         full = make_trace(p)
-        thinking = full if b is None else fit_trace(p, b, lambda t: count_tokens(tokenizer, t)) if b > 0 else ""
+        thinking = full if b is None else fit(p, b, lambda t: count_tokens(tokenizer, t)) if b > 0 else ""
         ex = tokenize_example(tokenizer, p.expression, b, thinking, str(p.answer))
         cut = ex["completion_mask"].index(1)
         imitate = traces == "fitting" or thinking == full
@@ -68,3 +70,12 @@ def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, trac
         out.prompt_ids[i, P - len(a):], out.prompt_mask[i, P - len(a):] = torch.tensor(a), 1
         out.response_ids[i, :len(c)], out.response_mask[i, :len(c)] = torch.tensor(c), int(imitate)
     return out
+
+
+def sft_demonstrator(sft_cfg, rng):
+    """`fit` for `demo_batch`: the budgeted traces the recipe's SFT stage demonstrates (`sft.budget_traces` and
+    its shares; `rng` draws them for `sampled`)."""
+    from posttrain.sft_data import budget_trace
+
+    return lambda p, budget, count: budget_trace(p, budget, count, rng, sft_cfg.budget_traces,
+                                                 sft_cfg.full_trace_share, sft_cfg.truncate_share)

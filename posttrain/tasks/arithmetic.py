@@ -178,6 +178,30 @@ def fit_trace(p: Problem, budget: int, count_tokens) -> str:
     return ""
 
 
+def balanced_groups(total: int, n_lines: int) -> list[int]:
+    """`total` operators in `n_lines` lines as evenly as possible, the larger groups first: (4, 3) -> [2, 1, 1],
+    (6, 4) -> [2, 2, 1, 1], (7, 2) -> [4, 3]."""
+    size, extra = divmod(total, n_lines)
+    return [size + 1] * extra + [size] * (n_lines - extra)
+
+
+def most_lines_trace(p: Problem, budget: int, count_tokens) -> str:
+    """The trace with the most lines that fits `budget`, its operators grouped as evenly as possible (the larger
+    groups first, `balanced_groups`); the full (verbose) trace when it fits; "" when none fits.
+
+    `fit_trace` only knows uniform groups, so it folds more than the budget asks: two lines of two for four
+    operators where three lines (2-1-1) fit. A folded line is right far less often than a plain one for a small
+    model (docs/rl_findings.md), so the fewer operators folded, the better.
+    """
+    if budget <= 0:
+        return ""
+    for n in range(p.difficulty, 0, -1):
+        trace = make_trace_groups(p, balanced_groups(p.difficulty, n))
+        if count_tokens(trace) <= budget:
+            return trace
+    return ""
+
+
 def truncated_trace(p: Problem, budget: int, count_tokens) -> str:
     """The longest prefix of the verbose trace (whole lines) that fits `budget`; "" when not even its first line
     does. The answer that follows it must fold the operators the trace did not reach, as an answer after thinking
