@@ -64,13 +64,30 @@ class MetricsWriter:
 
     def __init__(self, stage_dir: Path):
         self.path = stage_dir / "metrics.jsonl"
-        self._tb = None
+        self._tb_dir = stage_dir / "tb"
+        self._tb = self._open_tb()
+
+    def _open_tb(self, purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(stage_dir / "tb"))
         except ImportError:  # tensorboard is a dependency; degrade only if someone removed it
             log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self._tb_dir), purge_step=purge_step)
+
+    def resume_at(self, step: int) -> None:
+        """A stage resumed from the state saved before `step`: drop what the killed run logged from `step` on,
+        the metrics.jsonl lines and, through TensorBoard's `purge_step`, the events (hidden when read)."""
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) < step]
+            if len(keep) != len(lines):
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+                os.replace(tmp, self.path)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = self._open_tb(purge_step=step)
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}

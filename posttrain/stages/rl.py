@@ -381,7 +381,7 @@ class RLDriver:
 
         found = latest(self.ctx.stage.path / "state")
         if found is None:
-            _truncate_metrics(self.ctx.metrics.path, 0)  # lines of a run killed before its first save
+            self.ctx.metrics.resume_at(0)  # what a run killed before its first save logged
             return 0
         d, driver = found
         pending = [w.submit(LearnerWorker.load_state, str(d)) for w in self.w.learners]
@@ -390,7 +390,7 @@ class RLDriver:
             self.w.critic.call(CriticWorker.load_state, str(d))
         self.consecutive_skips = int(driver.get("consecutive_skips", 0))
         self.sync_weights()
-        _truncate_metrics(self.ctx.metrics.path, int(driver["step"]))
+        self.ctx.metrics.resume_at(int(driver["step"]))
         log.info("%s: resuming from %s (step %d of %d)", self.algo, d, driver["step"], self.cfg.steps)
         return int(driver["step"])
 
@@ -554,16 +554,6 @@ def _brief(ev: dict) -> str:
         adh = f" adh {r['adherence']:.2f} capped acc {r['accuracy_capped']:.2f}" if "adherence" in r else ""
         parts.append(f"[{b}] acc {r['accuracy']:.2f}{adh} think {r['think_tokens']:.1f}")
     return "  ".join(parts)
-
-
-def _truncate_metrics(path, step: int) -> None:
-    """Drop metrics lines of steps >= `step` (written after the state being resumed was saved)."""
-    import json
-
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _read_json(path) -> dict:

@@ -1,0 +1,31 @@
+import json
+
+
+def _tb_steps(tb_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_resume_at_drops_what_a_killed_run_logged_after_the_saved_step(tmp_path):
+    from posttrain.runlog import MetricsWriter
+
+    m = MetricsWriter(tmp_path)
+    for step in range(8):  # the killed run: its last saved state was before step 5
+        m.log(step, {"loss": float(step), "note": "x"})
+    m.close()
+    m = MetricsWriter(tmp_path)
+    m.resume_at(5)
+    for step in range(5, 10):
+        m.log(step, {"loss": 100.0 + step})
+    m.close()
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10))
+    assert [r["loss"] for r in rows] == [0, 1, 2, 3, 4, 105, 106, 107, 108, 109]
+    assert _tb_steps(tmp_path / "tb", "loss") == list(range(10))  # steps 5-7 of the killed run are purged
+    m = MetricsWriter(tmp_path)  # resuming from scratch (killed before its first save) empties the log
+    m.resume_at(0)
+    m.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
