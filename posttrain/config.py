@@ -7,7 +7,7 @@ silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -146,6 +146,9 @@ class BudgetMix(Section):
         return self
 
 
+BudgetTraces = Literal["most_explicit", "most_lines", "sampled"]
+
+
 class SFTStageConfig(Section):
     """Supervised fine-tuning on the thinking format (TRL SFTTrainer, loss on the assistant part only)."""
 
@@ -162,13 +165,14 @@ class SFTStageConfig(Section):
     autonomous_style: Literal["verbose", "terse"] = Field(
         "verbose", description="Trace style of unbudgeted (autonomous) examples."
     )
-    budget_traces: Literal["most_explicit", "most_lines", "sampled"] = Field(
+    budget_traces: BudgetTraces | Annotated[list[BudgetTraces], Field(min_length=1)] = Field(
         "most_explicit",
         description="Embedded task, budgeted examples: `sampled` takes the full trace when it fits the budget, else "
                     "draws one among those that fit (any line count, any grouping: the model sees every way to "
                     "compress and RL finds the one it executes best); `most_explicit` always takes the most "
                     "explicit trace of uniform grouping; `most_lines` the trace with the most lines that fits, its "
-                    "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2).",
+                    "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2). A list draws "
+                    "one of its demonstrators per example, so the model can write either and RL keeps the better.",
     )
     full_trace_share: float = Field(
         1.0, ge=0, le=1,

@@ -4,7 +4,8 @@ Each example is `{"input_ids", "completion_mask", "mode", "budget", "n_think"}`;
 is the only part with loss. Budgeted samples carry a trace that fits the sampled budget (`budget_trace`): with
 `budget_traces="sampled"` the full trace when it fits, else one drawn among all that fit
 (`posttrain.tasks.arithmetic.sample_fitting_trace`); with `"most_explicit"` the most explicit one of uniform
-grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`).
+grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`);
+with a list of these, one drawn per example.
 Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
 traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
 sharpening both is RL's job.
@@ -34,9 +35,14 @@ def tokenize_example(tokenizer, prompt: str, budget: int | None, thinking: str, 
     return {"input_ids": list(prompt_ids) + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
 
-def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces: str = "most_explicit",
+def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces: str | list[str] = "most_explicit",
                  full_trace_share: float = 1.0, truncate_share: float = 0.0) -> str:
-    """The thinking a budgeted example of arithmetic problem `p` demonstrates (`sft.budget_traces`)."""
+    """The thinking a budgeted example of arithmetic problem `p` demonstrates (`sft.budget_traces`; a list: one of
+    its demonstrators drawn uniformly per example)."""
+    if isinstance(budget_traces, (list, tuple)):
+        if not budget_traces:
+            raise ValueError("budget_traces: an empty list names no demonstrator")
+        budget_traces = rng.choice(list(budget_traces))
     if budget_traces == "most_explicit":
         return fit_trace(p, budget, count_tokens)
     if budget_traces == "most_lines":

@@ -94,7 +94,7 @@ def test_sft_examples_from_file(tmp_path, tokenizer):
     assert text.startswith("Natalia sold 48/2 = 24") and text.endswith("</think>\n\n72<|im_end|>")
 
 
-@pytest.mark.parametrize("budget_traces", ["most_explicit", "most_lines", "sampled"])
+@pytest.mark.parametrize("budget_traces", ["most_explicit", "most_lines", "sampled", ["most_explicit", "most_lines"]])
 def test_sft_budgeted_examples_fit_and_follow_budget_traces(tokenizer, budget_traces):
     from posttrain.config import BudgetMix
     from posttrain.data import arithmetic_examples
@@ -106,14 +106,32 @@ def test_sft_budgeted_examples_fit_and_follow_budget_traces(tokenizer, budget_tr
     rows = build_sft_examples(tokenizer, ex, [16, 24], BudgetMix(budgeted=1, autonomous=0, zero=0), "verbose", 0, 512,
                               budget_traces=budget_traces)
     count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
-    differs = 0
+    differs, took = 0, {"most_explicit": 0, "most_lines": 0}
     for e, row in zip(ex, rows):
         think = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]).split(THINK_END)[0]
         assert 0 < row["n_think"] == count(think) <= row["budget"], (e.prompt, think)
         p = parse_expression(e.prompt)
+        explicit, lines = fit_trace(p, row["budget"], count), most_lines_trace(p, row["budget"], count)
         if budget_traces == "most_explicit":
-            assert think == fit_trace(p, row["budget"], count)
+            assert think == explicit
         elif budget_traces == "most_lines":
-            assert think == most_lines_trace(p, row["budget"], count)
-        differs += think != fit_trace(p, row["budget"], count)
+            assert think == lines
+        elif isinstance(budget_traces, list):  # one of the two, drawn per example
+            assert think in (explicit, lines)
+            if explicit != lines:
+                took["most_explicit" if think == explicit else "most_lines"] += 1
+        differs += think != explicit
     assert (differs == 0) == (budget_traces == "most_explicit")
+    if isinstance(budget_traces, list):
+        assert min(took.values()) >= 5, took
+
+
+def test_budget_traces_config_rejects_unknown_and_empty():
+    from pydantic import ValidationError
+
+    from posttrain.config import SFTStageConfig
+
+    assert SFTStageConfig(budget_traces=["most_lines", "sampled"]).budget_traces == ["most_lines", "sampled"]
+    for bad in ("shortest", [], ["most_lines", "shortest"]):
+        with pytest.raises(ValidationError, match="budget_traces"):
+            SFTStageConfig(budget_traces=bad)
