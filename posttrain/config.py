@@ -169,10 +169,10 @@ class SFTStageConfig(Section):
         "most_explicit",
         description="Embedded task, budgeted examples: `sampled` takes the full trace when it fits the budget, else "
                     "draws one among those that fit (any line count, any grouping: the model sees every way to "
-                    "compress and RL finds the one it executes best); `most_explicit` always takes the most "
+                    "compress); `most_explicit` always takes the most "
                     "explicit trace of uniform grouping; `most_lines` the trace with the most lines that fits, its "
                     "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2). A list draws "
-                    "one of its demonstrators per example, so the model can write either and RL keeps the better.",
+                    "one of its demonstrators per example (docs/rl_findings.md compares them).",
     )
     full_trace_share: float = Field(
         1.0, ge=0, le=1,

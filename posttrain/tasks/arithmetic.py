@@ -222,7 +222,8 @@ def sample_fitting_trace(p: Problem, budget: int, count_tokens, rng: random.Rand
 
     Demonstrations vary in how much of the budget they spend, and a demonstrator short of room has many ways to
     compress and no way of knowing which one the student model will execute best. Unlike `fit_trace` (always the
-    most explicit), this shows the model all of them, and RL finds the best from the rewards.
+    most explicit), this shows the model all of them for RL to choose among (on the embedded task it did not
+    choose better than SFT: docs/rl_findings.md).
     """
     if budget <= 0:
         return ""
