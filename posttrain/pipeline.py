@@ -87,7 +87,7 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
             info["seconds"] = round(time.time() - t0, 1)
             stage.mark_done(info)
             log.info("stage %s finished in %.0fs", name, info["seconds"])
-        if "checkpoint" in info:
-            model_path = Path(info["checkpoint"])
+        if "checkpoint" in info:  # the stage's own folder: done.json's path is relative to where the run began
+            model_path = stage.checkpoint
         results[name] = info
     return results

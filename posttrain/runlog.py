@@ -123,5 +123,13 @@ class StageDir:
     def done_info(self) -> dict:
         return json.loads(self.done_file.read_text())
 
+    def finished_checkpoint(self) -> Path | None:
+        """The checkpoint of a finished stage that produced a model, found under this run directory (done.json's
+        path was written relative to the directory the run started in, which a resume from elsewhere does not
+        share); None when the stage is not done or made no model."""
+        if not self.is_done() or "checkpoint" not in self.done_info():
+            return None
+        return self.checkpoint
+
     def mark_done(self, info: dict) -> None:
         write_json_atomic(self.done_file, {"stage": self.name, "finished": time.time(), **info})

@@ -29,3 +29,16 @@ def test_resume_at_drops_what_a_killed_run_logged_after_the_saved_step(tmp_path)
     m.resume_at(0)
     m.close()
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_finished_checkpoint_is_the_stage_folder_whatever_done_json_says(tmp_path, monkeypatch):
+    from posttrain.runlog import StageDir
+
+    stage = StageDir(tmp_path / "run", "sft")
+    assert stage.finished_checkpoint() is None  # not done
+    stage.checkpoint.mkdir()
+    stage.mark_done({"checkpoint": "run/sft/checkpoint"})  # relative to a directory this process is not in
+    monkeypatch.chdir(tmp_path / "run")
+    assert stage.finished_checkpoint() == tmp_path / "run" / "sft" / "checkpoint"
+    StageDir(tmp_path / "run", "sweep").mark_done({"produces_model": False})
+    assert StageDir(tmp_path / "run", "sweep").finished_checkpoint() is None  # a stage that made no model

@@ -88,3 +88,30 @@ def test_sweep_models_must_name_a_stage_or_a_directory(tmp_path):
     with pytest.raises(RecipeError, match="sweep.models.*'grpo'"):
         load_recipe(recipe, ["sweep.models=[sft,grpo]"])
     assert load_recipe(recipe, ["sweep.models=[sft]"]).sweep.models == ["sft"]
+
+
+def test_a_run_resumed_from_another_directory_finds_its_checkpoints(run, tmp_path):
+    """done.json keeps the checkpoint path as the run wrote it (relative when the run directory was); a resume
+    started elsewhere must use the stage folders under its run directory, not those paths."""
+    import shutil
+
+    run_dir, _ = run
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(run_dir, moved)
+    for done in moved.glob("*/done.json"):  # as if the run had begun as `run_dir: run` in another directory
+        info = json.loads(done.read_text())
+        if "checkpoint" in info:
+            info["checkpoint"] = f"run/{done.parent.name}/checkpoint"
+            done.write_text(json.dumps(info))
+    for stage in ("sft", "sweep"):  # both run again: sft from the base's checkpoint, sweep on sft's
+        (moved / stage / "done.json").unlink()
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY.format(run_dir=moved))
+    env = {**os.environ, "POSTTRAIN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    exe = Path(sys.executable).with_name("posttrain")
+    proc = subprocess.run([str(exe), "run", str(recipe), "stages=[base,sft,sweep]"], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage base already finished" in proc.stderr and "stage sft finished" in proc.stderr
+    done = json.loads((moved / "sweep" / "done.json").read_text())
+    assert done["models"] == {"sft": str(moved / "sft" / "checkpoint")}

@@ -30,7 +30,7 @@ def sweep_models(ctx) -> list:
             specs.append(resolve_model(name))
             continue
         stage = StageDir(ctx.run_dir, name)
-        ckpt = stage.done_info().get("checkpoint") if stage.is_done() else None
+        ckpt = stage.finished_checkpoint()
         if not ckpt or not (Path(ckpt) / "config.json").is_file():
             raise SweepError(f"sweep: stage {name!r} has no finished checkpoint ({stage.done_file})")
         specs.append(ModelSpec(name, Path(ckpt)))
