@@ -54,7 +54,7 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
 
 def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], mix: BudgetMix,
                        autonomous_style: str, seed: int, max_length: int,
-                       budget_traces: str = "most_explicit", full_trace_share: float = 1.0,
+                       budget_traces: str | list[str] = "most_explicit", full_trace_share: float = 1.0,
                        truncate_share: float = 0.0) -> list[dict]:
     rng = random.Random(seed)
     out = []
