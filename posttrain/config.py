@@ -302,8 +302,8 @@ class RLStageConfig(Section):
         "(as the SFT stage writes them) to the policy loss, InstructGPT's PPO-ptx: keeps what SFT taught from "
         "eroding while RL changes how budgets are spent.")
     ptx_traces: Literal["fitting", "full"] = Field(
-        "fitting", description="ptx demonstrations: `fitting`, the SFT stage's (the most explicit trace that fits "
-        "each budget); `full`, only full verbose traces (no budget, or one they fit), leaving compression (and "
+        "fitting", description="ptx demonstrations: `fitting`, the SFT stage's (the trace `sft.budget_traces` "
+        "gives for each budget); `full`, only full verbose traces (no budget, or one they fit), leaving compression (and "
         "budget 0's direct answers) to RL.")
     process_penalty: float = Field(
         0.0, ge=0, description="Embedded task: subtract this from the advantage (GRPO) or reward (PPO) of the token "

@@ -21,12 +21,14 @@ def first_error_marks(tokenizer, batch, problems, penalty: float) -> torch.Tenso
     from posttrain.tasks.trace_lines import first_error_offset
 
     marks = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
-    for r, n in enumerate(batch.response_mask.sum(1).tolist()):
+    lengths = batch.response_mask.sum(1).tolist()
+    offsets = [first_error_offset(problems[g], text) for g, text in zip(batch.group_index, batch.texts)]
+    wrong = {r: o for r, o in enumerate(offsets) if o is not None}
+    ids = sorted({i for r in wrong for i in batch.response_ids[r, :lengths[r]].tolist()})
+    decoded = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)))  # each id once
+    for r, offset in wrong.items():
         text = batch.texts[r]
-        offset = first_error_offset(problems[batch.group_index[r]], text)
-        if offset is None:
-            continue
-        pieces = tokenizer.batch_decode([[i] for i in batch.response_ids[r, :n].tolist()], skip_special_tokens=True)
+        pieces = [decoded[i] for i in batch.response_ids[r, :lengths[r]].tolist()]
         shift = len(text) - sum(map(len, pieces))  # budget 0: the text starts with the prompt's "</think>\n\n"
         if shift < 0 or text[shift:] != "".join(pieces) or offset < shift:
             continue

@@ -133,6 +133,7 @@ def teacher_forced_lines(model, tokenizer, n: int = 700, seed: int = 1234, batch
     import torch
 
     from posttrain.tasks.arithmetic import make_trace_groups, random_groups, sample_problem
+    from posttrain.tokenizer import THINK_END
 
     rng = random.Random(seed)
     docs, spans = [], []
@@ -141,13 +142,14 @@ def teacher_forced_lines(model, tokenizer, n: int = 700, seed: int = 1234, batch
         p = sample_problem(rng, d)
         groups = random_groups(rng, d, rng.randint(1, d))
         trace = make_trace_groups(p, groups)
-        head = f"<|im_start|>user\n{p.expression}<|im_end|>\n<|im_start|>assistant\n<think>"
-        tail = f"</think>\n\n{p.answer}<|im_end|>"
+        head = tokenizer.apply_chat_template([{"role": "user", "content": p.expression}], add_generation_prompt=True,
+                                             tokenize=False)
+        tail = f"{THINK_END}\n\n{p.answer}{tokenizer.eos_token}"  # as `sft_data.tokenize_example` writes it
         row, pos = [], len(head)
         for line, g in zip(trace.split("\n"), groups):  # (start, end) of each line's value, its operator count
             row.append((pos + line.index("=") + 1, pos + len(line), str(g) if g < 4 else "4+"))
             pos += len(line) + 1
-        answer_at = len(head) + len(trace) + len("</think>\n\n")
+        answer_at = len(head) + len(trace) + len(f"{THINK_END}\n\n")
         row.append((answer_at, answer_at + len(str(p.answer)), "answer"))
         docs.append(head + trace + tail)
         spans.append(row)
