@@ -7,22 +7,52 @@ silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 StageName = Literal["base", "sft", "rm", "grpo", "ppo", "eval", "sweep", "export"]
 
 
 def check_budgets(v: list) -> list:
-    """A recipe's list of thinking budgets: non-empty, each a non-negative integer or "auto"."""
-    if not v or any(b != "auto" and b < 0 for b in v):
-        raise ValueError("budgets must be a non-empty list of non-negative integers and 'auto'")
+    """A recipe's list of thinking budgets: non-empty, each a non-negative integer, "auto" or a range."""
+    if not v or any(isinstance(b, int) and b < 0 for b in v):
+        raise ValueError("budgets must be a non-empty list of non-negative integers, 'auto' and {low, high} ranges")
     return v
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class BudgetRange(Section):
+    """A budget entry drawn uniformly from `low..high` (both included), e.g. `{low: 8, high: 48}`. Trained on a few
+    fixed budgets, a model follows only those (budget 12 is then an unknown instruction); trained on ranges, it
+    learns the budget as a number."""
+
+    low: int = Field(..., ge=1, description="Smallest budget drawn (thinking tokens).")
+    high: int = Field(..., ge=1, description="Largest budget drawn (thinking tokens).")
+
+    @model_validator(mode="after")
+    def _order(self) -> "BudgetRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}"
+
+
+def _budget_kind(v) -> str:
+    return "range" if isinstance(v, (dict, BudgetRange)) else "auto" if isinstance(v, str) else "int"
+
+
+# One entry of a budget list. The discriminator sends a mapping to BudgetRange alone, so a bad range gets one
+# error naming its key (`grpo.budgets.1.high`), not one per kind of entry.
+Budget = Annotated[Union[Annotated[int, Tag("int")], Annotated[Literal["auto"], Tag("auto")],
+                         Annotated[BudgetRange, Tag("range")]], Discriminator(_budget_kind)]
+PositiveBudget = Annotated[Union[Annotated[int, Tag("int")], Annotated[BudgetRange, Tag("range")]],
+                           Discriminator(lambda v: "range" if isinstance(v, (dict, BudgetRange)) else "int")]
 
 
 class ModelConfig(Section):
@@ -157,9 +187,10 @@ class SFTStageConfig(Section):
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     n_examples: int = Field(12000, ge=1, description="Training examples generated (arithmetic) or used (files).")
-    budgets: list[int] = Field(
+    budgets: list[PositiveBudget] = Field(
         default_factory=lambda: [8, 16, 24, 32, 48, 64, 96, 128],
-        description="Budgets sampled for budgeted examples (thinking tokens).",
+        description="Budgets sampled for budgeted examples (thinking tokens): one entry drawn uniformly per "
+                    "example; an entry `{low, high}` then draws its budget uniformly from that range.",
     )
     mix: BudgetMix = Field(default_factory=BudgetMix, description="How examples split across thinking modes.")
     autonomous_style: Literal["verbose", "terse"] = Field(
@@ -191,9 +222,9 @@ class SFTStageConfig(Section):
 
     @field_validator("budgets")
     @classmethod
-    def _budgets(cls, v: list[int]) -> list[int]:
-        if not v or any(b <= 0 for b in v):
-            raise ValueError("budgets must be a non-empty list of positive integers")
+    def _budgets(cls, v: list) -> list:
+        if not v or any(isinstance(b, int) and b <= 0 for b in v):
+            raise ValueError("budgets must be a non-empty list of positive integers and {low, high} ranges")
         return v
 
 
@@ -213,14 +244,20 @@ class RMStageConfig(Section):
     n_prompts: int = Field(600, ge=2, description="Problems to sample responses for.")
     samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per problem.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    budgets: list[int | Literal["auto"]] = Field(
-        default_factory=lambda: ["auto", 16, 32, 64], description="Budgets the sampled prompts are given (cycled)."
+    budgets: list[Budget] = Field(
+        default_factory=lambda: ["auto", 16, 32, 64],
+        description="Budgets the sampled prompts are given (cycled; a `{low, high}` entry draws from its range).",
     )
     max_new_tokens: int = Field(128, ge=1)
     label_reward: str = Field("exact_int", description="Registered verifiable reward that labels samples (>= 0.5 = correct).")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of problems held out for accuracy and AUC.")
     balance: bool = Field(True, description="Balance correct/incorrect training samples by downsampling.")
     genrm: VerifierTrainConfig = Field(default_factory=VerifierTrainConfig, description="Generative verifier.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list) -> list:
+        return check_budgets(v)
 
     @field_validator("label_reward")
     @classmethod
@@ -274,9 +311,10 @@ class RLStageConfig(Section):
     steps: int = Field(60, ge=1, description="Optimizer steps (one rollout batch each).")
     prompts_per_step: int = Field(16, ge=1, description="Problems sampled per step.")
     group_size: int = Field(8, ge=1, description="Responses sampled per problem (a GRPO group; PPO may use 1).")
-    budgets: list[int | Literal["auto"]] = Field(
+    budgets: list[Budget] = Field(
         default_factory=lambda: [0, 8, 16, 24, 32, 48, "auto"],
-        description="Budgets drawn (uniformly, one per problem) for the prompts; `auto` = no budget.",
+        description="Budgets drawn (one entry uniformly per problem) for the prompts; `auto` = no budget; an entry "
+                    "`{low, high}` draws its budget uniformly from that range (metrics then report it as `low-high`).",
     )
     max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
-
-import re
+from typing import Any, get_args
 
 import yaml
+from pydantic import BaseModel, ValidationError
+
+from posttrain.config import RecipeConfig
 
 
 class _Loader(yaml.SafeLoader):
@@ -29,33 +30,49 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 def safe_load(text: str):
     """Parse recipe YAML safely (no Python objects) with YAML 1.2 booleans."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-from pydantic import BaseModel, ValidationError
-
-from posttrain.config import RecipeConfig
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run; str(e) is the whole user-facing message."""
 
 
+def _models_in(ann) -> list[type[BaseModel]]:
+    """The recipe sections an annotation can hold: the class itself, or those inside list[...], unions, Annotated."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for a in get_args(ann) for m in _models_in(a)]
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, list[type[BaseModel]]]:
+    """`loc` without the parts pydantic adds for unions (branch tags such as `range` or `int`), and the sections
+    the cleaned location ends in."""
+    kept, models = [], [model]
+    for part in loc:
+        if isinstance(part, int):
+            kept.append(part)
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if fields:
+            kept.append(part)
+            models = _models_in(fields[0].annotation)
+        elif not models:  # inside a plain value (a dict key): keep it as given
+            kept.append(part)
+    return tuple(kept), models
+
+
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
     """Valid keys of the section addressed by `loc` (the error's location minus the bad key)."""
-    cls = model
-    for part in loc:
-        if isinstance(part, int) or cls is None:
-            continue
-        field = cls.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return list(cls.model_fields) if cls is not None else None
+    _, models = _walk(model, loc)
+    return list(models[0].model_fields) if models else None
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
-        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            loc = _walk(RecipeConfig, tuple(e["loc"])[:-1])[0] + tuple(e["loc"])[-1:]
+        else:
+            loc = _walk(RecipeConfig, tuple(e["loc"]))[0]
         path = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             valid = _fields_at(RecipeConfig, loc[:-1]) or []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 
+from posttrain.budgets import draw_budget
 from posttrain.config import BudgetMix
 from posttrain.data import Example
 from posttrain.tasks.arithmetic import fit_trace, make_trace, most_lines_trace, parse_expression, sample_fitting_trace
@@ -52,7 +53,7 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
     raise ValueError(f"budget_traces must be most_explicit, most_lines or sampled, got {budget_traces!r}")
 
 
-def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], mix: BudgetMix,
+def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: BudgetMix,
                        autonomous_style: str, seed: int, max_length: int,
                        budget_traces: str | list[str] = "most_explicit", full_trace_share: float = 1.0,
                        truncate_share: float = 0.0) -> list[dict]:
@@ -68,7 +69,7 @@ def build_sft_examples(tokenizer, examples: list[Example], budgets: list[int], m
         elif mode == "autonomous":
             budget, thinking = None, full
         else:
-            budget = rng.choice(budgets)
+            budget = draw_budget(rng, budgets)
             if arithmetic:
                 thinking = budget_trace(p, budget, lambda t: count_tokens(tokenizer, t), rng, budget_traces,
                                         full_trace_share, truncate_share)

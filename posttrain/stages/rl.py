@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.budgets import budget_label, draw_budget
 from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
 from posttrain.runlog import log, write_json_atomic
 from posttrain.workers.actors import ActorOptions, Proxy, init_ray, spawn
@@ -51,15 +52,15 @@ def sample_step_problems(cfg, task, seed: int, step: int):
     diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
     problems = generate_problems(cfg.prompts_per_step, seed + step, diffs)
     rng = random.Random(seed + step)
-    budgets = [rng.choice(cfg.budgets) for _ in problems]
-    return problems, [None if b == "auto" else int(b) for b in budgets]
+    return problems, [draw_budget(rng, cfg.budgets) for _ in problems]
 
 
-def rollout_metrics(batch, correct: list[bool]) -> dict[str, float]:
-    """Accuracy, thinking tokens and adherence (closed within budget without forcing) overall and by budget."""
+def rollout_metrics(batch, correct: list[bool], entries=()) -> dict[str, float]:
+    """Accuracy, thinking tokens and adherence (closed within budget without forcing) overall and by budget (budgets
+    drawn from a range of the budget list `entries` are pooled under its name, `8-48`)."""
     by: dict[str, list[int]] = defaultdict(list)
     for i, b in enumerate(batch.budgets):
-        by["auto" if b is None else str(b)].append(i)
+        by[budget_label(b, entries)].append(i)
     m = {"rollout/accuracy": sum(correct) / len(correct),
          "rollout/response_tokens": float(batch.response_mask.sum(1).float().mean()),
          "rollout/forced_share": sum(batch.forced) / len(batch)}
@@ -68,10 +69,9 @@ def rollout_metrics(batch, correct: list[bool]) -> dict[str, float]:
         m[f"budget/{label}/accuracy"] = sum(correct[i] for i in rows) / len(rows)
         m[f"budget/{label}/think_tokens"] = sum(batch.n_think[i] for i in rows) / len(rows)
         if label != "auto":
-            b = int(label)
-            adh = [batch.closed[i] and not batch.forced[i] and batch.n_think[i] <= b for i in rows]
+            adh = [batch.closed[i] and not batch.forced[i] and batch.n_think[i] <= batch.budgets[i] for i in rows]
             m[f"budget/{label}/adherence"] = sum(adh) / len(adh)
-            if b > 0:
+            if label != "0":
                 adherent_all += adh
     if adherent_all:
         m["rollout/adherence"] = sum(adherent_all) / len(adherent_all)
@@ -299,7 +299,7 @@ class RLDriver:
         t["critic"] = time.perf_counter()
         self.sync_weights()
         t["sync"] = time.perf_counter()
-        metrics |= rollout_metrics(batch, correct)
+        metrics |= rollout_metrics(batch, correct, cfg.budgets)
         names = list(t)
         for a, b in zip(names, names[1:]):
             metrics[f"time/{b}_s"] = t[b] - t[a]

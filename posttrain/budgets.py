@@ -1,0 +1,35 @@
+"""Drawing thinking budgets from a recipe's budget list, and naming them in metrics.
+
+A budget list holds integers (0: no thinking), `"auto"` (no budget: autonomous thinking) and ranges
+(`posttrain.config.BudgetRange`, `{low, high}`). One entry is drawn uniformly; a range then draws its budget
+uniformly from `low..high`. A list without ranges draws exactly as `rng.choice` always did, so recipes of fixed
+budgets keep their numbers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+
+def draw_budget(rng: random.Random, entries: Sequence) -> int | None:
+    """One budget: an int, or None for `auto`."""
+    e = rng.choice(entries)
+    if e == "auto":
+        return None
+    if isinstance(e, int):
+        return e
+    return rng.randint(e.low, e.high)
+
+
+def budget_label(budget: int | None, entries: Sequence) -> str:
+    """The metrics name of a drawn budget: `auto`, the integer when the list names it, else the first range that
+    holds it (`8-48`), else the integer."""
+    if budget is None:
+        return "auto"
+    if budget in [e for e in entries if isinstance(e, int)]:
+        return str(budget)
+    for e in entries:
+        if not isinstance(e, (int, str)) and e.low <= budget <= e.high:
+            return str(e)
+    return str(budget)

@@ -1,0 +1,105 @@
+"""Budget lists with ranges: drawing, metrics names, recipe errors, and SFT / RL rows that use them."""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.budgets import budget_label, draw_budget
+from posttrain.config import BudgetRange, TaskConfig
+from posttrain.recipe import RecipeError, load_recipe
+
+
+def test_lists_without_ranges_draw_as_rng_choice_did():
+    entries = [0, 8, 16, "auto"]
+    a, b = random.Random(3), random.Random(3)
+    assert [draw_budget(a, entries) for _ in range(200)] == [
+        None if e == "auto" else e for e in (b.choice(entries) for _ in range(200))]
+
+
+def test_ranges_draw_every_value_of_the_range_and_nothing_else():
+    r = BudgetRange(low=5, high=9)
+    rng = random.Random(0)
+    drawn = [draw_budget(rng, [0, r]) for _ in range(2000)]
+    counts = {b: drawn.count(b) for b in set(drawn)}
+    assert set(counts) == {0, 5, 6, 7, 8, 9}
+    assert 900 <= counts[0] <= 1100  # the entry is drawn first (1/2), then the value (1/5 each)
+    assert all(150 <= counts[b] <= 250 for b in range(5, 10)), counts
+
+
+def test_labels_name_listed_budgets_else_their_range():
+    entries = [0, 16, BudgetRange(low=8, high=48), "auto"]
+    assert [budget_label(b, entries) for b in (None, 0, 16, 8, 17, 48, 60)] == [
+        "auto", "0", "16", "8-48", "8-48", "8-48", "60"]
+
+
+def test_recipe_reads_ranges_and_names_bad_ones():
+    cfg = load_recipe(None, ["sft.budgets=[{low: 1, high: 48}, 64]", "grpo.budgets=[0, {low: 4, high: 48}, auto]",
+                             "rm.budgets=[auto, {low: 8, high: 64}]"])
+    assert cfg.sft.budgets == [BudgetRange(low=1, high=48), 64]
+    assert cfg.grpo.budgets[1] == BudgetRange(low=4, high=48) and cfg.grpo.budgets[2] == "auto"
+    for override, expected in [
+        ("grpo.budgets=[0, {low: 48, high: 8}]", "grpo.budgets.1: low (48) must be <= high (8)"),
+        ("grpo.budgets=[0, {low: 8}]", "grpo.budgets.1.high: Field required"),
+        ("grpo.budgets=[{low: 8, hi: 9}]", "grpo.budgets.0.hi: unknown key; did you mean 'grpo.budgets.0.high'?"),
+        ("sft.budgets=[{low: 0, high: 8}]", "sft.budgets.0.low: Input should be greater than or equal to 1"),
+        ("sft.budgets=[auto]", "sft.budgets.0: Input should be a valid integer"),
+        ("ppo.budgets=[autoo]", "ppo.budgets.0: Input should be 'auto' (got 'autoo'); did you mean 'auto'?"),
+        ("rm.budgets=[-1]", "rm.budgets: budgets must be a non-empty list"),
+    ]:
+        with pytest.raises(RecipeError) as ei:
+            load_recipe(None, [override])
+        assert expected in str(ei.value), (override, str(ei.value))
+        assert str(ei.value).count("\n") == 1 + ("hi:" in override), str(ei.value)  # one line per mistake
+
+
+def test_unknown_keys_in_list_sections_list_the_valid_ones():
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(None, ["grpo.rewards=[{name: budget_forced, on: budgeted, parms: {}}]"])
+    assert "grpo.rewards.0.parms: unknown key; did you mean 'grpo.rewards.0.params'? (valid keys here: name," in str(
+        ei.value)
+
+
+def test_sft_rows_draw_budgets_from_ranges_and_fit_them(tokenizer):
+    from posttrain.config import BudgetMix
+    from posttrain.data import arithmetic_examples
+    from posttrain.sft_data import build_sft_examples
+    from posttrain.tasks.arithmetic import fit_trace, parse_expression
+    from posttrain.tokenizer import THINK_END, count_tokens
+
+    ex = arithmetic_examples(300, 0, TaskConfig())
+    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=3, high=40)], BudgetMix(budgeted=1, autonomous=0, zero=0),
+                              "verbose", 0, 512)
+    budgets = [r["budget"] for r in rows]
+    assert min(budgets) >= 3 and max(budgets) <= 40 and len(set(budgets)) >= 30
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+    for e, row in zip(ex, rows):
+        think = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]).split(THINK_END)[0]
+        assert row["n_think"] == count(think) <= row["budget"]
+        assert think == fit_trace(parse_expression(e.prompt), row["budget"], count)
+        prompt = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if not m])
+        assert f"Thinking budget: {row['budget']} tokens." in prompt
+
+
+class _Batch(SimpleNamespace):
+    def __len__(self):
+        return len(self.budgets)
+
+
+def test_rl_steps_draw_from_ranges_and_pool_their_metrics():
+    from posttrain.stages.rl import rollout_metrics, sample_step_problems
+
+    cfg = load_recipe(None, ["grpo.prompts_per_step=64", "grpo.budgets=[0, {low: 10, high: 20}, auto]"]).grpo
+    _, budgets = sample_step_problems(cfg, TaskConfig(), 0, 5)
+    assert sample_step_problems(cfg, TaskConfig(), 0, 5)[1] == budgets  # deterministic in (seed, step)
+    ranged = [b for b in budgets if b not in (0, None)]
+    assert ranged and all(10 <= b <= 20 for b in ranged) and len(set(ranged)) > 3
+    n = len(budgets)
+    n_think = [b - 1 if b else 0 for b in budgets]  # one token under every budget: adherent
+    batch = _Batch(budgets=budgets, n_think=n_think, closed=[True] * n, forced=[False] * n,
+                   response_mask=torch.ones(n, 4))
+    m = rollout_metrics(batch, [True] * n, cfg.budgets)
+    assert m["budget/10-20/adherence"] == 1.0 and m["rollout/adherence"] == 1.0
+    assert m["budget/10-20/think_tokens"] == pytest.approx(sum(b - 1 for b in ranged) / len(ranged))
+    assert not any(k.startswith(f"budget/{b}/") for b in ranged for k in m)
