@@ -176,7 +176,7 @@ class BudgetMix(Section):
         return self
 
 
-BudgetTraces = Literal["most_explicit", "most_lines", "sampled"]
+BudgetTraces = Literal["most_explicit", "most_lines", "sampled", "full_or_empty"]
 
 
 class SFTStageConfig(Section):
@@ -202,7 +202,9 @@ class SFTStageConfig(Section):
                     "draws one among those that fit (any line count, any grouping: the model sees every way to "
                     "compress); `most_explicit` always takes the most "
                     "explicit trace of uniform grouping; `most_lines` the trace with the most lines that fits, its "
-                    "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2). A list draws "
+                    "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2); `full_or_empty` "
+                    "the full trace when it fits, else no thinking (what real data gives: no compressed traces, "
+                    "compression left to RL). A list draws "
                     "one of its demonstrators per example (docs/rl_findings.md compares them).",
     )
     full_trace_share: float = Field(

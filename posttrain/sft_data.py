@@ -4,8 +4,9 @@ Each example is `{"input_ids", "completion_mask", "mode", "budget", "n_think"}`;
 is the only part with loss. Budgeted samples carry a trace that fits the sampled budget (`budget_trace`): with
 `budget_traces="sampled"` the full trace when it fits, else one drawn among all that fit
 (`posttrain.tasks.arithmetic.sample_fitting_trace`); with `"most_explicit"` the most explicit one of uniform
-grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`);
-with a list of these, one drawn per example.
+grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`); with `"full_or_empty"` the
+full trace when it fits, else none (as real data, whose reference reasoning is kept only when it fits); with a list
+of these, one drawn per example. A budget entry `{low, high}` draws the example's budget from that range.
 Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
 traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
 sharpening both is RL's job.
@@ -50,7 +51,10 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
         return most_lines_trace(p, budget, count_tokens)
     if budget_traces == "sampled":
         return sample_fitting_trace(p, budget, count_tokens, rng, full_trace_share, truncate_share)
-    raise ValueError(f"budget_traces must be most_explicit, most_lines or sampled, got {budget_traces!r}")
+    if budget_traces == "full_or_empty":
+        full = make_trace(p, "verbose", 1)
+        return full if count_tokens(full) <= budget else ""
+    raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled or full_or_empty, got {budget_traces!r}")
 
 
 def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: BudgetMix,

@@ -103,3 +103,23 @@ def test_rl_steps_draw_from_ranges_and_pool_their_metrics():
     assert m["budget/10-20/adherence"] == 1.0 and m["rollout/adherence"] == 1.0
     assert m["budget/10-20/think_tokens"] == pytest.approx(sum(b - 1 for b in ranged) / len(ranged))
     assert not any(k.startswith(f"budget/{b}/") for b in ranged for k in m)
+
+
+def test_full_or_empty_demonstrates_the_full_trace_or_nothing(tokenizer):
+    from posttrain.config import BudgetMix
+    from posttrain.data import arithmetic_examples
+    from posttrain.sft_data import build_sft_examples
+    from posttrain.tasks.arithmetic import make_trace, parse_expression
+    from posttrain.tokenizer import THINK_END, count_tokens
+
+    ex = arithmetic_examples(200, 1, TaskConfig())
+    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=1, high=40)], BudgetMix(budgeted=1, autonomous=0, zero=0),
+                              "verbose", 0, 512, budget_traces="full_or_empty")
+    kinds = set()
+    for e, row in zip(ex, rows):
+        think = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]).split(THINK_END)[0]
+        full = make_trace(parse_expression(e.prompt), "verbose", 1)
+        fits = count_tokens(tokenizer, full) <= row["budget"]
+        assert think == (full if fits else ""), (e.prompt, row["budget"], think)
+        kinds.add(fits)
+    assert kinds == {True, False}
