@@ -43,8 +43,12 @@ class BudgetRange(Section):
         return f"{self.low}-{self.high}"
 
 
+def _range_or_int(v) -> str:
+    return "range" if isinstance(v, (dict, BudgetRange)) else "int"
+
+
 def _budget_kind(v) -> str:
-    return "range" if isinstance(v, (dict, BudgetRange)) else "auto" if isinstance(v, str) else "int"
+    return "auto" if isinstance(v, str) else _range_or_int(v)
 
 
 # One entry of a budget list. The discriminator sends a mapping to BudgetRange alone, so a bad range gets one
@@ -52,7 +56,7 @@ def _budget_kind(v) -> str:
 Budget = Annotated[Union[Annotated[int, Tag("int")], Annotated[Literal["auto"], Tag("auto")],
                          Annotated[BudgetRange, Tag("range")]], Discriminator(_budget_kind)]
 PositiveBudget = Annotated[Union[Annotated[int, Tag("int")], Annotated[BudgetRange, Tag("range")]],
-                           Discriminator(lambda v: "range" if isinstance(v, (dict, BudgetRange)) else "int")]
+                           Discriminator(_range_or_int)]
 
 
 class ModelConfig(Section):

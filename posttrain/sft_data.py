@@ -4,9 +4,10 @@ Each example is `{"input_ids", "completion_mask", "mode", "budget", "n_think"}`;
 is the only part with loss. Budgeted samples carry a trace that fits the sampled budget (`budget_trace`): with
 `budget_traces="sampled"` the full trace when it fits, else one drawn among all that fit
 (`posttrain.tasks.arithmetic.sample_fitting_trace`); with `"most_explicit"` the most explicit one of uniform
-grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`); with `"full_or_empty"` the
-full trace when it fits, else none (as real data, whose reference reasoning is kept only when it fits); with a list
-of these, one drawn per example. A budget entry `{low, high}` draws the example's budget from that range.
+grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`);
+with `"full_or_empty"` the full trace when it fits, else none (as real data, whose reference reasoning is kept only
+when it fits); with a list of these, one drawn per example. A budget entry `{low, high}` draws the example's budget
+from that range.
 Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
 traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
 sharpening both is RL's job.
