@@ -14,12 +14,16 @@ from collections.abc import Sequence
 
 def draw_budget(rng: random.Random, entries: Sequence) -> int | None:
     """One budget: an int, or None for `auto`."""
-    e = rng.choice(entries)
-    if e == "auto":
+    return entry_budget(rng, rng.choice(entries))
+
+
+def entry_budget(rng: random.Random, entry) -> int | None:
+    """The budget of one list entry: an int as it is, None for `auto`, a range's drawn from it."""
+    if entry == "auto":
         return None
-    if isinstance(e, int):
-        return e
-    return rng.randint(e.low, e.high)
+    if isinstance(entry, int):
+        return entry
+    return rng.randint(entry.low, entry.high)
 
 
 def budget_label(budget: int | None, entries: Sequence) -> str:

@@ -38,6 +38,11 @@ def tokenize_example(tokenizer, prompt: str, budget: int | None, thinking: str, 
     return {"input_ids": list(prompt_ids) + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
 
+def full_or_empty(full: str, budget: int, count_tokens) -> str:
+    """The whole reasoning when it fits the budget, else none: never cut mid-thought."""
+    return full if count_tokens(full) <= budget else ""
+
+
 def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces: str | list[str] = "most_explicit",
                  full_trace_share: float = 1.0, truncate_share: float = 0.0) -> str:
     """The thinking a budgeted example of arithmetic problem `p` demonstrates (`sft.budget_traces`; a list: one of
@@ -53,8 +58,7 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
     if budget_traces == "sampled":
         return sample_fitting_trace(p, budget, count_tokens, rng, full_trace_share, truncate_share)
     if budget_traces == "full_or_empty":
-        full = make_trace(p, "verbose", 1)
-        return full if count_tokens(full) <= budget else ""
+        return full_or_empty(make_trace(p, "verbose", 1), budget, count_tokens)
     raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled or full_or_empty, got {budget_traces!r}")
 
 
@@ -63,6 +67,7 @@ def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: B
                        budget_traces: str | list[str] = "most_explicit", full_trace_share: float = 1.0,
                        truncate_share: float = 0.0) -> list[dict]:
     rng = random.Random(seed)
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
     out = []
     for ex in examples:
         mode = sample_mode(rng, mix)
@@ -76,13 +81,13 @@ def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: B
         else:
             budget = draw_budget(rng, budgets)
             if arithmetic:
-                thinking = budget_trace(p, budget, lambda t: count_tokens(tokenizer, t), rng, budget_traces,
+                thinking = budget_trace(p, budget, count, rng, budget_traces,
                                         full_trace_share, truncate_share)
-            else:  # real data: keep the reference reasoning only when it fits, never cut it mid-thought
-                thinking = full if count_tokens(tokenizer, full) <= budget else ""
+            else:  # real data: keep the reference reasoning only when it fits
+                thinking = full_or_empty(full, budget, count)
         row = tokenize_example(tokenizer, ex.prompt, budget, thinking, ex.answer)
         if len(row["input_ids"]) > max_length:
             continue
-        row.update(mode=mode, budget=-1 if budget is None else budget, n_think=count_tokens(tokenizer, thinking))
+        row.update(mode=mode, budget=-1 if budget is None else budget, n_think=count(thinking))
         out.append(row)
     return out

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.budgets import budget_label, draw_budget
+from posttrain.budgets import budget_label, draw_budget, entry_budget
 from posttrain.config import BudgetRange, TaskConfig
 from posttrain.recipe import RecipeError, load_recipe
 
@@ -26,6 +26,8 @@ def test_ranges_draw_every_value_of_the_range_and_nothing_else():
     assert set(counts) == {0, 5, 6, 7, 8, 9}
     assert 900 <= counts[0] <= 1100  # the entry is drawn first (1/2), then the value (1/5 each)
     assert all(150 <= counts[b] <= 250 for b in range(5, 10)), counts
+    assert {entry_budget(rng, r) for _ in range(200)} == set(range(5, 10))  # one entry: its range
+    assert entry_budget(rng, 16) == 16 and entry_budget(rng, "auto") is None
 
 
 def test_labels_name_listed_budgets_else_their_range():

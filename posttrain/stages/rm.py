@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from posttrain.budgets import draw_budget
+from posttrain.budgets import entry_budget
 from posttrain.runlog import log, write_json_atomic
 
 # Problem seed offset: SFT's examples use seed+1 and its mode sampling seed+2; eval uses its own fixed seed.
@@ -56,7 +56,7 @@ def sample_responses(model, tok, cfg, task, seed: int) -> list[dict]:
         for j in range(cfg.samples_per_prompt):
             k = i * cfg.samples_per_prompt + j
             recs.append({"problem_id": i, "problem": p.expression, "answer": p.answer, "difficulty": p.difficulty,
-                         "budget": draw_budget(rng, [cfg.budgets[k % len(cfg.budgets)]])})
+                         "budget": entry_budget(rng, cfg.budgets[k % len(cfg.budgets)])})
     responses = generate(model, tok, [r["problem"] for r in recs], [r["budget"] for r in recs], cfg.max_new_tokens,
                          GEN_BATCH_SIZE, cap=False, do_sample=True, temperature=cfg.temperature, seed=seed)
     for r, resp in zip(recs, responses):
