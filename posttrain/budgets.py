@@ -2,12 +2,13 @@
 
 A budget list holds integers (0: no thinking), `"auto"` (no budget: autonomous thinking) and ranges
 (`posttrain.config.BudgetRange`, `{low, high}`). One entry is drawn uniformly; a range then draws its budget
-uniformly from `low..high`. A list without ranges draws exactly as `rng.choice` always did, so recipes of fixed
-budgets keep their numbers.
+uniformly from `low..high`, or log-uniformly with `scale: log`. A list without ranges draws exactly as
+`rng.choice` always did, so recipes of fixed budgets keep their numbers.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -23,7 +24,16 @@ def entry_budget(rng: random.Random, entry) -> int | None:
         return None
     if isinstance(entry, int):
         return entry
+    if getattr(entry, "scale", "linear") == "log":
+        return log_uniform_int(rng, entry.low, entry.high)
     return rng.randint(entry.low, entry.high)
+
+
+def log_uniform_int(rng: random.Random, low: int, high: int) -> int:
+    """An integer in `low..high` with P(k) = log((k+1)/k) / log((high+1)/low): the floor of a continuous
+    log-uniform draw on [low, high+1), so every decade of a wide range is drawn about equally often."""
+    x = math.exp(rng.uniform(math.log(low), math.log(high + 1)))
+    return min(high, max(low, math.floor(x)))
 
 
 def budget_label(budget: int | None, entries: Sequence) -> str:

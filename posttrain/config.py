@@ -26,12 +26,15 @@ class Section(BaseModel):
 
 
 class BudgetRange(Section):
-    """A budget entry drawn uniformly from `low..high` (both included), e.g. `{low: 8, high: 48}`. Trained on a few
-    fixed budgets, a model follows only those (budget 12 is then an unknown instruction); trained on ranges, it
-    learns the budget as a number."""
+    """A budget entry drawn from `low..high` (both included), e.g. `{low: 8, high: 48}`. Trained on a few fixed
+    budgets, a model follows only those (budget 12 is then an unknown instruction); trained on ranges, it learns
+    the budget as a number. `scale: log` draws log-uniformly (each decade equally often), so a range over orders
+    of magnitude (`{low: 49, high: 32768, scale: log}`) shows every length of number, not mostly the longest."""
 
     low: int = Field(..., ge=1, description="Smallest budget drawn (thinking tokens).")
     high: int = Field(..., ge=1, description="Largest budget drawn (thinking tokens).")
+    scale: Literal["linear", "log"] = Field(
+        "linear", description="`linear`: every value equally often; `log`: log-uniform, every decade equally often.")
 
     @model_validator(mode="after")
     def _order(self) -> "BudgetRange":
@@ -40,7 +43,7 @@ class BudgetRange(Section):
         return self
 
     def __str__(self) -> str:
-        return f"{self.low}-{self.high}"
+        return f"{self.low}-{self.high}" + ("log" if self.scale == "log" else "")
 
 
 def _range_or_int(v) -> str:
@@ -194,7 +197,8 @@ class SFTStageConfig(Section):
     budgets: list[PositiveBudget] = Field(
         default_factory=lambda: [8, 16, 24, 32, 48, 64, 96, 128],
         description="Budgets sampled for budgeted examples (thinking tokens): one entry drawn uniformly per "
-                    "example; an entry `{low, high}` then draws its budget uniformly from that range.",
+                    "example; an entry `{low, high}` then draws its budget from that range (uniformly, or "
+                    "log-uniformly with `scale: log`).",
     )
     mix: BudgetMix = Field(default_factory=BudgetMix, description="How examples split across thinking modes.")
     autonomous_style: Literal["verbose", "terse"] = Field(
@@ -252,7 +256,8 @@ class RMStageConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     budgets: list[Budget] = Field(
         default_factory=lambda: ["auto", 16, 32, 64],
-        description="Budgets the sampled prompts are given (cycled; a `{low, high}` entry draws from its range).",
+        description="Budgets the sampled prompts are given (cycled; a `{low, high}` entry draws from its range, "
+        "log-uniformly with `scale: log`).",
     )
     max_new_tokens: int = Field(128, ge=1)
     label_reward: str = Field("exact_int", description="Registered verifiable reward that labels samples (>= 0.5 = correct).")
@@ -320,7 +325,8 @@ class RLStageConfig(Section):
     budgets: list[Budget] = Field(
         default_factory=lambda: [0, 8, 16, 24, 32, 48, "auto"],
         description="Budgets drawn (one entry uniformly per problem) for the prompts; `auto` = no budget; an entry "
-                    "`{low, high}` draws its budget uniformly from that range (metrics then report it as `low-high`).",
+                    "`{low, high}` draws its budget from that range, uniformly or with `scale: log` log-uniformly "
+                    "(metrics then report it as `low-high`, or `low-highlog`).",
     )
     max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")

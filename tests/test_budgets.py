@@ -30,6 +30,24 @@ def test_ranges_draw_every_value_of_the_range_and_nothing_else():
     assert entry_budget(rng, 16) == 16 and entry_budget(rng, "auto") is None
 
 
+def test_log_ranges_draw_each_value_with_its_log_share():
+    """P(k) = log((k+1)/k) / log((high+1)/low), worked by hand for 1..7 (log 8 = 3 log 2): P(1) = 1/3,
+    P(2) = log(3/2)/log 8 = 0.195, P(7) = log(8/7)/log 8 = 0.064; and every decade of 1..9999 about equally."""
+    import math
+    r = BudgetRange(low=1, high=7, scale="log")
+    rng = random.Random(0)
+    drawn = [entry_budget(rng, r) for _ in range(30000)]
+    assert set(drawn) == set(range(1, 8))
+    for k, p in [(1, 1 / 3), (2, 0.195), (7, 0.064)]:
+        assert abs(drawn.count(k) / len(drawn) - p) < 0.01, (k, drawn.count(k) / len(drawn))
+    assert sum(math.log((k + 1) / k) for k in range(1, 8)) == pytest.approx(math.log(8))
+    wide = [entry_budget(rng, BudgetRange(low=1, high=9999, scale="log")) for _ in range(20000)]
+    assert min(wide) >= 1 and max(wide) <= 9999
+    shares = [sum(10 ** d <= b < 10 ** (d + 1) for b in wide) / len(wide) for d in range(4)]
+    assert all(0.23 < s < 0.27 for s in shares), shares  # a linear draw: 0.001, 0.009, 0.09, 0.9
+    assert str(BudgetRange(low=49, high=32768, scale="log")) == "49-32768log"
+
+
 def test_labels_name_listed_budgets_else_their_range():
     entries = [0, 16, BudgetRange(low=8, high=48), "auto"]
     assert [budget_label(b, entries) for b in (None, 0, 16, 8, 17, 48, 60)] == [
@@ -37,9 +55,10 @@ def test_labels_name_listed_budgets_else_their_range():
 
 
 def test_recipe_reads_ranges_and_names_bad_ones():
-    cfg = load_recipe(None, ["sft.budgets=[{low: 1, high: 48}, 64]", "grpo.budgets=[0, {low: 4, high: 48}, auto]",
+    cfg = load_recipe(None, ["sft.budgets=[{low: 1, high: 48}, 64, {low: 49, high: 9999, scale: log}]",
+                             "grpo.budgets=[0, {low: 4, high: 48}, auto]",
                              "rm.budgets=[auto, {low: 8, high: 64}]"])
-    assert cfg.sft.budgets == [BudgetRange(low=1, high=48), 64]
+    assert cfg.sft.budgets == [BudgetRange(low=1, high=48), 64, BudgetRange(low=49, high=9999, scale="log")]
     assert cfg.grpo.budgets[1] == BudgetRange(low=4, high=48) and cfg.grpo.budgets[2] == "auto"
     for override, expected in [
         ("grpo.budgets=[0, {low: 48, high: 8}]", "grpo.budgets.1: low (48) must be <= high (8)"),
@@ -49,6 +68,7 @@ def test_recipe_reads_ranges_and_names_bad_ones():
         ("sft.budgets=[auto]", "sft.budgets.0: Input should be a valid integer"),
         ("ppo.budgets=[autoo]", "ppo.budgets.0: Input should be 'auto' (got 'autoo'); did you mean 'auto'?"),
         ("rm.budgets=[-1]", "rm.budgets: budgets must be a non-empty list"),
+        ("sft.budgets=[{low: 1, high: 48, scale: logg}]", "sft.budgets.0.scale: Input should be 'linear' or 'log'"),
     ]:
         with pytest.raises(RecipeError) as ei:
             load_recipe(None, [override])
