@@ -2,7 +2,8 @@
 
 A budget list holds integers (0: no thinking), `"auto"` (no budget: autonomous thinking) and ranges
 (`posttrain.config.BudgetRange`, `{low, high}`). One entry is drawn uniformly; a range then draws its budget
-uniformly from `low..high`, or log-uniformly with `scale: log`. A list without ranges draws exactly as
+uniformly from `low..high`, or log-uniformly with `scale: log`, rounded to `significant` digits when given (round
+budgets, as callers write them). A list without ranges draws exactly as
 `rng.choice` always did, so recipes of fixed budgets keep their numbers.
 """
 
@@ -25,8 +26,24 @@ def entry_budget(rng: random.Random, entry) -> int | None:
     if isinstance(entry, int):
         return entry
     if getattr(entry, "scale", "linear") == "log":
-        return log_uniform_int(rng, entry.low, entry.high)
-    return rng.randint(entry.low, entry.high)
+        budget = log_uniform_int(rng, entry.low, entry.high)
+    else:
+        budget = rng.randint(entry.low, entry.high)
+    if getattr(entry, "significant", None):
+        budget = round_significant(budget, entry.significant, entry.low, entry.high)
+    return budget
+
+
+def round_significant(budget: int, digits: int, low: int, high: int) -> int:
+    """`budget` rounded to `digits` significant digits (half up: 1499 -> 1000, 1500 -> 2000 with one digit); when
+    that leaves `low..high`, rounded towards the range instead, and when neither way stays inside, kept as it is."""
+    step = 10 ** max(0, len(str(budget)) - digits)
+    down, up = budget // step * step, -(-budget // step) * step
+    nearest = up if budget - down >= up - budget else down
+    for value in (nearest, down, up):
+        if low <= value <= high:
+            return value
+    return budget
 
 
 def log_uniform_int(rng: random.Random, low: int, high: int) -> int:

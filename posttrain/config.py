@@ -35,6 +35,9 @@ class BudgetRange(Section):
     high: int = Field(..., ge=1, description="Largest budget drawn (thinking tokens).")
     scale: Literal["linear", "log"] = Field(
         "linear", description="`linear`: every value equally often; `log`: log-uniform, every decade equally often.")
+    significant: int | None = Field(
+        None, ge=1, description="Round each drawn budget to this many significant digits (1: 50, 300, 2000, "
+        "10000), kept inside low..high: callers ask for round budgets, whose spellings a uniform draw rarely shows.")
 
     @model_validator(mode="after")
     def _order(self) -> "BudgetRange":
@@ -43,7 +46,8 @@ class BudgetRange(Section):
         return self
 
     def __str__(self) -> str:
-        return f"{self.low}-{self.high}" + ("log" if self.scale == "log" else "")
+        return (f"{self.low}-{self.high}" + ("log" if self.scale == "log" else "")
+                + (f"r{self.significant}" if self.significant else ""))
 
 
 def _range_or_int(v) -> str:

@@ -1,5 +1,6 @@
 """Budget lists with ranges: drawing, metrics names, recipe errors, and SFT / RL rows that use them."""
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -33,7 +34,6 @@ def test_ranges_draw_every_value_of_the_range_and_nothing_else():
 def test_log_ranges_draw_each_value_with_its_log_share():
     """P(k) = log((k+1)/k) / log((high+1)/low), worked by hand for 1..7 (log 8 = 3 log 2): P(1) = 1/3,
     P(2) = log(3/2)/log 8 = 0.195, P(7) = log(8/7)/log 8 = 0.064; and every decade of 1..9999 about equally."""
-    import math
     r = BudgetRange(low=1, high=7, scale="log")
     rng = random.Random(0)
     drawn = [entry_budget(rng, r) for _ in range(30000)]
@@ -46,6 +46,25 @@ def test_log_ranges_draw_each_value_with_its_log_share():
     shares = [sum(10 ** d <= b < 10 ** (d + 1) for b in wide) / len(wide) for d in range(4)]
     assert all(0.23 < s < 0.27 for s in shares), shares  # a linear draw: 0.001, 0.009, 0.09, 0.9
     assert str(BudgetRange(low=49, high=32768, scale="log")) == "49-32768log"
+
+
+def test_rounded_ranges_draw_round_budgets_inside_the_range():
+    from posttrain.budgets import round_significant
+    # worked by hand: one significant digit rounds half up; a value the rounding would push out goes the other way
+    assert [round_significant(b, 1, 49, 32768) for b in (49, 54, 55, 149, 150, 1499, 1500, 32768)] == [
+        50, 50, 60, 100, 200, 1000, 2000, 30000]
+    assert round_significant(45, 1, 40, 48) == 40 and round_significant(41, 1, 41, 48) == 41  # 40 and 50 both out
+    assert round_significant(1234, 2, 1, 9999) == 1200 and round_significant(7, 2, 1, 9) == 7
+    r = BudgetRange(low=49, high=32768, scale="log", significant=1)
+    rng = random.Random(0)
+    drawn = [entry_budget(rng, r) for _ in range(5000)]
+    assert all(49 <= b <= 32768 and str(b).rstrip("0") in "123456789" for b in drawn)
+    assert {100, 1000, 10000} <= set(drawn) and str(r) == "49-32768logr1"
+    share = sum(b in (100, 1000, 10000) for b in drawn) / len(drawn)
+    # each is the rounding of draws in [0.95, 1.5) x itself: 3 log(1.5/0.95) / log(32769/49) = 0.211
+    assert abs(share - 3 * math.log(1.5 / 0.95) / math.log(32769 / 49)) < 0.02, share
+    with pytest.raises(RecipeError, match=r"sft.budgets.0.significant: Input should be greater than or equal to 1"):
+        load_recipe(None, ["sft.budgets=[{low: 1, high: 48, significant: 0}]"])
 
 
 def test_labels_name_listed_budgets_else_their_range():

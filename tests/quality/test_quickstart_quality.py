@@ -112,6 +112,21 @@ def test_grpo_keeps_budgets_it_was_not_trained_on():
     assert all(a >= 0.9 for a in kept.values()), kept
 
 
+def test_grpo_thinks_in_full_at_budgets_of_every_length():
+    """sweep.json: a budget above the longest trace (39 tokens) is as good as no budget: at 50, 100, 1000 and
+    10000 the GRPO model's accuracy is within 10 points of its autonomous accuracy and its mean thinking within
+    3 tokens. The quickstart of 2026-12-01 failed this at 1000 (0 thinking tokens, 16% against 85%): SFT had drawn
+    budgets 49-999 uniformly, so it had never seen a four-digit budget (docs/rl_findings.md)."""
+    rows = json.loads((Path(RUN) / "sweep" / "sweep.json").read_text())
+    rl = _budget_rows(rows, "grpo")
+    auto = rl["auto"]
+    large = {b: r for b, r in rl.items() if b not in ("auto",) and int(b) >= 50}
+    assert {"50", "100", "1000", "10000"} <= {str(b) for b in large}, sorted(rl)
+    for b, r in large.items():
+        assert r["accuracy"] >= auto["accuracy"] - 0.1, (b, r["accuracy"], auto["accuracy"])
+        assert abs(r["think_tokens_mean"] - auto["think_tokens_mean"]) <= 3, (b, r, auto)
+
+
 def test_exported_adapter_loads_with_plain_peft_and_keeps_thinking_within_budget(tmp_path):
     """A fresh interpreter that imports only transformers and peft loads the adapter on the base checkpoint and,
     asked through the chat template for a budget, keeps its thinking within it as often as the GRPO checkpoint it
