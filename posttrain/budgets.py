@@ -3,8 +3,8 @@
 A budget list holds integers (0: no thinking), `"auto"` (no budget: autonomous thinking) and ranges
 (`posttrain.config.BudgetRange`, `{low, high}`). One entry is drawn uniformly; a range then draws its budget
 uniformly from `low..high`, or log-uniformly with `scale: log`, rounded to `significant` digits when given (round
-budgets, as callers write them). A list without ranges draws exactly as
-`rng.choice` always did, so recipes of fixed budgets keep their numbers.
+budgets, as callers write them). A list without ranges draws exactly as `rng.choice` always did, so recipes of
+fixed budgets keep their numbers.
 """
 
 from __future__ import annotations
