@@ -202,7 +202,7 @@ class SFTStageConfig(Section):
         default_factory=lambda: [8, 16, 24, 32, 48, 64, 96, 128],
         description="Budgets sampled for budgeted examples (thinking tokens): one entry drawn uniformly per "
                     "example; an entry `{low, high}` then draws its budget from that range (uniformly, or "
-                    "log-uniformly with `scale: log`).",
+                    "log-uniformly with `scale: log`; `significant: N` rounds it to N significant digits).",
     )
     mix: BudgetMix = Field(default_factory=BudgetMix, description="How examples split across thinking modes.")
     autonomous_style: Literal["verbose", "terse"] = Field(
@@ -329,8 +329,8 @@ class RLStageConfig(Section):
     budgets: list[Budget] = Field(
         default_factory=lambda: [0, 8, 16, 24, 32, 48, "auto"],
         description="Budgets drawn (one entry uniformly per problem) for the prompts; `auto` = no budget; an entry "
-                    "`{low, high}` draws its budget from that range, uniformly or with `scale: log` log-uniformly "
-                    "(metrics then report it as `low-high`, or `low-highlog`).",
+                    "`{low, high}` draws its budget from that range, uniformly or with `scale: log` log-uniformly, "
+                    "rounded with `significant: N` (metrics then report it as `low-high`, or `low-highlog`).",
     )
     max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")
