@@ -25,11 +25,11 @@ def entry_budget(rng: random.Random, entry) -> int | None:
         return None
     if isinstance(entry, int):
         return entry
-    if getattr(entry, "scale", "linear") == "log":
+    if entry.scale == "log":
         budget = log_uniform_int(rng, entry.low, entry.high)
     else:
         budget = rng.randint(entry.low, entry.high)
-    if getattr(entry, "significant", None):
+    if entry.significant:
         budget = round_significant(budget, entry.significant, entry.low, entry.high)
     return budget
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.budgets import budget_label, draw_budget, entry_budget
+from posttrain.budgets import budget_label, draw_budget, entry_budget, round_significant
 from posttrain.config import BudgetRange, TaskConfig
 from posttrain.recipe import RecipeError, load_recipe
 
@@ -49,7 +49,6 @@ def test_log_ranges_draw_each_value_with_its_log_share():
 
 
 def test_rounded_ranges_draw_round_budgets_inside_the_range():
-    from posttrain.budgets import round_significant
     # worked by hand: one significant digit rounds half up; a value the rounding would push out goes the other way
     assert [round_significant(b, 1, 49, 32768) for b in (49, 54, 55, 149, 150, 1499, 1500, 32768)] == [
         50, 50, 60, 100, 200, 1000, 2000, 30000]

@@ -40,6 +40,10 @@ def test_genrm_scores_clearly_above_chance_on_held_out_samples():
     assert g["within_difficulty_auc"] >= 0.65, g
 
 
+def _sweep_rows():
+    return json.loads((Path(RUN) / "sweep" / "sweep.json").read_text())
+
+
 def _budget_rows(rows, model, mode="natural"):
     return {r["budget"]: r for r in rows if r["model"] == model and r["mode"] == mode and r["difficulty"] == "all"}
 
@@ -87,7 +91,7 @@ def test_rl_curve_sits_on_or_above_sft_curve():
     """sweep.json: at every budget the GRPO model's accuracy with the budget enforced (capped; natural where there
     is no cap: budget 0 and auto) is within noise of SFT's or above (SFT's accuracy is inside or below the GRPO
     row's 95% interval), and its budget adherence without forcing is at least SFT's."""
-    rows = json.loads((Path(RUN) / "sweep" / "sweep.json").read_text())
+    rows = _sweep_rows()
     sft, rl = _budget_rows(rows, "sft"), _budget_rows(rows, "grpo")
     sft_c, rl_c = _budget_rows(rows, "sft", "capped"), _budget_rows(rows, "grpo", "capped")
     assert set(sft) == set(rl) and len(sft) >= 5
@@ -105,7 +109,7 @@ def test_grpo_keeps_budgets_it_was_not_trained_on():
     positive sweep budget, those off the old training grid (12, 20) and above GRPO's range (50, 100) included. A
     model trained on a few fixed budgets fails this: it read budget 12 as no budget and kept it 25% of the time
     (docs/rl_findings.md)."""
-    rows = json.loads((Path(RUN) / "sweep" / "sweep.json").read_text())
+    rows = _sweep_rows()
     rl = _budget_rows(rows, "grpo")
     kept = {b: r["adherence"] for b, r in rl.items() if r["adherence"] is not None and b not in (0, "0", "auto")}
     assert {"12", "20", "50", "100"} <= {str(b) for b in kept}, kept  # the quickstart's sweep budgets
@@ -117,10 +121,10 @@ def test_grpo_thinks_in_full_at_budgets_of_every_length():
     10000 the GRPO model's accuracy is within 10 points of its autonomous accuracy and its mean thinking within
     3 tokens. The quickstart of 2026-12-01 failed this at 1000 (0 thinking tokens, 16% against 85%): SFT had drawn
     budgets 49-999 uniformly, so it had never seen a four-digit budget (docs/rl_findings.md)."""
-    rows = json.loads((Path(RUN) / "sweep" / "sweep.json").read_text())
+    rows = _sweep_rows()
     rl = _budget_rows(rows, "grpo")
     auto = rl["auto"]
-    large = {b: r for b, r in rl.items() if b not in ("auto",) and int(b) >= 50}
+    large = {b: r for b, r in rl.items() if b != "auto" and int(b) >= 50}
     assert {"50", "100", "1000", "10000"} <= {str(b) for b in large}, sorted(rl)
     for b, r in large.items():
         assert r["accuracy"] >= auto["accuracy"] - 0.1, (b, r["accuracy"], auto["accuracy"])
