@@ -2,9 +2,10 @@
 mode and difficulty, on the embedded arithmetic task.
 
 Two modes per budget: `natural` (the budget is only an instruction in the prompt) and `capped` (a hard cap forces
-`</think>` once thinking reaches the budget: budget-forcing, Muennighoff et al. 2025). Budget `auto` (None) has
-no cap and budget 0 is a pre-closed think block, so for those two the capped rows repeat the natural responses
-(generated once; greedy decoding would give the same tokens again).
+`</think>` once thinking reaches the budget: budget-forcing, Muennighoff et al. 2025). Decoding is greedy, so a
+capped response differs from the natural one only where the natural one overran: capped mode reuses the natural
+responses that kept the budget and generates the others again (`capped_responses`). Budget `auto` (None) has no
+cap and budget 0 is a pre-closed think block: their capped rows repeat the natural responses.
 
 `rel_length_error` is L1's length measure (Aggarwal & Welleck 2025): mean |n_think - budget| / budget.
 
@@ -253,21 +254,36 @@ def generate_responses(workers: list, prompts: list[str], budget: int | None, ca
     return out  # type: ignore[return-value]
 
 
+def capped_responses(workers: list, prompts: list[str], natural: list[Response], budget: int | None,
+                     max_new_tokens: int, batch_size: int) -> list[Response]:
+    """Capped mode's greedy responses, given natural mode's (`natural[i]` answers `prompts[i]` at `budget`).
+
+    The cap forces `</think>` only on a row still thinking after `budget` tokens, so a natural response that
+    closed its think block within the budget is what the cap gives too (at exactly `budget` tokens the forced
+    token is its own choice: not counted as forced). Only the others are generated again, with the cap: at a
+    budget the model keeps, capped mode costs almost nothing. (The regenerated rows are batched apart from the
+    rest, which can move a float32 logit in the last bit; not a different decoding.)
+    """
+    if budget is None or budget == 0:
+        return list(natural)  # nothing to cap: auto has no cap, budget 0 is pre-closed
+    redo = [i for i, r in enumerate(natural) if not (r.closed and r.n_think <= budget)]
+    out = list(natural)
+    for i, r in zip(redo, generate_responses(workers, [prompts[i] for i in redo], budget, True, max_new_tokens,
+                                             batch_size)):
+        out[i] = r
+    return out
+
+
 def sweep_model(workers: list, label: str, problems, budgets: list[int | None], max_new_tokens: int = 160,
                 batch_size: int = 64) -> list[dict]:
     """Rows for the model the workers hold over `budgets` x MODES on fixed `problems` (greedy decoding)."""
     prompts = [p.expression for p in problems]
     rows = []
     for budget in budgets:
-        natural = None
-        for mode in MODES:
-            if mode == "capped" and budget in (None, 0):
-                resp = natural  # no cap to apply: same tokens as natural
-            else:
-                resp = generate_responses(workers, prompts, budget, mode == "capped", max_new_tokens, batch_size)
-            if mode == "natural":
-                natural = resp
-            rows += aggregate(grade_responses(problems, resp), label, budget, mode)
+        natural = generate_responses(workers, prompts, budget, False, max_new_tokens, batch_size)
+        capped = capped_responses(workers, prompts, natural, budget, max_new_tokens, batch_size)
+        rows += aggregate(grade_responses(problems, natural), label, budget, "natural")
+        rows += aggregate(grade_responses(problems, capped), label, budget, "capped")
     return rows
 
 

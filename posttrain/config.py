@@ -380,8 +380,11 @@ class RLStageConfig(Section):
         default_factory=lambda: [8, 16, 32, "auto"],
         description="Budgets of the before/after evaluation (natural: the budget is only an instruction).",
     )
-    eval_n_per_difficulty: int = Field(25, ge=0, description="Held-out problems per difficulty (0 = no eval).")
+    eval_n_per_difficulty: int = Field(
+        25, ge=0, description="Held-out problems per difficulty at each eval budget (0 = no eval). Each budget has "
+        "problems of its own (seeded by eval.seed and the budget), the same before and after training.")
     eval_max_new_tokens: int = Field(160, ge=1)
+    eval_batch_size: int = Field(256, ge=1, description="Prompts per generate call in the before/after evaluation.")
     # PPO only
     critic_learning_rate: float = Field(1e-4, gt=0, description="PPO: critic AdamW learning rate.")
     value_clip: float | None = Field(0.2, gt=0, description="PPO: value clipping range (None: off).")

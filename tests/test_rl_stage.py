@@ -183,6 +183,23 @@ def test_verdict_pools_adherence_over_budgets_and_accuracy_over_the_middle_ones(
     assert v["accuracy_capped_middle"]["after"] == pytest.approx(2 / 3)
 
 
+def test_each_eval_budget_has_problems_of_its_own():
+    """The before/after evaluation draws each budget's problems from the eval seed and the budget: reproducible,
+    different between budgets (so the verdict's pooled budgets are independent problems), cycling the difficulties,
+    and a budget's problems do not depend on which other budgets are evaluated."""
+    from posttrain.stages.rl import eval_problems
+
+    diffs = [1, 2, 3, 4, 5, 6, 7, 8]
+    sets = {b: [p.expression for p in eval_problems(25, 12345, diffs, b)] for b in (8, 12, 16, "auto")}
+    assert all(len(v) == 200 for v in sets.values())
+    assert sets[12] == [p.expression for p in eval_problems(25, 12345, diffs, 12)]
+    assert [p.difficulty for p in eval_problems(25, 12345, diffs, 12)] == diffs * 25
+    for a, b in [(8, 12), (12, 16), (16, "auto"), (8, "auto")]:
+        long_a = {e for e, p in zip(sets[a], eval_problems(25, 12345, diffs, a)) if p.difficulty >= 4}
+        assert len(long_a & set(sets[b])) <= 2, (a, b)  # long problems hardly ever repeat by chance
+    assert sets[12] != [p.expression for p in eval_problems(25, 54321, diffs, 12)]
+
+
 def test_first_error_marks_land_on_the_token_that_went_wrong(tokenizer):
     """grpo.process_penalty: the mark sits on the first wrong value's token (found through the tokens' decoded
     pieces), right rows get none, and compute_advantages adds the marks to the group advantages per token."""

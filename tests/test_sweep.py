@@ -209,6 +209,37 @@ def test_rollout_path_matches_hf_generate_with_thinkcap(talkative_model_dir, cap
     assert (forced > 0) == cap  # budget 3 is forced only when capped
 
 
+def test_capped_mode_reuses_the_responses_that_kept_the_budget(tmp_path, talkative_model_dir):
+    """`capped_responses` against generating every prompt again with the cap (batches of one, so both see the same
+    floats): identical responses, with some rows reused (closed within the budget) and some generated again."""
+    import torch
+
+    from posttrain.eval.sweep import capped_responses, generate_responses, start_workers
+    from posttrain.model import load_model, load_tokenizer, save_model
+    from posttrain.tasks.arithmetic import generate_problems
+    from posttrain.tokenizer import think_token_ids
+
+    torch.set_num_threads(1)
+    model, tok = load_model(talkative_model_dir), load_tokenizer(talkative_model_dir)
+    with torch.no_grad():  # a larger </think> embedding: some rows close at once, others never
+        model.get_output_embeddings().weight[think_token_ids(tok)[1]] *= 1.6
+    pool = start_workers(save_model(model, tok, tmp_path / "m"), 1, "local", torch.device("cpu"))
+    prompts = [p.expression for p in generate_problems(12, 3)]
+    kept = redone = 0
+    for budget in (1, 3, 5):
+        natural = generate_responses(pool, prompts, budget, False, max_new_tokens=12, batch_size=1)
+        full = generate_responses(pool, prompts, budget, True, max_new_tokens=12, batch_size=1)
+        got = capped_responses(pool, prompts, natural, budget, max_new_tokens=12, batch_size=1)
+        assert got == full
+        ok = sum(r.closed and r.n_think <= budget for r in natural)
+        kept, redone = kept + ok, redone + len(prompts) - ok
+        assert sum(r.forced for r in got) == len(prompts) - ok  # every overrun is forced under the cap
+    assert kept and redone, (kept, redone)
+    for budget in (None, 0):  # no cap: the natural responses themselves
+        natural = generate_responses(pool, prompts, budget, False, max_new_tokens=12, batch_size=4)
+        assert capped_responses(pool, prompts, natural, budget, max_new_tokens=12, batch_size=4) == natural
+
+
 def test_workers_load_an_adapter_merged_and_are_reused(tmp_path, tiny_model_dir, talkative_model_dir):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model

@@ -22,6 +22,7 @@ rollout's own recorded log-probs (one rollout, `mini_batches` updates on it).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import signal
@@ -327,30 +328,30 @@ class RLDriver:
           budget by itself) and, for `auto`, `think_tokens_by_difficulty`;
         - capped (`</think>` forced at the budget, what a caller who sets a budget gets): `accuracy_capped`;
         - per problem, in problem order, for paired comparisons: `correct`, `correct_capped`, `adherent`.
-        """
-        from posttrain.eval.sweep import generate_responses, grade_responses, summarize
-        from posttrain.tasks.arithmetic import generate_problems
 
-        cfg, rc = self.cfg, self.rc
+        Each budget has its own problems (`eval_problems`), the same for every model, so that budgets pooled in
+        the verdict count each problem once.
+        """
+        from posttrain.eval.sweep import capped_responses, generate_responses, grade_responses, summarize
+
+        cfg, task = self.cfg, self.rc.task
         if cfg.eval_n_per_difficulty == 0:
             return {}
-        diffs = list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1))
-        problems = generate_problems(cfg.eval_n_per_difficulty * len(diffs), rc.eval.seed, diffs)
-        prompts = [p.expression for p in problems]
-
-        def graded(budget, cap):
-            return grade_responses(problems, generate_responses(self.w.rollouts, prompts, budget, cap,
-                                                                cfg.eval_max_new_tokens, batch_size=64))
-
+        diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
         out = {}
         for b in cfg.eval_budgets:
             budget = None if b == "auto" else int(b)
-            natural = graded(budget, cap=False)
+            problems = eval_problems(cfg.eval_n_per_difficulty, self.rc.eval.seed, diffs, b)
+            prompts = [p.expression for p in problems]
+            responses = generate_responses(self.w.rollouts, prompts, budget, False, cfg.eval_max_new_tokens,
+                                           cfg.eval_batch_size)
+            natural = grade_responses(problems, responses)
             s = summarize(natural, budget, "natural")
             row = {"accuracy": s["accuracy"], "think_tokens": s["think_tokens_mean"],
                    "correct": [int(r.correct) for r in natural]}
             if budget is not None:
-                capped = natural if budget == 0 else graded(budget, cap=True)
+                capped = grade_responses(problems, capped_responses(
+                    self.w.rollouts, prompts, responses, budget, cfg.eval_max_new_tokens, cfg.eval_batch_size))
                 row |= {"adherence": s["adherence"], "accuracy_capped": sum(r.correct for r in capped) / len(capped),
                         "adherent": [int(r.closed and r.n_think <= budget) for r in natural],
                         "correct_capped": [int(r.correct) for r in capped]}
@@ -476,6 +477,16 @@ class RLDriver:
 
 
 PER_PROBLEM = {"accuracy": "correct", "accuracy_capped": "correct_capped", "adherence": "adherent"}
+
+
+def eval_problems(n_per_difficulty: int, seed: int, difficulties: list[int], budget) -> list:
+    """The RL stage's held-out problems at one eval budget (an int or `auto`): `n_per_difficulty` per difficulty,
+    drawn from a seed made of `seed` and the budget, so each budget has problems of its own and adding a budget
+    leaves the others' unchanged."""
+    from posttrain.tasks.arithmetic import generate_problems
+
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}/{budget}".encode()).digest()[:8], "big")
+    return generate_problems(n_per_difficulty * len(difficulties), mixed, difficulties)
 
 
 def _compare(before: dict, after: dict) -> dict:
