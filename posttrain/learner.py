@@ -75,6 +75,11 @@ class DemoBatch:
         return self.prompt_ids.shape[0]
 
 
+def _demo_rows(demos: DemoBatch, lo: int, hi: int) -> DemoBatch:
+    return DemoBatch(*(t[lo:hi] for t in (demos.prompt_ids, demos.prompt_mask, demos.response_ids,
+                                          demos.response_mask)))
+
+
 def demo_nll_sum(model, demos: DemoBatch) -> torch.Tensor:
     """Summed negative log-likelihood of the demonstrations' response tokens (with grad)."""
     logits = response_logits(model, demos.prompt_ids, demos.prompt_mask, demos.response_ids, demos.response_mask)
@@ -182,6 +187,7 @@ class Learner:
         """One update per mini-batch (contiguous whole groups); returns metrics averaged over mini-batches.
 
         mask: (B, T) token weights, default `batch.loss_mask` (forced tokens 0); rows of dropped groups are 0.
+        demos: the ptx demonstrations, one per group in group order; each mini-batch imitates its own groups'.
         Under data parallelism every rank must call `step` with the same `mini_batches` (the updates are
         collective), each on its own share of the groups.
         """
@@ -196,14 +202,15 @@ class Learner:
         self.model.train()
         collected: list[dict] = []
         ptx = demos is not None and self.ptx_coef > 0
-        if ptx:  # every update adds ptx_coef * (mean NLL per demonstration token over all ranks' demos)
-            demo_tokens = float(_all_reduce_sum(torch.tensor([float(demos.response_mask.sum())],
-                                                             dtype=torch.float64)).item())
-            ptx = demo_tokens > 0
-        for lo, hi in group_bounds(len(batch), group_size, mini_batches):
+        # the demonstrations are divided among the mini-batches as the groups are (one per group, in group order,
+        # as the RL driver passes them: each update imitates the demonstrations of its own problems)
+        demo_parts = group_bounds(len(demos), 1, mini_batches) if ptx else [(0, 0)] * mini_batches
+        for (lo, hi), (d0, d1) in zip(group_bounds(len(batch), group_size, mini_batches), demo_parts):
             rows = slice(lo, hi)
             local = self._count(mask[rows]) if hi > lo else 0.0
-            total = float(_all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item())
+            mine = _demo_rows(demos, d0, d1) if d1 > d0 else None
+            local_demo = float(mine.response_mask.sum()) if mine is not None else 0.0
+            total, demo_tokens = _all_reduce_sum(torch.tensor([local, local_demo], dtype=torch.float64)).tolist()
             if total == 0:
                 continue  # no token to learn from on any rank
             self.optimizer.zero_grad(set_to_none=True)
@@ -215,10 +222,10 @@ class Learner:
                 loss.backward()
             else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce
                 loss, metrics = torch.zeros(()), {}
-            if ptx and demos.response_mask.any():  # a rank whose demos are all masked adds nothing
-                nll = demo_nll_sum(self.model, demos)
+            if local_demo > 0:  # + ptx_coef * (mean NLL per token of this mini-batch's demos, over all ranks)
+                nll = demo_nll_sum(self.model, mine)
                 (self.ptx_coef * nll / demo_tokens).backward()
-                metrics["actor/ptx_nll"] = float(nll.detach()) / float(demos.response_mask.sum())
+                metrics["actor/ptx_nll"] = float(nll.detach()) / local_demo
             metrics |= self._apply(loss)
             collected.append(metrics)
         self.model.eval()

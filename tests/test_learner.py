@@ -1,6 +1,7 @@
 """The policy learner: loss weighting of forced tokens, non-finite steps, router loss and metrics, and data
 parallelism (2 learners over gloo take the same step as 1 learner on the whole batch)."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -146,9 +147,11 @@ def test_two_data_parallel_learners_take_the_same_step_as_one(tiny_model_dir, to
         w.kill()
 
 
-def test_ptx_term_adds_the_demonstrations_nll_gradient(tiny_model_dir, tokenizer):
-    """ptx_coef: with zero advantages (no policy gradient) and no KL, the step's gradient is exactly that of
-    ptx_coef * mean NLL of the demonstration tokens, and a few steps lower that NLL."""
+@pytest.mark.parametrize("mini_batches, first_demos", [(1, 3), (2, 2)])
+def test_ptx_term_adds_the_demonstrations_nll_gradient(tiny_model_dir, tokenizer, mini_batches, first_demos):
+    """ptx_coef: with zero advantages (no policy gradient) and no KL, the first update's gradient is exactly that
+    of ptx_coef * mean NLL of its demonstration tokens (all three demonstrations with one mini-batch; with two,
+    the first two, divided as `group_bounds` divides groups), and a few steps lower that NLL."""
     from posttrain.learner import Learner, demo_nll_sum
     from posttrain.model import load_model
     from posttrain.stages.rl_task import demo_batch
@@ -167,22 +170,25 @@ def test_ptx_term_adds_the_demonstrations_nll_gradient(tiny_model_dir, tokenizer
     real_apply = learner._apply
 
     def spy(loss):
-        captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if not captured:
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         return real_apply(loss)
 
     learner._apply = spy
-    metrics = learner.step(batch, torch.zeros(2), demos=demos)
+    metrics = learner.step(batch, torch.zeros(2), demos=demos, mini_batches=mini_batches)
+    assert metrics["actor/updates"] == mini_batches
     model.zero_grad()
     for n, p in model.named_parameters():  # the step changed the weights: recompute the reference at `before`
         p.data.copy_(before[n])
-    (0.5 * demo_nll_sum(model, demos) / demos.response_mask.sum()).backward()
+    first = dataclasses.replace(demos, **{k: v[:first_demos] for k, v in vars(demos).items()})
+    (0.5 * demo_nll_sum(model, first) / first.response_mask.sum()).backward()
     for n, p in model.named_parameters():
         if p.grad is not None and p.grad.abs().max() > 0:
             torch.testing.assert_close(captured[n], p.grad, atol=1e-6, rtol=1e-4)
     model.zero_grad()
     nll0 = metrics["actor/ptx_nll"]
     for _ in range(5):
-        metrics = learner.step(batch, torch.zeros(2), demos=demos)
+        metrics = learner.step(batch, torch.zeros(2), demos=demos, mini_batches=mini_batches)
     assert metrics["actor/ptx_nll"] < nll0
 
 
