@@ -183,6 +183,24 @@ def test_verdict_pools_adherence_over_budgets_and_accuracy_over_the_middle_ones(
     assert v["accuracy_capped_middle"]["after"] == pytest.approx(2 / 3)
 
 
+def test_evaluations_of_other_problems_are_not_paired():
+    """A before-evaluation of other problems at a budget (a run resumed by another version) is not compared there:
+    no paired difference, and the verdict pools only the budgets whose problems match."""
+    from posttrain.stages.rl import _compare, _verdict, problems_fingerprint
+
+    def ev(vec, problems):
+        return {"adherence": sum(vec) / 3, "adherent": vec, "accuracy": 0.5, "correct": vec,
+                "accuracy_capped": 0.5, "correct_capped": vec, "problems": problems}
+
+    same, other = problems_fingerprint(["1+2", "3*4", "5-1"]), problems_fingerprint(["1+2", "3*4", "5-2"])
+    assert same != other and len(same) == 16
+    before = {"8": ev([0, 0, 0], same), "16": ev([0, 0, 0], other), "24": ev([0, 0, 0], same)}
+    after = {"8": ev([1, 1, 1], same), "16": ev([1, 1, 1], same), "24": ev([1, 1, 1], same)}
+    cmp = _compare(before, after)
+    assert "diff" in cmp["8"]["adherence"] and "diff" not in cmp["16"]["adherence"]
+    assert _verdict(before, after)["budgets"] == [8, 24]
+
+
 def test_each_eval_budget_has_problems_of_its_own():
     """The before/after evaluation draws each budget's problems from the eval seed and the budget: reproducible,
     different between budgets (so the verdict's pooled budgets are independent problems), cycling the difficulties,

@@ -327,7 +327,8 @@ class RLDriver:
         - natural (the budget only in the prompt): `accuracy`, `think_tokens`, `adherence` (closed within the
           budget by itself) and, for `auto`, `think_tokens_by_difficulty`;
         - capped (`</think>` forced at the budget, what a caller who sets a budget gets): `accuracy_capped`;
-        - per problem, in problem order, for paired comparisons: `correct`, `correct_capped`, `adherent`.
+        - per problem, in problem order, for paired comparisons: `correct`, `correct_capped`, `adherent`, and
+          `problems`, a fingerprint of the problem list (only evaluations of the same problems are paired).
 
         Each budget has its own problems (`eval_problems`), the same for every model, so that budgets pooled in
         the verdict count each problem once.
@@ -348,7 +349,7 @@ class RLDriver:
             natural = grade_responses(problems, responses)
             s = summarize(natural, budget, "natural")
             row = {"accuracy": s["accuracy"], "think_tokens": s["think_tokens_mean"],
-                   "correct": [int(r.correct) for r in natural]}
+                   "correct": [int(r.correct) for r in natural], "problems": problems_fingerprint(prompts)}
             if budget is not None:
                 capped = grade_responses(problems, capped_responses(
                     self.w.rollouts, prompts, responses, budget, cfg.eval_max_new_tokens, cfg.eval_batch_size))
@@ -459,6 +460,10 @@ class RLDriver:
             self.w.learners[0].call(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
             after = self.evaluate()
             write_json_atomic(ctx.stage.path / "eval_after.json", after)
+            unpaired = [b for b in after if b in before and not _paired(before, after, b)]
+            if unpaired:
+                log.warning("%s: eval_before.json holds other problems at budgets %s (another version or other eval "
+                            "settings): those budgets are not compared", self.algo, ", ".join(unpaired))
             log.info("%s: trained model %s", self.algo, _brief(after))
             log.info("%s: against the input model (95%% paired intervals)\n%s", self.algo,
                      format_comparison(_compare(before, after), _verdict(before, after)))
@@ -489,6 +494,16 @@ def eval_problems(n_per_difficulty: int, seed: int, difficulties: list[int], bud
     return generate_problems(n_per_difficulty * len(difficulties), mixed, difficulties)
 
 
+def problems_fingerprint(prompts: list[str]) -> str:
+    """A short hash of an ordered problem list: two evaluations are paired only when theirs are equal (a run
+    resumed by another version, or with other eval settings, may hold an `eval_before.json` of other problems)."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def _paired(before: dict, after: dict, b: str) -> bool:
+    return b in before and before[b].get("problems") == after[b].get("problems")
+
+
 def _compare(before: dict, after: dict) -> dict:
     """Per budget and measure (natural accuracy, capped accuracy, adherence): before, after, and the paired
     difference on the same problems with its 95% interval, McNemar p-value and whether it is measurable
@@ -504,7 +519,7 @@ def _compare(before: dict, after: dict) -> dict:
             if k not in after[b] or k not in before[b]:
                 continue
             row = {"before": before[b][k], "after": after[b][k]}
-            if vec in before[b] and vec in after[b] and len(before[b][vec]) == len(after[b][vec]):
+            if vec in before[b] and vec in after[b] and _paired(before, after, b):
                 d = paired_difference(before[b][vec], after[b][vec])
                 row |= {"diff": d["diff"], "ci95": [d["ci_low"], d["ci_high"]], "p_value": d["p_value"],
                         "measurably": d["measurably"]}
@@ -518,7 +533,8 @@ def _verdict(before: dict, after: dict) -> dict:
     the largest (all of them when there are fewer than three)."""
     from posttrain.eval.sweep import paired_difference
 
-    budgets = sorted(int(b) for b in after if b != "auto" and b in before and int(b) > 0 and "adherent" in after[b])
+    budgets = sorted(int(b) for b in after
+                     if b != "auto" and _paired(before, after, b) and int(b) > 0 and "adherent" in after[b])
     if not budgets:
         return {}
     middle = budgets[1:-1] if len(budgets) >= 3 else budgets
