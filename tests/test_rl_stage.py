@@ -199,6 +199,8 @@ def test_evaluations_of_other_problems_are_not_paired():
     cmp = _compare(before, after)
     assert "diff" in cmp["8"]["adherence"] and "diff" not in cmp["16"]["adherence"]
     assert _verdict(before, after)["budgets"] == [8, 24]
+    before["24"] = ev([0, 0], same) | {"correct_capped": [0, 0]}  # fewer problems (another n_per_difficulty)
+    assert "diff" not in _compare(before, after)["24"]["adherence"] and _verdict(before, after)["budgets"] == [8]
 
 
 def test_each_eval_budget_has_problems_of_its_own():

@@ -501,7 +501,9 @@ def problems_fingerprint(prompts: list[str]) -> str:
 
 
 def _paired(before: dict, after: dict, b: str) -> bool:
-    return b in before and before[b].get("problems") == after[b].get("problems")
+    """Budget `b` was evaluated on the same problems before and after (same fingerprint and count)."""
+    return (b in before and before[b].get("problems") == after[b].get("problems")
+            and len(before[b].get("correct", ())) == len(after[b].get("correct", ())))
 
 
 def _compare(before: dict, after: dict) -> dict:
