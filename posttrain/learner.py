@@ -74,10 +74,10 @@ class DemoBatch:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
-
-def _demo_rows(demos: DemoBatch, lo: int, hi: int) -> DemoBatch:
-    return DemoBatch(*(t[lo:hi] for t in (demos.prompt_ids, demos.prompt_mask, demos.response_ids,
-                                          demos.response_mask)))
+    def rows(self, lo: int, hi: int) -> "DemoBatch":
+        """Demonstrations lo..hi (a rank's or a mini-batch's share)."""
+        return DemoBatch(self.prompt_ids[lo:hi], self.prompt_mask[lo:hi], self.response_ids[lo:hi],
+                         self.response_mask[lo:hi])
 
 
 def demo_nll_sum(model, demos: DemoBatch) -> torch.Tensor:
@@ -208,7 +208,7 @@ class Learner:
         for (lo, hi), (d0, d1) in zip(group_bounds(len(batch), group_size, mini_batches), demo_parts):
             rows = slice(lo, hi)
             local = self._count(mask[rows]) if hi > lo else 0.0
-            mine = _demo_rows(demos, d0, d1) if d1 > d0 else None
+            mine = demos.rows(d0, d1) if d1 > d0 else None
             local_demo = float(mine.response_mask.sum()) if mine is not None else 0.0
             total, demo_tokens = _all_reduce_sum(torch.tensor([local, local_demo], dtype=torch.float64)).tolist()
             if total == 0:

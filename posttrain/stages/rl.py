@@ -231,8 +231,6 @@ class RLDriver:
     def learn(self, batch, adv, mask, ref_logp, demos=None) -> dict[str, float]:
         """The update on every learner, each on its share of whole groups (and of the demonstrations of those
         groups' problems); metrics averaged over ranks."""
-        import dataclasses
-
         from posttrain.learner import group_bounds
         from posttrain.rlbatch import select_rows
 
@@ -242,8 +240,7 @@ class RLDriver:
         for w, (lo, hi) in zip(self.w.learners, shares):
             part = select_rows(batch, lo, hi)
             g0, g1 = batch.group_index[lo] if hi > lo else 0, batch.group_index[hi - 1] + 1 if hi > lo else 0
-            mine = None if demos is None else dataclasses.replace(
-                demos, **{k: v[g0:g1] for k, v in vars(demos).items()})
+            mine = None if demos is None else demos.rows(g0, g1)
             pending.append(w.submit(LearnerWorker.step, part, adv[lo:hi], mask[lo:hi],
                                     mini_batches=self.cfg.mini_batches, group_size=self.cfg.group_size,
                                     ref_logp=None if ref_logp is None else ref_logp[lo:hi], demos=mine))
