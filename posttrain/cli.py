@@ -96,7 +96,7 @@ def _cmd_export(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    save = tuple(m for m in (args.modules_to_save or "").split(",") if m)
+    save = tuple(m.strip() for m in (args.modules_to_save or "").split(",") if m.strip())
     report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base, modules_to_save=save)
     print(f"{report['kind']} -> {args.out}")
     if "max_relative_frobenius_error" in report:

@@ -27,29 +27,74 @@ class ExportError(ValueError):
 
 
 def resolve_run(model: str | Path) -> tuple[Path, Path | None, Path | None]:
-    """(fine-tuned checkpoint, base checkpoint or None, LoRA adapter or None) for a run dir or a checkpoint."""
+    """(fine-tuned checkpoint, base checkpoint or None, LoRA adapter or None) for `model`:
+
+    - a run directory (recipe.yaml): its latest trained model, the last stage of the recipe's order that finished
+      with a checkpoint (grpo/ppo after sft; the `export` stage and `posttrain sweep` pick the same one);
+    - a checkpoint (config.json), inside a run directory or not (inside one, the run gives the base);
+    - a PEFT adapter directory (adapter_config.json), e.g. an earlier export: re-shipped as it is.
+    A stage trained with LoRA gives its trained adapter (`<stage>/adapter`) beside its checkpoint."""
+    from posttrain.runlog import latest_checkpoint
+
     path = Path(model).expanduser()
-    run = path if (path / "recipe.yaml").is_file() else path.parent.parent if (path.parent.parent / "recipe.yaml").is_file() else None
+    if (path / "recipe.yaml").is_file():
+        run = path
+        found = latest_checkpoint(run, skip=("base",))
+        if found is None:
+            raise ExportError(f"--model {path}: the run has no finished stage with a trained checkpoint "
+                              "(sft, grpo or ppo: <stage>/done.json and <stage>/checkpoint/config.json)")
+        ckpt = found[1]
+    elif (path / "config.json").is_file():
+        ckpt = path
+        run = path.parent.parent if (path.parent.parent / "recipe.yaml").is_file() else None
+    elif (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = Path(base).expanduser() if base else None
+        return path, base, path
+    else:
+        raise ExportError(f"--model {path}: neither a run directory (recipe.yaml), a checkpoint (config.json) nor "
+                          "a PEFT adapter (adapter_config.json)")
+    adapter = ckpt.parent / "adapter"
+    adapter = adapter if (adapter / "adapter_config.json").is_file() else None
     if run is None:
-        if (path / "config.json").is_file():
-            return path, None, None
-        raise ExportError(f"--model {path}: neither a run directory (recipe.yaml) nor a checkpoint (config.json)")
-    ckpt = path if (path / "config.json").is_file() else None
-    adapter = None
-    for stage in ("sft",):
-        if ckpt is None and (run / stage / "checkpoint" / "config.json").is_file():
-            ckpt = run / stage / "checkpoint"
-        if (run / stage / "adapter" / "adapter_config.json").is_file() and ckpt == run / stage / "checkpoint":
-            adapter = run / stage / "adapter"
-    if ckpt is None:
-        raise ExportError(f"--model {path}: no trained checkpoint found (looked for {run}/sft/checkpoint)")
+        return ckpt, None, adapter
     base = run / "base" / "checkpoint"
     if not (base / "config.json").is_file():
         import yaml
 
         base_path = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("model", {}).get("path")
-        base = Path(base_path) if base_path else None
+        base = Path(base_path).expanduser() if base_path else None
     return ckpt, base, adapter
+
+
+def check_out_dir(out: Path, *keep: Path | None) -> None:
+    """`out` may be replaced only when it is new, empty or an earlier export (its export.json), and holds none of
+    the inputs (`keep`); anything else there is the user's, and the export stops rather than delete it."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    for k in keep:
+        if k is not None and (k.resolve() == out.resolve() or out.resolve() in k.resolve().parents):
+            raise ExportError(f"--out {out}: holds the input {k}; choose another output directory")
+    if any(out.iterdir()) and not (out / "export.json").is_file():
+        raise ExportError(f"--out {out}: exists, is not empty and is not an earlier export (no export.json); "
+                          "choose a new directory or empty it (nothing was written)")
+
+
+def _write_dir(out: Path, fill) -> None:
+    """Write a directory atomically: `fill(tmp)` fills a temporary sibling, which then replaces `out`."""
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,43 +216,72 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
     """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json)."""
     from posttrain.model import load_model, load_tokenizer, save_model
 
+    if rank < 1:
+        raise ExportError(f"--rank {rank}: must be a positive integer")
     ckpt, run_base, adapter = resolve_run(model)
-    base = Path(base).expanduser() if base else run_base
+    if base is not None:
+        base = Path(base).expanduser()
+        if not (base / "config.json").is_file():
+            raise ExportError(f"--base {base}: not a checkpoint directory (no config.json)")
+    else:
+        base = run_base
     out = Path(out).expanduser()
-    tok = load_tokenizer(ckpt)
+    check_out_dir(out, ckpt, base, adapter)
     if merged:
-        save_model(load_model(ckpt), tok, out)
+        if ckpt == adapter:
+            raise ExportError(f"--model {model}: an adapter; --merged needs a checkpoint")
+        save_model(load_model(ckpt), load_tokenizer(ckpt), out)
         report = {"kind": "merged", "source": str(ckpt)}
     elif adapter is not None:
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(adapter, out)
-        tok.save_pretrained(out)
-        _absolute_base(out, base)
+        tok = load_tokenizer(ckpt)
+
+        def fill(tmp: Path) -> None:
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+            (tmp / "export.json").unlink(missing_ok=True)
+            tok.save_pretrained(tmp)
+            _absolute_base(tmp, base)
+
+        _write_dir(out, fill)
         report = {"kind": "lora (trained)", "source": str(adapter), "base": _adapter_base(out)}
     else:
         if base is None or not (base / "config.json").is_file():
             raise ExportError(f"--model {model}: no base checkpoint to extract an adapter against "
-                              f"(looked for {run_base}); pass --base")
+                              f"(looked for {run_base or 'a run directory around the checkpoint'}); pass --base")
+        tok = load_tokenizer(ckpt)
         tuned, base_model = load_model(ckpt), load_model(base)
         mods = [m for m in target_modules if any(n.endswith(m) for n, _ in base_model.named_modules())]
         params = [p for p in target_parameters if any(n.endswith(p) for n, _ in base_model.named_parameters())]
-        save = [m for m in modules_to_save if any(n.endswith(m) for n, _ in base_model.named_modules())]
+        names = [n for n, _ in base_model.named_modules() if n]
+        unknown = [m for m in modules_to_save if not any(n.endswith(m) for n in names)]  # PEFT's matching
+        if unknown:
+            near = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()})
+            raise ExportError(f"modules_to_save: no module of the model is named {', '.join(map(repr, unknown))} "
+                              f"(module names end in one of: {', '.join(near)})")
+        save = list(modules_to_save)
+        largest = max([min(p.shape[-2:]) for n, p in base_model.named_parameters()
+                       if any(n.endswith(f"{m}.weight") for m in mods) or any(n.endswith(q) for q in params)] or [rank])
+        if rank > largest:
+            log.warning("export: rank %d exceeds the largest target matrix's rank %d; using %d", rank, largest, largest)
+        requested, rank = rank, min(rank, largest)
         peft_model, errors, uncovered = extract_adapter(base_model, tuned, rank, mods, params, save)
         peft_model.peft_config["default"].base_model_name_or_path = str(base.resolve())
         ids, mask = heldout_batch(tok, tuned)
         kl = mean_token_kl(tuned, peft_model, ids, mask)
         with peft_model.disable_adapter():  # the same KL without the adapter: what the adapter has to recover
             kl_base = mean_token_kl(tuned, peft_model, ids, mask)
-        if out.exists():
-            shutil.rmtree(out)
-        peft_model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+
+        def fill(tmp: Path) -> None:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+
+        _write_dir(out, fill)
         worst = max(errors.values()) if errors else 0.0
         report = {"kind": "lora (extracted by SVD)", "source": str(ckpt), "base": str(base.resolve()), "rank": rank,
                   "relative_frobenius_error": errors, "max_relative_frobenius_error": worst,
                   "kl_tuned_vs_adapted": kl, "kl_tuned_vs_base": kl_base, "modules_to_save": save,
                   "uncovered_changed_params": uncovered}
+        if requested != rank:
+            report["rank_requested"] = requested
     write_json_atomic(out / "export.json", report)
     log.info("export: %s -> %s", report["kind"], out)
     return report

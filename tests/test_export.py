@@ -109,3 +109,47 @@ def test_merged_export_is_a_plain_checkpoint(runs):
     tuned = AutoModelForCausalLM.from_pretrained(run["full"] / "sft" / "checkpoint")
     ids = torch.randint(0, 400, (1, 8))
     torch.testing.assert_close(logits(model, ids), logits(tuned, ids))
+
+
+def cli_error(*args, env):
+    exe = Path(sys.executable).with_name("posttrain")
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_export_never_deletes_a_directory_it_did_not_write(runs):
+    root, env, run = runs
+    mine = root / "notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    err = cli_error("export", "--model", str(run["full"]), "--out", str(mine), env=env)
+    assert str(mine) in err and "not an earlier export" in err
+    assert (mine / "notes.txt").read_text() == "important"
+    err = cli_error("export", "--model", str(run["full"]), "--out", str(run["full"]), "--merged", env=env)
+    assert (run["full"] / "sft" / "checkpoint" / "config.json").is_file() and (run["full"] / "recipe.yaml").is_file()
+    # an earlier export is replaced, as the export stage re-run does
+    out = root / "again"
+    cli("export", "--model", str(run["full"]), "--out", str(out), "--rank", "2", env=env)
+    cli("export", "--model", str(run["full"]), "--out", str(out), "--rank", "4", env=env)
+    assert json.loads((out / "export.json").read_text())["rank"] == 4
+    assert not any(p.name.endswith((".tmp", ".old")) for p in root.iterdir())
+
+
+def test_export_rejects_bad_options_by_name(runs):
+    root, env, run = runs
+    err = cli_error("export", "--model", str(run["full"]), "--out", str(root / "x1"), "--modules-to-save",
+                    "norm,bogus", env=env)
+    assert "'bogus'" in err and "embed_tokens" in err and not (root / "x1").exists()
+    err = cli_error("export", "--model", str(run["full"]), "--out", str(root / "x2"), "--rank", "0", env=env)
+    assert "--rank 0" in err
+    err = cli_error("export", "--model", str(run["full"]), "--out", str(root / "x3"), "--base", str(root / "nope"),
+                    env=env)
+    assert f"--base {root / 'nope'}" in err
+    # a rank above every target matrix's is lowered to the largest that means anything (hidden 32 here)
+    cli("export", "--model", str(run["full"]), "--out", str(root / "x4"), "--rank", "300",
+        "--modules-to-save", " norm , embed_tokens", env=env)
+    report = json.loads((root / "x4" / "export.json").read_text())
+    assert report["rank"] == 32 and report["rank_requested"] == 300 and report["modules_to_save"] == ["norm",
+                                                                                                        "embed_tokens"]

@@ -115,3 +115,34 @@ def test_a_run_resumed_from_another_directory_finds_its_checkpoints(run, tmp_pat
     assert "stage base already finished" in proc.stderr and "stage sft finished" in proc.stderr
     done = json.loads((moved / "sweep" / "done.json").read_text())
     assert done["models"] == {"sft": str(moved / "sft" / "checkpoint")}
+
+
+def test_export_of_a_run_takes_its_latest_model(run, tmp_path):
+    """`posttrain export --model RUN` ships the last stage of the recipe that finished with a model (as the export
+    stage and `posttrain sweep` do), from the run's own folders; an adapter directory is re-shipped as it is."""
+    import shutil
+
+    import yaml
+
+    from posttrain.export import ExportError, resolve_run
+
+    run_dir, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.copytree(copy / "sft" / "checkpoint", copy / "grpo" / "checkpoint")
+    (copy / "grpo" / "done.json").write_text(json.dumps({"stage": "grpo", "checkpoint": "elsewhere/grpo/checkpoint"}))
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["stages"] = ["base", "sft", "grpo", "sweep", "export"]
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert resolve_run(copy) == (copy / "grpo" / "checkpoint", copy / "base" / "checkpoint", None)
+    sft = copy / "sft" / "checkpoint"  # a LoRA stage: its trained adapter
+    assert resolve_run(sft) == (sft, copy / "base" / "checkpoint", copy / "sft" / "adapter")
+    adapter = copy / "export" / "adapter"
+    ckpt, base, found = resolve_run(adapter)
+    assert ckpt == found == adapter and (base / "config.json").is_file()
+    (copy / "grpo" / "done.json").unlink()
+    (copy / "sft" / "done.json").unlink()
+    with pytest.raises(ExportError, match="no finished stage with a trained checkpoint"):
+        resolve_run(copy)
+    with pytest.raises(ExportError, match="neither a run directory"):
+        resolve_run(copy / "sweep")
