@@ -26,10 +26,13 @@ def _cmd_run(args) -> int:
 
     results = run_recipe(cfg)
     print(f"\nrun directory: {cfg.run_dir}")
+    from pathlib import Path
+
     for name, info in results.items():
-        where = (info.get("checkpoint") or info.get("genrm") or info.get("adapter") or info.get("merged")
-                 or f"{cfg.run_dir}/{name}")
-        print(f"  {name:<6} {where}")
+        where = Path(info.get("checkpoint") or info.get("genrm") or info.get("adapter") or info.get("merged") or name)
+        # done.json holds the path as the run that wrote it saw it; show the stage's folder in this run directory
+        rest = where.parts[len(where.parts) - where.parts[::-1].index(name):] if name in where.parts else ()
+        print(f"  {name:<6} {Path(cfg.run_dir, name, *rest)}")
     if "rm" in results and results["rm"].get("summary"):
         print("\nreward models (held-out samples):")
         print(results["rm"]["summary"])
@@ -42,6 +45,24 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _yaml_value(value) -> str:
+    """A default as a recipe would spell it (`null`, `[0, auto]`, `{name: exact_int, ...}`), not as a Python repr."""
+    import yaml
+    from pydantic import BaseModel
+
+    def plain(v):
+        if isinstance(v, BaseModel):
+            return v.model_dump(mode="json")
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    text = yaml.safe_dump(plain(value), default_flow_style=True, width=10**6, sort_keys=False).strip()
+    return text.removesuffix("\n...").strip()
+
+
 def _cmd_schema(args) -> int:
     from posttrain.config import RecipeConfig
 
@@ -52,8 +73,8 @@ def _cmd_schema(args) -> int:
                 print(f"{prefix}{name}:  # {field.description or ann.__doc__ or ''}".rstrip())
                 walk(ann, prefix + "  ")
             else:
-                default = field.get_default(call_default_factory=True)
-                print(f"{prefix}{name}: {default!r}  # {field.description or ''}".rstrip(" #"))
+                default = _yaml_value(field.get_default(call_default_factory=True))
+                print(f"{prefix}{name}: {default}  # {field.description or ''}".rstrip(" #"))
 
     walk(RecipeConfig)
     return 0
@@ -192,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.recipe import RecipeError
     from posttrain.runlock import RunDirLocked
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # overrides given after --run-dir
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: locks released, finished stages kept
     try:
         return args.func(args)

@@ -342,7 +342,7 @@ class RLStageConfig(Section):
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field("token_mean")
     clip_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range of the ratio.")
     clip_high: float = Field(0.28, ge=0, description="Upper clip range (> clip_low: DAPO clip-higher).")
-    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages (None: off).")
+    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages (null: off).")
     mini_batches: int = Field(2, ge=1, description="Optimizer updates per rollout batch (split by groups).")
     kl_coef: float = Field(0.05, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
     kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")
@@ -387,7 +387,7 @@ class RLStageConfig(Section):
     eval_batch_size: int = Field(256, ge=1, description="Prompts per generate call in the before/after evaluation.")
     # PPO only
     critic_learning_rate: float = Field(1e-4, gt=0, description="PPO: critic AdamW learning rate.")
-    value_clip: float | None = Field(0.2, gt=0, description="PPO: value clipping range (None: off).")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO: value clipping range (null: off).")
     gamma: float = Field(1.0, ge=0, le=1, description="PPO: GAE discount.")
     lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
     whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch.")
@@ -448,6 +448,16 @@ class RayConfig(Section):
     reference: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
     critic: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0, max_restarts=0))
     reward: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        import re
+
+        if v is None or v in ("auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", v):
+            return v
+        raise ValueError(f"{v!r} is not a Ray address: give the head's host:port (10.0.0.5:6379), auto, "
+                         "ray://host:port, or null (the default) for a local instance")
 
 
 class EvalStageConfig(Section):

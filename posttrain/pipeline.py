@@ -56,6 +56,63 @@ def _ray_running() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
+# What a stage's result depends on besides its own recipe section: these sections are shared by every stage.
+# How a stage runs (device, dtype, threads, ray) and which stages run are not compared.
+SHARED_SECTIONS = ("seed", "model", "data", "task")
+HOW_NOT_WHAT = ("base.cache_dir", "sweep.workers", "sweep.backend")  # change where or how fast, not the result
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def recipe_changes(old: dict, new: dict, sections: tuple[str, ...]) -> list[str]:
+    """`key.path: old -> new` for every key under `sections` whose value differs between two recipe dicts."""
+    a = {k: v for s in sections for k, v in _flatten({s: old.get(s)}).items()}
+    b = {k: v for s in sections for k, v in _flatten({s: new.get(s)}).items()}
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in HOW_NOT_WHAT]
+
+
+def check_unchanged(cfg: RecipeConfig, run_dir: Path) -> None:
+    """A run directory records the recipe it ran (`recipe.yaml`). Running it again with settings that a finished
+    stage depends on (its own section, or seed/model/data/task) would skip that stage and leave results that no
+    longer match the recipe, so it stops, naming the keys; a stage that is part way through resumes with the new
+    settings and says which changed."""
+    import yaml
+
+    from posttrain.recipe import RecipeError
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = RecipeConfig.model_validate(yaml.safe_load(path.read_text())).model_dump(mode="json")
+    except Exception as e:  # noqa: BLE001 - written by another version: nothing to compare against
+        log.warning("%s was written by another version of posttrain (%s); not comparing settings",
+                    path, str(e).splitlines()[0])
+        return
+    new = cfg.model_dump(mode="json")
+    for name in cfg.stages:
+        stage_dir = run_dir / name
+        changes = recipe_changes(old, new, SHARED_SECTIONS + (name,))
+        if not changes:
+            continue
+        if (stage_dir / "done.json").is_file():
+            raise RecipeError(
+                f"{run_dir}: stage {name} finished with other settings than this recipe's:\n  "
+                + "\n  ".join(changes)
+                + f"\nits results would not match the recipe. Run into a new directory (--run-dir), put those "
+                  f"values back, or delete {stage_dir} (and the stages after it) to run it again")
+        if stage_dir.is_dir() and any(stage_dir.iterdir()):
+            log.warning("stage %s resumes with changed settings: %s", name, "; ".join(changes))
+
+
 def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
     import torch
 
@@ -63,6 +120,7 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
     from posttrain.stages import get_stage
 
     setup_logging(run_dir / "run.log")
+    check_unchanged(cfg, run_dir)
     (run_dir / "recipe.yaml").write_text(dump_recipe(cfg))
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = pick_device(cfg.device)

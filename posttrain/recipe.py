@@ -108,7 +108,11 @@ def apply_override(data: dict, dotted: str) -> None:
         if not isinstance(nxt, dict):
             raise RecipeError(f"override {dotted!r}: {p!r} is not a section")
         node = nxt
-    node[parts[-1]] = safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"override {dotted!r}: the value {raw!r} is not valid YAML ({reason})") from None
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple = ()) -> RecipeConfig:

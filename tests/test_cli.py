@@ -80,3 +80,37 @@ def test_bad_recipe_fails_before_work_with_one_message(tmp_path):
 def test_schema_lists_documented_keys(tmp_path):
     proc = posttrain("schema", cache=tmp_path)
     assert proc.returncode == 0 and "learning_rate" in proc.stdout and "target_parameters" in proc.stdout
+    # defaults are spelled as a recipe spells them, so a value copied from here validates
+    assert "  address: null  #" in proc.stdout and "dual_clip_c: null" in proc.stdout and "None" not in proc.stdout
+    assert "rewards: [{name: " in proc.stdout and "GRPORewardConfig" not in proc.stdout
+
+
+def test_rerun_with_changed_settings_of_a_finished_stage_stops_and_names_them(tiny_run, tmp_path):
+    import shutil
+
+    root, recipe, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "run", copy)
+    recorded = (copy / "recipe.yaml").read_text()
+    # overrides may come after --run-dir too
+    proc = posttrain("run", str(recipe), "--run-dir", str(copy), "sft.steps=50", "eval.max_new_tokens=9",
+                     cache=root / "cache")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "stage sft finished with other settings" in proc.stderr and "sft.steps: 2 -> 50" in proc.stderr
+    assert (copy / "recipe.yaml").read_text() == recorded
+    # what does not change a result (where the base is cached) is not a change; the stage list may grow
+    proc = posttrain("run", str(recipe), "--run-dir", str(copy), f"base.cache_dir={tmp_path / 'elsewhere'}",
+                     "stages=[base,sft]", cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the closing summary names this run directory's folders, not the paths the copied run recorded
+    assert f"sft    {copy / 'sft' / 'checkpoint'}" in proc.stdout and str(root / "run") not in proc.stdout
+
+
+def test_bad_override_values_are_one_line_errors(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\n")
+    for override, message in (("sft.budgets=[1,2", "override 'sft.budgets=[1,2': the value '[1,2' is not valid YAML"),
+                              ("ray.address=None", "ray.address: 'None' is not a Ray address")):
+        proc = posttrain("run", str(recipe), override, cache=tmp_path / "cache")
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -440,6 +440,25 @@ def test_failure_before_the_first_save_starts_over_without_duplicate_metrics(tin
     assert _steps(run) == [0, 1, 2, 3]
 
 
+def test_changed_settings_on_a_finished_stage_stop_the_run_and_fewer_steps_than_saved_are_refused(
+        tiny_model_dir, tmp_path, noisy_rewards):
+    from posttrain.recipe import RecipeError
+
+    run = tmp_path / "run"
+    _run(run, tiny_model_dir, "grpo.steps=3", "grpo.save_every=1")
+    recorded = (run / "recipe.yaml").read_text()
+    with pytest.raises(RecipeError, match=r"(?s)stage grpo finished with other settings.*grpo\.learning_rate: 0\.01 -> 0\.5"):
+        _run(run, tiny_model_dir, "grpo.steps=3", "grpo.save_every=1", "grpo.learning_rate=0.5")
+    assert (run / "recipe.yaml").read_text() == recorded  # still the recipe the results came from
+    _run(run, tiny_model_dir, "grpo.steps=3", "grpo.save_every=1", "ray.backend=local", "sweep.workers=3")  # how
+    (run / "grpo" / "done.json").unlink()  # as if killed after its last save (the state after step 2 of 3)
+    assert latest(run / "grpo" / "state")[1]["step"] == 2
+    with pytest.raises(RecipeError, match=r"grpo\.steps is 1 but the saved training state .* is already at step 2"):
+        _run(run, tiny_model_dir, "grpo.steps=1", "grpo.save_every=1")
+    assert "stage grpo resumes with changed settings: grpo.steps: 3 -> 1" in (run / "run.log").read_text()
+    assert _steps(run) == [0, 1, 2]
+
+
 def test_restarted_rollout_worker_gets_its_lora_adapter_back(tiny_model_dir, tmp_path, noisy_rewards, monkeypatch):
     """What Ray does when it restarts a rollout actor (a fresh worker from the constructor: the input model, no
     adapter), then the driver's `on_restart` hook, in a LoRA run: the worker gets the adapter wrapper and the

@@ -383,6 +383,12 @@ class RLDriver:
             self.ctx.metrics.resume_at(0)  # what a run killed before its first save logged
             return 0
         d, driver = found
+        if int(driver["step"]) > self.cfg.steps:
+            from posttrain.recipe import RecipeError
+
+            raise RecipeError(f"{self.algo}.steps is {self.cfg.steps} but the saved training state {d} is already at "
+                              f"step {driver['step']}: raise {self.algo}.steps to at least {driver['step']}, or "
+                              f"delete {self.ctx.stage.path / 'state'} to train from the start")
         pending = [w.submit(LearnerWorker.load_state, str(d)) for w in self.w.learners]
         [p.result() for p in pending]
         if self.w.critic is not None:
