@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from posttrain.eval.sweep import short_labels
+
 STYLE = {"natural": "-", "capped": "--"}
 
 
@@ -58,11 +60,19 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_think_vs_budget(rows: list[dict], path: Path) -> None:
+def think_axis_top(rows: list[dict]) -> float:
+    """The top of the thinking-tokens axis: a little above the most thinking any point shows (a mean thinking
+    length, autonomous ones included). Not the largest budget: a budget far beyond what the model thinks (100000
+    when it thinks 30) would flatten every point onto 0; the y = x line then leaves the plot at the top."""
+    most = max((r["think_tokens_mean"] for r in rows if r["difficulty"] == "all"), default=0)
+    return max(1.0, 1.1 * most)
+
+
+def plot_think_vs_budget(rows: list[dict], path: Path):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     models = list(dict.fromkeys(r["model"] for r in rows))
-    top = 1
+    right = 1
     for i, model in enumerate(models):
         for mode in ("natural", "capped"):
             num = sorted((r for r in _all_rows(rows, model, mode) if r["budget"] != "auto"),
@@ -70,11 +80,13 @@ def plot_think_vs_budget(rows: list[dict], path: Path) -> None:
             if num:
                 ax.plot([r["budget"] for r in num], [r["think_tokens_mean"] for r in num], ls=STYLE[mode],
                         marker="o", ms=4, color=f"C{i}", label=f"{model} ({mode})")
-                top = max(top, max(r["budget"] for r in num))
+                right = max(right, max(r["budget"] for r in num))
         for r in _all_rows(rows, model, "natural"):
             if r["budget"] == "auto":
                 ax.axhline(r["think_tokens_mean"], color=f"C{i}", ls=":", label=f"{model} (auto mean)")
-    ax.plot([0, top], [0, top], color="gray", lw=1, label="y = x")
+    top = think_axis_top(rows)
+    ax.plot([0, min(right, top)], [0, min(right, top)], color="gray", lw=1, label="y = x")
+    ax.set_ylim(0, top)
     ax.set_xlabel("thinking budget (tokens)")
     ax.set_ylabel("mean thinking tokens")
     ax.grid(alpha=0.3)
@@ -83,6 +95,7 @@ def plot_think_vs_budget(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def plot_accuracy_vs_difficulty(rows: list[dict], path: Path) -> None:
@@ -90,13 +103,14 @@ def plot_accuracy_vs_difficulty(rows: list[dict], path: Path) -> None:
     plt = _plt()
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False, sharey=True)
+    titles = short_labels(models, 40)
     for ax, model in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == model and r["mode"] == "natural" and r["difficulty"] != "all"]
         for j, b in enumerate(dict.fromkeys(r["budget"] for r in rs)):
             pts = sorted((r for r in rs if r["budget"] == b), key=lambda r: r["difficulty"])
             ax.plot([r["difficulty"] for r in pts], [r["accuracy"] for r in pts], marker="o", ms=4,
                     color=f"C{j}", label=f"budget {b}")
-        ax.set_title(model if len(model) <= 40 else "..." + model[-37:], fontsize=9)
+        ax.set_title(titles[model], fontsize=9)
         ax.set_xlabel("difficulty (operators)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)

@@ -38,7 +38,8 @@ ROW_KEYS = (
 
 
 class SweepError(ValueError):
-    """A model path that cannot be swept; the message says what was looked for."""
+    """A model path that cannot be swept (the message says what was looked for) or a sweep option out of range (the
+    message names the option and the value)."""
 
 
 # ---------------------------------------------------------------------------------------------------- pure parts
@@ -145,26 +146,50 @@ def aggregate(records: list[Record], model: str, budget: int | None, mode: str) 
     return rows
 
 
+def _unique(xs: list) -> list:
+    """`xs` without repeats, in the order of their first appearance."""
+    return list(dict.fromkeys(xs))
+
+
 def parse_budgets(spec: str) -> list[int | None]:
-    """"0,16,auto" -> [0, 16, None]."""
+    """"0,16,auto" -> [0, 16, None]. A budget named twice (`8,08`, `auto,auto`) is kept once, where it first
+    appears. Only ASCII digits make a budget (`str.isdigit` would also take "²")."""
     out: list[int | None] = []
     for part in spec.split(","):
         part = part.strip()
         if part == "auto":
             out.append(None)
-        elif part.isdigit():
+        elif part and part.isascii() and part.isdigit():
             out.append(int(part))
         else:
-            raise SweepError(f"--budgets: {part!r} is neither a non-negative integer nor 'auto'")
-    return out
+            raise SweepError(f"--budgets {spec!r}: {part!r} is neither a non-negative integer nor 'auto'")
+    return _unique(out)
 
 
 def parse_difficulties(spec: str) -> list[int]:
-    """"1-8" or "1,3,5" -> list of ints."""
+    """"1-8" or "1,3,5" -> list of ints, each in the embedded task's MIN_DIFFICULTY..MAX_DIFFICULTY (a difficulty
+    named twice is kept once, where it first appears)."""
+    from posttrain.tasks.arithmetic import MAX_DIFFICULTY, MIN_DIFFICULTY
+
+    def number(x: str) -> int:
+        x = x.strip()
+        if not (x.isascii() and x.isdigit()):
+            raise SweepError(f"--difficulties {spec!r}: {x!r} is not an integer; expected a range like "
+                             f"'{MIN_DIFFICULTY}-{MAX_DIFFICULTY}' or a list like '1,3,5'")
+        return int(x)
+
     if "-" in spec:
-        a, b = spec.split("-", 1)
-        return list(range(int(a), int(b) + 1))
-    return [int(x) for x in spec.split(",")]
+        a, b = (number(x) for x in spec.split("-", 1))
+        if a > b:
+            raise SweepError(f"--difficulties {spec!r}: the range is empty ({a} > {b})")
+        out = list(range(a, b + 1))
+    else:
+        out = [number(x) for x in spec.split(",")]
+    bad = [d for d in out if not MIN_DIFFICULTY <= d <= MAX_DIFFICULTY]
+    if bad:
+        raise SweepError(f"--difficulties {spec!r}: difficulty {bad[0]} is outside the task's "
+                         f"{MIN_DIFFICULTY}..{MAX_DIFFICULTY}")
+    return _unique(out)
 
 
 # -------------------------------------------------------------------------------------------- model resolution
@@ -178,8 +203,13 @@ class ModelSpec:
 
 
 def _run_checkpoint(run: Path) -> Path:
-    """The last model-producing stage's checkpoint of a run directory."""
+    """The last model-producing stage's checkpoint of a run directory: the `checkpoint` folder inside `run` of the
+    last stage whose done.json says it made a model (`StageDir.finished_checkpoint`). done.json's own path is not
+    used: it is relative to where that run was started, so from elsewhere, or for a copied run directory, it can
+    name another run's model."""
     import yaml
+
+    from posttrain.runlog import StageDir
 
     looked = []
     stages = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("stages") or []
@@ -187,13 +217,14 @@ def _run_checkpoint(run: Path) -> Path:
         done = run / stage / "done.json"
         looked.append(str(done))
         if not done.is_file():
-            continue
-        ckpt = json.loads(done.read_text()).get("checkpoint")
-        if ckpt:
-            # done.json paths are relative to where the run was started; fall back to the stage's own folder
-            for cand in (Path(ckpt), run / stage / "checkpoint"):
-                if (cand / "config.json").is_file():
-                    return cand
+            continue  # (StageDir would create the stage's folder: not in a run directory we only read)
+        ckpt = StageDir(run, stage).finished_checkpoint()
+        if ckpt is None:
+            continue  # a stage that made no model (rm, eval, sweep, export)
+        if not (ckpt / "config.json").is_file():
+            raise SweepError(f"run directory {run}: stage {stage!r} finished with a model ({done}) but its "
+                             f"checkpoint {ckpt} has no config.json")
+        return ckpt
     sft = run / "sft" / "checkpoint"
     looked.append(str(sft))
     if (sft / "config.json").is_file():
@@ -302,10 +333,9 @@ def start_workers(checkpoint: Path, n: int, backend: str, device, cpus_per_worke
         raise SweepError(f"--workers must be >= 1, got {n}")
     if backend == "ray":
         gpus = 1 / n if device.type == "cuda" else 0.0
-        try:
-            init_ray(**(ray_init or {}), required_cpus=n * cpus_per_worker, required_gpus=n * gpus)
-        except ValueError as e:
-            raise SweepError(f"{n} sweep workers of {cpus_per_worker} CPUs do not fit: {e}") from e
+        res = init_ray(**(ray_init or {}))
+        _check_ray_fits(n, cpus_per_worker, gpus, res["CPU"], res["GPU"],
+                        recipe_ray=ray_init is not None and res["address"] == "local")
         options, device = ActorOptions(cpus=cpus_per_worker, gpus=gpus), torch.device("cuda" if gpus else "cpu")
     elif backend == "local":
         options = ActorOptions(cpus=cpus_per_worker, threads=torch.get_num_threads())
@@ -316,22 +346,123 @@ def start_workers(checkpoint: Path, n: int, backend: str, device, cpus_per_worke
                   options=options, backend=backend) for i in range(n)]
 
 
+def _check_ray_fits(n: int, cpus_per_worker: int, gpus_per_worker: float, have_cpu: float, have_gpu: float,
+                    recipe_ray: bool = False) -> None:
+    """Ray waits forever for resources that never come: say, in the sweep's own options, how many workers fit.
+
+    Both callers give each worker `max(1, threads // workers)` CPUs (the threads are split across the workers), so
+    the workers need at least `workers` CPUs and about `threads`. `recipe_ray`: Ray was started from a recipe's
+    `ray` section (whose `num_cpus` sets a local instance's size)."""
+    if n * gpus_per_worker > have_gpu + 1e-9:
+        raise SweepError(f"--device: the sweep's workers share one GPU but Ray has {have_gpu:g} GPUs; use "
+                         "--device cpu (`device: cpu` in a recipe)")
+    if n * cpus_per_worker <= have_cpu + 1e-9:
+        return
+    fit = int(have_cpu // cpus_per_worker)
+    s = "s" if cpus_per_worker != 1 else ""
+    msg = (f"--workers {n}: each sweep worker needs {cpus_per_worker} CPU{s}, {n * cpus_per_worker} in all, but "
+           f"Ray has {have_cpu:g} CPUs")
+    if fit >= 1:
+        msg += f"; at most {fit} worker{'s' if fit != 1 else ''} of {cpus_per_worker} CPU{s} fit: lower --workers " \
+               "(`sweep.workers` in a recipe)"
+        if cpus_per_worker > 1:
+            msg += " or the threads split across the workers (--threads; `threads` in a recipe)"
+    else:
+        msg += "; not even one worker fits: lower the threads split across the workers (--threads; `threads` in " \
+               "a recipe)"
+    if recipe_ray:
+        msg += ", or raise `ray.num_cpus`"
+    raise SweepError(msg)
+
+
+def _sweep_device(device):
+    """`device` ("auto", "cpu", "cuda[:N]" or a torch.device) as a torch.device this machine has."""
+    import torch
+
+    from posttrain.model import pick_device
+
+    try:
+        d = pick_device(str(device))
+    except ValueError:
+        raise SweepError(f"--device {str(device)!r}: CUDA is not available on this machine; use cpu or auto") from None
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise SweepError(f"--device {str(device)!r}: expected auto, cpu or cuda[:N]")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise SweepError(f"--device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
+def check_options(budgets: list, n_per_difficulty: int, difficulties: list[int], max_new_tokens: int,
+                  batch_size: int, workers: int, backend: str, cpus_per_worker: int) -> None:
+    """The sweep's settings, checked before anything loads; the message names the option and its value."""
+    from posttrain.tasks.arithmetic import MAX_DIFFICULTY, MIN_DIFFICULTY
+
+    for b in budgets:
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
+            raise SweepError(f"--budgets: {b!r} is neither a non-negative integer nor 'auto' (None)")
+    if not budgets:
+        raise SweepError("--budgets: no budget given")
+    for name, value in (("--n", n_per_difficulty), ("--max-new-tokens", max_new_tokens),
+                        ("--batch-size", batch_size), ("--workers", workers), ("cpus_per_worker", cpus_per_worker)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SweepError(f"{name} must be an integer >= 1, got {value!r}")
+    if not difficulties:
+        raise SweepError("--difficulties: no difficulty given")
+    for d in difficulties:
+        if isinstance(d, bool) or not isinstance(d, int) or not MIN_DIFFICULTY <= d <= MAX_DIFFICULTY:
+            raise SweepError(f"--difficulties: {d!r} is outside the task's {MIN_DIFFICULTY}..{MAX_DIFFICULTY}")
+    if backend not in ("ray", "local"):
+        raise SweepError(f"--backend {backend!r}: expected 'ray' or 'local'")
+
+
+def distinct_models(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """`specs` with each model once (the same checkpoint and adapter, however its path was written: the first one
+    is kept) and with distinct labels: two different models that would share a label get their path appended."""
+    from collections import Counter
+    from dataclasses import replace
+
+    seen, out = set(), []
+    for s in specs:
+        key = (s.checkpoint.expanduser().resolve(), s.adapter.expanduser().resolve() if s.adapter else None)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    shared = {label for label, c in Counter(s.label for s in out).items() if c > 1}
+    out = [replace(s, label=f"{s.label} ({s.adapter or s.checkpoint})") if s.label in shared else s for s in out]
+    counts = Counter(s.label for s in out)  # still shared (paths that differ only in how they are written)
+    k: Counter = Counter()
+    for i, s in enumerate(out):
+        if counts[s.label] > 1:
+            k[s.label] += 1
+            out[i] = replace(s, label=f"{s.label} #{k[s.label]}")
+    return out
+
+
 def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 40, seed: int = 12345,
               difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
               device: str = "auto", workers: int = 1, backend: str = "local", cpus_per_worker: int = 1,
               ray_init: dict | None = None) -> list[dict]:
     """Rows for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems.
 
-    Every model is resolved first (a bad path fails before any generation); then `workers` rollout workers are
-    started once and reused: each loads the next model in turn (`RolloutWorker.load`). They are ended on return.
+    The settings are checked and every model is resolved first (a bad option or path fails before any model
+    loads); a budget, difficulty or model given twice is swept once (`distinct_models`). Then `workers` rollout
+    workers are started once and reused: each loads the next model in turn (`RolloutWorker.load`). They are ended on
+    return.
     """
-    from posttrain.model import pick_device
     from posttrain.tasks.arithmetic import generate_problems
     from posttrain.workers.rollout import RolloutWorker
 
-    specs = [m if isinstance(m, ModelSpec) else resolve_model(m) for m in models]
+    budgets, difficulties = _unique(list(budgets)), _unique(list(difficulties))
+    check_options(budgets, n_per_difficulty, difficulties, max_new_tokens, batch_size, workers, backend,
+                  cpus_per_worker)
+    dev = _sweep_device(device)
+    if not models:
+        raise SweepError("--model: no model given")
+    specs = distinct_models([m if isinstance(m, ModelSpec) else resolve_model(m) for m in models])
     problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
-    pool = start_workers(specs[0].checkpoint, workers, backend, pick_device(device), cpus_per_worker, ray_init)
+    pool = start_workers(specs[0].checkpoint, workers, backend, dev, cpus_per_worker, ray_init)
     rows = []
     try:
         for k, spec in enumerate(specs):
@@ -362,18 +493,28 @@ def write_outputs(rows: list[dict], out: str | Path) -> Path:
     return out
 
 
+def short_labels(labels, width: int) -> dict[str, str]:
+    """label -> how a table column or plot title `width` characters wide shows it: the label, or "..." and its last
+    `width - 3` characters when longer. Two labels that would read the same are both shown whole."""
+    from collections import Counter
+
+    short = {label: label if len(label) <= width else "..." + label[-(width - 3):] for label in dict.fromkeys(labels)}
+    counts = Counter(short.values())
+    return {label: s if counts[s] == 1 else label for label, s in short.items()}
+
+
 def format_sweep_table(rows: list[dict]) -> str:
     """Difficulty "all": model, budget, mode, accuracy ± 95% CI, mean thinking tokens, adherence."""
     head = f"{'model':<32} {'budget':>6} {'mode':<8} {'accuracy [95% CI]':>22} {'think':>6} {'adher.':>7} " \
            f"{'forced':>7}"
     lines = [head, "-" * len(head)]
+    names = short_labels((r["model"] for r in rows), 32)
     for r in rows:
         if r["difficulty"] != "all":
             continue
         acc = f"{100 * r['accuracy']:5.1f}% [{100 * r['accuracy_ci_low']:4.1f},{100 * r['accuracy_ci_high']:5.1f}]"
         adh = "-" if r["adherence"] is None else f"{100 * r['adherence']:5.1f}%"
         forced = "-" if r["forced_share"] is None else f"{100 * r['forced_share']:5.1f}%"
-        model = r["model"] if len(r["model"]) <= 32 else "..." + r["model"][-29:]
-        lines.append(f"{model:<32} {str(r['budget']):>6} {r['mode']:<8} {acc:>22} "
+        lines.append(f"{names[r['model']]:<32} {str(r['budget']):>6} {r['mode']:<8} {acc:>22} "
                      f"{r['think_tokens_mean']:6.1f} {adh:>7} {forced:>7}")
     return "\n".join(lines)

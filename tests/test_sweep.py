@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, paired_difference, quantile,
-                                  resolve_model, wilson_interval)
+from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, paired_difference,
+                                  parse_budgets, parse_difficulties, quantile, resolve_model, wilson_interval)
 from posttrain.generate import Response
 from posttrain.tasks.arithmetic import parse_expression
 
@@ -132,19 +132,48 @@ def _run_dir(root: Path, stages, done: dict) -> Path:
     return run
 
 
+def _ckpt(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
 def test_resolve_run_dir_takes_last_model_stage(tmp_path, tiny_model_dir):
-    other = tmp_path / "sft_ckpt"
-    other.mkdir()
-    (other / "config.json").write_text("{}")
-    run = _run_dir(tmp_path, ["base", "sft", "rm", "eval"], {
-        "base": {"checkpoint": str(tiny_model_dir)},
-        "sft": {"checkpoint": str(other)},
+    run = _run_dir(tmp_path, ["base", "sft", "rm", "eval", "grpo"], {  # grpo not run yet
+        "base": {"checkpoint": "run/base/checkpoint"},
+        "sft": {"checkpoint": "run/sft/checkpoint"},
         "rm": {"genrm": "elsewhere", "produces_model": False},
         "eval": {"rows": 3, "produces_model": False},
     })
+    _ckpt(run / "base" / "checkpoint")
+    _ckpt(run / "sft" / "checkpoint")
     spec = resolve_model(str(run))
-    assert spec.label == str(run) and spec.checkpoint == other and spec.adapter is None
+    assert spec.label == str(run) and spec.checkpoint == run / "sft" / "checkpoint" and spec.adapter is None
     assert resolve_model(str(tiny_model_dir)).checkpoint == Path(tiny_model_dir)
+    # reading a run directory creates nothing in it (no folder for the stage that has not run)
+    assert sorted(p.name for p in run.iterdir()) == ["base", "eval", "recipe.yaml", "rm", "sft"]
+
+
+def test_resolve_run_dir_uses_its_own_checkpoint_not_done_json_path(tmp_path, monkeypatch):
+    """done.json's `checkpoint` is relative to where that run started: from a directory where the same relative
+    path names another run's model (or with an absolute path left by a copied run), the run directory's own
+    checkpoint is the one swept."""
+    run = _run_dir(tmp_path, ["base", "sft", "grpo"], {
+        "sft": {"checkpoint": "runs/a/sft/checkpoint"},
+        "grpo": {"checkpoint": "runs/a/grpo/checkpoint"},
+    })
+    own = _ckpt(run / "grpo" / "checkpoint")
+    _ckpt(run / "sft" / "checkpoint")
+    cwd = tmp_path / "elsewhere"
+    other = _ckpt(cwd / "runs" / "a" / "grpo" / "checkpoint")  # another run's model at done.json's relative path
+    monkeypatch.chdir(cwd)
+    assert resolve_model(str(run)).checkpoint == own
+    (run / "grpo" / "done.json").write_text(json.dumps({"checkpoint": str(other)}))  # absolute, of a copied run
+    assert resolve_model(str(run)).checkpoint == own
+    # the last model stage finished but its checkpoint is gone: an error, not another run's (or stage's) model
+    (own / "config.json").unlink()
+    with pytest.raises(SweepError, match=r"stage 'grpo' finished with a model.*grpo/checkpoint has no config.json"):
+        resolve_model(str(run))
 
 
 def test_resolve_run_dir_falls_back_to_sft_checkpoint_and_errors(tmp_path):
@@ -164,6 +193,131 @@ def test_resolve_bad_paths(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/no/such/base"}))
     with pytest.raises(SweepError, match="/no/such/base"):
         resolve_model(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("spec", ["²", "1,²", "-1", "8,,auto", "auto8", " "])
+def test_parse_budgets_rejects_non_ascii_digits_and_junk(spec):
+    with pytest.raises(SweepError, match=r"--budgets"):
+        parse_budgets(spec)
+
+
+def test_parse_budgets_drops_repeats_in_first_order():
+    assert parse_budgets("8,8,auto,auto") == [8, None]
+    assert parse_budgets("auto, 16,0,016,auto,0") == [None, 16, 0]
+
+
+@pytest.mark.parametrize("spec", ["abc", "0-9", "9", "3-1", "1-", "0", "1,x", "1-8-9"])
+def test_parse_difficulties_rejects_bad_specs(spec):
+    with pytest.raises(SweepError, match=r"--difficulties") as e:
+        parse_difficulties(spec)
+    assert repr(spec) in str(e.value)
+
+
+def test_parse_difficulties_valid():
+    from posttrain.tasks.arithmetic import MAX_DIFFICULTY, MIN_DIFFICULTY
+
+    assert parse_difficulties(f"{MIN_DIFFICULTY}-{MAX_DIFFICULTY}") == list(range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1))
+    assert parse_difficulties("3-3") == [3] and parse_difficulties("5, 1,5") == [5, 1]
+
+
+def _cuda_case():
+    import torch
+
+    return "cuda:7" if torch.cuda.is_available() and torch.cuda.device_count() < 8 else "cuda"
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_per_difficulty=0), r"--n must be an integer >= 1, got 0"),
+    (dict(n_per_difficulty=-2), r"--n must be an integer >= 1, got -2"),
+    (dict(difficulties=[]), r"--difficulties: no difficulty"),
+    (dict(difficulties=[0, 9]), r"--difficulties: 0 is outside the task's 1\.\.8"),
+    (dict(batch_size=0), r"--batch-size must be an integer >= 1, got 0"),
+    (dict(max_new_tokens=0), r"--max-new-tokens must be an integer >= 1, got 0"),
+    (dict(workers=0), r"--workers must be an integer >= 1, got 0"),
+    (dict(device="bogus"), r"--device 'bogus': expected auto, cpu or cuda\[:N\]"),
+    (dict(device="cuda"), None),  # filled in below: depends on this machine
+    (dict(backend="slurm"), r"--backend 'slurm'"),
+    (dict(budgets=[-1]), r"--budgets: -1"),
+])
+def test_run_sweep_checks_options_before_any_model(tmp_path, kw, match):
+    """Each bad setting is a SweepError naming the option and value, raised before models are even resolved (the
+    model path here does not exist) and so before any loads."""
+    from posttrain.eval.sweep import run_sweep
+
+    if "device" in kw and kw["device"] == "cuda":
+        kw = dict(device=_cuda_case())
+        import torch
+
+        if torch.cuda.is_available():
+            match = r"--device 'cuda:7': this machine has \d+ CUDA device"
+        else:
+            match = r"--device 'cuda': CUDA is not available"
+    args = dict(budgets=[0], n_per_difficulty=1, difficulties=[1], max_new_tokens=2, batch_size=1, workers=1,
+                backend="local", device="cpu")
+    args.update(kw)
+    with pytest.raises(SweepError, match=match):
+        run_sweep([str(tmp_path / "missing")], **args)
+
+
+def test_ray_fit_message_names_the_sweep_options():
+    """The sweep's own message when its workers do not fit Ray (init_ray's names recipe keys of the RL actors)."""
+    from posttrain.eval.sweep import _check_ray_fits
+
+    _check_ray_fits(2, 1, 0.0, 2.0, 0.0)  # fits: no error
+    with pytest.raises(SweepError) as e:
+        _check_ray_fits(3, 1, 0.0, 2.0, 0.0)
+    msg = str(e.value)
+    assert "--workers 3" in msg and "at most 2 workers of 1 CPU fit" in msg and "sweep.workers" in msg
+    assert "ray.*.cpus" not in msg and "ray.num_cpus" not in msg
+    with pytest.raises(SweepError, match=r"at most 1 worker of 2 CPUs fit.*--threads.*raise `ray.num_cpus`"):
+        _check_ray_fits(2, 2, 0.0, 3.0, 0.0, recipe_ray=True)  # a recipe's sweep stage (Ray from its `ray` section)
+    with pytest.raises(SweepError, match=r"not even one worker fits.*--threads"):
+        _check_ray_fits(1, 8, 0.0, 2.0, 0.0)
+    with pytest.raises(SweepError, match=r"Ray has 0 GPUs"):
+        _check_ray_fits(2, 1, 0.5, 4.0, 0.0)
+
+
+def test_distinct_models_drops_repeats_and_keeps_labels_distinct(tmp_path):
+    from posttrain.eval.sweep import ModelSpec, distinct_models
+
+    a, b = _ckpt(tmp_path / "a"), _ckpt(tmp_path / "b")
+    specs = [resolve_model(str(a)), resolve_model(str(b)), resolve_model(str(a) + "/"),
+             resolve_model(str(tmp_path / "b" / ".." / "a"))]
+    assert [s.label for s in distinct_models(specs)] == [str(a), str(b)]  # the same model given again: dropped
+    got = distinct_models([ModelSpec("m", a), ModelSpec("m", b), ModelSpec("m", a)])
+    assert len(got) == 2 and len({s.label for s in got}) == 2 and all(s.label.startswith("m") for s in got)
+    assert str(a) in got[0].label and str(b) in got[1].label
+
+
+def test_table_and_plot_titles_keep_long_labels_apart():
+    """Two long labels with the same last 29 characters: the table (and the plot titles) must not show both as one
+    "...<tail>"."""
+    from posttrain.eval.sweep import format_sweep_table, short_labels
+
+    problems, responses = _hand_graded()
+    records = grade_responses(problems, responses)
+    tail = "/runs/quickstart/sft/checkpoint"
+    labels = ["/data/experiment-one" + tail, "/data/experiment-two" + tail]
+    rows = [r for label in labels for r in aggregate(records, label, 4, "natural")]
+    lines = format_sweep_table(rows).splitlines()[2:]
+    assert len(lines) == 2 and lines[0] != lines[1]
+    assert lines[0].startswith(labels[0]) and lines[1].startswith(labels[1])
+    assert short_labels(["x" * 50, "/short"], 32) == {"x" * 50: "..." + "x" * 29, "/short": "/short"}
+
+
+def test_think_plot_y_axis_follows_the_data_not_the_largest_budget(tmp_path):
+    from posttrain.eval.plots import plot_think_vs_budget
+
+    problems, responses = _hand_graded()  # thinking tokens 3..10, mean 5.5
+    records = grade_responses(problems, responses)
+    rows = [r for b in (0, 4, 100000, None) for m in MODES for r in aggregate(records, "m", b, m)]
+    fig = plot_think_vs_budget(rows, tmp_path / "think.png")
+    lo, hi = fig.axes[0].get_ylim()
+    assert (tmp_path / "think.png").stat().st_size > 0
+    assert lo == 0 and 5.5 < hi < 10, (lo, hi)  # a little above the largest mean, not up at 100000
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +447,23 @@ def test_run_sweep_is_deterministic_and_independent_of_worker_count(tmp_path, ta
     assert {r["budget"] for r in saved} == {0, 2, "auto"} and {r["difficulty"] for r in saved} == {1, 4, "all"}
 
 
+def test_run_sweep_sweeps_a_repeated_budget_difficulty_or_model_once(tmp_path, tiny_model_dir):
+    import torch
+
+    from posttrain.eval.plots import plot_all
+    from posttrain.eval.sweep import format_sweep_table, run_sweep
+
+    torch.set_num_threads(1)
+    same = [str(tiny_model_dir), str(tiny_model_dir) + "/", str(Path(tiny_model_dir).parent / "." / "model")]
+    rows = run_sweep(same, [2, 2, None, 2, None], n_per_difficulty=1, difficulties=[1, 1], max_new_tokens=2,
+                     backend="local")
+    head = [(r["model"], r["budget"], r["mode"]) for r in rows if r["difficulty"] == "all"]
+    assert head == [(same[0], b, m) for b in (2, "auto") for m in MODES]
+    assert len(rows) == 2 * 2 * 2 and all(r["n"] == 1 for r in rows)  # difficulty 1 once: one problem, not two
+    assert len(format_sweep_table(rows).splitlines()) == 2 + 4
+    plot_all(rows, tmp_path)
+
+
 # --------------------------------------------------------------------------------------------- end to end
 
 
@@ -339,4 +510,30 @@ def test_sweep_command_on_ray_workers(tmp_path, talkative_model_dir):
 def test_sweep_command_bad_model_path(tmp_path):
     proc = posttrain("sweep", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--threads", "1")
     assert proc.returncode == 2 and "error:" in proc.stderr and "missing" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["--n", "0"], "--n must be an integer >= 1, got 0"),
+    (["--difficulties", "3-1"], "--difficulties '3-1'"),
+    (["--budgets", "8,²"], "--budgets '8,²'"),
+    (["--device", "bogus"], "--device 'bogus'"),
+])
+def test_sweep_command_bad_options_are_errors_not_tracebacks(tmp_path, tiny_model_dir, args, shown):
+    proc = posttrain("sweep", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--threads", "1",
+                     "--backend", "local", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: {shown}" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
+def test_sweep_command_more_workers_than_cpus(tmp_path, tiny_model_dir):
+    """More Ray workers than CPUs: the sweep says how many fit and which option to lower (not the recipe's RL keys)."""
+    cpus = os.cpu_count()
+    proc = posttrain("sweep", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--threads", "1",
+                     "--workers", str(cpus + 1), "--n", "1", "--max-new-tokens", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: --workers {cpus + 1}:" in proc.stderr and f"at most {cpus} worker" in proc.stderr, proc.stderr
+    assert "lower --workers" in proc.stderr and "ray.*.cpus" not in proc.stderr
     assert not (tmp_path / "o").exists()
