@@ -203,34 +203,21 @@ class ModelSpec:
 
 
 def _run_checkpoint(run: Path) -> Path:
-    """The last model-producing stage's checkpoint of a run directory: the `checkpoint` folder inside `run` of the
-    last stage whose done.json says it made a model (`StageDir.finished_checkpoint`). done.json's own path is not
-    used: it is relative to where that run was started, so from elsewhere, or for a copied run directory, it can
-    name another run's model."""
-    import yaml
+    """The last model-producing stage's checkpoint of a run directory, inside `run` (`runlog.latest_checkpoint`,
+    as `posttrain export` resolves it); a run without finished stages falls back to its sft checkpoint."""
+    from posttrain.runlog import latest_checkpoint
 
-    from posttrain.runlog import StageDir
-
-    looked = []
-    stages = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("stages") or []
-    for stage in reversed(stages):
-        done = run / stage / "done.json"
-        looked.append(str(done))
-        if not done.is_file():
-            continue  # (StageDir would create the stage's folder: not in a run directory we only read)
-        ckpt = StageDir(run, stage).finished_checkpoint()
-        if ckpt is None:
-            continue  # a stage that made no model (rm, eval, sweep, export)
-        if not (ckpt / "config.json").is_file():
-            raise SweepError(f"run directory {run}: stage {stage!r} finished with a model ({done}) but its "
-                             f"checkpoint {ckpt} has no config.json")
-        return ckpt
+    try:
+        found = latest_checkpoint(run)
+    except FileNotFoundError as e:
+        raise SweepError(str(e)) from None
+    if found is not None:
+        return found[1]
     sft = run / "sft" / "checkpoint"
-    looked.append(str(sft))
     if (sft / "config.json").is_file():
         return sft
-    raise SweepError(f"run directory {run}: no checkpoint found (looked for a `checkpoint` in "
-                     f"{', '.join(looked)})")
+    raise SweepError(f"run directory {run}: no checkpoint found (no stage of its recipe.yaml finished with one, "
+                     f"and no {sft})")
 
 
 def resolve_model(path: str) -> ModelSpec:

@@ -39,7 +39,10 @@ def resolve_run(model: str | Path) -> tuple[Path, Path | None, Path | None]:
     path = Path(model).expanduser()
     if (path / "recipe.yaml").is_file():
         run = path
-        found = latest_checkpoint(run, skip=("base",))
+        try:
+            found = latest_checkpoint(run, skip=("base",))
+        except FileNotFoundError as e:
+            raise ExportError(str(e)) from None
         if found is None:
             raise ExportError(f"--model {path}: the run has no finished stage with a trained checkpoint "
                               "(sft, grpo or ppo: <stage>/done.json and <stage>/checkpoint/config.json)")

@@ -104,19 +104,22 @@ class MetricsWriter:
 
 
 def latest_checkpoint(run_dir: Path, skip: tuple[str, ...] = ()) -> tuple[str, Path] | None:
-    """(stage, checkpoint) of the last stage in the run's `recipe.yaml` order that finished with a model, its
-    checkpoint taken from this run directory (done.json's own path is relative to where the run began, so a run
-    resumed, copied or read from elsewhere would point at another run's files); stages in `skip` are passed over.
-    None when no stage qualifies. Reads only: creates nothing in `run_dir`."""
+    """(stage, checkpoint) of the last stage in the run's `recipe.yaml` order that finished with a model (its
+    done.json has a `checkpoint`), the checkpoint taken from this run directory: done.json's own path is relative to
+    where the run began, so a run resumed, copied or read from elsewhere would point at another run's files. Stages
+    in `skip` are passed over; None when no stage qualifies. A finished stage whose checkpoint is gone raises
+    FileNotFoundError rather than answer with an earlier stage's model. Reads only: creates nothing in `run_dir`."""
     import yaml
 
     stages = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("stages") or []
     for stage in reversed(stages):
         done, ckpt = run_dir / stage / "done.json", run_dir / stage / "checkpoint"
-        if stage in skip or not done.is_file() or not (ckpt / "config.json").is_file():
+        if stage in skip or not done.is_file() or "checkpoint" not in json.loads(done.read_text()):
             continue
-        if "checkpoint" in json.loads(done.read_text()):
-            return stage, ckpt
+        if not (ckpt / "config.json").is_file():
+            raise FileNotFoundError(f"run directory {run_dir}: stage {stage!r} finished with a model ({done}) but "
+                                    f"its checkpoint {ckpt} has no config.json")
+        return stage, ckpt
     return None
 
 
