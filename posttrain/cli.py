@@ -118,7 +118,8 @@ def _cmd_export(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     save = tuple(m.strip() for m in (args.modules_to_save or "").split(",") if m.strip())
-    report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base, modules_to_save=save)
+    report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base, modules_to_save=save,
+                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     print(f"{report['kind']} -> {args.out}")
     if "max_relative_frobenius_error" in report:
         print(f"  rank {report['rank']}: max relative Frobenius error {report['max_relative_frobenius_error']:.3g}, "
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modules-to-save", default="", help="comma-separated module name suffixes an extracted adapter "
                    "stores whole (PEFT modules_to_save), e.g. norm,embed_tokens")
     e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--allow-pickle", action="store_true", help="load checkpoints that hold only pickled weights "
+                   "(pytorch_model.bin), as model.allow_pickle does in a recipe; runs code from the file")
+    e.add_argument("--trust-remote-code", action="store_true", help="run a checkpoint's own modelling code")
     e.set_defaults(func=_cmd_export)
     s = sub.add_parser("schema", help="print every recipe key with its default and documentation")
     s.set_defaults(func=_cmd_schema)

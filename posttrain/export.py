@@ -214,11 +214,12 @@ def heldout_batch(tokenizer, tuned_model, n: int = 32, seed: int = 4242):
 def export(model: str | Path, out: str | Path, merged: bool = False, rank: int = 16, base: str | Path | None = None,
            target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
            target_parameters: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
-           modules_to_save: tuple[str, ...] = (),
+           modules_to_save: tuple[str, ...] = (), trust_remote_code: bool = False, allow_pickle: bool = False,
            ) -> dict:
     """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json)."""
     from posttrain.model import load_model, load_tokenizer, save_model
 
+    load = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}  # the recipe's model.* flags
     if rank < 1:
         raise ExportError(f"--rank {rank}: must be a positive integer")
     ckpt, run_base, adapter = resolve_run(model)
@@ -233,7 +234,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
     if merged:
         if ckpt == adapter:
             raise ExportError(f"--model {model}: an adapter; --merged needs a checkpoint")
-        save_model(load_model(ckpt), load_tokenizer(ckpt), out)
+        save_model(load_model(ckpt, **load), load_tokenizer(ckpt), out)
         report = {"kind": "merged", "source": str(ckpt)}
     elif adapter is not None:
         tok = load_tokenizer(ckpt)
@@ -251,7 +252,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
             raise ExportError(f"--model {model}: no base checkpoint to extract an adapter against "
                               f"(looked for {run_base or 'a run directory around the checkpoint'}); pass --base")
         tok = load_tokenizer(ckpt)
-        tuned, base_model = load_model(ckpt), load_model(base)
+        tuned, base_model = load_model(ckpt, **load), load_model(base, **load)
         mods = [m for m in target_modules if any(n.endswith(m) for n, _ in base_model.named_modules())]
         params = [p for p in target_parameters if any(n.endswith(p) for n, _ in base_model.named_parameters())]
         names = [n for n, _ in base_model.named_modules() if n]

@@ -76,3 +76,28 @@ def test_other_moe_families_load_through_the_same_path(arch, tmp_path, tokenizer
         dense = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", **{k: v for k, v in common.items()
                                                                                   if k != "num_experts_per_tok"}))
         load_model(save_model(dense, tokenizer, tmp_path / "dense"), require_moe=True)
+
+
+def test_allow_pickle_reaches_every_rl_worker(tiny_model_dir, tmp_path):
+    """`model.allow_pickle: true` must reach the RL stage's workers (they load `model.path` themselves when no sft
+    stage precedes them); without it each refuses the pickled checkpoint, naming the setting."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
+    from posttrain.workers.rollout import RolloutWorker
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "manifest.json").unlink(missing_ok=True)
+    assert (pickled / "pytorch_model.bin").is_file()
+    allow = {"allow_pickle": True}
+    for make in (lambda o: RolloutWorker(str(pickled), load_options=o), lambda o: LearnerWorker(str(pickled), load_options=o),
+                 lambda o: ReferenceWorker(str(pickled), load_options=o), lambda o: CriticWorker(str(pickled), load_options=o)):
+        with pytest.raises(CheckpointError, match="allow_pickle"):
+            make(None)
+        make(allow)

@@ -14,7 +14,8 @@ def run(ctx) -> dict:
     out = ctx.stage.path / ("merged" if cfg.merged else "adapter")
     report = export(ctx.model_path, out, merged=cfg.merged, rank=cfg.rank,
                     target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
-                    modules_to_save=tuple(cfg.modules_to_save))
+                    modules_to_save=tuple(cfg.modules_to_save), trust_remote_code=ctx.cfg.model.trust_remote_code,
+                    allow_pickle=ctx.cfg.model.allow_pickle)
     keys = ("kind", "source", "base", "rank", "max_relative_frobenius_error", "kl_tuned_vs_adapted",
             "kl_tuned_vs_base")
     info = {k: report[k] for k in keys if k in report}

@@ -158,7 +158,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
         log.info("%s: Ray %s with %g CPUs, %g GPUs", algo, res["address"], res["CPU"], res["GPU"])
     dev = "cuda" if device.type == "cuda" and backend == "ray" and ray_cfg.learner.gpus > 0 else str(device)
     dt = str(dtype).removeprefix("torch.")
-    common = {"device": dev, "dtype": dt, "experts_implementation": rc.model.experts_implementation}
+    load = {"trust_remote_code": rc.model.trust_remote_code, "allow_pickle": rc.model.allow_pickle}
+    common = {"device": dev, "dtype": dt, "experts_implementation": rc.model.experts_implementation, "load_options": load}
     path = str(model_path)
     learner_kwargs = dict(
         lr=cfg.learning_rate, weight_decay=cfg.weight_decay, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -169,7 +170,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
     rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
-                      experts_implementation=rc.model.experts_implementation, name=f"rollout{i}",
+                      experts_implementation=rc.model.experts_implementation, load_options=load, name=f"rollout{i}",
                       options=_options(ray_cfg.rollout), backend=backend) for i in range(ray_cfg.rollout.num)]
     learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, trainable=list(cfg.trainable) or None,
                       lora=cfg.lora.model_dump() if cfg.lora.enabled else None,

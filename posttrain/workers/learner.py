@@ -87,12 +87,12 @@ class LearnerWorker:
     """The trained policy and its optimizer. `learner_kwargs` go to `Learner` (lr, clip ranges, kl_coef, ...)."""
 
     def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32",
-                 experts_implementation: str = "grouped_mm", lora: dict | None = None,
+                 experts_implementation: str = "grouped_mm", lora: dict | None = None, load_options: dict | None = None,
                  trainable: list[str] | None = None, seed: int = 0, **learner_kwargs):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         model = load_model(model_path, device=self.device, dtype=getattr(torch, dtype),
-                           experts_implementation=experts_implementation)
+                           experts_implementation=experts_implementation, **(load_options or {}))
         if lora:
             model = apply_lora(model, lora)
         elif trainable:
@@ -171,10 +171,11 @@ class ReferenceWorker:
     """The frozen initial policy: log-probs of rollout tokens for the KL term."""
 
     def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32",
-                 experts_implementation: str = "grouped_mm"):
+                 experts_implementation: str = "grouped_mm", load_options: dict | None = None):
         self.device = torch.device(device)
         self.model = load_model(model_path, device=self.device, dtype=getattr(torch, dtype),
-                                experts_implementation=experts_implementation).eval().requires_grad_(False)
+                                experts_implementation=experts_implementation,
+                                **(load_options or {})).eval().requires_grad_(False)
 
     @torch.no_grad()
     def logp(self, batch, chunk: int = 32) -> torch.Tensor:
@@ -219,11 +220,11 @@ class CriticWorker:
 
     def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32",
                  experts_implementation: str = "grouped_mm", lr: float = 1e-4, value_clip: float | None = 0.2,
-                 max_grad_norm: float = 1.0, seed: int = 0):
+                 max_grad_norm: float = 1.0, seed: int = 0, load_options: dict | None = None):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         lm = load_model(model_path, device=self.device, dtype=getattr(torch, dtype),
-                        experts_implementation=experts_implementation)
+                        experts_implementation=experts_implementation, **(load_options or {}))
         self.model = ValueModel(lm).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)

@@ -70,10 +70,11 @@ class RolloutWorker:
     """Holds a copy of the policy, samples groups of responses, and takes new weights from the learner."""
 
     def __init__(self, model_path, device="cpu", dtype=torch.float32, threads: int = 1,
-                 experts_implementation: str = "grouped_mm"):
+                 experts_implementation: str = "grouped_mm", load_options: dict | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.dtype, self.experts_implementation = dtype, experts_implementation
+        self.load_options = load_options or {}  # model.trust_remote_code / model.allow_pickle of the recipe
         self.load(model_path)
 
     def load(self, checkpoint, adapter=None) -> None:
@@ -81,7 +82,7 @@ class RolloutWorker:
         it (`merge_and_unload`, so the decoding loop sees a plain model). The tokenizer comes from the adapter
         directory when it holds one. Lets one set of workers generate for every model of a sweep."""
         model = load_model(checkpoint, device=self.device, dtype=self.dtype,
-                           experts_implementation=self.experts_implementation)
+                           experts_implementation=self.experts_implementation, **self.load_options)
         tokenizer_dir = checkpoint
         if adapter is not None:
             from peft import PeftModel
