@@ -91,7 +91,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: Literal["arithmetic", "file", "hub"] = Field(
         "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
-        "`datasets` name (needs a reachable hub)."
+        "`datasets` name (needs a reachable hub). `file` and `hub` feed the sft stage only (rm, eval, grpo, ppo "
+        "and sweep use the embedded task, and refuse other data)."
     )
     path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
     split: str = Field("train", description="Split for source=hub.")
@@ -521,6 +522,10 @@ class ExportStageConfig(Section):
     )
 
 
+# Stages whose problems (prompts, answers, difficulties) come from the embedded task whatever `data` says.
+EMBEDDED_TASK_STAGES = ("rm", "eval", "grpo", "ppo", "sweep")
+
+
 class RecipeConfig(Section):
     run_dir: str = Field("runs/quickstart", description="Directory the run writes into (resumes if it exists).")
     seed: int = Field(0, description="Global seed.")
@@ -561,4 +566,10 @@ class RecipeConfig(Section):
             raise ValueError("set either model.path (an existing checkpoint) or the `base` stage, not both")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError("stages must not repeat")
+        embedded_only = [s for s in self.stages if s in EMBEDDED_TASK_STAGES]
+        if self.data.source != "arithmetic" and embedded_only:
+            raise ValueError(
+                f"data.source: {self.data.source} feeds the sft stage only; {', '.join(embedded_only)} draw their "
+                "problems from the embedded arithmetic task and would not see your data. Run your data through "
+                "[sft, export] (model.path: your checkpoint), or those stages with data.source: arithmetic")
         return self

@@ -69,3 +69,14 @@ def test_yaml_is_parsed_safely(tmp_path):
 def test_overrides_parse_yaml_values():
     cfg = load_recipe(None, ["sft.budgets=[4, 8]", "sft.lora.enabled=true", "seed=7"])
     assert cfg.sft.budgets == [4, 8] and cfg.sft.lora.enabled is True and cfg.seed == 7
+
+
+def test_file_data_is_refused_by_stages_that_use_the_embedded_task(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    msg = error_of(tmp_path, overrides=["stages=[sft,grpo,sweep]", f"model.path={tmp_path}", "data.source=file",
+                                        f"data.path={data}"])
+    assert "data.source: file feeds the sft stage only; grpo, sweep draw their problems from the embedded" in msg
+    ok = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,export]", f"model.path={tmp_path}",
+                            "data.source=file", f"data.path={data}"])
+    assert ok.data.source == "file"
