@@ -164,6 +164,38 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def check_chat_template(tokenizer, source) -> None:
+    """Stages that put a thinking budget in the prompt need a chat template that takes `thinking_budget` (writing
+    the number into the prompt) and ends the generation prompt with `<think>`, and a tokenizer with `<think>` and
+    `</think>` tokens, as `posttrain/chat_template.jinja` does. Most checkpoints' own templates do neither: SFT would
+    then train on prompts without their budget and on an unopened `</think>`. Raises CheckpointError naming `source`."""
+    from posttrain.tokenizer import think_token_ids
+
+    fix = ("give the checkpoint a template that does (posttrain's own is posttrain/chat_template.jinja: set "
+           f"`tokenizer.chat_template = open(...).read()` and save it into {source}), and `<think>`/`</think>` tokens")
+    if not getattr(tokenizer, "chat_template", None):
+        raise CheckpointError(f"{source}: the tokenizer has no chat template; posttrain's stages need one that takes "
+                              f"`thinking_budget` and opens `<think>`: {fix}")
+    msgs = [{"role": "user", "content": "1+1"}]
+    try:
+        auto = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        budgeted = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False,
+                                                 thinking_budget=4321)
+    except Exception as e:  # noqa: BLE001 - a template that fails to render is as unusable as none
+        raise CheckpointError(f"{source}: its chat template does not render a user turn ({e}); {fix}") from None
+    problems = []
+    if "4321" not in budgeted or "4321" in auto:
+        problems.append("does not write `thinking_budget` into the prompt")
+    if not auto.rstrip().endswith("<think>") or not budgeted.rstrip().endswith("<think>"):
+        problems.append("does not end the generation prompt with `<think>`")
+    try:
+        think_token_ids(tokenizer)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise CheckpointError(f"{source}: its chat template {' and '.join(problems)}; {fix}")
+
+
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """`save_pretrained` (safetensors) for model and tokenizer into `out_dir`, written atomically: everything
     goes to a temporary sibling directory (with a checksum manifest, every file fsynced), which is renamed into

@@ -77,3 +77,20 @@ def test_saved_tokenizer_loads_with_plain_transformers(tokenizer, tmp_path):
         assert render(again, **kw) == render(tokenizer, **kw)
     text = "<|im_start|>user\n1+2<|im_end|>"
     assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_chat_template_check_names_what_a_foreign_template_lacks(tokenizer):
+    import copy
+
+    from posttrain.model import CheckpointError, check_chat_template
+
+    check_chat_template(tokenizer, "embedded")  # posttrain's own template passes
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(CheckpointError, match="ckpt: its chat template does not write `thinking_budget` into the "
+                                              "prompt and does not end the generation prompt with `<think>`"):
+        check_chat_template(plain, "ckpt")
+    plain.chat_template = None
+    with pytest.raises(CheckpointError, match="ckpt: the tokenizer has no chat template"):
+        check_chat_template(plain, "ckpt")

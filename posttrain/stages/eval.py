@@ -11,10 +11,11 @@ from posttrain.runlog import log, write_json_atomic
 
 def run(ctx) -> dict:
     from posttrain.eval.quick import evaluate_budgets, format_table
-    from posttrain.model import load_model, load_tokenizer
+    from posttrain.model import check_chat_template, load_model, load_tokenizer
 
     cfg, rc = ctx.cfg.eval, ctx.cfg
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
+    check_chat_template(tok, ctx.model_path)
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     diffs = list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1))

@@ -426,10 +426,11 @@ class RLDriver:
     def start(self) -> Workers:
         """Spawn the workers (`start_workers`) and hook the rollout workers' restarts; `fit` calls it first, and
         `train_step` can be driven by hand after it (the benchmark does). The caller kills the workers."""
-        from posttrain.model import load_tokenizer
+        from posttrain.model import check_chat_template, load_tokenizer
 
         ctx = self.ctx
         self._tokenizer = load_tokenizer(ctx.model_path)
+        check_chat_template(self._tokenizer, ctx.model_path)
         self._pad_id = self._tokenizer.pad_token_id
         self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
         for r in self.w.rollouts:

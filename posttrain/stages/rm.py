@@ -227,11 +227,12 @@ def _rate(recs: list[dict]) -> float:
 
 
 def run(ctx) -> dict:
-    from posttrain.model import load_model, load_tokenizer
+    from posttrain.model import check_chat_template, load_model, load_tokenizer
 
     cfg, rc = ctx.cfg.rm, ctx.cfg
     seed = rc.seed + RM_SEED_OFFSET
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
+    check_chat_template(tok, ctx.model_path)
     policy = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                         rc.model.experts_implementation)
     recs = sample_responses(policy, tok, cfg, rc.task, seed)

@@ -43,11 +43,12 @@ def run(ctx) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.data import load_examples
-    from posttrain.model import load_model, load_tokenizer, save_model
+    from posttrain.model import check_chat_template, load_model, load_tokenizer, save_model
     from posttrain.sft_data import build_sft_examples
 
     cfg, rc = ctx.cfg.sft, ctx.cfg
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
+    check_chat_template(tok, ctx.model_path)
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     examples = load_examples(rc.data, rc.task, cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
