@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: locks released, finished stages kept
     try:
         return args.func(args)
-    except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError, ExportError) as e:
+    except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError, ExportError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -135,3 +135,24 @@ def test_init_ray_refuses_actors_that_cannot_fit(ray_session):
 
     with pytest.raises(ValueError, match="need 64 CPUs.*ray.num_cpus"):
         init_ray(required_cpus=64)
+
+
+def test_unreachable_ray_address_fails_at_once_naming_it():
+    """Ray retries an unreachable head for ~14 minutes; a host:port nobody listens on is refused in seconds."""
+    import socket
+
+    from posttrain.workers.actors import _check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConnectionError, match=f"ray.address: nothing answers at {address}"):
+            _check_reachable("ray.address", address, timeout_s=5)
+    assert time.monotonic() - t0 < 10
+    _check_reachable("ray.address", "auto")  # Ray's own lookup: nothing to check here
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _check_reachable("ray.address", f"127.0.0.1:{s.getsockname()[1]}")

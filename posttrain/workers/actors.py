@@ -273,6 +273,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
         source = "ray.address" if address else "RAY_ADDRESS"
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
+            _check_reachable(source, address)
             try:
                 ray.init(address=address, **kwargs)
             except ConnectionError as e:
@@ -291,6 +292,22 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
             f"CPUs and {have_gpu:g} GPUs; lower the `ray.*.cpus` / `ray.*.gpus` keys or raise `ray.num_cpus`"
         )
     return {"CPU": have_cpu, "GPU": have_gpu, "address": address or "local"}
+
+
+def _check_reachable(source: str, address: str, timeout_s: float = 10.0) -> None:
+    """For a `host:port` (or `ray://host:port`) address, fail at once when nothing accepts a connection there: Ray
+    itself retries an unreachable head for about 14 minutes before it gives up."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
+    if m is None:  # `auto`, `local`: Ray finds (or starts) the instance itself
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"{source}: nothing answers at {address} ({e.strerror or e}); is the Ray head running "
+                              "(`ray start --head` prints its address) and reachable from here?") from None
 
 
 def _join_failure(source: str, address: str, err: BaseException) -> str:
