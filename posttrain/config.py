@@ -102,7 +102,9 @@ class DataConfig(Section):
     answer_delimiter: str | None = Field(
         None, description="If set (GSM8K uses '####'), the answer column is 'reasoning DELIM final answer'."
     )
-    difficulty_column: str | None = Field(None, description="Optional integer column used to group metrics.")
+    difficulty_column: str | None = Field(None, description="Optional integer column: every row must carry it, "
+                                          "and it is kept with each example (`Example.difficulty`); no stage "
+                                          "groups file data by it yet.")
     max_prompt_chars: int = Field(2000, gt=0, description="Longer prompts are bad rows.")
     skip_bad_rows: bool = Field(
         False, description="Skip (and list in the run directory) rows with missing/wrong/empty fields instead of "

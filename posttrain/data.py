@@ -13,6 +13,7 @@ from pathlib import Path
 
 from posttrain.config import DataConfig, TaskConfig
 from posttrain.tasks.arithmetic import generate_problems
+from posttrain.runlog import log
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ def arithmetic_examples(n: int, seed: int, task: TaskConfig) -> list[Example]:
     return [Example(p.expression, str(p.answer), p.difficulty) for p in generate_problems(n, seed, diffs)]
 
 
-def _read_rows(cfg: DataConfig) -> tuple[list[dict], str]:
+def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
+    """([(where in the file, row)], source name): `line N` (JSONL, counting every line) or `row N`."""
     if cfg.source == "hub":
         import datasets
 
@@ -41,24 +43,28 @@ def _read_rows(cfg: DataConfig) -> tuple[list[dict], str]:
             ds = datasets.load_dataset(cfg.path, split=cfg.split)
         except Exception as e:  # no hub here; say so plainly
             raise DataError(f"data.path: could not load dataset {cfg.path!r} split {cfg.split!r}: {e}") from None
-        return [dict(r) for r in ds], f"{cfg.path}[{cfg.split}]"
+        return [(f"row {i}", dict(r)) for i, r in enumerate(ds, 1)], f"{cfg.path}[{cfg.split}]"
     path = Path(cfg.path).expanduser()
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist(), str(path)
+        return [(f"row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)], str(path)
     if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
         if path.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text), str(path)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+            return [(f"row {i}", r) for i, r in enumerate(rows, 1)], str(path)
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((f"line {i}", json.loads(line)))
             except json.JSONDecodeError as e:
-                rows.append({"__error__": f"line {i} is not valid JSON ({e.msg})"})
+                rows.append((f"line {i}", {"__error__": f"not valid JSON ({e.msg}, column {e.colno})"}))
         return rows, str(path)
     raise DataError(f"data.path: {path} has an unsupported extension (use .jsonl, .json or .parquet)")
 
@@ -80,14 +86,18 @@ def _convert(row: dict, cfg: DataConfig) -> Example:
                          f"{cfg.max_prompt_chars}")
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise ValueError(f"field {cfg.answer_column!r} must be a string or number, got {type(answer).__name__}")
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)  # a float column's 27.0 is the answer 27
     answer, reasoning = str(answer), None
     if cfg.answer_delimiter:
         if cfg.answer_delimiter not in answer:
             raise ValueError(f"field {cfg.answer_column!r} has no {cfg.answer_delimiter!r} delimiter")
         reasoning, answer = (s.strip() for s in answer.rsplit(cfg.answer_delimiter, 1))
-    if cfg.reasoning_column:
-        reasoning = row.get(cfg.reasoning_column)
-        if reasoning is not None and not isinstance(reasoning, str):
+    if not answer.strip():
+        raise ValueError(f"field {cfg.answer_column!r} has an empty answer")
+    if cfg.reasoning_column and row.get(cfg.reasoning_column) is not None:  # else the delimiter's, if any
+        reasoning = row[cfg.reasoning_column]
+        if not isinstance(reasoning, str):
             raise ValueError(f"field {cfg.reasoning_column!r} must be a string")
     difficulty = None
     if cfg.difficulty_column:
@@ -99,18 +109,26 @@ def _convert(row: dict, cfg: DataConfig) -> Example:
 
 def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Example]:
     rows, where = _read_rows(cfg)
+    if cfg.reasoning_column and rows and not any(isinstance(r, dict) and cfg.reasoning_column in r for _, r in rows):
+        fields = sorted({k for _, r in rows[:100] if isinstance(r, dict) for k in r if k != "__error__"})
+        raise DataError(f"{where}: data.reasoning_column {cfg.reasoning_column!r} is in no row (fields: "
+                        f"{', '.join(fields)})")
     examples, bad = [], []
-    for i, row in enumerate(rows, 1):
+    for at, row in rows:
         try:
             if not isinstance(row, dict):
                 raise ValueError(f"row is a {type(row).__name__}, not an object")
             examples.append(_convert(row, cfg))
         except ValueError as e:
             if not cfg.skip_bad_rows:
-                raise DataError(f"{where}, row {i}: {e} (set data.skip_bad_rows: true to skip such rows)") from None
-            bad.append({"row": i, "error": str(e)})
-    if bad and bad_rows_file is not None:
-        bad_rows_file.write_text("".join(json.dumps(b) + "\n" for b in bad))
+                raise DataError(f"{where}, {at}: {e} (set data.skip_bad_rows: true to skip such rows)") from None
+            bad.append({"at": at, "error": str(e)})
+    if bad:
+        listed = f", listed in {bad_rows_file}" if bad_rows_file is not None else ""
+        log.warning("data: skipped %d bad rows of %d in %s (first: %s: %s)%s", len(bad), len(rows), where,
+                    bad[0]["at"], bad[0]["error"], listed)
+        if bad_rows_file is not None:
+            bad_rows_file.write_text("".join(json.dumps(b) + "\n" for b in bad))
     if not examples:
         raise DataError(f"{where}: no usable rows ({len(bad)} bad)")
     return examples

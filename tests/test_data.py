@@ -57,7 +57,7 @@ def test_bad_row_stops_with_file_row_and_field(tmp_path, row, field, why):
     with pytest.raises(DataError) as ei:
         load_examples(gsm8k_cfg(path), TaskConfig(), 10, 0)
     msg = str(ei.value)
-    assert str(path) in msg and "row 3" in msg and f"'{field}'" in msg and why in msg
+    assert str(path) in msg and "line 3:" in msg and f"'{field}'" in msg and why in msg
 
 
 def test_bad_rows_skipped_counted_and_listed(tmp_path):
@@ -67,7 +67,7 @@ def test_bad_rows_skipped_counted_and_listed(tmp_path):
     ex = load_examples(gsm8k_cfg(path, skip_bad_rows=True), TaskConfig(), 10, 0, listed)
     assert [e.answer for e in ex] == ["72", "7"]
     bad = [json.loads(line) for line in listed.read_text().splitlines()]
-    assert [b["row"] for b in bad] == [2, 3] and "not valid JSON" in bad[0]["error"]
+    assert [b["at"] for b in bad] == ["line 2", "line 3"] and "not valid JSON" in bad[0]["error"]
 
 
 def test_arithmetic_source_respects_difficulty_range():
@@ -135,3 +135,27 @@ def test_budget_traces_config_rejects_unknown_and_empty():
     for bad in ("shortest", [], ["most_lines", "shortest"]):
         with pytest.raises(ValidationError, match="budget_traces"):
             SFTStageConfig(budget_traces=bad)
+
+
+def test_file_rows_are_named_by_their_line_and_edge_values_are_checked(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + json.dumps(GSM8K[0]) + "\n\n" + json.dumps({"question": "q?", "answer": "r #### "}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl, line 4: field 'answer' has an empty answer"):
+        load_examples(gsm8k_cfg(path), TaskConfig(), 10, 0)
+    floats = tmp_path / "f.jsonl"
+    floats.write_text(json.dumps({"prompt": "3*9?", "answer": 27.0}) + "\n" + json.dumps({"prompt": "x", "answer": 0.5}) + "\n")
+    ex = load_examples(DataConfig(source="file", path=str(floats)), TaskConfig(), 10, 0)
+    assert [e.answer for e in ex] == ["27", "0.5"]
+    broken = tmp_path / "a.json"
+    broken.write_text('[{"prompt": "a", "answer": "1"},\n {prompt: "b"}]')
+    with pytest.raises(DataError, match=r"a.json: not valid JSON at line 2, column 3"):
+        load_examples(DataConfig(source="file", path=str(broken)), TaskConfig(), 10, 0)
+
+
+def test_reasoning_column_named_nowhere_is_an_error_and_a_missing_one_keeps_the_delimiters(tmp_path):
+    path = write_jsonl(tmp_path / "g.jsonl", GSM8K[:2])
+    with pytest.raises(DataError, match=r"data.reasoning_column 'whyy' is in no row \(fields: answer, question\)"):
+        load_examples(gsm8k_cfg(path, reasoning_column="whyy"), TaskConfig(), 10, 0)
+    path = write_jsonl(tmp_path / "h.jsonl", [{**GSM8K[0], "why": "because"}, GSM8K[1]])
+    ex = load_examples(gsm8k_cfg(path, reasoning_column="why"), TaskConfig(), 10, 0)
+    assert ex[0].reasoning == "because" and ex[1].reasoning and "####" not in ex[1].reasoning
