@@ -309,6 +309,13 @@ class GRPORewardConfig(Section):
         get_reward_cls(v)  # raises naming the known rewards
         return v
 
+    @model_validator(mode="after")
+    def _params(self) -> "GRPORewardConfig":
+        from posttrain.rewards.registry import check_reward_params
+
+        check_reward_params(self.name, self.params)  # before any work, not when the reward actor starts
+        return self
+
 
 def _default_rl_rewards() -> list[GRPORewardConfig]:
     return [

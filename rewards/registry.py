@@ -127,14 +127,16 @@ def reward_params(cls: type) -> list[str]:
     return [p.name for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def build_reward(name: str, **params: Any):
-    """Instantiate the reward registered under `name` with `params`.
-
-    An unknown parameter is an error naming the reward, the parameter and its nearest valid spelling.
-    """
+def check_reward_params(name: str, params: dict) -> None:
+    """Raise naming the reward and the parameter when `params` would not construct reward `name`: an unknown
+    parameter (with its nearest valid spelling) or a required one missing. Builds nothing (no model is loaded), so
+    a recipe is checked before any work."""
     cls = get_reward_cls(name)
-    takes_var_kw = cls.__init__ is not object.__init__ and any(
-        p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    if cls.__init__ is object.__init__:
+        sig_params = []
+    else:
+        sig_params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    takes_var_kw = any(p.kind == p.VAR_KEYWORD for p in sig_params)
     valid = reward_params(cls)
     if not takes_var_kw:
         for key in params:
@@ -145,7 +147,18 @@ def build_reward(name: str, **params: Any):
                     f"reward {name!r} got an unknown parameter {key!r}.{hint} "
                     f"Valid parameters: {', '.join(valid) or '(none)'}"
                 )
-    return cls(**params)
+    missing = [p.name for p in sig_params if p.default is p.empty and p.name not in params
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:
+        raise UnknownParamError(f"reward {name!r} needs the parameter{'s' * (len(missing) > 1)} "
+                                f"{', '.join(missing)} (in its `params`)")
+
+
+def build_reward(name: str, **params: Any):
+    """Instantiate the reward registered under `name` with `params` (checked first: `check_reward_params`): an
+    unknown parameter is an error naming the reward, the parameter and its nearest valid spelling."""
+    check_reward_params(name, params)
+    return get_reward_cls(name)(**params)
 
 
 def merge_metrics(metrics: Sequence[dict[str, float]], sizes: Sequence[int]) -> dict[str, float]:

@@ -80,3 +80,10 @@ def test_file_data_is_refused_by_stages_that_use_the_embedded_task(tmp_path):
     ok = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,export]", f"model.path={tmp_path}",
                             "data.source=file", f"data.path={data}"])
     assert ok.data.source == "file"
+
+
+def test_reward_params_are_checked_when_the_recipe_loads(tmp_path):
+    msg = error_of(tmp_path, overrides=["grpo.rewards=[{name: genrm, on: all}]"])
+    assert "grpo.rewards.0: reward 'genrm' needs the parameter path" in msg
+    msg = error_of(tmp_path, overrides=["ppo.rewards=[{name: math, params: {tolerence: 1}}]"])
+    assert "ppo.rewards.0: reward 'math' got an unknown parameter 'tolerence'" in msg
