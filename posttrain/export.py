@@ -183,7 +183,8 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
             continue
         change = (tuned[n].detach().float() - p.float()).norm().item()
         if change > 0:
-            uncovered[n] = change / max(p.float().norm().item(), 1e-12)
+            # relative to the larger of the two norms: a zero-initialised bias gives 1.0, not change / 1e-12
+            uncovered[n] = change / max(p.float().norm().item(), tuned[n].detach().float().norm().item(), 1e-12)
     return peft_model, errors, uncovered
 
 

@@ -173,7 +173,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
                       experts_implementation=rc.model.experts_implementation, load_options=load, name=f"rollout{i}",
                       options=_options(ray_cfg.rollout), backend=backend) for i in range(ray_cfg.rollout.num)]
     learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, trainable=list(cfg.trainable) or None,
-                      lora=cfg.lora.model_dump() if cfg.lora.enabled else None,
+                      lora=cfg.lora.model_dump() if cfg.lora.enabled else None, lora_key=f"{algo}.lora",
                       **learner_kwargs, name=f"learner{i}",
                       options=_options(ray_cfg.learner), backend=backend) for i in range(ray_cfg.learner.num)]
     if cfg.lora.enabled:

@@ -26,13 +26,13 @@ def _metrics_callback(metrics):
     return JsonlMetrics()
 
 
-def peft_config(lora, model):
+def peft_config(lora, model, key: str = "sft.lora"):
     from peft import LoraConfig
 
     names = {n for n, _ in model.named_parameters()}
     targets = [t for t in lora.target_parameters if any(n.endswith(t) for n in names)]
     if lora.target_parameters and not targets:
-        raise ValueError(f"sft.lora.target_parameters: none of {lora.target_parameters} is a parameter of this "
+        raise ValueError(f"{key}.target_parameters: none of {lora.target_parameters} is a parameter of this "
                          "model (MoE experts are usually `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`)")
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                       target_modules=list(lora.target_modules) or None, target_parameters=targets or None)

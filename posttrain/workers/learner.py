@@ -54,7 +54,7 @@ def _load_weights(model, path: Path) -> None:
     load_st(model, str(path), strict=True)
 
 
-def apply_lora(model, lora: dict):
+def apply_lora(model, lora: dict, key: str = "lora"):
     """Wrap `model` in a PEFT LoRA model from a recipe `lora` section (as a dict); the rollout workers wrap their
     copy the same way, so the adapter tensors have the same names on both sides."""
     from peft import get_peft_model
@@ -63,7 +63,7 @@ def apply_lora(model, lora: dict):
     from posttrain.stages.sft import peft_config
 
     torch.manual_seed(0)  # the same initial adapter everywhere (B = 0, so the wrapped model is the input model)
-    return get_peft_model(model, peft_config(LoraConfig(**{**lora, "enabled": True}), model))
+    return get_peft_model(model, peft_config(LoraConfig(**{**lora, "enabled": True}), model, key))
 
 
 def freeze_except(model, patterns: list[str]) -> int:
@@ -88,13 +88,14 @@ class LearnerWorker:
 
     def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32",
                  experts_implementation: str = "grouped_mm", lora: dict | None = None, load_options: dict | None = None,
+                 lora_key: str = "lora",
                  trainable: list[str] | None = None, seed: int = 0, **learner_kwargs):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         model = load_model(model_path, device=self.device, dtype=getattr(torch, dtype),
                            experts_implementation=experts_implementation, **(load_options or {}))
         if lora:
-            model = apply_lora(model, lora)
+            model = apply_lora(model, lora, lora_key)
         elif trainable:
             freeze_except(model, trainable)
         self.learner = Learner(model, **learner_kwargs)
