@@ -91,8 +91,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: Literal["arithmetic", "file", "hub"] = Field(
         "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
-        "`datasets` name (needs a reachable hub). `file` and `hub` feed the sft stage only (rm, eval, grpo, ppo "
-        "and sweep use the embedded task, and refuse other data)."
+        "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, grpo and ppo (the RL stages hold the "
+        "file's last rows out for their evaluation); rm, eval and sweep use the embedded task and refuse other data."
     )
     path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
     split: str = Field("train", description="Split for source=hub.")
@@ -532,7 +532,7 @@ class ExportStageConfig(Section):
 
 
 # Stages whose problems (prompts, answers, difficulties) come from the embedded task whatever `data` says.
-EMBEDDED_TASK_STAGES = ("rm", "eval", "grpo", "ppo", "sweep")
+EMBEDDED_TASK_STAGES = ("rm", "eval", "sweep")
 
 
 class RecipeConfig(Section):
@@ -578,7 +578,14 @@ class RecipeConfig(Section):
         embedded_only = [s for s in self.stages if s in EMBEDDED_TASK_STAGES]
         if self.data.source != "arithmetic" and embedded_only:
             raise ValueError(
-                f"data.source: {self.data.source} feeds the sft stage only; {', '.join(embedded_only)} draw their "
-                "problems from the embedded arithmetic task and would not see your data. Run your data through "
-                "[sft, export] (model.path: your checkpoint), or those stages with data.source: arithmetic")
+                f"data.source: {self.data.source} feeds the sft, grpo and ppo stages; {', '.join(embedded_only)} "
+                "draw their problems from the embedded arithmetic task and would not see your data. Leave them out "
+                "of `stages` (grpo/ppo evaluate on the file's held-out rows), or run them with data.source: "
+                "arithmetic")
+        for algo in ("grpo", "ppo"):
+            section = getattr(self, algo)
+            if algo in self.stages and self.data.source != "arithmetic" and (
+                    section.process_penalty > 0 or section.ptx_coef > 0):
+                raise ValueError(f"{algo}.process_penalty and {algo}.ptx_coef read the embedded task's traces; set "
+                                 f"them to 0 with data.source: {self.data.source}")
         return self

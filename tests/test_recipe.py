@@ -76,8 +76,11 @@ def test_file_data_is_refused_by_stages_that_use_the_embedded_task(tmp_path):
     data.write_text('{"prompt": "2+2?", "answer": "4"}\n')
     msg = error_of(tmp_path, overrides=["stages=[sft,grpo,sweep]", f"model.path={tmp_path}", "data.source=file",
                                         f"data.path={data}"])
-    assert "data.source: file feeds the sft stage only; grpo, sweep draw their problems from the embedded" in msg
-    ok = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,export]", f"model.path={tmp_path}",
+    assert "data.source: file feeds the sft, grpo and ppo stages; sweep draw" in msg
+    msg = error_of(tmp_path, overrides=["stages=[grpo]", f"model.path={tmp_path}", "data.source=file",
+                                        f"data.path={data}", "grpo.ptx_coef=1"])
+    assert "grpo.process_penalty and grpo.ptx_coef read the embedded task's traces" in msg
+    ok = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,grpo,export]", f"model.path={tmp_path}",
                             "data.source=file", f"data.path={data}"])
     assert ok.data.source == "file"
 

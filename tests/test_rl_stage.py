@@ -293,3 +293,48 @@ def test_process_marks_join_the_token_rewards_before_gae():
     expected_returns = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(returns * mask, expected_returns)
     torch.testing.assert_close(adv, masked_whiten(expected_returns, mask.bool()) * mask)
+
+
+def _word_problems(path, n=40):
+    rows = [{"q": f"What is {i % 7} plus {i % 5}?", "a": (i % 7) + (i % 5), "lvl": 1 + i % 2} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_file_problems_split_held_out_rows_per_budget_and_sample_the_rest(tmp_path):
+    from posttrain.stages.rl_problems import ProblemSource
+
+    rows = _word_problems(tmp_path / "d.jsonl")
+    rc = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[grpo]",
+                            "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
+                            "data.answer_column=a", "data.difficulty_column=lvl", "task.max_difficulty=2",
+                            "grpo.eval_budgets=[4,auto]", "grpo.eval_n_per_difficulty=3", "grpo.prompts_per_step=5"])
+    src = ProblemSource(rc, rc.grpo)
+    held = {b: src.eval(b) for b in ("4", "auto")}
+    assert [len(v) for v in held.values()] == [6, 6]  # 3 per difficulty x 2 difficulties each, the last 12 rows
+    assert [p.expression for p in held["4"] + held["auto"]] == [r["q"] for r in rows[-12:]]
+    assert held["4"][0].answer == str(rows[-12]["a"]) and held["4"][0].difficulty == rows[-12]["lvl"]
+    seen = set()
+    for step in range(20):
+        problems, budgets = src.step(step)
+        assert len(problems) == len(budgets) == 5 and problems == src.step(step)[0]  # deterministic per step
+        seen |= {p.expression for p in problems}
+    assert seen <= {r["q"] for r in rows[:-12]} and len(seen) > 5  # never a held-out row
+    assert src.grade(held["4"][:2], [type("R", (), {"text": f"x</think>\n\n{held['4'][0].answer}", "n_think": 1,
+                                                    "closed": True, "forced": False})()] * 2)[0].correct
+
+
+def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monkeypatch):
+    _noisy_rewards(monkeypatch)
+    _word_problems(tmp_path / "d.jsonl")
+    info, lines = _run(tmp_path, tiny_model_dir, "grpo", [
+        "ray.backend=local", "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
+        "data.answer_column=a", "grpo.rewards=[{name: math, on: all}, {name: budget_forced, on: budgeted}]"])
+    assert [m["step"] for m in lines] == [0, 1] and all("reward/math/mean" in m or "reward/mean" in m for m in lines)
+    before = json.loads((tmp_path / "run" / "grpo" / "eval_before.json").read_text())
+    assert len(before["4"]["correct"]) == len(before["auto"]["correct"]) == 2  # 1 per difficulty x 2
+    from posttrain.stages.rl import problems_fingerprint
+
+    rows = (tmp_path / "d.jsonl").read_text().splitlines()
+    assert before["4"]["problems"] == problems_fingerprint([json.loads(r)["q"] for r in rows[-4:-2]])
+    assert set(info["summary"]["comparison"]) == {"4", "auto"}

@@ -269,7 +269,7 @@ class RLDriver:
     def train_step(self, step: int) -> dict[str, float]:
         cfg, rc = self.cfg, self.rc
         t = {"start": time.perf_counter()}
-        problems, budgets = sample_step_problems(cfg, rc.task, rc.seed, step)
+        problems, budgets = self.problems.step(step)
         batch = self.rollout([p.expression for p in problems], budgets, seed=rc.seed + step,
                              record_routing=cfg.routing_replay)
         t["rollout"] = time.perf_counter()
@@ -328,28 +328,30 @@ class RLDriver:
         - per problem, in problem order, for paired comparisons: `correct`, `correct_capped`, `adherent`, and
           `problems`, a fingerprint of the problem list (only evaluations of the same problems are paired).
 
-        Each budget has its own problems (`eval_problems`), the same for every model, so that budgets pooled in
-        the verdict count each problem once.
+        Each budget has its own problems (`rl_problems.ProblemSource.eval`: generated for the embedded task, a slice
+        of the data file's held-out rows otherwise), the same for every model, so that budgets pooled in the verdict
+        count each problem once.
         """
-        from posttrain.eval.sweep import capped_responses, generate_responses, grade_responses, summarize
+        from posttrain.eval.sweep import capped_responses, generate_responses, summarize
 
-        cfg, task = self.cfg, self.rc.task
+        cfg, grade = self.cfg, self.problems.grade
         if cfg.eval_n_per_difficulty == 0:
             return {}
-        diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
         out = {}
         for b in cfg.eval_budgets:
             budget = None if b == "auto" else int(b)
-            problems = eval_problems(cfg.eval_n_per_difficulty, self.rc.eval.seed, diffs, b)
+            problems = self.problems.eval(b)
+            if not problems:
+                continue
             prompts = [p.expression for p in problems]
             responses = generate_responses(self.w.rollouts, prompts, budget, False, cfg.eval_max_new_tokens,
                                            cfg.eval_batch_size)
-            natural = grade_responses(problems, responses)
+            natural = grade(problems, responses)
             s = summarize(natural, budget, "natural")
             row = {"accuracy": s["accuracy"], "think_tokens": s["think_tokens_mean"],
                    "correct": [int(r.correct) for r in natural], "problems": problems_fingerprint(prompts)}
             if budget is not None:
-                capped = grade_responses(problems, capped_responses(
+                capped = grade(problems, capped_responses(
                     self.w.rollouts, prompts, responses, budget, cfg.eval_max_new_tokens, cfg.eval_batch_size))
                 row |= {"adherence": s["adherence"], "accuracy_capped": sum(r.correct for r in capped) / len(capped),
                         "adherent": [int(r.closed and r.n_think <= budget) for r in natural],
@@ -428,7 +430,10 @@ class RLDriver:
         `train_step` can be driven by hand after it (the benchmark does). The caller kills the workers."""
         from posttrain.model import check_chat_template, load_tokenizer
 
+        from posttrain.stages.rl_problems import ProblemSource
+
         ctx = self.ctx
+        self.problems = ProblemSource(self.rc, self.cfg)  # a bad data file stops here, before any actor starts
         self._tokenizer = load_tokenizer(ctx.model_path)
         check_chat_template(self._tokenizer, ctx.model_path)
         self._pad_id = self._tokenizer.pad_token_id

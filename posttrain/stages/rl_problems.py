@@ -1,0 +1,92 @@
+"""Where the RL stages' problems come from (pure: no workers, no Ray).
+
+- `data.source: arithmetic` (the embedded task): each step's problems are generated from (seed, step), each eval
+  budget's from (eval.seed, budget) (`rl.sample_step_problems`, `rl.eval_problems`); graded by `exact_int`.
+- `data.source: file` / `hub` (the user's prompts and answers, `data.*` column mapping): the file's last rows are
+  held out for the stage's evaluation, a slice of their own for each eval budget (so the pooled verdict counts each
+  problem once), and every step samples `prompts_per_step` of the other rows from (seed, step); graded by
+  `math` equivalence (math-verify: integers, fractions, LaTeX), the grader of the `math` reward.
+
+A problem is anything with `expression` (the user prompt), `answer` and `difficulty`, as the embedded task's
+`Problem` has; file rows become `TextProblem`s (difficulty from `data.difficulty_column`, else 0).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from posttrain.budgets import draw_budget
+from posttrain.runlog import log
+
+
+@dataclass(frozen=True)
+class TextProblem:
+    expression: str  # the user prompt (named as the embedded task's Problem, which the driver reads)
+    answer: str
+    difficulty: int = 0
+
+
+class ProblemSource:
+    """Training and held-out problems of one RL stage (`cfg` its recipe section, `rc` the whole recipe)."""
+
+    def __init__(self, rc, cfg):
+        self.rc, self.cfg = rc, cfg
+        self.embedded = rc.data.source == "arithmetic"
+        self.train: list[TextProblem] = []
+        self.held_out: dict[str, list[TextProblem]] = {}
+        if not self.embedded:
+            self._split_file()
+
+    def _split_file(self) -> None:
+        from posttrain.data import file_examples
+
+        rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(self.rc.data)]
+        budgets = [str(b) for b in self.cfg.eval_budgets]
+        n_diff = self.rc.task.max_difficulty - self.rc.task.min_difficulty + 1
+        # as many held-out rows per budget as the embedded task would use, at most half of the file in all
+        per_budget = min(self.cfg.eval_n_per_difficulty * n_diff, len(rows) // (2 * max(1, len(budgets))))
+        if self.cfg.eval_n_per_difficulty > 0 and budgets and per_budget == 0:
+            log.warning("%s: %d rows are too few to hold any out for evaluation; the stage evaluates nothing",
+                        self.rc.data.path, len(rows))
+        cut = len(rows) - per_budget * len(budgets)
+        self.train = rows[:cut]
+        for i, b in enumerate(budgets):
+            self.held_out[b] = rows[cut + i * per_budget: cut + (i + 1) * per_budget]
+        if not self.train:
+            raise ValueError(f"{self.rc.data.path}: no rows left to train on after holding out evaluation rows")
+        log.info("%s: %d training rows, %d held out per eval budget (the file's last rows)", self.rc.data.path,
+                 len(self.train), per_budget)
+
+    def step(self, step: int) -> tuple[list, list]:
+        """(problems, budgets) of one step; budgets are int or None (auto). Deterministic in (seed, step)."""
+        if self.embedded:
+            from posttrain.stages.rl import sample_step_problems
+
+            return sample_step_problems(self.cfg, self.rc.task, self.rc.seed, step)
+        rng = random.Random(self.rc.seed + step)
+        k = self.cfg.prompts_per_step
+        problems = rng.sample(self.train, k) if k <= len(self.train) else rng.choices(self.train, k=k)
+        budget_rng = random.Random(self.rc.seed + step)
+        return problems, [draw_budget(budget_rng, self.cfg.budgets) for _ in problems]
+
+    def eval(self, budget) -> list:
+        """The held-out problems of one eval budget (an int or `auto`), the same for every model."""
+        if self.embedded:
+            from posttrain.stages.rl import eval_problems
+
+            task = self.rc.task
+            diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
+            return eval_problems(self.cfg.eval_n_per_difficulty, self.rc.eval.seed, diffs, budget)
+        return self.held_out.get(str(budget), [])
+
+    def grade(self, problems: list, responses: list) -> list:
+        """`eval.sweep.Record`s: the embedded task's integer grader, or math equivalence for file answers."""
+        from posttrain.eval.sweep import Record, grade_responses
+
+        if self.embedded:
+            return grade_responses(problems, responses)
+        from posttrain.rewards.math import math_equal_completion
+
+        return [Record(p.difficulty, math_equal_completion(r.text, p.answer), r.n_think, r.closed, r.forced)
+                for p, r in zip(problems, responses)]
