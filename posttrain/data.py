@@ -58,7 +58,7 @@ def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
                 raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
             return [(f"row {i}", r) for i, r in enumerate(rows, 1)], str(path)
         rows = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):  # (splitlines would also split at U+2028 inside strings)
             if not line.strip():
                 continue
             try:
@@ -134,8 +134,15 @@ def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Ex
     return examples
 
 
-def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_rows_file: Path | None = None) -> list[Example]:
-    """`n` training examples from the configured source (files: the first `n` rows, all if fewer)."""
+def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_rows_file: Path | None = None,
+                  held_out=None) -> list[Example]:
+    """`n` training examples from the configured source (files: the first `n` rows, all if fewer). `held_out(rows)`
+    gives how many of a file's last rows to leave out (those the RL stages evaluate on)."""
     if data.source == "arithmetic":
         return arithmetic_examples(n, seed, task)
-    return file_examples(data, bad_rows_file)[:n]
+    rows = file_examples(data, bad_rows_file)
+    k = held_out(len(rows)) if held_out is not None else 0
+    if k:
+        log.info("data: the file's last %d rows are held out for the RL stages' evaluation; %d remain", k,
+                 len(rows) - k)
+    return rows[:len(rows) - k][:n]

@@ -338,3 +338,26 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
     rows = (tmp_path / "d.jsonl").read_text().splitlines()
     assert before["4"]["problems"] == problems_fingerprint([json.loads(r)["q"] for r in rows[-4:-2]])
     assert set(info["summary"]["comparison"]) == {"4", "auto"}
+
+
+def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_graded_as_text(tmp_path):
+    from posttrain.data import load_examples
+    from posttrain.stages.rl_problems import ProblemSource, rl_held_out_rows
+    from posttrain.workers.reward import RLRewardWorker
+
+    rows = _word_problems(tmp_path / "d.jsonl")
+    rc = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[sft,grpo]",
+                            "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
+                            "data.answer_column=a", "task.max_difficulty=2", "grpo.eval_budgets=[4,4,auto]",
+                            "grpo.eval_n_per_difficulty=3"])
+    assert rl_held_out_rows(rc, len(rows)) == 12  # 6 rows for each of 2 distinct budgets
+    sft = load_examples(rc.data, rc.task, 1000, 0, held_out=lambda n: rl_held_out_rows(rc, n))
+    assert [e.prompt for e in sft] == [r["q"] for r in rows[:-12]]
+    src = ProblemSource(rc, rc.grpo)
+    assert {p.expression for b in ("4", "auto") for p in src.eval(b)} == {r["q"] for r in rows[-12:]}
+    # the training accuracy is judged as the evaluation judges it: math equivalence of text answers
+    spec = {"weight": 1.0, "params": {}, "key": None, "on": "all"}
+    worker = RLRewardWorker([{**spec, "name": "math"}, {**spec, "name": "exact_int"}], "math")
+    scores, correct, _ = worker.score(["q", "q"], ["x</think>\n\n\\boxed{1/2}", "x</think>\n\n3"], ["\\frac{1}{2}", "1/2"],
+                                      [None, None], [1, 1], [0, 0], [False, False])
+    assert correct == [True, False] and scores == [1.0, 0.0]  # exact_int scores no integer answer, never raises

@@ -178,7 +178,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
                       options=_options(ray_cfg.learner), backend=backend) for i in range(ray_cfg.learner.num)]
     if cfg.lora.enabled:
         [p.result() for p in [r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump()) for r in rollouts]]
-    reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards], name="reward",
+    reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards],
+                   "exact_int" if rc.data.source == "arithmetic" else "math", name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
     reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
                       backend=backend) if cfg.kl_coef > 0 else None

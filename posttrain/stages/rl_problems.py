@@ -27,6 +27,24 @@ class TextProblem:
     difficulty: int = 0
 
 
+def held_out_per_budget(cfg, task, n_rows: int) -> int:
+    """Rows of a data file held out per eval budget of one RL stage: as many as the embedded task would evaluate
+    (`eval_n_per_difficulty` x the task's difficulties), at most half of the file in all."""
+    n_budgets = max(1, len(dict.fromkeys(str(b) for b in cfg.eval_budgets)))
+    n_diff = task.max_difficulty - task.min_difficulty + 1
+    return min(cfg.eval_n_per_difficulty * n_diff, n_rows // (2 * n_budgets)) if cfg.eval_budgets else 0
+
+
+def rl_held_out_rows(rc, n_rows: int) -> int:
+    """How many of a data file's last rows the recipe's RL stages hold out for evaluation: SFT leaves them out too,
+    so the before/after verdict is on rows no stage trained on."""
+    if rc.data.source == "arithmetic":
+        return 0
+    held = [held_out_per_budget(getattr(rc, a), rc.task, n_rows) * len(dict.fromkeys(map(str, getattr(rc, a).eval_budgets)))
+            for a in ("grpo", "ppo") if a in rc.stages and getattr(rc, a).eval_n_per_difficulty > 0]
+    return max(held, default=0)
+
+
 class ProblemSource:
     """Training and held-out problems of one RL stage (`cfg` its recipe section, `rc` the whole recipe)."""
 
@@ -42,10 +60,8 @@ class ProblemSource:
         from posttrain.data import file_examples
 
         rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(self.rc.data)]
-        budgets = [str(b) for b in self.cfg.eval_budgets]
-        n_diff = self.rc.task.max_difficulty - self.rc.task.min_difficulty + 1
-        # as many held-out rows per budget as the embedded task would use, at most half of the file in all
-        per_budget = min(self.cfg.eval_n_per_difficulty * n_diff, len(rows) // (2 * max(1, len(budgets))))
+        budgets = list(dict.fromkeys(str(b) for b in self.cfg.eval_budgets))
+        per_budget = held_out_per_budget(self.cfg, self.rc.task, len(rows))
         if self.cfg.eval_n_per_difficulty > 0 and budgets and per_budget == 0:
             log.warning("%s: %d rows are too few to hold any out for evaluation; the stage evaluates nothing",
                         self.rc.data.path, len(rows))
@@ -67,7 +83,7 @@ class ProblemSource:
         rng = random.Random(self.rc.seed + step)
         k = self.cfg.prompts_per_step
         problems = rng.sample(self.train, k) if k <= len(self.train) else rng.choices(self.train, k=k)
-        budget_rng = random.Random(self.rc.seed + step)
+        budget_rng = random.Random(f"budgets/{self.rc.seed}/{step}")  # independent of which rows were drawn
         return problems, [draw_budget(budget_rng, self.cfg.budgets) for _ in problems]
 
     def eval(self, budget) -> list:

@@ -51,7 +51,10 @@ def run(ctx) -> dict:
     check_chat_template(tok, ctx.model_path)
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
-    examples = load_examples(rc.data, rc.task, cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
+    from posttrain.stages.rl_problems import rl_held_out_rows
+
+    examples = load_examples(rc.data, rc.task, cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl",
+                             held_out=lambda n_rows: rl_held_out_rows(rc, n_rows))
     rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, cfg.autonomous_style, rc.seed + 2, cfg.max_length,
                               cfg.budget_traces, cfg.full_trace_share, cfg.truncate_share)
     if not rows:

@@ -11,9 +11,14 @@ from posttrain.rewards.parse import grade_integer
 
 
 class RLRewardWorker:
-    """specs: dicts with name, weight, params, key, on (`all` | `budgeted` | `auto`), as in the recipe."""
+    """specs: dicts with name, weight, params, key, on (`all` | `budgeted` | `auto`), as in the recipe. grader:
+    what `correct` (the accuracy metrics) is judged by: `exact_int` (the embedded task's integer grader) or `math`
+    (math-verify equivalence, for a data file's answers, as the stage's evaluation grades them)."""
 
-    def __init__(self, specs: list[dict]):
+    def __init__(self, specs: list[dict], grader: str = "exact_int"):
+        if grader not in ("exact_int", "math"):
+            raise ValueError(f"grader must be 'exact_int' or 'math', got {grader!r}")
+        self.grader = grader
         self.rewards: dict[str, CombinedReward] = {}
         for kind in ("budgeted", "auto"):
             chosen = [{k: s[k] for k in ("name", "weight", "params", "key")} for s in specs
@@ -43,5 +48,10 @@ class RLRewardWorker:
                 total[i] = float(s)
             metrics |= {k.replace("reward/", f"reward/{kind}/", 1): v for k, v in out.metrics.items()}
         metrics["reward/mean"] = sum(total) / n if n else 0.0
-        correct = [grade_integer(t, a) for t, a in zip(texts, answers)]
+        if self.grader == "math":
+            from posttrain.rewards.math import math_equal_completion
+
+            correct = [math_equal_completion(t, a) for t, a in zip(texts, answers)]
+        else:
+            correct = [grade_integer(t, a) for t, a in zip(texts, answers)]
         return total, correct, metrics
