@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -59,58 +60,79 @@ def _ray_running() -> bool:
 # What a stage's result depends on besides its own recipe section: these sections are shared by every stage.
 # How a stage runs (device, dtype, threads, ray) and which stages run are not compared.
 SHARED_SECTIONS = ("seed", "model", "data", "task")
-HOW_NOT_WHAT = ("base.cache_dir", "sweep.workers", "sweep.backend")  # change where or how fast, not the result
+HOW_NOT_WHAT = ("base.cache_dir", "sweep.workers", "sweep.backend",  # where or how fast, not the result
+                "model.experts_implementation", "model.trust_remote_code", "model.allow_pickle")
 
 
 def _flatten(d, prefix: str = "") -> dict:
     if not isinstance(d, dict):
-        return {prefix: d}
+        return {prefix.rstrip("."): d}
     out = {}
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
-def recipe_changes(old: dict, new: dict, sections: tuple[str, ...]) -> list[str]:
-    """`key.path: old -> new` for every key under `sections` whose value differs between two recipe dicts."""
-    a = {k: v for s in sections for k, v in _flatten({s: old.get(s)}).items()}
-    b = {k: v for s in sections for k, v in _flatten({s: new.get(s)}).items()}
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in HOW_NOT_WHAT]
+def stage_settings(recipe: dict, stage: str) -> dict:
+    """The recipe keys a stage's result depends on (flattened `key.path: value`): its own section and the shared
+    ones, without what only changes how it runs; `data.*` besides `data.source` only when a data file is read."""
+    flat = {}
+    for section in SHARED_SECTIONS + (stage,):
+        flat.update(_flatten(recipe.get(section), f"{section}."))
+    embedded = flat.get("data.source") == "arithmetic"
+    return {k: v for k, v in flat.items()
+            if k not in HOW_NOT_WHAT and not (embedded and k.startswith("data.") and k != "data.source")}
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _previous_recipe(path: Path) -> dict | None:
+    """The recipe the run directory recorded last, defaults filled in (not validated: its paths may be gone)."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+
+    def merge(base, over):
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {k: merge(base.get(k), over[k]) if k in over else base[k] for k in {**base, **over}}
+        return over
+
+    return merge(RecipeConfig().model_dump(mode="json"), raw) if isinstance(raw, dict) else None
 
 
 def check_unchanged(cfg: RecipeConfig, run_dir: Path) -> None:
-    """A run directory records the recipe it ran (`recipe.yaml`). Running it again with settings that a finished
-    stage depends on (its own section, or seed/model/data/task) would skip that stage and leave results that no
-    longer match the recipe, so it stops, naming the keys; a stage that is part way through resumes with the new
-    settings and says which changed."""
-    import yaml
-
+    """Running a run directory again with settings that a finished stage depends on (`stage_settings`, recorded in
+    its done.json when it finished) would skip that stage and leave results that no longer match the recipe, so it
+    stops, naming the keys; a stage that is part way through resumes with the new settings and says which changed
+    (against the recipe.yaml the run directory recorded last)."""
     from posttrain.recipe import RecipeError
 
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        return
-    try:
-        old = RecipeConfig.model_validate(yaml.safe_load(path.read_text())).model_dump(mode="json")
-    except Exception as e:  # noqa: BLE001 - written by another version: nothing to compare against
-        log.warning("%s was written by another version of posttrain (%s); not comparing settings",
-                    path, str(e).splitlines()[0])
-        return
     new = cfg.model_dump(mode="json")
+    old = _previous_recipe(run_dir / "recipe.yaml")
     for name in cfg.stages:
-        stage_dir = run_dir / name
-        changes = recipe_changes(old, new, SHARED_SECTIONS + (name,))
-        if not changes:
-            continue
+        stage_dir, now = run_dir / name, stage_settings(new, name)
         if (stage_dir / "done.json").is_file():
-            raise RecipeError(
-                f"{run_dir}: stage {name} finished with other settings than this recipe's:\n  "
-                + "\n  ".join(changes)
-                + f"\nits results would not match the recipe. Run into a new directory (--run-dir), put those "
-                  f"values back, or delete {stage_dir} (and the stages after it) to run it again")
-        if stage_dir.is_dir() and any(stage_dir.iterdir()):
-            log.warning("stage %s resumes with changed settings: %s", name, "; ".join(changes))
+            recorded = json.loads((stage_dir / "done.json").read_text()).get("settings")
+            if recorded is None and old is not None:  # finished before settings were recorded
+                recorded = stage_settings(old, name)
+            changes = _changes(recorded, now) if recorded is not None else []
+            if changes:
+                raise RecipeError(
+                    f"{run_dir}: stage {name} finished with other settings than this recipe's:\n  "
+                    + "\n  ".join(changes)
+                    + f"\nits results would not match the recipe. Run into a new directory (--run-dir), put those "
+                      f"values back, or delete {stage_dir} (and the stages after it) to run it again")
+        elif old is not None and stage_dir.is_dir() and any(stage_dir.iterdir()):
+            changes = _changes(stage_settings(old, name), now)
+            if changes:
+                log.warning("stage %s resumes with changed settings: %s", name, "; ".join(changes))
 
 
 def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
@@ -143,6 +165,7 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
             finally:
                 metrics.close()
             info["seconds"] = round(time.time() - t0, 1)
+            info["settings"] = stage_settings(cfg.model_dump(mode="json"), name)  # what `check_unchanged` compares
             stage.mark_done(info)
             log.info("stage %s finished in %.0fs", name, info["seconds"])
         if "checkpoint" in info:  # the stage's own folder: done.json's path is relative to where the run began

@@ -104,23 +104,32 @@ class MetricsWriter:
 
 
 def latest_checkpoint(run_dir: Path, skip: tuple[str, ...] = ()) -> tuple[str, Path] | None:
-    """(stage, checkpoint) of the last stage in the run's `recipe.yaml` order that finished with a model (its
-    done.json has a `checkpoint`), the checkpoint taken from this run directory: done.json's own path is relative to
-    where the run began, so a run resumed, copied or read from elsewhere would point at another run's files. Stages
-    in `skip` are passed over; None when no stage qualifies. A finished stage whose checkpoint is gone raises
-    FileNotFoundError rather than answer with an earlier stage's model. Reads only: creates nothing in `run_dir`."""
+    """(stage, checkpoint) of the stage that finished last with a model (its done.json has a `checkpoint`; by the
+    `finished` time, then by the order of the run's `recipe.yaml`), the checkpoint taken from this run directory:
+    done.json's own path is relative to where the run began, so a run resumed, copied or read from elsewhere would
+    point at another run's files. Every stage folder counts, not only those of the last recipe (a rerun of some
+    stages rewrites it). Stages in `skip` are passed over; None when no stage qualifies. A finished stage whose
+    checkpoint is gone raises FileNotFoundError rather than answer with an earlier stage's model. Reads only."""
     import yaml
 
-    stages = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("stages") or []
-    for stage in reversed(stages):
-        done, ckpt = run_dir / stage / "done.json", run_dir / stage / "checkpoint"
-        if stage in skip or not done.is_file() or "checkpoint" not in json.loads(done.read_text()):
+    recipe = run_dir / "recipe.yaml"
+    order = ((yaml.safe_load(recipe.read_text()) or {}).get("stages") or []) if recipe.is_file() else []
+    found = []
+    for done in run_dir.glob("*/done.json"):
+        stage = done.parent.name
+        info = json.loads(done.read_text())
+        if stage in skip or "checkpoint" not in info:
             continue
-        if not (ckpt / "config.json").is_file():
-            raise FileNotFoundError(f"run directory {run_dir}: stage {stage!r} finished with a model ({done}) but "
-                                    f"its checkpoint {ckpt} has no config.json")
-        return stage, ckpt
-    return None
+        rank = order.index(stage) if stage in order else len(order)
+        found.append((float(info.get("finished") or 0.0), rank, stage))
+    if not found:
+        return None
+    stage = max(found)[2]
+    ckpt = run_dir / stage / "checkpoint"
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"run directory {run_dir}: stage {stage!r} finished with a model "
+                                f"({run_dir / stage / 'done.json'}) but its checkpoint {ckpt} has no config.json")
+    return stage, ckpt
 
 
 class StageDir:

@@ -104,6 +104,12 @@ def test_rerun_with_changed_settings_of_a_finished_stage_stops_and_names_them(ti
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the closing summary names this run directory's folders, not the paths the copied run recorded
     assert f"sft    {copy / 'sft' / 'checkpoint'}" in proc.stdout and str(root / "run") not in proc.stdout
+    # a run of other stages records the new value in recipe.yaml; the finished stage still knows its own settings
+    proc = posttrain("run", str(recipe), "--run-dir", str(copy), "stages=[base]", "sft.steps=50",
+                     "model.experts_implementation=eager", cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = posttrain("run", str(recipe), "--run-dir", str(copy), "sft.steps=50", cache=root / "cache")
+    assert proc.returncode == 2 and "sft.steps: 2 -> 50" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bad_override_values_are_one_line_errors(tmp_path):

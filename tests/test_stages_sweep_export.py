@@ -130,11 +130,14 @@ def test_export_of_a_run_takes_its_latest_model(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     shutil.copytree(copy / "sft" / "checkpoint", copy / "grpo" / "checkpoint")
-    (copy / "grpo" / "done.json").write_text(json.dumps({"stage": "grpo", "checkpoint": "elsewhere/grpo/checkpoint"}))
-    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
-    recipe["stages"] = ["base", "sft", "grpo", "sweep", "export"]
-    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (copy / "grpo" / "done.json").write_text(json.dumps({"stage": "grpo", "checkpoint": "elsewhere/grpo/checkpoint",
+                                                         "finished": 2e9}))
     assert resolve_run(copy) == (copy / "grpo" / "checkpoint", copy / "base" / "checkpoint", None)
+    # whatever the recipe.yaml of the latest invocation lists (a rerun of `stages=[base, sft]` rewrites it)
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["stages"] = ["base", "sft"]
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert resolve_run(copy)[0] == copy / "grpo" / "checkpoint"
     sft = copy / "sft" / "checkpoint"  # a LoRA stage: its trained adapter
     assert resolve_run(sft) == (sft, copy / "base" / "checkpoint", copy / "sft" / "adapter")
     adapter = copy / "export" / "adapter"
