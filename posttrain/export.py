@@ -218,7 +218,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
            modules_to_save: tuple[str, ...] = (), trust_remote_code: bool = False, allow_pickle: bool = False,
            ) -> dict:
     """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json)."""
-    from posttrain.model import load_model, load_tokenizer, save_model
+    from posttrain.model import load_model, save_model
 
     load = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}  # the recipe's model.* flags
     if rank < 1:
@@ -235,24 +235,34 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
     if merged:
         if ckpt == adapter:
             raise ExportError(f"--model {model}: an adapter; --merged needs a checkpoint")
-        save_model(load_model(ckpt, **load), load_tokenizer(ckpt), out)
         report = {"kind": "merged", "source": str(ckpt)}
+        tuned, tok = load_model(ckpt, **load), _tokenizer(ckpt)
+
+        def fill(tmp: Path) -> None:
+            save_model(tuned, tok, tmp / "model")  # (checksum manifest, fsync), then moved up into `tmp`
+            for f in (tmp / "model").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "model").rmdir()
+            write_json_atomic(tmp / "export.json", report)
+
+        _write_dir(out, fill)
     elif adapter is not None:
-        tok = load_tokenizer(ckpt)
+        tok = _tokenizer(ckpt)
+        report = {"kind": "lora (trained)", "source": str(adapter)}
 
         def fill(tmp: Path) -> None:
             shutil.copytree(adapter, tmp, dirs_exist_ok=True)
-            (tmp / "export.json").unlink(missing_ok=True)
             tok.save_pretrained(tmp)
             _absolute_base(tmp, base)
+            report["base"] = _adapter_base(tmp)
+            write_json_atomic(tmp / "export.json", report)
 
         _write_dir(out, fill)
-        report = {"kind": "lora (trained)", "source": str(adapter), "base": _adapter_base(out)}
     else:
         if base is None or not (base / "config.json").is_file():
             raise ExportError(f"--model {model}: no base checkpoint to extract an adapter against "
                               f"(looked for {run_base or 'a run directory around the checkpoint'}); pass --base")
-        tok = load_tokenizer(ckpt)
+        tok = _tokenizer(ckpt)
         tuned, base_model = load_model(ckpt, **load), load_model(base, **load)
         mods = [m for m in target_modules if any(n.endswith(m) for n, _ in base_model.named_modules())]
         params = [p for p in target_parameters if any(n.endswith(p) for n, _ in base_model.named_parameters())]
@@ -275,11 +285,6 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         with peft_model.disable_adapter():  # the same KL without the adapter: what the adapter has to recover
             kl_base = mean_token_kl(tuned, peft_model, ids, mask)
 
-        def fill(tmp: Path) -> None:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-
-        _write_dir(out, fill)
         worst = max(errors.values()) if errors else 0.0
         report = {"kind": "lora (extracted by SVD)", "source": str(ckpt), "base": str(base.resolve()), "rank": rank,
                   "relative_frobenius_error": errors, "max_relative_frobenius_error": worst,
@@ -287,18 +292,36 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
                   "uncovered_changed_params": uncovered}
         if requested != rank:
             report["rank_requested"] = requested
-    write_json_atomic(out / "export.json", report)
+
+        def fill(tmp: Path) -> None:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            write_json_atomic(tmp / "export.json", report)  # inside: an interrupted export leaves no stray dir
+
+        _write_dir(out, fill)
     log.info("export: %s -> %s", report["kind"], out)
     return report
 
 
+def _tokenizer(path: Path):
+    from posttrain.model import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"--model {path}: no tokenizer there to ship beside the adapter ({e})") from None
+
+
 def _absolute_base(adapter_dir: Path, base: Path | None) -> None:
-    """Point the adapter at its base by absolute path, so it loads from any working directory."""
+    """Point the adapter at its base by absolute path, so it loads from any working directory; a recorded base
+    that is no local directory (a hub id) is left as it is."""
     cfg_file = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
-    recorded = Path(cfg.get("base_model_name_or_path") or "")
-    target = base if base is not None and (base / "config.json").is_file() else recorded
-    cfg["base_model_name_or_path"] = str(Path(target).resolve())
+    recorded = cfg.get("base_model_name_or_path") or ""
+    if base is not None and (base / "config.json").is_file():
+        cfg["base_model_name_or_path"] = str(base.resolve())
+    elif recorded and Path(recorded).expanduser().is_dir():
+        cfg["base_model_name_or_path"] = str(Path(recorded).expanduser().resolve())
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
 

@@ -153,3 +153,23 @@ def test_export_rejects_bad_options_by_name(runs):
     report = json.loads((root / "x4" / "export.json").read_text())
     assert report["rank"] == 32 and report["rank_requested"] == 300 and report["modules_to_save"] == ["norm",
                                                                                                         "embed_tokens"]
+
+
+def test_reshipping_an_adapter_keeps_a_hub_base_and_needs_its_tokenizer(runs):
+    import shutil
+
+    root, env, run = runs
+    first = root / "first"
+    cli("export", "--model", str(run["lora"]), "--out", str(first), env=env)
+    hub = root / "hub_adapter"
+    shutil.copytree(first, hub)
+    cfg = json.loads((hub / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "Org/Some-MoE"}))
+    cli("export", "--model", str(hub), "--out", str(root / "again_hub"), env=env)
+    assert json.loads((root / "again_hub" / "adapter_config.json").read_text())["base_model_name_or_path"] == "Org/Some-MoE"
+    bare = root / "bare_adapter"
+    bare.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(first / f, bare / f)
+    err = cli_error("export", "--model", str(bare), "--out", str(root / "again_bare"), env=env)
+    assert "no tokenizer there to ship beside the adapter" in err and not (root / "again_bare").exists()
