@@ -143,7 +143,9 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
 
     setup_logging(run_dir / "run.log")
     check_unchanged(cfg, run_dir)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(cfg))
+    tmp = run_dir / "recipe.yaml.tmp"  # written whole or not at all: the next run compares against it
+    tmp.write_text(dump_recipe(cfg))
+    tmp.replace(run_dir / "recipe.yaml")
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
