@@ -75,12 +75,7 @@ def grade_integer(completion: str, target: int | str) -> bool:
     if not parsed.closed:
         return False
     value = parse_int_answer(parsed.answer)
-    if value is None:
-        return False
-    try:
-        return value == int(target)
-    except (TypeError, ValueError):  # a target that is no integer (a data file's "1/2") is never stated exactly
-        return False
+    return value is not None and value == int(target)
 
 
 def count_think_tokens_ids(ids: Sequence[int], think_start_id: int, think_end_id: int) -> tuple[int, bool]:

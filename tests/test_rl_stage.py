@@ -360,4 +360,4 @@ def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_grade
     worker = RLRewardWorker([{**spec, "name": "math"}, {**spec, "name": "exact_int"}], "math")
     scores, correct, _ = worker.score(["q", "q"], ["x</think>\n\n\\boxed{1/2}", "x</think>\n\n3"], ["\\frac{1}{2}", "1/2"],
                                       [None, None], [1, 1], [0, 0], [False, False])
-    assert correct == [True, False] and scores == [1.0, 0.0]  # exact_int scores no integer answer, never raises
+    assert correct == [True, False] and scores == [1.0, 0.0]  # exact_int raising on "1/2" is caught, counted, 0
