@@ -85,21 +85,6 @@ def check_out_dir(out: Path, *keep: Path | None) -> None:
                           "choose a new directory or empty it (nothing was written)")
 
 
-def _write_dir(out: Path, fill) -> None:
-    """Write a directory atomically: `fill(tmp)` fills a temporary sibling, which then replaces `out`."""
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """B (o, r), A (r, i) with B @ A the best rank-`rank` approximation of `delta` (o, i)."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
@@ -218,7 +203,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
            modules_to_save: tuple[str, ...] = (), trust_remote_code: bool = False, allow_pickle: bool = False,
            ) -> dict:
     """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json)."""
-    from posttrain.model import load_model, save_model
+    from posttrain.model import load_model, save_model_files, write_dir_atomically
 
     load = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}  # the recipe's model.* flags
     if rank < 1:
@@ -239,13 +224,10 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         tuned, tok = load_model(ckpt, **load), _tokenizer(ckpt)
 
         def fill(tmp: Path) -> None:
-            save_model(tuned, tok, tmp / "model")  # (checksum manifest, fsync), then moved up into `tmp`
-            for f in (tmp / "model").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "model").rmdir()
+            save_model_files(tuned, tok, tmp)
             write_json_atomic(tmp / "export.json", report)
 
-        _write_dir(out, fill)
+        write_dir_atomically(out, fill)
     elif adapter is not None:
         tok = _tokenizer(ckpt)
         report = {"kind": "lora (trained)", "source": str(adapter)}
@@ -257,7 +239,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
             report["base"] = _adapter_base(tmp)
             write_json_atomic(tmp / "export.json", report)
 
-        _write_dir(out, fill)
+        write_dir_atomically(out, fill)
     else:
         if base is None or not (base / "config.json").is_file():
             raise ExportError(f"--model {model}: no base checkpoint to extract an adapter against "
@@ -298,7 +280,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
             tok.save_pretrained(tmp)
             write_json_atomic(tmp / "export.json", report)  # inside: an interrupted export leaves no stray dir
 
-        _write_dir(out, fill)
+        write_dir_atomically(out, fill)
     log.info("export: %s -> %s", report["kind"], out)
     return report
 

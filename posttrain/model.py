@@ -196,33 +196,45 @@ def check_chat_template(tokenizer, source) -> None:
         raise CheckpointError(f"{source}: its chat template {' and '.join(problems)}; {fix}")
 
 
+def write_dir_atomically(out: str | Path, fill) -> Path:
+    """Write a directory all or nothing: `fill(tmp)` fills a temporary sibling (`out.tmp`), which then replaces
+    `out` by rename; a fill that fails part-way leaves the previous `out` as it was."""
+    import shutil
+
+    out = Path(out)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def save_model_files(model, tokenizer, directory: Path) -> None:
+    """`save_pretrained` (safetensors) of model and tokenizer into `directory`, a checksum manifest, every file
+    fsynced; `save_model` does it in a temporary directory, `write_dir_atomically`'s fill."""
+    import os
+
+    _router_logits_off(model)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    write_manifest(directory)
+    for f in directory.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """`save_pretrained` (safetensors) for model and tokenizer into `out_dir`, written atomically: everything
     goes to a temporary sibling directory (with a checksum manifest, every file fsynced), which is renamed into
     place at the end; a save that fails part-way leaves the previous checkpoint as it was."""
-    import os
-    import shutil
-
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    _router_logits_off(model)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_manifest(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-    return out_dir
+    return write_dir_atomically(out_dir, lambda tmp: save_model_files(model, tokenizer, tmp))
 
 
 def tiny_moe_config(vocab_size: int, pad_id: int, eos_id: int, **overrides):

@@ -165,7 +165,7 @@ def test_grpo_with_routing_replay(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_verdict_pools_adherence_over_budgets_and_accuracy_over_the_middle_ones():
     from posttrain.eval.sweep import paired_difference
-    from posttrain.stages.rl import _verdict
+    from posttrain.stages.rl_eval import _verdict
 
     def ev(adh, cor, cap):
         return {"adherent": adh, "correct": cor, "correct_capped": cap}
@@ -186,7 +186,7 @@ def test_verdict_pools_adherence_over_budgets_and_accuracy_over_the_middle_ones(
 def test_evaluations_of_other_problems_are_not_paired():
     """A before-evaluation of other problems at a budget (a run resumed by another version) is not compared there:
     no paired difference, and the verdict pools only the budgets whose problems match."""
-    from posttrain.stages.rl import _compare, _verdict, problems_fingerprint
+    from posttrain.stages.rl_eval import _compare, _verdict, problems_fingerprint
 
     def ev(vec, problems):
         return {"adherence": sum(vec) / 3, "adherent": vec, "accuracy": 0.5, "correct": vec,
@@ -207,7 +207,7 @@ def test_each_eval_budget_has_problems_of_its_own():
     """The before/after evaluation draws each budget's problems from the eval seed and the budget: reproducible,
     different between budgets (so the verdict's pooled budgets are independent problems), cycling the difficulties,
     and a budget's problems do not depend on which other budgets are evaluated."""
-    from posttrain.stages.rl import eval_problems
+    from posttrain.stages.rl_eval import eval_problems
 
     diffs = [1, 2, 3, 4, 5, 6, 7, 8]
     sets = {b: [p.expression for p in eval_problems(25, 12345, diffs, b)] for b in (8, 12, 16, "auto")}
@@ -333,7 +333,7 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
     assert [m["step"] for m in lines] == [0, 1] and all("reward/math/mean" in m or "reward/mean" in m for m in lines)
     before = json.loads((tmp_path / "run" / "grpo" / "eval_before.json").read_text())
     assert len(before["4"]["correct"]) == len(before["auto"]["correct"]) == 2  # 1 per difficulty x 2
-    from posttrain.stages.rl import problems_fingerprint
+    from posttrain.stages.rl_eval import problems_fingerprint
 
     rows = (tmp_path / "d.jsonl").read_text().splitlines()
     assert before["4"]["problems"] == problems_fingerprint([json.loads(r)["q"] for r in rows[-4:-2]])

@@ -1,7 +1,7 @@
 """Where the RL stages' problems come from (pure: no workers, no Ray).
 
 - `data.source: arithmetic` (the embedded task): each step's problems are generated from (seed, step), each eval
-  budget's from (eval.seed, budget) (`rl.sample_step_problems`, `rl.eval_problems`); graded by `exact_int`.
+  budget's from (eval.seed, budget) (`rl.sample_step_problems`, `rl_eval.eval_problems`); graded by `exact_int`.
 - `data.source: file` / `hub` (the user's prompts and answers, `data.*` column mapping): the file's last rows are
   held out for the stage's evaluation, a slice of their own for each eval budget (so the pooled verdict counts each
   problem once), and every step samples `prompts_per_step` of the other rows from (seed, step); graded by
@@ -89,7 +89,7 @@ class ProblemSource:
     def eval(self, budget) -> list:
         """The held-out problems of one eval budget (an int or `auto`), the same for every model."""
         if self.embedded:
-            from posttrain.stages.rl import eval_problems
+            from posttrain.stages.rl_eval import eval_problems
 
             task = self.rc.task
             diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
