@@ -6,7 +6,8 @@ is the only part with loss. Budgeted samples carry a trace that fits the sampled
 (`posttrain.tasks.arithmetic.sample_fitting_trace`); with `"most_explicit"` the most explicit one of uniform
 grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`);
 with `"full_or_empty"` the full trace when it fits, else none (as real data, whose reference reasoning is kept only
-when it fits); with a list of these, one drawn per example. A budget entry `{low, high}` draws the example's budget
+when it fits); with `"full"` the full trace whatever the budget (a teacher that never saw it: the example
+thinks past a budget the trace does not fit); with a list of these, one drawn per example. A budget entry `{low, high}` draws the example's budget
 from that range.
 Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
 traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
@@ -59,7 +60,10 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
         return sample_fitting_trace(p, budget, count_tokens, rng, full_trace_share, truncate_share)
     if budget_traces == "full_or_empty":
         return full_or_empty(make_trace(p, "verbose", 1), budget, count_tokens)
-    raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled or full_or_empty, got {budget_traces!r}")
+    if budget_traces == "full":
+        return make_trace(p, "verbose", 1)
+    raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled, full_or_empty or full, "
+                     f"got {budget_traces!r}")
 
 
 def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: BudgetMix,

@@ -163,3 +163,31 @@ def test_full_or_empty_demonstrates_the_full_trace_or_nothing(tokenizer):
         assert think == (full if fits else ""), (e.prompt, row["budget"], think)
         kinds.add(fits)
     assert kinds == {True, False}
+
+
+def test_full_demonstrator_ignores_the_budget_and_mixes_per_example(tokenizer):
+    """`full` shows the whole verbose trace past a budget it does not fit; in a list with `most_explicit` each
+    example takes one of the two, so some overrun and none of the others do."""
+    from posttrain.config import BudgetMix
+    from posttrain.data import arithmetic_examples
+    from posttrain.sft_data import build_sft_examples
+    from posttrain.tasks.arithmetic import fit_trace, make_trace, parse_expression
+    from posttrain.tokenizer import THINK_END, count_tokens
+
+    ex = arithmetic_examples(300, 1, TaskConfig())
+    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=4, high=16)], BudgetMix(budgeted=1, autonomous=0, zero=0),
+                              "verbose", 0, 512, budget_traces=["most_explicit", "full"])
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+    past, fitted = 0, 0
+    for e, row in zip(ex, rows):
+        think = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]).split(THINK_END)[0]
+        p = parse_expression(e.prompt)
+        full, fit = make_trace(p, "verbose", 1), fit_trace(p, row["budget"], count)
+        assert think in (full, fit), (e.prompt, row["budget"], think)
+        if full != fit:
+            past += think == full
+            fitted += think == fit
+    assert past > 20 and fitted > 20
+    with pytest.raises(ValueError, match="full_or_empty or full"):
+        build_sft_examples(tokenizer, ex[:1], [8], BudgetMix(budgeted=1, autonomous=0, zero=0), "verbose", 0, 512,
+                           budget_traces="bogus")
