@@ -142,7 +142,20 @@ def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_row
         return arithmetic_examples(n, seed, task)
     rows = file_examples(data, bad_rows_file)
     k = held_out(len(rows)) if held_out is not None else 0
+    train, _ = split_held_out(rows, k)
     if k:
-        log.info("data: the file's last %d rows are held out for the RL stages' evaluation; %d remain", k,
-                 len(rows) - k)
-    return rows[:len(rows) - k][:n]
+        log.info("data: the file's last %d rows are held out for the RL stages' evaluation; %d remain", k, len(train))
+    return train[:n]
+
+
+def split_held_out(rows: list, k: int, prompt=lambda r: r.prompt) -> tuple[list, list]:
+    """(train, held): the last `k` rows are held out, and a training row whose prompt is also held out is dropped,
+    so that no stage trains on a problem the evaluation asks (a file may repeat a prompt)."""
+    if k <= 0:
+        return list(rows), []
+    held = rows[len(rows) - k:]
+    asked = {prompt(r) for r in held}
+    train = [r for r in rows[:len(rows) - k] if prompt(r) not in asked]
+    if len(train) < len(rows) - k:
+        log.info("data: %d training rows repeat a held-out prompt and are left out", len(rows) - k - len(train))
+    return train, held

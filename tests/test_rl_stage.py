@@ -319,7 +319,7 @@ def test_file_problems_split_held_out_rows_per_budget_and_sample_the_rest(tmp_pa
         problems, budgets = src.step(step)
         assert len(problems) == len(budgets) == 5 and problems == src.step(step)[0]  # deterministic per step
         seen |= {p.expression for p in problems}
-    assert seen <= {r["q"] for r in rows[:-12]} and len(seen) > 5  # never a held-out row
+    assert seen <= {r["q"] for r in rows[:-12]} - {r["q"] for r in rows[-12:]} and len(seen) > 5  # never held out
     assert src.grade(held["4"][:2], [type("R", (), {"text": f"x</think>\n\n{held['4'][0].answer}", "n_think": 1,
                                                     "closed": True, "forced": False})()] * 2)[0].correct
 
@@ -352,9 +352,12 @@ def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_grade
                             "grpo.eval_n_per_difficulty=3"])
     assert rl_held_out_rows(rc, len(rows)) == 12  # 6 rows for each of 2 distinct budgets
     sft = load_examples(rc.data, rc.task, 1000, 0, held_out=lambda n: rl_held_out_rows(rc, n))
-    assert [e.prompt for e in sft] == [r["q"] for r in rows[:-12]]
+    held_q = {r["q"] for r in rows[-12:]}
+    # the prompts repeat every 35 rows: rows 0-4 ask what the held-out rows 35-39 ask, so no stage trains on them
+    assert [e.prompt for e in sft] == [r["q"] for r in rows[5:-12]] and not held_q & {e.prompt for e in sft}
     src = ProblemSource(rc, rc.grpo)
-    assert {p.expression for b in ("4", "auto") for p in src.eval(b)} == {r["q"] for r in rows[-12:]}
+    assert {p.expression for b in ("4", "auto") for p in src.eval(b)} == held_q
+    assert [p.expression for p in src.train] == [e.prompt for e in sft]
     # the training accuracy is judged as the evaluation judges it: math equivalence of text answers
     spec = {"weight": 1.0, "params": {}, "key": None, "on": "all"}
     worker = RLRewardWorker([{**spec, "name": "math"}, {**spec, "name": "exact_int"}], "math")

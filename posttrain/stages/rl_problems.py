@@ -57,7 +57,7 @@ class ProblemSource:
             self._split_file()
 
     def _split_file(self) -> None:
-        from posttrain.data import file_examples
+        from posttrain.data import file_examples, split_held_out
 
         rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(self.rc.data)]
         budgets = list(dict.fromkeys(str(b) for b in self.cfg.eval_budgets))
@@ -65,10 +65,9 @@ class ProblemSource:
         if self.cfg.eval_n_per_difficulty > 0 and budgets and per_budget == 0:
             log.warning("%s: %d rows are too few to hold any out for evaluation; the stage evaluates nothing",
                         self.rc.data.path, len(rows))
-        cut = len(rows) - per_budget * len(budgets)
-        self.train = rows[:cut]
+        self.train, held = split_held_out(rows, per_budget * len(budgets), prompt=lambda r: r.expression)
         for i, b in enumerate(budgets):
-            self.held_out[b] = rows[cut + i * per_budget: cut + (i + 1) * per_budget]
+            self.held_out[b] = held[i * per_budget: (i + 1) * per_budget]
         if not self.train:
             raise ValueError(f"{self.rc.data.path}: no rows left to train on after holding out evaluation rows")
         log.info("%s: %d training rows, %d held out per eval budget (the file's last rows)", self.rc.data.path,
