@@ -441,7 +441,8 @@ def test_failure_before_the_first_save_starts_over_without_duplicate_metrics(tin
 
 
 def test_changed_settings_on_a_finished_stage_stop_the_run_and_fewer_steps_than_saved_are_refused(
-        tiny_model_dir, tmp_path, noisy_rewards):
+        tiny_model_dir, tmp_path, noisy_rewards, monkeypatch):
+    import posttrain.stages.rl as rl
     from posttrain.recipe import RecipeError
 
     run = tmp_path / "run"
@@ -453,6 +454,7 @@ def test_changed_settings_on_a_finished_stage_stop_the_run_and_fewer_steps_than_
     _run(run, tiny_model_dir, "grpo.steps=3", "grpo.save_every=1", "ray.backend=local", "sweep.workers=3")  # how
     (run / "grpo" / "done.json").unlink()  # as if killed after its last save (the state after step 2 of 3)
     assert latest(run / "grpo" / "state")[1]["step"] == 2
+    monkeypatch.setattr(rl, "start_workers", lambda *a, **k: pytest.fail("actors started for a refused resume"))
     with pytest.raises(RecipeError, match=r"grpo\.steps is 1 but the saved training state .* is already at step 2"):
         _run(run, tiny_model_dir, "grpo.steps=1", "grpo.save_every=1")
     assert "stage grpo resumes with changed settings: grpo.steps: 3 -> 1" in (run / "run.log").read_text()

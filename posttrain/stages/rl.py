@@ -383,17 +383,12 @@ class RLDriver:
         """Load the newest good saved state into the workers; returns the first step to run (0 when none)."""
         from posttrain.rlstate import latest
 
-        found = latest(self.ctx.stage.path / "state")
+        found = self.__dict__.pop("_saved", None) or latest(self.ctx.stage.path / "state")
         if found is None:
             self.ctx.metrics.resume_at(0)  # what a run killed before its first save logged
             return 0
         d, driver = found
-        if int(driver["step"]) > self.cfg.steps:
-            from posttrain.recipe import RecipeError
-
-            raise RecipeError(f"{self.algo}.steps is {self.cfg.steps} but the saved training state {d} is already at "
-                              f"step {driver['step']}: raise {self.algo}.steps to at least {driver['step']}, or "
-                              f"delete {self.ctx.stage.path / 'state'} to train from the start")
+        self._check_saved_steps(d, driver)
         pending = [w.submit(LearnerWorker.load_state, str(d)) for w in self.w.learners]
         [p.result() for p in pending]
         if self.w.critic is not None:
@@ -403,6 +398,14 @@ class RLDriver:
         self.ctx.metrics.resume_at(int(driver["step"]))
         log.info("%s: resuming from %s (step %d of %d)", self.algo, d, driver["step"], self.cfg.steps)
         return int(driver["step"])
+
+    def _check_saved_steps(self, d, driver: dict) -> None:
+        if int(driver["step"]) > self.cfg.steps:
+            from posttrain.recipe import RecipeError
+
+            raise RecipeError(f"{self.algo}.steps is {self.cfg.steps} but the saved training state {d} is already at "
+                              f"step {driver['step']}: raise {self.algo}.steps to at least {driver['step']}, or "
+                              f"delete {self.ctx.stage.path / 'state'} to train from the start")
 
     @contextmanager
     def _graceful_stop(self):
@@ -434,8 +437,13 @@ class RLDriver:
 
         from posttrain.stages.rl_problems import ProblemSource
 
+        from posttrain.rlstate import latest
+
         ctx = self.ctx
-        self.problems = ProblemSource(self.rc, self.cfg)  # a bad data file stops here, before any actor starts
+        self._saved = found = latest(ctx.stage.path / "state")  # verified once; `resume` loads it
+        if found is not None:
+            self._check_saved_steps(*found)  # a resume that cannot work stops before any actor starts
+        self.problems = ProblemSource(self.rc, self.cfg)  # so does a bad data file
         self._tokenizer = load_tokenizer(ctx.model_path)
         check_chat_template(self._tokenizer, ctx.model_path)
         self._pad_id = self._tokenizer.pad_token_id
