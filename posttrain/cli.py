@@ -131,6 +131,24 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_prepare(args) -> int:
+    from posttrain.prepare import prepare_checkpoint
+
+    report = prepare_checkpoint(args.checkpoint, args.out, args.trust_remote_code, args.allow_pickle)
+    if report is None:
+        print(f"{args.checkpoint} already has a budget-aware chat template and think tokens: use it as model.path "
+              "(nothing written)")
+        return 0
+    print(f"{args.checkpoint} -> {args.out}: posttrain's chat template"
+          + (f", added tokens {', '.join(report['added_tokens'])} (embedding rows {report['embedding_rows'][0]} -> "
+             f"{report['embedding_rows'][1]}, new rows at the mean of the others)" if report["added_tokens"] else ""))
+    if report["added_tokens"]:
+        print("  the new tokens' embeddings are untrained: train SFT in full (sft.lora.enabled: false), which "
+              "learns them")
+    print(f"  set model.path: {args.out} in the recipe")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from posttrain.bench import BenchSettings, format_table, run_bench
 
@@ -165,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(pytorch_model.bin), as model.allow_pickle does in a recipe; runs code from the file")
     e.add_argument("--trust-remote-code", action="store_true", help="run a checkpoint's own modelling code")
     e.set_defaults(func=_cmd_export)
+    q = sub.add_parser("prepare", help="copy a checkpoint with posttrain's budget-aware chat template and "
+                       "<think>/</think> tokens (for checkpoints the stages refuse)")
+    q.add_argument("checkpoint", help="local Hugging Face checkpoint directory (not changed)")
+    q.add_argument("--out", required=True, help="output directory (new, empty or an earlier prepare output)")
+    q.add_argument("--allow-pickle", action="store_true", help="load pickled weights (pytorch_model.bin)")
+    q.add_argument("--trust-remote-code", action="store_true", help="run a checkpoint's own modelling code")
+    q.set_defaults(func=_cmd_prepare)
     s = sub.add_parser("schema", help="print every recipe key with its default and documentation")
     s.set_defaults(func=_cmd_schema)
     w = sub.add_parser("sweep", help="accuracy, thinking length and adherence over budgets, natural and capped")

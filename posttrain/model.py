@@ -171,8 +171,8 @@ def check_chat_template(tokenizer, source) -> None:
     then train on prompts without their budget and on an unopened `</think>`. Raises CheckpointError naming `source`."""
     from posttrain.tokenizer import think_token_ids
 
-    fix = ("give the checkpoint a template that does (posttrain's own is posttrain/chat_template.jinja: set "
-           f"`tokenizer.chat_template = open(...).read()` and save it into {source}), and `<think>`/`</think>` tokens")
+    fix = (f"`posttrain prepare {source} --out DIR` writes a copy with posttrain's template and think tokens; use DIR "
+           "as model.path")
     if not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"{source}: the tokenizer has no chat template; posttrain's stages need one that takes "
                               f"`thinking_budget` and opens `<think>`: {fix}")

@@ -1,0 +1,122 @@
+"""`posttrain prepare`: a checkpoint whose template takes no budget, or whose tokenizer has no think tokens, becomes
+one the stages accept, with the original weights unchanged."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from posttrain.model import CheckpointError, check_chat_template, load_model, load_tokenizer, save_model
+
+
+def _files(d):
+    from posttrain.model import _sha256
+
+    return {f.name: _sha256(f) for f in sorted(d.iterdir()) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def foreign_dir(tmp_path_factory):
+    """A tiny MoE whose tokenizer has no think or ChatML tokens and a template of its own, with two spare
+    embedding rows (as checkpoints pad their vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from posttrain.model import tiny_moe_config
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["1+2*3 = 9, the answer is 9 tokens"] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
+    fast.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    torch.manual_seed(0)
+    cfg = tiny_moe_config(len(fast) + 2, fast.pad_token_id, fast.eos_token_id, hidden_size=32, num_hidden_layers=2,
+                          num_experts=4, moe_intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=16, tie_word_embeddings=False)
+    return save_model(AutoModelForCausalLM.from_config(cfg), fast, tmp_path_factory.mktemp("foreign") / "model")
+
+
+def test_prepare_adds_tokens_and_template_keeping_the_model_and_the_source(foreign_dir, tmp_path):
+    from posttrain.prepare import prepare_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"posttrain prepare .* --out DIR"):
+        check_chat_template(load_tokenizer(foreign_dir), foreign_dir)
+    before = _files(foreign_dir)
+    src_tok, src = load_tokenizer(foreign_dir), load_model(foreign_dir)
+    n_old, rows = len(src_tok), src.get_input_embeddings().weight.shape[0]
+    report = prepare_checkpoint(foreign_dir, tmp_path / "out")
+    assert _files(foreign_dir) == before  # the source is untouched
+    assert report["added_tokens"] == ["<think>", "</think>", "<|im_start|>", "<|im_end|>"]
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == report
+    tok, model = load_tokenizer(tmp_path / "out"), load_model(tmp_path / "out")  # the manifest verifies
+    check_chat_template(tok, "prepared")
+    assert report["embedding_rows"] == [rows, n_old + 4]  # two new ids fill the spare rows, two grow the matrix
+    ids = sorted(report["added_token_ids"].values())
+    assert ids == list(range(n_old, n_old + 4))
+    for new, old in ((model.get_input_embeddings(), src.get_input_embeddings()),
+                     (model.get_output_embeddings(), src.get_output_embeddings())):
+        torch.testing.assert_close(new.weight[:n_old], old.weight[:n_old], rtol=0, atol=0)
+        mean = torch.stack([old.weight[i] for i in range(n_old)]).mean(0)  # spare rows not in the mean
+        for i in ids:
+            torch.testing.assert_close(new.weight[i], mean)
+    x = torch.tensor([src_tok("1+2*3 = 9", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():  # the same function on the old vocabulary
+        torch.testing.assert_close(model(x).logits[..., :n_old], src(x).logits[..., :n_old])
+    text = tok.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True, tokenize=False,
+                                   thinking_budget=16)
+    assert "Thinking budget: 16 tokens." in text and text.endswith("<think>")
+    assert tok("<think>1</think>", add_special_tokens=False)["input_ids"][0] == report["added_token_ids"]["<think>"]
+
+
+def test_prepared_checkpoint_runs_the_sft_stage(foreign_dir, tmp_path):
+    from posttrain.pipeline import run_recipe
+    from posttrain.prepare import prepare_checkpoint
+    from posttrain.recipe import load_recipe
+
+    overrides = [f"run_dir={tmp_path / 'run'}", "stages=[sft]", "sft.steps=2", "sft.n_examples=64",
+                 "sft.batch_size=8", "threads=1"]
+    with pytest.raises(CheckpointError, match="does not write `thinking_budget`"):
+        run_recipe(load_recipe(None, overrides + [f"model.path={foreign_dir}"]))
+    prepare_checkpoint(foreign_dir, tmp_path / "ready")
+    out = run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", *overrides[1:],
+                                        f"model.path={tmp_path / 'ready'}"]))
+    assert (tmp_path / "run2" / "sft" / "done.json").is_file() and "sft" in out
+
+
+def test_prepare_with_think_tokens_changes_only_the_template(tiny_model_dir, tmp_path):
+    from posttrain.prepare import prepare_checkpoint
+
+    assert prepare_checkpoint(tiny_model_dir, tmp_path / "none") is None  # already ready: nothing written
+    assert not (tmp_path / "none").exists()
+    src = tmp_path / "qwen3like"
+    shutil.copytree(tiny_model_dir, src)
+    tok = load_tokenizer(src)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    save_model(load_model(src), tok, src)
+    report = prepare_checkpoint(src, tmp_path / "out")
+    assert report["added_tokens"] == [] and "embedding_rows" not in report
+    weights = {k: v for k, v in _files(src).items() if k.endswith(".safetensors")}
+    assert weights and all(_files(tmp_path / "out")[k] == v for k, v in weights.items())  # copied byte for byte
+    check_chat_template(load_tokenizer(tmp_path / "out"), "prepared")
+    load_model(tmp_path / "out")  # the manifest verifies
+
+
+def test_prepare_refuses_an_output_it_would_overwrite(foreign_dir, tmp_path):
+    from posttrain.cli import main
+    from posttrain.prepare import prepare_checkpoint
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="mine: exists, is not empty and is not an earlier"):
+        prepare_checkpoint(foreign_dir, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(CheckpointError, match="holds the source checkpoint"):
+        prepare_checkpoint(foreign_dir, foreign_dir)
+    assert main(["prepare", str(foreign_dir), "--out", str(tmp_path / "a")]) == 0
+    assert main(["prepare", str(foreign_dir), "--out", str(tmp_path / "a")]) == 0  # an earlier output: replaced
+    assert main(["prepare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
