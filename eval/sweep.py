@@ -113,6 +113,36 @@ def grade_responses(problems, responses) -> list[Record]:
             for p, r in zip(problems, responses)]
 
 
+def grade_math_responses(problems, responses) -> list[Record]:
+    """Grade each response by math equivalence with its problem's text answer (the `math` reward's grader:
+    integers, fractions, LaTeX): problems from a data file."""
+    from posttrain.rewards.math import math_equal_completion
+
+    return [Record(p.difficulty, math_equal_completion(r.text, p.answer), r.n_think, r.closed, r.forced)
+            for p, r in zip(problems, responses)]
+
+
+def first_per_difficulty(problems: list, n: int) -> list:
+    """The first `n` problems of each difficulty, in their order (a data file's rows)."""
+    seen: dict[int, int] = defaultdict(int)
+    out = []
+    for p in problems:
+        if seen[p.difficulty] < n:
+            seen[p.difficulty] += 1
+            out.append(p)
+    return out
+
+
+def file_problems(data, n_per_difficulty: int) -> list:
+    """Up to `n_per_difficulty` rows of each difficulty (`data.difficulty_column`; one group without it) of the data
+    file `data` (a `DataConfig`), as problems with `expression`, `answer` and `difficulty`."""
+    from posttrain.data import file_examples
+    from posttrain.stages.rl_problems import TextProblem
+
+    rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(data)]
+    return first_per_difficulty(rows, n_per_difficulty)
+
+
 def summarize(records: list[Record], budget: int | None, mode: str) -> dict:
     """Metrics of one group of records answered under `budget` (None = autonomous) in `mode`."""
     n = len(records)
@@ -293,15 +323,16 @@ def capped_responses(workers: list, prompts: list[str], natural: list[Response],
 
 
 def sweep_model(workers: list, label: str, problems, budgets: list[int | None], max_new_tokens: int = 160,
-                batch_size: int = 64) -> list[dict]:
-    """Rows for the model the workers hold over `budgets` x MODES on fixed `problems` (greedy decoding)."""
+                batch_size: int = 64, grade=grade_responses) -> list[dict]:
+    """Rows for the model the workers hold over `budgets` x MODES on fixed `problems` (greedy decoding), each
+    response graded by `grade(problems, responses)`."""
     prompts = [p.expression for p in problems]
     rows = []
     for budget in budgets:
         natural = generate_responses(workers, prompts, budget, False, max_new_tokens, batch_size)
         capped = capped_responses(workers, prompts, natural, budget, max_new_tokens, batch_size)
-        rows += aggregate(grade_responses(problems, natural), label, budget, "natural")
-        rows += aggregate(grade_responses(problems, capped), label, budget, "capped")
+        rows += aggregate(grade(problems, natural), label, budget, "natural")
+        rows += aggregate(grade(problems, capped), label, budget, "capped")
     return rows
 
 
@@ -381,9 +412,10 @@ def _sweep_device(device):
     return d
 
 
-def check_options(budgets: list, n_per_difficulty: int, difficulties: list[int], max_new_tokens: int,
+def check_options(budgets: list, n_per_difficulty: int, difficulties: list[int] | None, max_new_tokens: int,
                   batch_size: int, workers: int, backend: str, cpus_per_worker: int) -> None:
-    """The sweep's settings, checked before anything loads; the message names the option and its value."""
+    """The sweep's settings, checked before anything loads; the message names the option and its value
+    (`difficulties` None: problems of a data file, which carry their own)."""
     from posttrain.tasks.arithmetic import MAX_DIFFICULTY, MIN_DIFFICULTY
 
     for b in budgets:
@@ -395,9 +427,9 @@ def check_options(budgets: list, n_per_difficulty: int, difficulties: list[int],
                         ("--batch-size", batch_size), ("--workers", workers), ("cpus_per_worker", cpus_per_worker)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SweepError(f"{name} must be an integer >= 1, got {value!r}")
-    if not difficulties:
+    if difficulties is not None and not difficulties:
         raise SweepError("--difficulties: no difficulty given")
-    for d in difficulties:
+    for d in difficulties or []:
         if isinstance(d, bool) or not isinstance(d, int) or not MIN_DIFFICULTY <= d <= MAX_DIFFICULTY:
             raise SweepError(f"--difficulties: {d!r} is outside the task's {MIN_DIFFICULTY}..{MAX_DIFFICULTY}")
     if backend not in ("ray", "local"):
@@ -430,8 +462,11 @@ def distinct_models(specs: list[ModelSpec]) -> list[ModelSpec]:
 def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 40, seed: int = 12345,
               difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
               device: str = "auto", workers: int = 1, backend: str = "local", cpus_per_worker: int = 1,
-              ray_init: dict | None = None) -> list[dict]:
-    """Rows for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems.
+              ray_init: dict | None = None, problems: list | None = None) -> list[dict]:
+    """Rows for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems: the
+    embedded task's (`n_per_difficulty` of each of `difficulties`, from `seed`, graded as integers), or the given
+    `problems` (a data file's, e.g. `file_problems`: graded by math equivalence; `n_per_difficulty`, `seed` and
+    `difficulties` then unused).
 
     The settings are checked and every model is resolved first (a bad option or path fails before any model
     loads); a budget, difficulty or model given twice is swept once (`distinct_models`). Then `workers` rollout
@@ -442,13 +477,17 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
     from posttrain.workers.rollout import RolloutWorker
 
     budgets, difficulties = _unique(list(budgets)), _unique(list(difficulties))
-    check_options(budgets, n_per_difficulty, difficulties, max_new_tokens, batch_size, workers, backend,
-                  cpus_per_worker)
+    check_options(budgets, n_per_difficulty, difficulties if problems is None else None, max_new_tokens, batch_size,
+                  workers, backend, cpus_per_worker)  # a data file's problems carry their own difficulties
+    if problems is not None and not problems:
+        raise SweepError("--data: no problems to sweep")
     dev = _sweep_device(device)
     if not models:
         raise SweepError("--model: no model given")
     specs = distinct_models([m if isinstance(m, ModelSpec) else resolve_model(m) for m in models])
-    problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
+    grade = grade_responses if problems is None else grade_math_responses
+    if problems is None:
+        problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
     pool = start_workers(specs[0].checkpoint, workers, backend, dev, cpus_per_worker, ray_init)
     rows = []
     try:
@@ -457,7 +496,7 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
                 adapter = None if spec.adapter is None else str(spec.adapter)
                 for pending in [w.submit(RolloutWorker.load, str(spec.checkpoint), adapter) for w in pool]:
                     pending.result()
-            rows += sweep_model(pool, spec.label, problems, budgets, max_new_tokens, batch_size)
+            rows += sweep_model(pool, spec.label, problems, budgets, max_new_tokens, batch_size, grade)
     finally:
         for w in pool:
             w.kill()

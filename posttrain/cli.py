@@ -80,6 +80,29 @@ def _cmd_schema(args) -> int:
     return 0
 
 
+def _sweep_file_problems(args) -> list | None:
+    """`--data FILE` and its column options: the file's first `--n` rows of each difficulty; None without it."""
+    from pydantic import ValidationError
+
+    from posttrain.config import DataConfig
+    from posttrain.eval.sweep import SweepError, file_problems
+
+    columns = {k: getattr(args, k) for k in ("prompt_column", "answer_column", "answer_delimiter",
+                                              "difficulty_column") if getattr(args, k) is not None}
+    if args.data is None:
+        if columns:
+            raise SweepError(f"--{next(iter(columns)).replace('_', '-')} describes a --data file, and none was given")
+        return None
+    if args.difficulties is not None:
+        raise SweepError("--difficulties selects embedded-task problems; with --data every row's difficulty "
+                         "(--difficulty-column) is swept")
+    try:
+        data = DataConfig(source="file", path=args.data, **columns)
+    except ValidationError as e:
+        raise SweepError(f"--data {args.data}: " + "; ".join(err["msg"] for err in e.errors())) from None
+    return file_problems(data, args.n)
+
+
 def _cmd_sweep(args) -> int:
     import os
 
@@ -91,10 +114,12 @@ def _cmd_sweep(args) -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     budgets = parse_budgets(args.budgets)
+    problems = _sweep_file_problems(args)
+    difficulties = parse_difficulties(args.difficulties or "1-8") if problems is None else []
     try:
-        rows = run_sweep(args.model, budgets, args.n, args.seed, parse_difficulties(args.difficulties),
+        rows = run_sweep(args.model, budgets, args.n, args.seed, difficulties,
                          args.max_new_tokens, args.batch_size, args.device, args.workers, args.backend,
-                         cpus_per_worker=max(1, threads // max(1, args.workers)))
+                         cpus_per_worker=max(1, threads // max(1, args.workers)), problems=problems)
     finally:
         if args.backend == "ray":
             from posttrain.workers.actors import shutdown_ray
@@ -197,9 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory, checkpoint directory or PEFT adapter directory (repeatable)")
     w.add_argument("--budgets", default="0,16,32,64,128,auto", help="comma-separated ints and/or 'auto'")
     w.add_argument("--out", required=True, help="output directory (sweep.json, sweep.csv, plots)")
-    w.add_argument("--n", type=int, default=40, help="problems per difficulty")
+    w.add_argument("--n", type=int, default=40, help="problems per difficulty (with --data: the file's first N "
+                   "rows of each difficulty)")
     w.add_argument("--seed", type=int, default=12345, help="seed of the problems (same for every model/budget)")
-    w.add_argument("--difficulties", default="1-8", help="range '1-8' or list '1,3,5'")
+    w.add_argument("--difficulties", help="embedded task: range '1-8' (the default) or list '1,3,5'")
+    w.add_argument("--data", help="sweep the problems of a JSONL/JSON/Parquet file instead of the embedded task "
+                   "(answers graded by math equivalence)")
+    w.add_argument("--prompt-column", help="--data: column of the prompt (default 'prompt')")
+    w.add_argument("--answer-column", help="--data: column of the reference answer (default 'answer')")
+    w.add_argument("--answer-delimiter", help="--data: the answer column is 'reasoning DELIM answer' (GSM8K: ####)")
+    w.add_argument("--difficulty-column", help="--data: integer column to group rows by (default: one group)")
     w.add_argument("--max-new-tokens", type=int, default=160)
     w.add_argument("--batch-size", type=int, default=64)
     w.add_argument("--workers", type=int, default=1, help="rollout workers generating in parallel (reused by "

@@ -92,7 +92,8 @@ class DataConfig(Section):
     source: Literal["arithmetic", "file", "hub"] = Field(
         "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
         "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, grpo and ppo (the RL stages hold the "
-        "file's last rows out for their evaluation); rm, eval and sweep use the embedded task and refuse other data."
+        "file's last rows out for their evaluation, which the sweep stage then evaluates); rm and eval use the "
+        "embedded task and refuse other data."
     )
     path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
     split: str = Field("train", description="Split for source=hub.")
@@ -103,8 +104,8 @@ class DataConfig(Section):
         None, description="If set (GSM8K uses '####'), the answer column is 'reasoning DELIM final answer'."
     )
     difficulty_column: str | None = Field(None, description="Optional integer column: every row must carry it, "
-                                          "and it is kept with each example (`Example.difficulty`); no stage "
-                                          "groups file data by it yet.")
+                                          "and it is kept with each example (`Example.difficulty`): the RL "
+                                          "stages' autonomous thinking and the sweep are grouped by it.")
     max_prompt_chars: int = Field(2000, gt=0, description="Longer prompts are bad rows.")
     skip_bad_rows: bool = Field(
         False, description="Skip (and list in the run directory) rows with missing/wrong/empty fields instead of "
@@ -533,7 +534,7 @@ class ExportStageConfig(Section):
 
 
 # Stages whose problems (prompts, answers, difficulties) come from the embedded task whatever `data` says.
-EMBEDDED_TASK_STAGES = ("rm", "eval", "sweep")
+EMBEDDED_TASK_STAGES = ("rm", "eval")
 
 
 class RecipeConfig(Section):
@@ -579,10 +580,17 @@ class RecipeConfig(Section):
         embedded_only = [s for s in self.stages if s in EMBEDDED_TASK_STAGES]
         if self.data.source != "arithmetic" and embedded_only:
             raise ValueError(
-                f"data.source: {self.data.source} feeds the sft, grpo and ppo stages; {', '.join(embedded_only)} "
-                "draw their problems from the embedded arithmetic task and would not see your data. Leave them out "
-                "of `stages` (grpo/ppo evaluate on the file's held-out rows), or run them with data.source: "
-                "arithmetic")
+                f"data.source: {self.data.source} feeds the sft, grpo, ppo and sweep stages; "
+                f"{', '.join(embedded_only)} draw their problems from the embedded arithmetic task and would not see "
+                "your data. Leave them out of `stages` (grpo/ppo evaluate on the file's held-out rows), or run them "
+                "with data.source: arithmetic")
+        if self.data.source != "arithmetic" and "sweep" in self.stages and not any(
+                a in self.stages and getattr(self, a).eval_budgets and getattr(self, a).eval_n_per_difficulty > 0
+                for a in ("grpo", "ppo")):
+            raise ValueError(f"stages: with data.source: {self.data.source} the sweep evaluates the rows a grpo or "
+                             "ppo stage holds out for its evaluation (no stage trains on them), and this recipe has "
+                             "no such stage; add one, or sweep a file of held-out problems with `posttrain sweep "
+                             "--data FILE`")
         for algo in ("grpo", "ppo"):
             section = getattr(self, algo)
             if algo in self.stages and self.data.source != "arithmetic" and (

@@ -340,6 +340,31 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
     assert set(info["summary"]["comparison"]) == {"4", "auto"}
 
 
+def test_sweep_stage_on_a_data_file_evaluates_the_rows_grpo_held_out(tiny_model_dir, tmp_path, monkeypatch):
+    from posttrain.eval.sweep import first_per_difficulty
+    from posttrain.pipeline import run_recipe
+    from posttrain.stages.rl_problems import evaluation_rows
+
+    _noisy_rewards(monkeypatch)
+    rows = _word_problems(tmp_path / "d.jsonl")
+    data = ["data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q", "data.answer_column=a",
+            "data.difficulty_column=lvl"]
+    base = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", *[s.format(algo="grpo") for s in TINY],
+            *data, "ray.backend=local", "sweep.backend=local", "sweep.budgets=[0,4,auto]", "sweep.n_per_difficulty=2",
+            "sweep.max_new_tokens=6", "grpo.eval_n_per_difficulty=3"]
+    with pytest.raises(Exception, match="the sweep evaluates the rows a grpo or ppo stage holds out"):
+        load_recipe(None, [*base, "stages=[sweep]"])
+    rc = load_recipe(None, [*base, "stages=[grpo,sweep]"])
+    out = run_recipe(rc)["sweep"]
+    swept = first_per_difficulty(evaluation_rows(rc), 2)
+    held = {r["q"] for r in rows[-12:]}  # 6 held-out rows per eval budget (3 per difficulty), 2 budgets
+    assert {p.expression for p in swept} <= held and [p.difficulty for p in swept].count(1) == 2
+    saved = json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())
+    assert {r["model"] for r in saved} == {"grpo"} and {r["difficulty"] for r in saved} == {1, 2, "all"}
+    assert all(r["n"] == (4 if r["difficulty"] == "all" else 2) for r in saved)
+    assert {r["budget"] for r in out["summary"]} == {0, 4, "auto"}
+
+
 def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_graded_as_text(tmp_path):
     from posttrain.data import load_examples
     from posttrain.stages.rl_problems import ProblemSource, rl_held_out_rows

@@ -495,6 +495,47 @@ def test_sweep_command_end_to_end(tmp_path, tiny_model_dir):
     assert (tmp_path / "b" / "sweep.json").read_text() == (out / "sweep.json").read_text()
 
 
+def test_math_grading_of_sweep_responses():
+    """Data-file answers are graded by math equivalence of the text after </think>; the embedded grader is exact."""
+    from posttrain.eval.sweep import grade_math_responses
+    from posttrain.generate import Response
+    from posttrain.stages.rl_problems import TextProblem
+
+    def resp(text, closed=True):
+        return Response(text=text, ids=[], n_think=3, closed=closed, forced=False, budget=4)
+
+    problems = [TextProblem("q", "\\frac{1}{2}", 1), TextProblem("q", "0.5", 2), TextProblem("q", "12", 1),
+                TextProblem("q", "12", 1)]
+    got = grade_math_responses(problems, [resp("a b</think>\n\n1/2"), resp("x</think>\n\n\\boxed{1/2}"),
+                                          resp("x</think>\n\n13"), resp("12", closed=False)])
+    assert [r.correct for r in got] == [True, True, False, False]  # no credit without </think>
+    assert [r.difficulty for r in got] == [1, 2, 1, 1] and got[0].n_think == 3
+
+
+def test_sweep_command_on_a_data_file(tmp_path, tiny_model_dir):
+    rows = [{"question": f"{i} apples and {i % 3} more?", "solution": f"so #### {i + i % 3}", "lvl": 1 + i % 3}
+            for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["sweep", "--model", str(tiny_model_dir), "--n", "2", "--budgets", "0,4,auto", "--max-new-tokens", "6",
+            "--threads", "1", "--backend", "local", "--data", str(tmp_path / "d.jsonl"), "--prompt-column", "question",
+            "--answer-column", "solution", "--answer-delimiter", "####"]
+    proc = posttrain(*args, "--difficulty-column", "lvl", "--out", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    assert {r["difficulty"] for r in saved} == {1, 2, 3, "all"}  # the file's difficulties, 2 rows each
+    assert all(r["n"] == (6 if r["difficulty"] == "all" else 2) for r in saved) and len(saved) == 3 * 2 * 4
+    proc = posttrain(*args, "--out", str(tmp_path / "b"))  # no difficulty column: one group of the first 2 rows
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {r["difficulty"] for r in json.loads((tmp_path / "b" / "sweep.json").read_text())} == {0, "all"}
+    for extra, shown in ((["--difficulties", "1-2"], "--difficulties selects embedded-task problems"),
+                         (["--answer-column", "nope"], "nope")):
+        proc = posttrain(*args, *extra, "--out", str(tmp_path / "c"))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and shown in proc.stderr, proc.stderr[-2000:]
+    proc = posttrain("sweep", "--model", str(tiny_model_dir), "--prompt-column", "q", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 2 and "--prompt-column describes a --data file" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.ray
 def test_sweep_command_on_ray_workers(tmp_path, talkative_model_dir):
     """Two Ray actors (the command's default backend) give the same sweep as one worker in this process."""

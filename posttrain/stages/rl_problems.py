@@ -45,6 +45,19 @@ def rl_held_out_rows(rc, n_rows: int) -> int:
     return max(held, default=0)
 
 
+def evaluation_rows(rc) -> list[TextProblem]:
+    """A data file's rows that the recipe's RL stages hold out for evaluation (no stage trains on them): what the
+    sweep stage evaluates with file data. Raises ValueError when the recipe holds none out."""
+    from posttrain.data import file_examples, split_held_out
+
+    rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(rc.data)]
+    k = rl_held_out_rows(rc, len(rows))
+    if k == 0:
+        raise ValueError(f"{rc.data.path}: the recipe holds no rows out for evaluation (a grpo or ppo stage with "
+                         "eval_budgets and eval_n_per_difficulty > 0 does), so every row may be trained on")
+    return split_held_out(rows, k, prompt=lambda r: r.expression)[1]
+
+
 class ProblemSource:
     """Training and held-out problems of one RL stage (`cfg` its recipe section, `rc` the whole recipe)."""
 
@@ -97,11 +110,8 @@ class ProblemSource:
 
     def grade(self, problems: list, responses: list) -> list:
         """`eval.sweep.Record`s: the embedded task's integer grader, or math equivalence for file answers."""
-        from posttrain.eval.sweep import Record, grade_responses
+        from posttrain.eval.sweep import grade_math_responses, grade_responses
 
         if self.embedded:
             return grade_responses(problems, responses)
-        from posttrain.rewards.math import math_equal_completion
-
-        return [Record(p.difficulty, math_equal_completion(r.text, p.answer), r.n_think, r.closed, r.forced)
-                for p, r in zip(problems, responses)]
+        return grade_math_responses(problems, responses)

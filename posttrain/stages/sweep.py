@@ -3,6 +3,9 @@
 Models: `sweep.models` (stage names or paths), by default every sft/grpo/ppo stage listed before this one (the SFT
 checkpoint and the RL checkpoints side by side), labelled by stage name. One set of rollout workers (Ray actors
 unless `sweep.backend` is `local`) serves them all; the run's threads are split across the workers.
+Problems: the embedded task's, or with `data.source: file`/`hub` the rows the RL stages hold out for evaluation
+(`rl_problems.evaluation_rows`, `n_per_difficulty` of each `data.difficulty_column` value), graded by math
+equivalence.
 """
 
 from __future__ import annotations
@@ -57,8 +60,15 @@ def run(ctx) -> dict:
     ray_init = {"address": ray.address, "num_cpus": ray.num_cpus} if ray is not None else None
     log.info("sweep: %s on %d %s worker(s), budgets %s", ", ".join(s.label for s in specs), cfg.workers,
              cfg.backend, cfg.budgets)
+    problems = None
+    if rc.data.source != "arithmetic":  # the rows the RL stages hold out: no stage trained on them
+        from posttrain.eval.sweep import first_per_difficulty
+        from posttrain.stages.rl_problems import evaluation_rows
+
+        problems = first_per_difficulty(evaluation_rows(rc), cfg.n_per_difficulty)
+        log.info("sweep: %d held-out rows of %s", len(problems), rc.data.path)
     rows = run_sweep(specs, budgets, cfg.n_per_difficulty, cfg.seed, diffs, cfg.max_new_tokens, cfg.batch_size,
-                     str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init)
+                     str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems)
     out = write_outputs(rows, ctx.stage.path)
     plots = plot_all(rows, out)
     table = format_sweep_table(rows)
