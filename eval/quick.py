@@ -1,6 +1,7 @@
 """Quick evaluation: accuracy and thinking length by difficulty for a few budgets on held-out problems.
 
-Graded with `posttrain.rewards.parse.grade_integer`, the same grader the `exact_int` reward uses; grading and
+Graded with `posttrain.rewards.parse.grade_integer`, the same grader the `exact_int` reward uses (a data file's
+problems by math equivalence, as the `math` reward grades); grading and
 aggregation are `posttrain.eval.sweep`'s (this is a sweep's subset: no intervals, one mode).
 """
 
@@ -27,18 +28,23 @@ def evaluate_budgets(
     max_new_tokens: int = 160,
     batch_size: int = 64,
     cap: bool = False,
+    problems: list | None = None,
 ) -> list[dict]:
-    """Rows {budget, difficulty ('all' too), n, accuracy, think_tokens_mean, adherence} on fixed problems."""
-    from posttrain.eval.sweep import aggregate, grade_responses
+    """Rows {budget, difficulty ('all' too), n, accuracy, think_tokens_mean, adherence} on fixed problems: the
+    embedded task's (`n_per_difficulty` of each of `difficulties` from `seed`), or the given `problems` of a data
+    file (graded by math equivalence; the other three arguments unused)."""
+    from posttrain.eval.sweep import aggregate, grade_math_responses, grade_responses
 
-    problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
+    grade = grade_responses if problems is None else grade_math_responses
+    if problems is None:
+        problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
     rows = []
     for b in budgets:
         budget = None if b == "auto" else int(b)
         resp = generate(model, tokenizer, [p.expression for p in problems], [budget] * len(problems),
                         max_new_tokens=max_new_tokens, batch_size=batch_size, cap=cap)
         mode = "capped" if cap else "natural"
-        for r in aggregate(grade_responses(problems, resp), "", budget, mode):
+        for r in aggregate(grade(problems, resp), "", budget, mode):
             rows.append({"budget": budget_label(budget), **{k: r[k] for k in _KEYS}})
     return rows
 

@@ -92,8 +92,8 @@ class DataConfig(Section):
     source: Literal["arithmetic", "file", "hub"] = Field(
         "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
         "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, grpo and ppo (the RL stages hold the "
-        "file's last rows out for their evaluation, which the sweep stage then evaluates); rm and eval use the "
-        "embedded task and refuse other data."
+        "file's last rows out for their evaluation, which the eval and sweep stages evaluate too); rm uses the "
+        "embedded task and refuses other data."
     )
     path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
     split: str = Field("train", description="Split for source=hub.")
@@ -473,7 +473,8 @@ class RayConfig(Section):
 
 
 class EvalStageConfig(Section):
-    """Quick accuracy table by difficulty for a few budgets, on held-out problems of the embedded task."""
+    """Quick accuracy table by difficulty for a few budgets, on held-out problems of the embedded task (with a data
+    file: the rows the RL stages hold out, `n_per_difficulty` of each difficulty)."""
 
     n_per_difficulty: int = Field(40, ge=1, description="Problems per difficulty.")
     budgets: list[int | Literal["auto"]] = Field(
@@ -534,7 +535,7 @@ class ExportStageConfig(Section):
 
 
 # Stages whose problems (prompts, answers, difficulties) come from the embedded task whatever `data` says.
-EMBEDDED_TASK_STAGES = ("rm", "eval")
+EMBEDDED_TASK_STAGES = ("rm",)
 
 
 class RecipeConfig(Section):
@@ -580,17 +581,17 @@ class RecipeConfig(Section):
         embedded_only = [s for s in self.stages if s in EMBEDDED_TASK_STAGES]
         if self.data.source != "arithmetic" and embedded_only:
             raise ValueError(
-                f"data.source: {self.data.source} feeds the sft, grpo, ppo and sweep stages; "
-                f"{', '.join(embedded_only)} draw their problems from the embedded arithmetic task and would not see "
-                "your data. Leave them out of `stages` (grpo/ppo evaluate on the file's held-out rows), or run them "
-                "with data.source: arithmetic")
-        if self.data.source != "arithmetic" and "sweep" in self.stages and not any(
+                f"data.source: {self.data.source} feeds the sft, grpo, ppo, eval and sweep stages; "
+                f"{', '.join(embedded_only)} draws its problems from the embedded arithmetic task and would not see "
+                "your data. Leave it out of `stages`, or run it with data.source: arithmetic")
+        evaluating = [s for s in ("eval", "sweep") if s in self.stages]
+        if self.data.source != "arithmetic" and evaluating and not any(
                 a in self.stages and getattr(self, a).eval_budgets and getattr(self, a).eval_n_per_difficulty > 0
                 for a in ("grpo", "ppo")):
-            raise ValueError(f"stages: with data.source: {self.data.source} the sweep evaluates the rows a grpo or "
-                             "ppo stage holds out for its evaluation (no stage trains on them), and this recipe has "
-                             "no such stage; add one, or sweep a file of held-out problems with `posttrain sweep "
-                             "--data FILE`")
+            raise ValueError(f"stages: with data.source: {self.data.source}, {' and '.join(evaluating)} evaluate the "
+                             "rows a grpo or ppo stage holds out for its evaluation (no stage trains on them), and "
+                             "this recipe has no such stage; add one, or sweep a file of held-out problems with "
+                             "`posttrain sweep --data FILE`")
         for algo in ("grpo", "ppo"):
             section = getattr(self, algo)
             if algo in self.stages and self.data.source != "arithmetic" and (

@@ -340,7 +340,7 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
     assert set(info["summary"]["comparison"]) == {"4", "auto"}
 
 
-def test_sweep_stage_on_a_data_file_evaluates_the_rows_grpo_held_out(tiny_model_dir, tmp_path, monkeypatch):
+def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(tiny_model_dir, tmp_path, monkeypatch):
     from posttrain.eval.sweep import first_per_difficulty
     from posttrain.pipeline import run_recipe
     from posttrain.stages.rl_problems import evaluation_rows
@@ -352,10 +352,15 @@ def test_sweep_stage_on_a_data_file_evaluates_the_rows_grpo_held_out(tiny_model_
     base = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", *[s.format(algo="grpo") for s in TINY],
             *data, "ray.backend=local", "sweep.backend=local", "sweep.budgets=[0,4,auto]", "sweep.n_per_difficulty=2",
             "sweep.max_new_tokens=6", "grpo.eval_n_per_difficulty=3"]
-    with pytest.raises(Exception, match="the sweep evaluates the rows a grpo or ppo stage holds out"):
+    with pytest.raises(Exception, match="sweep evaluate the rows a grpo or ppo stage holds out"):
         load_recipe(None, [*base, "stages=[sweep]"])
-    rc = load_recipe(None, [*base, "stages=[grpo,sweep]"])
-    out = run_recipe(rc)["sweep"]
+    rc = load_recipe(None, [*base, "stages=[eval,grpo,sweep]", "eval.budgets=[0,auto]", "eval.n_per_difficulty=1",
+                            "eval.max_new_tokens=6"])
+    info = run_recipe(rc)
+    out = info["sweep"]
+    quick = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())  # the held-out rows, 1 per difficulty
+    assert {(r["budget"], r["difficulty"], r["n"]) for r in quick} == {
+        (b, d, 2 if d == "all" else 1) for b in ("0", "auto") for d in (1, 2, "all")}
     swept = first_per_difficulty(evaluation_rows(rc), 2)
     held = {r["q"] for r in rows[-12:]}  # 6 held-out rows per eval budget (3 per difficulty), 2 budgets
     assert {p.expression for p in swept} <= held and [p.difficulty for p in swept].count(1) == 2

@@ -1,6 +1,7 @@
 """`eval` stage: the quick table of accuracy by difficulty, with no thinking (budget 0) and autonomous thinking.
 
-Uses the last model-producing stage's checkpoint and held-out problems (their own seed). Full budget sweeps with
+Uses the last model-producing stage's checkpoint and held-out problems: the embedded task's (their own seed), or
+with a data file the rows the RL stages hold out (`rl_problems.evaluation_rows`). Full budget sweeps with
 confidence intervals, capped accuracy and plots are `posttrain sweep`'s job.
 """
 
@@ -19,8 +20,14 @@ def run(ctx) -> dict:
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     diffs = list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1))
+    problems = None
+    if rc.data.source != "arithmetic":  # the rows the RL stages hold out: no stage trains on them
+        from posttrain.eval.sweep import first_per_difficulty
+        from posttrain.stages.rl_problems import evaluation_rows
+
+        problems = first_per_difficulty(evaluation_rows(rc), cfg.n_per_difficulty)
     rows = evaluate_budgets(model, tok, list(cfg.budgets), cfg.n_per_difficulty, cfg.seed, diffs,
-                            cfg.max_new_tokens, cfg.batch_size)
+                            cfg.max_new_tokens, cfg.batch_size, problems=problems)
     for r in rows:
         r["model"] = str(ctx.model_path)
     write_json_atomic(ctx.stage.path / "eval.json", rows)
