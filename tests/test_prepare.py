@@ -72,7 +72,7 @@ def test_prepare_adds_tokens_and_template_keeping_the_model_and_the_source(forei
     assert tok("<think>1</think>", add_special_tokens=False)["input_ids"][0] == report["added_token_ids"]["<think>"]
 
 
-def test_prepared_checkpoint_runs_the_sft_stage(foreign_dir, tmp_path):
+def test_prepared_checkpoint_runs_the_sft_and_grpo_stages(foreign_dir, tmp_path):
     from posttrain.pipeline import run_recipe
     from posttrain.prepare import prepare_checkpoint
     from posttrain.recipe import load_recipe
@@ -82,9 +82,12 @@ def test_prepared_checkpoint_runs_the_sft_stage(foreign_dir, tmp_path):
     with pytest.raises(CheckpointError, match="does not write `thinking_budget`"):
         run_recipe(load_recipe(None, overrides + [f"model.path={foreign_dir}"]))
     prepare_checkpoint(foreign_dir, tmp_path / "ready")
-    out = run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", *overrides[1:],
+    rl = ["grpo.steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=6", "grpo.budgets=[0,4,auto]",
+          "grpo.eval_budgets=[4,auto]", "grpo.eval_n_per_difficulty=1", "grpo.eval_max_new_tokens=6",
+          "ray.backend=local", "grpo.process_penalty=0", "grpo.ptx_coef=0"]
+    out = run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", *overrides[1:], "stages=[sft,grpo]", *rl,
                                         f"model.path={tmp_path / 'ready'}"]))
-    assert (tmp_path / "run2" / "sft" / "done.json").is_file() and "sft" in out
+    assert (tmp_path / "run2" / "grpo" / "done.json").is_file() and set(out) == {"sft", "grpo"}
 
 
 def test_prepare_with_think_tokens_changes_only_the_template(tiny_model_dir, tmp_path):
