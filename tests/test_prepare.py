@@ -123,3 +123,16 @@ def test_prepare_refuses_an_output_it_would_overwrite(foreign_dir, tmp_path):
     assert main(["prepare", str(foreign_dir), "--out", str(tmp_path / "a")]) == 0
     assert main(["prepare", str(foreign_dir), "--out", str(tmp_path / "a")]) == 0  # an earlier output: replaced
     assert main(["prepare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")]) == 2
+
+
+def test_lora_sft_on_a_checkpoint_with_added_tokens_is_refused(foreign_dir, tmp_path):
+    """LoRA freezes the embeddings, so the rows `prepare` added would stay at their mean: a full SFT is asked for."""
+    from posttrain.pipeline import run_recipe
+    from posttrain.prepare import prepare_checkpoint
+    from posttrain.recipe import RecipeError, load_recipe
+
+    prepare_checkpoint(foreign_dir, tmp_path / "ready")
+    with pytest.raises(RecipeError, match=r"sft.lora.enabled: .*ready has tokens `posttrain prepare` added \(<think>"):
+        run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run'}", "stages=[sft]", "sft.steps=1", "threads=1",
+                                      "sft.lora.enabled=true", f"model.path={tmp_path / 'ready'}"]))
+    assert not (tmp_path / "run" / "sft" / "checkpoint").exists()

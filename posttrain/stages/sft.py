@@ -26,6 +26,23 @@ def _metrics_callback(metrics):
     return JsonlMetrics()
 
 
+def check_added_tokens(model_path, lora_enabled: bool) -> None:
+    """A checkpoint `posttrain prepare` added tokens to (its prepare.json) has their embedding rows at the mean of
+    the others: only a full SFT trains them (LoRA freezes the embeddings, and TRL's fused LM head bypasses PEFT's
+    trainable-token rows), so LoRA SFT on it is refused rather than leaving `</think>` untrained."""
+    import json
+    from pathlib import Path
+
+    from posttrain.recipe import RecipeError
+
+    f = Path(model_path) / "prepare.json"
+    added = json.loads(f.read_text()).get("added_tokens", []) if f.is_file() else []
+    if lora_enabled and added:
+        raise RecipeError(f"sft.lora.enabled: {model_path} has tokens `posttrain prepare` added ({', '.join(added)}), "
+                          "whose embeddings are untrained and which LoRA cannot train; set sft.lora.enabled: false "
+                          "(a full SFT learns them; the RL stages and export may still use LoRA)")
+
+
 def peft_config(lora, model, key: str = "sft.lora"):
     from peft import LoraConfig
 
@@ -49,6 +66,7 @@ def run(ctx) -> dict:
     cfg, rc = ctx.cfg.sft, ctx.cfg
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
     check_chat_template(tok, ctx.model_path)
+    check_added_tokens(ctx.model_path, cfg.lora.enabled)
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     from posttrain.stages.rl_problems import rl_held_out_rows
