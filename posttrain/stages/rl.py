@@ -213,6 +213,7 @@ class RLDriver:
         self.weights: dict | None = None  # the latest weights pushed to the rollout workers
         self.stop_requested = False
         self.consecutive_skips = 0
+        self._saved: tuple | None = None  # the newest saved state, verified by `start`, loaded by `resume`
 
     # ------------------------------------------------------------------------------------------- the roles
     def rollout(self, prompts: list[str], budgets: list, *, seed: int, greedy: bool = False, cap: bool = True,
@@ -383,7 +384,8 @@ class RLDriver:
         """Load the newest good saved state into the workers; returns the first step to run (0 when none)."""
         from posttrain.rlstate import latest
 
-        found = self.__dict__.pop("_saved", None) or latest(self.ctx.stage.path / "state")
+        found = self._saved if self._saved is not None else latest(self.ctx.stage.path / "state")
+        self._saved = None
         if found is None:
             self.ctx.metrics.resume_at(0)  # what a run killed before its first save logged
             return 0
@@ -434,10 +436,8 @@ class RLDriver:
         """Spawn the workers (`start_workers`) and hook the rollout workers' restarts; `fit` calls it first, and
         `train_step` can be driven by hand after it (the benchmark does). The caller kills the workers."""
         from posttrain.model import check_chat_template, load_tokenizer
-
-        from posttrain.stages.rl_problems import ProblemSource
-
         from posttrain.rlstate import latest
+        from posttrain.stages.rl_problems import ProblemSource
 
         ctx = self.ctx
         self._saved = found = latest(ctx.stage.path / "state")  # verified once; `resume` loads it

@@ -47,7 +47,8 @@ def rl_held_out_rows(rc, n_rows: int) -> int:
 
 def evaluation_rows(rc) -> list[TextProblem]:
     """A data file's rows that the recipe's RL stages hold out for evaluation (no stage trains on them): what the
-    sweep stage evaluates with file data. Raises ValueError when the recipe holds none out."""
+    eval and sweep stages evaluate with file data. Raises ValueError when the recipe holds none out (the recipe
+    check refuses such a recipe first)."""
     from posttrain.data import file_examples, split_held_out
 
     rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(rc.data)]
