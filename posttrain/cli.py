@@ -2,7 +2,9 @@
 
     posttrain run RECIPE.yaml [dotted.key=value ...] [--run-dir DIR]
     posttrain schema            print every recipe key with its type, default and documentation
-    posttrain sweep --model PATH [--model PATH ...] --budgets 0,16,auto --out DIR [--workers N]   budget sweep
+    posttrain sweep --model PATH [--model PATH ...] --budgets 0,16,auto --out DIR [--workers N] [--data FILE ...]
+                                budget sweep (embedded task, or your own problems)
+    posttrain prepare CHECKPOINT --out DIR   a copy with the budget-aware chat template and think tokens
     posttrain export --model RUN_OR_CHECKPOINT --out DIR [--merged] [--rank R]   PEFT LoRA adapter
     posttrain bench [--steps N] [--warmup N] [--out DIR] [--model PATH] [--quick]   our GRPO step against TRL's
 """
@@ -96,11 +98,19 @@ def _sweep_file_problems(args) -> list | None:
     if args.difficulties is not None:
         raise SweepError("--difficulties selects embedded-task problems; with --data every row's difficulty "
                          "(--difficulty-column) is swept")
+    from posttrain.data import DataError
+
     try:
-        data = DataConfig(source="file", path=args.data, **columns)
+        data = DataConfig(source="file", path=args.data, skip_bad_rows=args.skip_bad_rows,
+                          max_prompt_chars=args.max_prompt_chars, **columns)
     except ValidationError as e:
         raise SweepError(f"--data {args.data}: " + "; ".join(err["msg"] for err in e.errors())) from None
-    return file_problems(data, args.n)
+    try:
+        return file_problems(data, args.n)
+    except DataError as e:  # the reader names recipe keys: name this command's options instead
+        msg = str(e).replace("set data.skip_bad_rows: true", "pass --skip-bad-rows")
+        msg = msg.replace("data.max_prompt_chars", "--max-prompt-chars").replace("data.path:", "--data:")
+        raise DataError(msg) from None
 
 
 def _cmd_sweep(args) -> int:
@@ -115,7 +125,7 @@ def _cmd_sweep(args) -> int:
     torch.set_num_threads(threads)
     budgets = parse_budgets(args.budgets)
     problems = _sweep_file_problems(args)
-    difficulties = parse_difficulties(args.difficulties or "1-8") if problems is None else []
+    difficulties = parse_difficulties("1-8" if args.difficulties is None else args.difficulties) if problems is None else []
     try:
         rows = run_sweep(args.model, budgets, args.n, args.seed, difficulties,
                          args.max_new_tokens, args.batch_size, args.device, args.workers, args.backend,
@@ -165,11 +175,12 @@ def _cmd_prepare(args) -> int:
               "(nothing written)")
         return 0
     print(f"{args.checkpoint} -> {args.out}: posttrain's chat template"
-          + (f", added tokens {', '.join(report['added_tokens'])} (embedding rows {report['embedding_rows'][0]} -> "
-             f"{report['embedding_rows'][1]}, new rows at the mean of the others)" if report["added_tokens"] else ""))
-    if report["added_tokens"]:
-        print("  the new tokens' embeddings are untrained: train SFT in full (sft.lora.enabled: false), which "
-              "learns them")
+          + (f", tokens {', '.join(report['added_tokens'])}" if report["added_tokens"] else "")
+          + f"; weights {report['weights']}")
+    if report["initialised_token_ids"]:
+        rows = report["embedding_rows"]
+        print(f"  embedding rows {rows[0]} -> {rows[1]}; the new tokens' rows start at the mean of the others and are "
+              "untrained: train SFT in full (sft.lora.enabled: false), which learns them")
     print(f"  set model.path: {args.out} in the recipe")
     return 0
 
@@ -232,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--answer-column", help="--data: column of the reference answer (default 'answer')")
     w.add_argument("--answer-delimiter", help="--data: the answer column is 'reasoning DELIM answer' (GSM8K: ####)")
     w.add_argument("--difficulty-column", help="--data: integer column to group rows by (default: one group)")
+    w.add_argument("--max-prompt-chars", type=int, default=2000, help="--data: longer prompts are bad rows")
+    w.add_argument("--skip-bad-rows", action="store_true", help="--data: skip bad rows (logged) instead of stopping")
     w.add_argument("--max-new-tokens", type=int, default=160)
     w.add_argument("--batch-size", type=int, default=64)
     w.add_argument("--workers", type=int, default=1, help="rollout workers generating in parallel (reused by "

@@ -122,7 +122,7 @@ class DataConfig(Section):
 
 
 class TaskConfig(Section):
-    """The embedded left-to-right arithmetic task (used when data.source is `arithmetic`, and for evaluation)."""
+    """The embedded left-to-right arithmetic task (used when data.source is `arithmetic`, and by the `rm` stage)."""
 
     min_difficulty: int = Field(1, ge=1, le=8, description="Fewest operators in a problem.")
     max_difficulty: int = Field(8, ge=1, le=8, description="Most operators in a problem.")
@@ -482,7 +482,8 @@ class EvalStageConfig(Section):
     )
     max_new_tokens: int = Field(160, ge=1, description="Generation cap per response.")
     batch_size: int = Field(64, ge=1)
-    seed: int = Field(12345, description="Seed of the held-out problems (distinct from training seeds).")
+    seed: int = Field(12345, description="Seed of the embedded task's held-out problems (distinct from training "
+                      "seeds; unused with a data file).")
 
 
 class SweepStageConfig(Section):
@@ -497,8 +498,10 @@ class SweepStageConfig(Section):
     budgets: list[int | Literal["auto"]] = Field(
         default_factory=lambda: [0, 8, 16, 32, 64, "auto"], description="Budgets; `auto` = no budget (autonomous)."
     )
-    n_per_difficulty: int = Field(20, ge=1, description="Held-out problems per difficulty.")
-    seed: int = Field(12345, description="Seed of the held-out problems (the same for every model and budget).")
+    n_per_difficulty: int = Field(20, ge=1, description="Held-out problems per difficulty (with a data file: the "
+                                  "first of the rows the RL stages hold out, per `data.difficulty_column` value).")
+    seed: int = Field(12345, description="Seed of the embedded task's held-out problems (the same for every model "
+                      "and budget; unused with a data file).")
     max_new_tokens: int = Field(160, ge=1, description="Generation cap per response.")
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
     workers: int = Field(1, ge=1, description="Rollout workers generating in parallel (the run's threads are split "
@@ -588,7 +591,8 @@ class RecipeConfig(Section):
         if self.data.source != "arithmetic" and evaluating and not any(
                 a in self.stages and getattr(self, a).eval_budgets and getattr(self, a).eval_n_per_difficulty > 0
                 for a in ("grpo", "ppo")):
-            raise ValueError(f"stages: with data.source: {self.data.source}, {' and '.join(evaluating)} evaluate the "
+            raise ValueError(f"stages: with data.source: {self.data.source}, {' and '.join(evaluating)} "
+                             f"evaluate{'s' if len(evaluating) == 1 else ''} the "
                              "rows a grpo or ppo stage holds out for its evaluation (no stage trains on them), and "
                              "this recipe has no such stage; add one, or sweep a file of held-out problems with "
                              "`posttrain sweep --data FILE`")

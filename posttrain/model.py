@@ -189,7 +189,10 @@ def check_chat_template(tokenizer, source) -> None:
     if not auto.rstrip().endswith("<think>") or not budgeted.rstrip().endswith("<think>"):
         problems.append("does not end the generation prompt with `<think>`")
     try:
-        think_token_ids(tokenizer)
+        _, end = think_token_ids(tokenizer)
+        if "</think>" not in tokenizer.decode([end], skip_special_tokens=True):  # the decoding generation uses
+            problems.append("marks `</think>` as a special token, which decoding drops (answers would never be "
+                            "graded as closed): set \"special\": false for <think> and </think> in its tokenizer.json")
     except ValueError as e:
         problems.append(str(e))
     if problems:

@@ -75,11 +75,18 @@ def _flatten(d, prefix: str = "") -> dict:
 
 def stage_settings(recipe: dict, stage: str) -> dict:
     """The recipe keys a stage's result depends on (flattened `key.path: value`): its own section and the shared
-    ones, without what only changes how it runs; `data.*` besides `data.source` only when a data file is read."""
+    ones, without what only changes how it runs; `data.*` besides `data.source` only when a data file is read,
+    and then also which rows the RL stages hold out (`held_out.grpo`/`.ppo`: their eval budgets and size)."""
     flat = {}
     for section in SHARED_SECTIONS + (stage,):
         flat.update(_flatten(recipe.get(section), f"{section}."))
     embedded = flat.get("data.source") == "arithmetic"
+    if not embedded and stage not in ("base", "rm", "export"):
+        # a data file's rows that the RL stages hold out: what sft and RL leave out, what eval and sweep evaluate
+        for algo in ("grpo", "ppo"):
+            if algo in (recipe.get("stages") or []):
+                sec = recipe.get(algo) or {}
+                flat[f"held_out.{algo}"] = [sec.get("eval_budgets"), sec.get("eval_n_per_difficulty")]
     return {k: v for k, v in flat.items()
             if k not in HOW_NOT_WHAT and not (embedded and k.startswith("data.") and k != "data.source")}
 

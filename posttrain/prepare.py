@@ -6,23 +6,27 @@ has `<think>` but no `thinking_budget`), and many tokenizers have no think token
 copy of SRC with posttrain's template (`posttrain/chat_template.jinja`) and, where missing, the `<think>`,
 `</think>`, `<|im_start|>` and `<|im_end|>` tokens. New token rows of the input and output embeddings start at
 the mean of the existing rows (the usual initialisation for added tokens); the embeddings grow only when the
-matrix has no spare rows for them. SRC is never changed; DST is written atomically with a checksum manifest and a
-`prepare.json` that records what changed.
+matrix has no spare rows for them. Pickled weights (with `allow_pickle`) are converted to safetensors; other
+pickles (training_args.bin, ...) are left behind. SRC is never changed; DST is written atomically with a checksum
+manifest and a `prepare.json` that records what changed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-from posttrain.model import (CheckpointError, check_chat_template, check_checkpoint_dir, load_model, load_tokenizer,
-                             save_model_files, write_dir_atomically, write_manifest)
+from posttrain.model import (CheckpointError, check_chat_template, check_checkpoint_dir, load_model, save_model_files,
+                             write_dir_atomically, write_manifest)
 from posttrain.tokenizer import EOS, IM_START, THINK_TOKENS, chat_template
 
 _WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+                    "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "tokenizer.model", "spiece.model", "*.tiktoken")
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")  # e.g. training_args.bin: never carried into the copy
 
 
 def missing_tokens(tokenizer) -> list[str]:
@@ -36,9 +40,12 @@ def missing_tokens(tokenizer) -> list[str]:
 
 
 def check_out_dir(out: Path, src: Path) -> None:
-    """`out` may be new, empty or an earlier `prepare` output (its prepare.json), and must not be `src`."""
-    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
-        raise CheckpointError(f"--out {out}: holds the source checkpoint {src}; choose another directory")
+    """`out` may be new, empty or an earlier `prepare` output (its prepare.json), and must be neither `src`, nor
+    above it, nor inside it (SRC is never changed)."""
+    o, s = out.resolve(), src.resolve()
+    if o == s or o in s.parents or s in o.parents:
+        raise CheckpointError(f"--out {out}: is, holds or lies inside the source checkpoint {src}; choose another "
+                              "directory")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / "prepare.json").is_file():
@@ -60,12 +67,16 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
     `out/prepare.json`, or None (nothing written) when `src` is ready as it is."""
     from transformers import AddedToken
 
+    from transformers import AutoTokenizer
+
     src, out = check_checkpoint_dir(src, allow_pickle), Path(out)
     check_out_dir(out, src)
-    tok = load_tokenizer(src, trust_remote_code)
+    # not `load_tokenizer`: its pad default (pad = eos) would be saved into the copy as if the source had it
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    pickled = not (any(src.glob("*.safetensors")) or (src / "model.safetensors.index.json").is_file())
     try:
         check_chat_template(tok, src)
-        if not missing_tokens(tok):
+        if not missing_tokens(tok) and not pickled:
             return None
     except CheckpointError:
         pass
@@ -78,26 +89,35 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
         tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in chatml], special_tokens=True)
     tok.chat_template = chat_template()
     check_chat_template(tok, out)  # the template and tokens now agree
+    ids = {t: tok.convert_tokens_to_ids(t) for t in added}
     report = {"source": str(src.resolve()), "chat_template": "posttrain", "added_tokens": added,
-              "added_token_ids": {t: tok.convert_tokens_to_ids(t) for t in added}}
+              "added_token_ids": ids,
+              # ids past the old vocabulary get fresh rows (the mean of the others); an id the vocabulary already
+              # had (a token it knew but split when reading text) keeps its row
+              "initialised_token_ids": sorted(i for i in ids.values() if i >= n_old),
+              "weights": "converted to safetensors" if pickled else "unchanged"}
+    if report["initialised_token_ids"]:
+        report["weights"] += ", new embedding rows"
 
     def fill(tmp: Path) -> None:
-        for f in src.iterdir():  # modelling code, generation config, README...: everything but weights and tokenizer
-            if f.is_file() and not any(f.match(p) for p in (*_WEIGHT_FILES, *_TOKENIZER_FILES, "manifest.json")):
+        for f in src.iterdir():  # config, modelling code, generation config, README: not weights, tokenizer, pickles
+            if f.is_file() and not any(f.match(p) for p in (*_WEIGHT_FILES, *_TOKENIZER_FILES, *_PICKLES,
+                                                            "manifest.json")):
                 shutil.copy2(f, tmp / f.name)
-        if added:
+        new_ids = report["initialised_token_ids"]
+        if new_ids or pickled:
             model = load_model(src, "cpu", "auto", trust_remote_code, allow_pickle)
             rows = model.get_input_embeddings().weight.shape[0]
-            if len(tok) > rows:
-                model.resize_token_embeddings(len(tok), mean_resizing=False)
-            new_ids = sorted(report["added_token_ids"].values())
-            set_mean_rows(model.get_input_embeddings().weight, new_ids, n_old)
-            head = model.get_output_embeddings()
-            if head is not None and head.weight is not model.get_input_embeddings().weight:
-                set_mean_rows(head.weight, new_ids, n_old)
+            if new_ids and max(new_ids) >= rows:
+                model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+            if new_ids:
+                set_mean_rows(model.get_input_embeddings().weight, new_ids, n_old)
+                head = model.get_output_embeddings()
+                if head is not None and head.weight is not model.get_input_embeddings().weight:
+                    set_mean_rows(head.weight, new_ids, n_old)
             report["embedding_rows"] = [rows, model.get_input_embeddings().weight.shape[0]]
             (tmp / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
-            save_model_files(model, tok, tmp)  # the manifest covers prepare.json too
+            save_model_files(model, tok, tmp)  # safetensors; the manifest covers prepare.json too
         else:  # the weights are unchanged: copied byte for byte
             for f in src.iterdir():
                 if f.is_file() and any(f.match(p) for p in _WEIGHT_FILES):
@@ -105,6 +125,9 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
             (tmp / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
             tok.save_pretrained(tmp)
             write_manifest(tmp)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
 
     write_dir_atomically(out, fill)
     return report

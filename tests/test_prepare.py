@@ -118,7 +118,7 @@ def test_prepare_refuses_an_output_it_would_overwrite(foreign_dir, tmp_path):
     with pytest.raises(CheckpointError, match="mine: exists, is not empty and is not an earlier"):
         prepare_checkpoint(foreign_dir, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-    with pytest.raises(CheckpointError, match="holds the source checkpoint"):
+    with pytest.raises(CheckpointError, match="is, holds or lies inside the source checkpoint"):
         prepare_checkpoint(foreign_dir, foreign_dir)
     assert main(["prepare", str(foreign_dir), "--out", str(tmp_path / "a")]) == 0
     assert main(["prepare", str(foreign_dir), "--out", str(tmp_path / "a")]) == 0  # an earlier output: replaced
@@ -136,3 +136,52 @@ def test_lora_sft_on_a_checkpoint_with_added_tokens_is_refused(foreign_dir, tmp_
         run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run'}", "stages=[sft]", "sft.steps=1", "threads=1",
                                       "sft.lora.enabled=true", f"model.path={tmp_path / 'ready'}"]))
     assert not (tmp_path / "run" / "sft" / "checkpoint").exists()
+    with pytest.raises(RecipeError, match=r"grpo.lora.enabled: .*run a full `sft` stage first"):
+        run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run'}", "stages=[grpo]", "threads=1", "ray.backend=local",
+                                      "grpo.lora.enabled=true", f"model.path={tmp_path / 'ready'}"]))
+
+
+def test_prepare_keeps_the_row_of_a_token_the_vocabulary_had_and_converts_pickles(tmp_path):
+    """A vocabulary that has `<think>` but splits it when reading text: `prepare` makes it whole and keeps its
+    (trained) row; rows are initialised only for ids past the old vocabulary. Pickled weights come out as
+    safetensors; no pad token is invented; --out inside the source is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from posttrain.model import tiny_moe_config
+    from posttrain.prepare import prepare_checkpoint
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "<think>", "1", "+", "2", "=", "3", "<", ">", "think"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert tok.convert_tokens_to_ids("<think>") == 2 and tok("<think>", add_special_tokens=False)["input_ids"] != [2]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(
+        len(tok), 1, 1, hidden_size=16, num_hidden_layers=1, num_experts=2, moe_intermediate_size=16,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True))
+    src = tmp_path / "pickled"
+    model.save_pretrained(src)
+    for f in src.glob("*.safetensors"):  # pytorch_model.bin only
+        f.unlink()
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    tok.save_pretrained(src)
+    (src / "training_args.bin").write_bytes(b"not carried")
+    assert tok.pad_token is None
+    with pytest.raises(CheckpointError, match="pickled weights"):
+        prepare_checkpoint(src, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="lies inside the source"):
+        prepare_checkpoint(src, src / "prepared", allow_pickle=True)
+    report = prepare_checkpoint(src, tmp_path / "out", allow_pickle=True)
+    assert report["added_token_ids"]["<think>"] == 2 and 2 not in report["initialised_token_ids"]
+    assert report["weights"].startswith("converted to safetensors")
+    out = tmp_path / "out"
+    assert any(out.glob("*.safetensors")) and not any(out.glob("*.bin"))
+    ready, tok2 = load_model(out), load_tokenizer(out)
+    torch.testing.assert_close(ready.get_input_embeddings().weight[:len(vocab)], model.get_input_embeddings().weight)
+    assert tok2("<think>", add_special_tokens=False)["input_ids"] == [2]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).pad_token is None  # not invented by the copy
+    check_chat_template(tok2, "prepared")

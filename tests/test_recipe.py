@@ -93,3 +93,19 @@ def test_reward_params_are_checked_when_the_recipe_loads(tmp_path):
     assert "grpo.rewards.0: reward 'genrm' needs the parameter path" in msg
     msg = error_of(tmp_path, overrides=["ppo.rewards=[{name: math, params: {tolerence: 1}}]"])
     assert "ppo.rewards.0: reward 'math' got an unknown parameter 'tolerence'" in msg
+
+
+def test_rerun_guard_of_file_data_stages_covers_the_rows_the_rl_stages_hold_out(tmp_path):
+    """With a data file, which rows grpo/ppo hold out decides what sft and RL train on and what eval and sweep
+    evaluate, so their eval budgets and size count as those stages' settings; with the embedded task they do not."""
+    from posttrain.pipeline import stage_settings
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    rc = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,eval,grpo,sweep]", f"model.path={tmp_path}",
+                            "data.source=file", f"data.path={data}", "grpo.eval_n_per_difficulty=7"])
+    recipe = rc.model_dump(mode="json")
+    for stage in ("sft", "eval", "grpo", "sweep"):
+        assert stage_settings(recipe, stage)["held_out.grpo"][1] == 7 and "held_out.ppo" not in stage_settings(recipe, stage)
+    embedded = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,grpo]", f"model.path={tmp_path}"]).model_dump(mode="json")
+    assert not any(k.startswith("held_out") for k in stage_settings(embedded, "sft"))

@@ -352,10 +352,19 @@ def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(ti
     base = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", *[s.format(algo="grpo") for s in TINY],
             *data, "ray.backend=local", "sweep.backend=local", "sweep.budgets=[0,4,auto]", "sweep.n_per_difficulty=2",
             "sweep.max_new_tokens=6", "grpo.eval_n_per_difficulty=3"]
-    with pytest.raises(Exception, match="sweep evaluate the rows a grpo or ppo stage holds out"):
+    with pytest.raises(Exception, match="sweep evaluates the rows a grpo or ppo stage holds out"):
         load_recipe(None, [*base, "stages=[sweep]"])
     rc = load_recipe(None, [*base, "stages=[eval,grpo,sweep]", "eval.budgets=[0,auto]", "eval.n_per_difficulty=1",
                             "eval.max_new_tokens=6"])
+    import posttrain.eval.sweep as sweep_module
+
+    graded, real = [], sweep_module.grade_math_responses  # what every stage actually graded
+
+    def spy(problems, responses):
+        graded.append([p.expression for p in problems])
+        return real(problems, responses)
+
+    monkeypatch.setattr(sweep_module, "grade_math_responses", spy)
     info = run_recipe(rc)
     out = info["sweep"]
     quick = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())  # the held-out rows, 1 per difficulty
@@ -364,10 +373,28 @@ def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(ti
     swept = first_per_difficulty(evaluation_rows(rc), 2)
     held = {r["q"] for r in rows[-12:]}  # 6 held-out rows per eval budget (3 per difficulty), 2 budgets
     assert {p.expression for p in swept} <= held and [p.difficulty for p in swept].count(1) == 2
+    assert graded and all(set(g) <= held for g in graded)  # eval, grpo's before/after and sweep: held-out rows only
+    assert [p.expression for p in swept] in graded  # the sweep's 2 per difficulty
+    assert [p.expression for p in first_per_difficulty(evaluation_rows(rc), 1)] in graded  # the eval stage's 1
     saved = json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())
     assert {r["model"] for r in saved} == {"grpo"} and {r["difficulty"] for r in saved} == {1, 2, "all"}
     assert all(r["n"] == (4 if r["difficulty"] == "all" else 2) for r in saved)
     assert {r["budget"] for r in out["summary"]} == {0, 4, "auto"}
+
+
+def test_no_rl_stage_trains_on_rows_another_holds_out(tmp_path):
+    """grpo holds out 12 rows, ppo 4: ppo trains on none of grpo's 12 either (eval and sweep evaluate all 12)."""
+    from posttrain.stages.rl_problems import ProblemSource, evaluation_rows
+
+    rows = _word_problems(tmp_path / "d.jsonl", n=34)  # no repeated prompts
+    rc = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[grpo,ppo]",
+                            "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
+                            "data.answer_column=a", "task.max_difficulty=2", "grpo.eval_budgets=[4,auto]",
+                            "grpo.eval_n_per_difficulty=3", "ppo.eval_budgets=[4,auto]", "ppo.eval_n_per_difficulty=1"])
+    ppo = ProblemSource(rc, rc.ppo)
+    assert [p.expression for p in ppo.train] == [r["q"] for r in rows[:-12]]
+    assert [p.expression for b in ("4", "auto") for p in ppo.eval(b)] == [r["q"] for r in rows[-4:]]
+    assert [p.expression for p in evaluation_rows(rc)] == [r["q"] for r in rows[-12:]]
 
 
 def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_graded_as_text(tmp_path):

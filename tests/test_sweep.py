@@ -528,7 +528,8 @@ def test_sweep_command_on_a_data_file(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {r["difficulty"] for r in json.loads((tmp_path / "b" / "sweep.json").read_text())} == {0, "all"}
     for extra, shown in ((["--difficulties", "1-2"], "--difficulties selects embedded-task problems"),
-                         (["--answer-column", "nope"], "nope")):
+                         (["--answer-column", "nope"], "nope"),
+                         (["--max-prompt-chars", "10"], "over --max-prompt-chars=10 (pass --skip-bad-rows to skip")):
         proc = posttrain(*args, *extra, "--out", str(tmp_path / "c"))
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and shown in proc.stderr, proc.stderr[-2000:]
     proc = posttrain("sweep", "--model", str(tiny_model_dir), "--prompt-column", "q", "--out", str(tmp_path / "c"))

@@ -94,3 +94,9 @@ def test_chat_template_check_names_what_a_foreign_template_lacks(tokenizer):
     plain.chat_template = None
     with pytest.raises(CheckpointError, match="ckpt: the tokenizer has no chat template"):
         check_chat_template(plain, "ckpt")
+    from transformers import AddedToken
+
+    special = copy.deepcopy(tokenizer)  # decoding with skip_special_tokens (as generation does) would drop </think>
+    special.add_tokens([AddedToken("</think>", special=True, normalized=False)], special_tokens=True)
+    with pytest.raises(CheckpointError, match="marks `</think>` as a special token, which decoding drops"):
+        check_chat_template(special, "ckpt")

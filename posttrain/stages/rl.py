@@ -438,6 +438,7 @@ class RLDriver:
         from posttrain.model import check_chat_template, load_tokenizer
         from posttrain.rlstate import latest
         from posttrain.stages.rl_problems import ProblemSource
+        from posttrain.stages.sft import check_added_tokens
 
         ctx = self.ctx
         self._saved = found = latest(ctx.stage.path / "state")  # verified once; `resume` loads it
@@ -446,6 +447,7 @@ class RLDriver:
         self.problems = ProblemSource(self.rc, self.cfg)  # so does a bad data file
         self._tokenizer = load_tokenizer(ctx.model_path)
         check_chat_template(self._tokenizer, ctx.model_path)
+        check_added_tokens(ctx.model_path, self.cfg.lora.enabled, f"{self.algo}.lora")
         self._pad_id = self._tokenizer.pad_token_id
         self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
         for r in self.w.rollouts:

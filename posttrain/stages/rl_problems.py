@@ -47,15 +47,18 @@ def rl_held_out_rows(rc, n_rows: int) -> int:
 
 def evaluation_rows(rc) -> list[TextProblem]:
     """A data file's rows that the recipe's RL stages hold out for evaluation (no stage trains on them): what the
-    eval and sweep stages evaluate with file data. Raises ValueError when the recipe holds none out (the recipe
-    check refuses such a recipe first)."""
+    eval and sweep stages evaluate with file data. Raises DataError when the file is too small to hold any out (a
+    recipe without an RL stage that holds rows out is refused when it loads)."""
     from posttrain.data import file_examples, split_held_out
+
+    from posttrain.data import DataError
 
     rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(rc.data)]
     k = rl_held_out_rows(rc, len(rows))
     if k == 0:
-        raise ValueError(f"{rc.data.path}: the recipe holds no rows out for evaluation (a grpo or ppo stage with "
-                         "eval_budgets and eval_n_per_difficulty > 0 does), so every row may be trained on")
+        raise DataError(f"{rc.data.path}: its {len(rows)} rows are too few for the grpo/ppo stage to hold any out "
+                        "for evaluation (at most half the file, a slice per distinct eval budget), so the eval and "
+                        "sweep stages have nothing no stage trained on; use a larger file or fewer eval budgets")
     return split_held_out(rows, k, prompt=lambda r: r.expression)[1]
 
 
@@ -79,7 +82,12 @@ class ProblemSource:
         if self.cfg.eval_n_per_difficulty > 0 and budgets and per_budget == 0:
             log.warning("%s: %d rows are too few to hold any out for evaluation; the stage evaluates nothing",
                         self.rc.data.path, len(rows))
-        self.train, held = split_held_out(rows, per_budget * len(budgets), prompt=lambda r: r.expression)
+        own = per_budget * len(budgets)
+        # train on none of the rows any RL stage of the recipe holds out (another's slice may be larger than this
+        # one's): the eval and sweep stages evaluate all of them; evaluate on the last `own` rows
+        total = max(own, rl_held_out_rows(self.rc, len(rows)))
+        self.train, held = split_held_out(rows, total, prompt=lambda r: r.expression)
+        held = held[len(held) - own:]
         for i, b in enumerate(budgets):
             self.held_out[b] = held[i * per_budget: (i + 1) * per_budget]
         if not self.train:

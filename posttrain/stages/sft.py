@@ -26,21 +26,23 @@ def _metrics_callback(metrics):
     return JsonlMetrics()
 
 
-def check_added_tokens(model_path, lora_enabled: bool) -> None:
+def check_added_tokens(model_path, lora_enabled: bool, key: str = "sft.lora") -> None:
     """A checkpoint `posttrain prepare` added tokens to (its prepare.json) has their embedding rows at the mean of
-    the others: only a full SFT trains them (LoRA freezes the embeddings, and TRL's fused LM head bypasses PEFT's
-    trainable-token rows), so LoRA SFT on it is refused rather than leaving `</think>` untrained."""
+    the others: only full training learns them (LoRA freezes the embeddings, and TRL's fused LM head bypasses PEFT's
+    trainable-token rows), so LoRA training straight on it (SFT, or RL with `key` its lora section) is refused
+    rather than leaving `</think>` untrained."""
     import json
     from pathlib import Path
 
     from posttrain.recipe import RecipeError
 
     f = Path(model_path) / "prepare.json"
-    added = json.loads(f.read_text()).get("added_tokens", []) if f.is_file() else []
-    if lora_enabled and added:
-        raise RecipeError(f"sft.lora.enabled: {model_path} has tokens `posttrain prepare` added ({', '.join(added)}), "
-                          "whose embeddings are untrained and which LoRA cannot train; set sft.lora.enabled: false "
-                          "(a full SFT learns them; the RL stages and export may still use LoRA)")
+    report = json.loads(f.read_text()) if f.is_file() else {}
+    fresh = [t for t, i in report.get("added_token_ids", {}).items() if i in report.get("initialised_token_ids", [])]
+    if lora_enabled and fresh:
+        raise RecipeError(f"{key}.enabled: {model_path} has tokens `posttrain prepare` added ({', '.join(fresh)}), "
+                          f"whose embeddings are untrained and which LoRA cannot train; set {key}.enabled: false, or "
+                          "run a full `sft` stage first (it learns them; later stages may then use LoRA)")
 
 
 def peft_config(lora, model, key: str = "sft.lora"):
