@@ -220,8 +220,9 @@ class SFTStageConfig(Section):
                     "explicit trace of uniform grouping; `most_lines` the trace with the most lines that fits, its "
                     "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2); `full_or_empty` "
                     "the full trace when it fits, else no thinking (what real data gives: no compressed traces, "
-                    "compression left to RL); `full` the full trace whatever the budget, past it where it does not fit (a teacher "
-                    "that never saw the budget, as distilled data gives: budgets then taught by RL). A list draws "
+                    "compression left to RL); `full` the full trace (`autonomous_style`) whatever the budget, past it where it does not "
+                    "fit (a teacher that never saw the budget, as distilled data gives: budgets then taught by RL; "
+                    "RL's `ptx_traces: fitting` would imitate those overruns, `full` does not). A list draws "
                     "one of its demonstrators per example (docs/rl_findings.md compares them).",
     )
     full_trace_share: float = Field(

@@ -149,12 +149,16 @@ def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_row
 
 
 def split_held_out(rows: list, k: int, prompt=lambda r: r.prompt) -> tuple[list, list]:
-    """(train, held): the last `k` rows are held out, and a training row whose prompt is also held out is dropped,
-    so that no stage trains on a problem the evaluation asks (a file may repeat a prompt)."""
+    """(train, held): the last `k` rows are held out, each prompt once (a repeat would count one problem twice in a
+    paired comparison), and a training row whose prompt is also held out is dropped, so that no stage trains on a
+    problem the evaluation asks (a file may repeat a prompt)."""
     if k <= 0:
         return list(rows), []
-    held = rows[len(rows) - k:]
-    asked = {prompt(r) for r in held}
+    held, asked = [], set()
+    for r in rows[len(rows) - k:]:  # the first row of each prompt
+        if prompt(r) not in asked:
+            asked.add(prompt(r))
+            held.append(r)
     train = [r for r in rows[:len(rows) - k] if prompt(r) not in asked]
     if len(train) < len(rows) - k:
         log.info("data: %d training rows repeat a held-out prompt and are left out", len(rows) - k - len(train))

@@ -159,3 +159,15 @@ def test_reasoning_column_named_nowhere_is_an_error_and_a_missing_one_keeps_the_
     path = write_jsonl(tmp_path / "h.jsonl", [{**GSM8K[0], "why": "because"}, GSM8K[1]])
     ex = load_examples(gsm8k_cfg(path, reasoning_column="why"), TaskConfig(), 10, 0)
     assert ex[0].reasoning == "because" and ex[1].reasoning and "####" not in ex[1].reasoning
+
+
+def test_split_held_out_counts_each_held_prompt_once_and_trains_on_none_of_them():
+    from types import SimpleNamespace as R
+
+    from posttrain.data import split_held_out
+
+    rows = [R(prompt=p) for p in ["a", "b", "c", "d", "b", "e", "d"]]
+    train, held = split_held_out(rows, 4)  # the last 4: d, b, e, d
+    assert [r.prompt for r in held] == ["d", "b", "e"]  # d once, where it first comes
+    assert [r.prompt for r in train] == ["a", "c"]  # b and d are asked by the evaluation
+    assert split_held_out(rows, 0) == (rows, [])

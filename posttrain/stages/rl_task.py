@@ -80,4 +80,5 @@ def sft_demonstrator(sft_cfg, rng):
     from posttrain.sft_data import budget_trace
 
     return lambda p, budget, count: budget_trace(p, budget, count, rng, sft_cfg.budget_traces,
-                                                 sft_cfg.full_trace_share, sft_cfg.truncate_share)
+                                                 sft_cfg.full_trace_share, sft_cfg.truncate_share,
+                                                 sft_cfg.autonomous_style)
