@@ -441,7 +441,10 @@ class ActorGroupConfig(Section):
     cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor; its torch threads = max(1, int(cpus)).")
     gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
     threads: int | None = Field(None, ge=1, description="torch threads (default from cpus).")
-    max_restarts: int = Field(2, ge=0, description="Restarts Ray may make after the actor dies or hangs.")
+    max_restarts: int = Field(2, ge=0, description="Restarts Ray may make after the actor dies or hangs. For the "
+                              "learner and critic, which hold the training state, each is a recovery of the whole "
+                              "step loop instead: every actor restarted, training resumed from the last saved state "
+                              "(the steps since it redone).")
     timeout_s: float | None = Field(600.0, gt=0, description="Seconds any call may take before the actor is "
                                     "treated as hung (killed, restarted, the call retried).")
 

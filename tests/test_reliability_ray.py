@@ -13,6 +13,7 @@ import torch
 
 from posttrain.recipe import load_recipe
 from posttrain.rlstate import latest
+from posttrain.workers.learner import LearnerWorker
 from posttrain.workers.reward import RLRewardWorker
 from posttrain.workers.rollout import RolloutWorker
 
@@ -57,6 +58,17 @@ class HangingReward(RLRewardWorker):
             time.sleep(600)
         scores, correct, metrics = RLRewardWorker.score(self, *args, **kwargs)
         return [s + 0.1 * i for i, s in enumerate(scores)], correct, metrics
+
+
+class FaultyLearner(LearnerWorker):
+    """A learner whose process dies in its `die_on`-th `step` call (the count survives restarts)."""
+
+    counter, die_on = "", 0
+
+    def step(self, *args, **kwargs):
+        if _bump(self.counter) == self.die_on:
+            os._exit(1)
+        return LearnerWorker.step(self, *args, **kwargs)
 
 
 @pytest.fixture()
@@ -164,3 +176,33 @@ def test_rollout_out_of_restarts_stops_the_run_naming_the_actor(faulty_workers, 
     assert not (run / "grpo" / "done.json").exists() and not (run / ".lock").exists()
     d, driver = latest(run / "grpo" / "state")
     assert d.name == "step_000002" and driver["step"] == 2
+
+
+def test_learner_death_is_recovered_from_the_last_save_to_the_same_weights(faulty_workers, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
+    """A learner holds the weights and optimizer, so Ray alone must not restart it (it would come back with the
+    input model). With `ray.learner.max_restarts: 1` its death in step 3 (after the step-2 save) restarts every
+    actor, resumes from the save, redoes step 2 and 3, and ends with the weights of a run that never failed."""
+    from posttrain.model import load_model
+    from posttrain.pipeline import run_recipe
+    from posttrain.stages import rl
+
+    monkeypatch.setattr(rl, "LearnerWorker", FaultyLearner)
+    monkeypatch.setattr(FaultyLearner, "counter", str(tmp_path / "step_calls"))
+    clean = run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'clean'}", f"model.path={tiny_model_dir}", *TINY]))
+    (tmp_path / "step_calls").unlink()
+    monkeypatch.setattr(FaultyLearner, "die_on", 4)  # step calls 1-4 = steps 0-3
+    run = tmp_path / "run"
+    info = run_recipe(load_recipe(None, [f"run_dir={run}", f"model.path={tiny_model_dir}", *TINY,
+                                         "ray.learner.max_restarts=1"]))["grpo"]
+    assert info["steps"] == 4 and int((tmp_path / "step_calls").read_text()) == 6  # steps 2 and 3 redone
+    lines = (run / "grpo" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in lines] == [0, 1, 2, 3]
+    assert "restarting every actor and resuming from the last saved state (recovery 1 of 1)" in (run / "run.log").read_text()
+    a, b = load_model(clean["grpo"]["checkpoint"]).state_dict(), load_model(info["checkpoint"]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # without a recovery allowed (the default), the same death stops the run, the last save intact
+    (tmp_path / "step_calls").unlink()
+    with pytest.raises(Exception, match=r"actor 'learner0' failed: step\(\): the actor process died"):
+        run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'stop'}", f"model.path={tiny_model_dir}", *TINY]))
+    assert latest(tmp_path / "stop" / "grpo" / "state")[1]["step"] == 2

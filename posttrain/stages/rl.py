@@ -37,7 +37,7 @@ from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _with
                                        problems_fingerprint)
 from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
 from posttrain.runlog import log, write_json_atomic
-from posttrain.workers.actors import ActorOptions, Proxy, init_ray, spawn
+from posttrain.workers.actors import ActorOptions, Proxy, WorkerFailed, init_ray, spawn
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker
 from posttrain.workers.rollout import RolloutWorker
@@ -138,9 +138,12 @@ class Workers:
         return [*self.rollouts, *self.learners, self.reward, *(p for p in (self.reference, self.critic) if p)]
 
 
-def _options(group) -> ActorOptions:
-    return ActorOptions(cpus=group.cpus, gpus=group.gpus, threads=group.threads, max_restarts=group.max_restarts,
-                        timeout_s=group.timeout_s)
+def _options(group, stateful: bool = False) -> ActorOptions:
+    """ActorOptions of a recipe `ray.*` group. A stateful actor (learner, critic) is never restarted by Ray alone:
+    it would come back with the input model's weights and a fresh optimizer. Its `max_restarts` are the driver's
+    recoveries instead (`RLDriver.fit`: every actor restarted, the loop resumed from the last saved state)."""
+    return ActorOptions(cpus=group.cpus, gpus=group.gpus, threads=group.threads,
+                        max_restarts=0 if stateful else group.max_restarts, timeout_s=group.timeout_s)
 
 
 def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
@@ -176,7 +179,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, trainable=list(cfg.trainable) or None,
                       lora=cfg.lora.model_dump() if cfg.lora.enabled else None, lora_key=f"{algo}.lora",
                       **learner_kwargs, name=f"learner{i}",
-                      options=_options(ray_cfg.learner), backend=backend) for i in range(ray_cfg.learner.num)]
+                      options=_options(ray_cfg.learner, stateful=True), backend=backend)
+                for i in range(ray_cfg.learner.num)]
     if cfg.lora.enabled:
         [p.result() for p in [r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump()) for r in rollouts]]
     reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards],
@@ -185,8 +189,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
                       backend=backend) if cfg.kl_coef > 0 else None
     critic = spawn(CriticWorker, path, **common, lr=cfg.critic_learning_rate, value_clip=cfg.value_clip,
-                   max_grad_norm=cfg.max_grad_norm, seed=rc.seed, name="critic", options=_options(ray_cfg.critic),
-                   backend=backend) if with_critic else None
+                   max_grad_norm=cfg.max_grad_norm, seed=rc.seed, name="critic",
+                   options=_options(ray_cfg.critic, stateful=True), backend=backend) if with_critic else None
     if len(learners) > 1:
         if backend != "ray":
             raise ValueError("ray.learner.num > 1 (data parallel) needs ray.backend: ray")
@@ -401,6 +405,35 @@ class RLDriver:
         log.info("%s: resuming from %s (step %d of %d)", self.algo, d, driver["step"], self.cfg.steps)
         return int(driver["step"])
 
+    def _steps(self, start: int, history: dict) -> None:
+        """Train steps `start`..steps-1 (saving every `save_every`), their metrics into `history` by step."""
+        from tqdm.auto import tqdm
+
+        ctx, cfg = self.ctx, self.cfg
+        bar = tqdm(range(start, cfg.steps), desc=self.algo, initial=start, total=cfg.steps, leave=False)
+        with self._graceful_stop():
+            for step in bar:
+                metrics = self.train_step(step)
+                ctx.metrics.log(step, metrics)
+                history[step] = metrics
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
+                                adh=f"{metrics.get('rollout/adherence', float('nan')):.2f}")
+                done = step + 1
+                if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or self.stop_requested:
+                    self.save(done)
+                if self.stop_requested:
+                    raise KeyboardInterrupt(f"{self.algo} stopped by a signal after step {done}; state saved")
+
+    def _recoveries_allowed(self, actor: str) -> int:
+        """How often a failure of `actor` may be recovered by restarting every actor from the last saved state: the
+        recipe's `max_restarts` of a stateful group (learners, critic); 0 for the others, whose own restarts (the
+        proxy's) are spent when their failure reaches here."""
+        if self.rc.ray.backend != "ray":
+            return 0
+        if actor.startswith("learner"):
+            return self.rc.ray.learner.max_restarts
+        return self.rc.ray.critic.max_restarts if actor == "critic" else 0
+
     def _check_saved_steps(self, d, driver: dict) -> None:
         if int(driver["step"]) > self.cfg.steps:
             from posttrain.recipe import RecipeError
@@ -455,8 +488,6 @@ class RLDriver:
         return self.w
 
     def fit(self) -> dict:
-        from tqdm.auto import tqdm
-
         ctx, cfg = self.ctx, self.cfg
         self.start()
         try:
@@ -465,20 +496,25 @@ class RLDriver:
             if start == 0:
                 write_json_atomic(ctx.stage.path / "eval_before.json", before)
             log.info("%s: input model %s", self.algo, _brief(before))
-            history = []
-            bar = tqdm(range(start, cfg.steps), desc=self.algo, initial=start, total=cfg.steps, leave=False)
-            with self._graceful_stop():
-                for step in bar:
-                    metrics = self.train_step(step)
-                    ctx.metrics.log(step, metrics)
-                    history.append(metrics)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
-                                    adh=f"{metrics.get('rollout/adherence', float('nan')):.2f}")
-                    done = step + 1
-                    if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or self.stop_requested:
-                        self.save(done)
-                    if self.stop_requested:
-                        raise KeyboardInterrupt(f"{self.algo} stopped by a signal after step {done}; state saved")
+            history: dict[int, dict] = {}
+            recoveries = 0
+            while True:
+                try:
+                    self._steps(start, history)
+                    break
+                except WorkerFailed as e:
+                    budget = self._recoveries_allowed(e.actor)
+                    if recoveries >= budget:
+                        raise
+                    recoveries += 1
+                    log.warning("%s: %s; restarting every actor and resuming from the last saved state (recovery %d "
+                                "of %d)", self.algo, e, recoveries, budget)
+                    for p in self.w.all():
+                        p.kill()
+                    self.start()
+                    start = self.resume()
+                    history = {s: m for s, m in history.items() if s < start}
+            history = [history[s] for s in sorted(history)]
             self.w.learners[0].call(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
             after = self.evaluate()
             write_json_atomic(ctx.stage.path / "eval_after.json", after)
