@@ -156,3 +156,21 @@ def test_unreachable_ray_address_fails_at_once_naming_it():
         s.bind(("127.0.0.1", 0))
         s.listen()
         _check_reachable("ray.address", f"127.0.0.1:{s.getsockname()[1]}")
+
+
+def test_gather_raises_a_failure_at_once_not_after_the_calls_before_it(tmp_path, ray_session):
+    """Two actors: the first blocks (as a data-parallel learner does in a collective when another rank died), the
+    second dies for good. `gather` raises the second's failure without waiting for the first; results otherwise
+    come back in submission order, local proxies included."""
+    from posttrain.workers.actors import gather
+
+    slow = spawn(Probe, str(tmp_path / "a"), name="slow", options=ActorOptions(cpus=0.5, max_restarts=0))
+    dead = spawn(Probe, str(tmp_path / "b"), name="dead", options=ActorOptions(cpus=0.5, max_restarts=0))
+    local = spawn(Probe, str(tmp_path / "c"), name="local", backend="local")
+    assert gather([dead.submit(Probe.echo, 1), local.submit(Probe.echo, 2), slow.submit(Probe.echo, 3)]) == [
+        (1, "fresh"), (2, "fresh"), (3, "fresh")]
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed, match="actor 'dead' failed"):
+        gather([slow.submit(Probe.hang_first, 1), dead.submit(Probe.die_first, 1)])
+    assert time.monotonic() - t0 < 60  # the hang is 600 s
+    slow.kill()

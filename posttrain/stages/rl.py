@@ -37,7 +37,7 @@ from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _with
                                        problems_fingerprint)
 from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
 from posttrain.runlog import log, write_json_atomic
-from posttrain.workers.actors import ActorOptions, Proxy, WorkerFailed, init_ray, spawn
+from posttrain.workers.actors import ActorOptions, Proxy, WorkerFailed, gather, init_ray, spawn
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker
 from posttrain.workers.rollout import RolloutWorker
@@ -195,8 +195,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
         if backend != "ray":
             raise ValueError("ray.learner.num > 1 (data parallel) needs ray.backend: ray")
         url = learners[0].call(LearnerWorker.rendezvous)
-        pending = [p.submit(LearnerWorker.init_distributed, url, i, len(learners)) for i, p in enumerate(learners)]
-        [p.result() for p in pending]
+        gather([p.submit(LearnerWorker.init_distributed, url, i, len(learners)) for i, p in enumerate(learners)])
         log.info("%s: %d data-parallel learners joined %s", algo, len(learners), url)
     return Workers(rollouts, learners, reward, reference, critic)
 
@@ -233,7 +232,7 @@ class RLDriver:
                             group_size or self.cfg.group_size, max_new_tokens or self.cfg.max_new_tokens,
                             seed=seed + 7919 * i, **kwargs)
                    for i, (w, (lo, hi)) in enumerate(zip(self.w.rollouts, parts))]
-        batches = [p.result() for p in pending]
+        batches = gather(pending)
         return concat_batches(batches, self._pad_id)
 
     def learn(self, batch, adv, mask, ref_logp, demos=None) -> dict[str, float]:
@@ -252,7 +251,7 @@ class RLDriver:
             pending.append(w.submit(LearnerWorker.step, part, adv[lo:hi], mask[lo:hi],
                                     mini_batches=self.cfg.mini_batches, group_size=self.cfg.group_size,
                                     ref_logp=None if ref_logp is None else ref_logp[lo:hi], demos=mine))
-        results = [p.result() for p in pending]
+        results = gather(pending)
         out = {}
         for k in results[0]:
             vals = [r[k] for r in results if isinstance(r.get(k), float)]
@@ -261,8 +260,7 @@ class RLDriver:
 
     def sync_weights(self) -> None:
         self.weights = self.w.learners[0].call(LearnerWorker.weights)
-        pending = [w.submit(RolloutWorker.update_weights, self.weights) for w in self.w.rollouts]
-        [p.result() for p in pending]
+        gather([w.submit(RolloutWorker.update_weights, self.weights) for w in self.w.rollouts])
 
     def _restore_rollout(self, proxy) -> None:
         """on_restart hook: a restarted rollout worker reloads the input model; give it the LoRA wrapper (the
@@ -395,8 +393,7 @@ class RLDriver:
             return 0
         d, driver = found
         self._check_saved_steps(d, driver)
-        pending = [w.submit(LearnerWorker.load_state, str(d)) for w in self.w.learners]
-        [p.result() for p in pending]
+        gather([w.submit(LearnerWorker.load_state, str(d)) for w in self.w.learners])
         if self.w.critic is not None:
             self.w.critic.call(CriticWorker.load_state, str(d))
         self.consecutive_skips = int(driver.get("consecutive_skips", 0))

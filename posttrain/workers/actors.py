@@ -225,6 +225,26 @@ class Proxy(Generic[W]):
             ray.kill(self.handle, no_restart=True)
 
 
+def gather(pending: list[Pending[R]]) -> list[R]:
+    """The results of calls submitted to several actors, in submission order. They are collected as they finish,
+    so a call that fails for good (`WorkerFailed`) is raised at once rather than after the calls listed before it:
+    a data-parallel learner waits in a collective for a rank that died until its own timeout."""
+    done: dict[int, Any] = {}
+    remote = {i: p for i, p in enumerate(pending) if p.proxy.local is None}
+    for i, p in enumerate(pending):
+        if i not in remote:
+            done[i] = p.result()
+    if remote:
+        import ray
+
+        while len(done) < len(pending):
+            waiting = {id(p._ref): i for i, p in remote.items() if i not in done}
+            ready, _ = ray.wait([remote[i]._ref for i in waiting.values()], num_returns=1)
+            i = waiting[id(ready[0])]
+            done[i] = remote[i].result()  # returns, or recovers (restart, retry), or raises WorkerFailed
+    return [done[i] for i in range(len(pending))]
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
