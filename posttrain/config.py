@@ -220,7 +220,7 @@ class SFTStageConfig(Section):
                     "explicit trace of uniform grouping; `most_lines` the trace with the most lines that fits, its "
                     "operators grouped as evenly as possible (2-1-1 where `most_explicit` writes 2-2); `full_or_empty` "
                     "the full trace when it fits, else no thinking (what real data gives: no compressed traces, "
-                    "compression left to RL); `full` the full trace (`autonomous_style`) whatever the budget, past it where it does not "
+                    "compression left to RL); `full` the full trace whatever the budget, past it where it does not "
                     "fit (a teacher that never saw the budget, as distilled data gives: budgets then taught by RL; "
                     "RL's `ptx_traces: fitting` would imitate those overruns, `full` does not). A list draws "
                     "one of its demonstrators per example (docs/rl_findings.md compares them).",
@@ -443,8 +443,10 @@ class ActorGroupConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch threads (default from cpus).")
     max_restarts: int = Field(2, ge=0, description="Restarts Ray may make after the actor dies or hangs. For the "
                               "learner and critic, which hold the training state, each is a recovery of the whole "
-                              "step loop instead: every actor restarted, training resumed from the last saved state "
-                              "(the steps since it redone).")
+                              "step loop instead (`backend: ray`; one count for both): every actor restarted, "
+                              "training resumed from the last saved state (the steps since it redone; from step 0 "
+                              "before the first save). A failure outside the step loop (evaluation, final save) "
+                              "stops the run.")
     timeout_s: float | None = Field(600.0, gt=0, description="Seconds any call may take before the actor is "
                                     "treated as hung (killed, restarted, the call retried).")
 

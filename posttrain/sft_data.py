@@ -45,10 +45,9 @@ def full_or_empty(full: str, budget: int, count_tokens) -> str:
 
 
 def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces: str | list[str] = "most_explicit",
-                 full_trace_share: float = 1.0, truncate_share: float = 0.0, style: str = "verbose") -> str:
+                 full_trace_share: float = 1.0, truncate_share: float = 0.0) -> str:
     """The thinking a budgeted example of arithmetic problem `p` demonstrates (`sft.budget_traces`; a list: one of
-    its demonstrators drawn uniformly per example); `style`: the autonomous examples' trace style, which `full`
-    shows."""
+    its demonstrators drawn uniformly per example)."""
     if isinstance(budget_traces, (list, tuple)):
         if not budget_traces:
             raise ValueError("budget_traces: an empty list names no demonstrator")
@@ -62,7 +61,7 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
     if budget_traces == "full_or_empty":
         return full_or_empty(make_trace(p, "verbose", 1), budget, count_tokens)
     if budget_traces == "full":
-        return make_trace(p, style, 1)
+        return make_trace(p, "verbose", 1)
     raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled, full_or_empty or full, "
                      f"got {budget_traces!r}")
 
@@ -87,7 +86,7 @@ def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: B
             budget = draw_budget(rng, budgets)
             if arithmetic:
                 thinking = budget_trace(p, budget, count, rng, budget_traces,
-                                        full_trace_share, truncate_share, autonomous_style)
+                                        full_trace_share, truncate_share)
             else:  # real data: keep the reference reasoning only when it fits
                 thinking = full_or_empty(full, budget, count)
         row = tokenize_example(tokenizer, ex.prompt, budget, thinking, ex.answer)

@@ -174,3 +174,17 @@ def test_gather_raises_a_failure_at_once_not_after_the_calls_before_it(tmp_path,
         gather([slow.submit(Probe.hang_first, 1), dead.submit(Probe.die_first, 1)])
     assert time.monotonic() - t0 < 60  # the hang is 600 s
     slow.kill()
+
+
+def test_gather_times_out_a_hung_call_and_retries_it_on_the_restarted_actor(tmp_path, ray_session):
+    """`timeout_s` holds for gathered calls as for single ones: the hung call's actor is killed, restarted and the
+    call retried, while the other call's result is kept."""
+    from posttrain.workers.actors import gather
+
+    hung = spawn(Probe, str(tmp_path / "a"), name="hung", options=ActorOptions(cpus=0.5, max_restarts=1, timeout_s=3))
+    fine = spawn(Probe, str(tmp_path / "b"), name="fine", options=ActorOptions(cpus=0.5))
+    t0 = time.monotonic()
+    assert gather([hung.submit(Probe.hang_first, 1), fine.submit(Probe.echo, 7)]) == ["fresh", (7, "fresh")]
+    assert time.monotonic() - t0 < 60 and hung.restarts == 1
+    for p in (hung, fine):
+        p.kill()

@@ -219,6 +219,13 @@ def test_demo_batch_renders_prompts_as_rollouts_do_and_fits_the_budget(tokenizer
     # budget 16 needs a compressed trace, budget 0 answers directly: both left to RL; autonomous kept
     assert full.response_mask[0].sum() == 0 and full.response_mask[2].sum() == 0
     assert torch.equal(full.response_mask[1], demos.response_mask[1])
+    # a demonstrator that ignores the budget (`sft.budget_traces: full`): its overrun at 16 is not imitated, the
+    # full trace within a budget it fits is
+    from posttrain.tasks.arithmetic import make_trace
+
+    blind = demo_batch(tokenizer, problems[:2], [16, 8], tokenizer.pad_token_id, traces="full",
+                       fit=lambda p, b, count: make_trace(p))
+    assert blind.response_mask[0].sum() == 0 and blind.response_mask[1].sum() > 0
 
 
 def test_ptx_demonstrations_follow_the_sft_stages_budget_traces(tokenizer):

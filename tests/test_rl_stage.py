@@ -397,6 +397,21 @@ def test_no_rl_stage_trains_on_rows_another_holds_out(tmp_path):
     assert [p.expression for p in evaluation_rows(rc)] == [r["q"] for r in rows[-12:]]
 
 
+def test_repeated_held_out_prompts_shrink_every_eval_slice_alike(tmp_path):
+    from posttrain.stages.rl_problems import ProblemSource
+
+    rows = [{"q": f"q{i}", "a": i} for i in range(20)] + [{"q": f"h{i % 4}", "a": i % 4} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # last 8 rows: 4 prompts twice
+    rc = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[grpo]",
+                            "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
+                            "data.answer_column=a", "task.max_difficulty=2", "grpo.eval_budgets=[4,auto]",
+                            "grpo.eval_n_per_difficulty=2"])
+    src = ProblemSource(rc, rc.grpo)  # 4 held out per budget asked, 4 distinct prompts in the last 8 rows
+    slices = [[p.expression for p in src.eval(b)] for b in ("4", "auto")]
+    assert slices == [["h0", "h1"], ["h2", "h3"]]
+    assert not {p.expression for p in src.train} & {"h0", "h1", "h2", "h3"}
+
+
 def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_graded_as_text(tmp_path):
     from posttrain.data import load_examples
     from posttrain.stages.rl_problems import ProblemSource, rl_held_out_rows

@@ -390,6 +390,7 @@ class RLDriver:
         self._saved = None
         if found is None:
             self.ctx.metrics.resume_at(0)  # what a run killed before its first save logged
+            self.weights, self.consecutive_skips = None, 0  # nothing of a failed attempt carries over
             return 0
         d, driver = found
         self._check_saved_steps(d, driver)
@@ -422,9 +423,10 @@ class RLDriver:
                     raise KeyboardInterrupt(f"{self.algo} stopped by a signal after step {done}; state saved")
 
     def _recoveries_allowed(self, actor: str) -> int:
-        """How often a failure of `actor` may be recovered by restarting every actor from the last saved state: the
-        recipe's `max_restarts` of a stateful group (learners, critic); 0 for the others, whose own restarts (the
-        proxy's) are spent when their failure reaches here."""
+        """How often a failure of `actor` in the step loop may be recovered by restarting every actor from the last
+        saved state (one count shared by learners and critic): the recipe's `max_restarts` of a stateful group
+        (learners, critic); 0 for the others, whose own restarts (the proxy's) are spent when their failure
+        reaches here. Failures outside the step loop (evaluation, the final save) stop the run."""
         if self.rc.ray.backend != "ray":
             return 0
         if actor.startswith("learner"):
@@ -494,23 +496,24 @@ class RLDriver:
                 write_json_atomic(ctx.stage.path / "eval_before.json", before)
             log.info("%s: input model %s", self.algo, _brief(before))
             history: dict[int, dict] = {}
-            recoveries = 0
+            recoveries, restart = 0, False
             while True:
                 try:
+                    if restart:  # every actor anew, from the last saved state (or the input model: step 0)
+                        for p in self.w.all():
+                            p.kill()
+                        self.start()
+                        start = self.resume()
+                        history = {s: m for s, m in history.items() if s < start}
                     self._steps(start, history)
                     break
                 except WorkerFailed as e:
                     budget = self._recoveries_allowed(e.actor)
-                    if recoveries >= budget:
+                    if self.stop_requested or recoveries >= budget:
                         raise
-                    recoveries += 1
+                    recoveries, restart = recoveries + 1, True
                     log.warning("%s: %s; restarting every actor and resuming from the last saved state (recovery %d "
                                 "of %d)", self.algo, e, recoveries, budget)
-                    for p in self.w.all():
-                        p.kill()
-                    self.start()
-                    start = self.resume()
-                    history = {s: m for s, m in history.items() if s < start}
             history = [history[s] for s in sorted(history)]
             self.w.learners[0].call(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
             after = self.evaluate()

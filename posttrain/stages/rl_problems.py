@@ -87,7 +87,12 @@ class ProblemSource:
         # one's): the eval and sweep stages evaluate all of them; evaluate on the last `own` rows
         total = max(own, rl_held_out_rows(self.rc, len(rows)))
         self.train, held = split_held_out(rows, total, prompt=lambda r: r.expression)
-        held = held[len(held) - own:]
+        held = held[max(0, len(held) - own):]
+        if len(held) < own:  # repeated prompts were held out once each
+            per_budget = len(held) // len(budgets)
+            log.warning("%s: the held-out rows repeat prompts; %d distinct ones, %d per eval budget", self.rc.data.path,
+                        len(held), per_budget)
+            held = held[len(held) - per_budget * len(budgets):]
         for i, b in enumerate(budgets):
             self.held_out[b] = held[i * per_budget: (i + 1) * per_budget]
         if not self.train:

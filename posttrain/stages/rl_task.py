@@ -58,12 +58,14 @@ def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, trac
 
     fit = fit or fit_trace
     rows = []
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
     for p, b in zip(problems, budgets):
         full = make_trace(p)
-        thinking = full if b is None else fit(p, b, lambda t: count_tokens(tokenizer, t)) if b > 0 else ""
+        thinking = full if b is None else fit(p, b, count) if b > 0 else ""
         ex = tokenize_example(tokenizer, p.expression, b, thinking, str(p.answer))
         cut = ex["completion_mask"].index(1)
-        imitate = traces == "fitting" or thinking == full
+        # `full`: only a full trace within its budget (a demonstrator like `sft.budget_traces: full` shows overruns)
+        imitate = traces == "fitting" or (thinking == full and (b is None or count(full) <= b))
         rows.append((ex["input_ids"][:cut], ex["input_ids"][cut:], imitate))
     n, P, T = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     out = DemoBatch(torch.full((n, P), pad_id), torch.zeros((n, P), dtype=torch.long),
@@ -80,5 +82,4 @@ def sft_demonstrator(sft_cfg, rng):
     from posttrain.sft_data import budget_trace
 
     return lambda p, budget, count: budget_trace(p, budget, count, rng, sft_cfg.budget_traces,
-                                                 sft_cfg.full_trace_share, sft_cfg.truncate_share,
-                                                 sft_cfg.autonomous_style)
+                                                 sft_cfg.full_trace_share, sft_cfg.truncate_share)

@@ -97,9 +97,11 @@ class Pending(Generic[R]):
     def __init__(self, proxy: "Proxy", name: str, args: tuple, kwargs: dict):
         self.proxy, self.name, self.args, self.kwargs = proxy, name, args, kwargs
         self._ref = proxy._start(name, args, kwargs)
+        self.started = time.monotonic()  # after a new actor's start: what `timeout_s` counts from
 
-    def result(self) -> R:
-        return self.proxy._finish(self)
+    def result(self, timeout_s: float | None = None) -> R:
+        """Wait for the result (`timeout_s` for this first wait instead of the proxy's own), retrying on failure."""
+        return self.proxy._finish(self, timeout_s)
 
 
 class Proxy(Generic[W]):
@@ -150,16 +152,17 @@ class Proxy(Generic[W]):
             lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]  # the constructor's error is last
             raise WorkerFailed(self.name, f"could not start: {lines[-1] if lines else type(e).__name__}") from e
 
-    def _finish(self, pending: Pending) -> Any:
+    def _finish(self, pending: Pending, first_timeout_s: float | None = None) -> Any:
         if self.local is not None:
             return pending._ref[1]
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
+        timeout = self.options.timeout_s if first_timeout_s is None else first_timeout_s
         while True:
             t0 = time.perf_counter()
             try:
-                value, busy, incarnation = ray.get(pending._ref, timeout=self.options.timeout_s)
+                value, busy, incarnation = ray.get(pending._ref, timeout=timeout)
                 self.busy += busy
                 if self.incarnation in (None, incarnation):
                     self.incarnation = incarnation
@@ -176,6 +179,7 @@ class Proxy(Generic[W]):
                 self.seconds += time.perf_counter() - t0
             self._recover(cause)
             pending._ref = self._start(pending.name, pending.args, pending.kwargs)
+            timeout = self.options.timeout_s
 
     def _recover(self, cause: str) -> None:
         """Wait for Ray to restart the actor and restore its state, or raise `WorkerFailed`."""
@@ -239,9 +243,16 @@ def gather(pending: list[Pending[R]]) -> list[R]:
 
         while len(done) < len(pending):
             waiting = {id(p._ref): i for i, p in remote.items() if i not in done}
-            ready, _ = ray.wait([remote[i]._ref for i in waiting.values()], num_returns=1)
-            i = waiting[id(ready[0])]
-            done[i] = remote[i].result()  # returns, or recovers (restart, retry), or raises WorkerFailed
+            deadlines = {i: remote[i].started + remote[i].proxy.options.timeout_s for i in waiting.values()
+                         if remote[i].proxy.options.timeout_s is not None}
+            wait = max(0.0, min(deadlines.values()) - time.monotonic()) if deadlines else None
+            ready, _ = ray.wait([remote[i]._ref for i in waiting.values()], num_returns=1, timeout=wait)
+            if ready:
+                i = waiting[id(ready[0])]
+                done[i] = remote[i].result()  # returns, or recovers (restart, retry), or raises WorkerFailed
+            else:  # the earliest deadline passed: that call hangs; its actor is killed and the call retried
+                i = min(deadlines, key=deadlines.get)
+                done[i] = remote[i].result(timeout_s=0.0)
     return [done[i] for i in range(len(pending))]
 
 
