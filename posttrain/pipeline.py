@@ -86,7 +86,8 @@ def stage_settings(recipe: dict, stage: str) -> dict:
         for algo in ("grpo", "ppo"):
             if algo in (recipe.get("stages") or []):
                 sec = recipe.get(algo) or {}
-                flat[f"held_out.{algo}"] = [sec.get("eval_budgets"), sec.get("eval_n_per_difficulty")]
+                flat[f"held_out.{algo}"] = [sec.get("eval_budgets"), sec.get("eval_n_per_difficulty"),
+                                            sec.get("eval_rows")]
     return {k: v for k, v in flat.items()
             if k not in HOW_NOT_WHAT and not (embedded and k.startswith("data.") and k != "data.source")}
 

@@ -397,6 +397,21 @@ def test_no_rl_stage_trains_on_rows_another_holds_out(tmp_path):
     assert [p.expression for p in evaluation_rows(rc)] == [r["q"] for r in rows[-12:]]
 
 
+def test_eval_rows_sets_the_held_out_rows_per_budget_of_a_data_file(tmp_path):
+    from posttrain.stages.rl_problems import ProblemSource, rl_held_out_rows
+
+    rows = _word_problems(tmp_path / "d.jsonl", n=34)
+    base = [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[grpo]", "data.source=file",
+            f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q", "data.answer_column=a",
+            "grpo.eval_budgets=[4,auto]"]
+    rc = load_recipe(None, [*base, "grpo.eval_rows=5"])
+    src = ProblemSource(rc, rc.grpo)
+    assert [len(src.eval(b)) for b in ("4", "auto")] == [5, 5] and rl_held_out_rows(rc, len(rows)) == 10
+    assert [p.expression for p in src.eval("auto")] == [r["q"] for r in rows[-5:]]
+    rc = load_recipe(None, [*base, "grpo.eval_rows=100"])  # at most half the file: 34 // 4 = 8 per budget
+    assert [len(ProblemSource(rc, rc.grpo).eval(b)) for b in ("4", "auto")] == [8, 8]
+
+
 def test_repeated_held_out_prompts_shrink_every_eval_slice_alike(tmp_path):
     from posttrain.stages.rl_problems import ProblemSource
 

@@ -28,11 +28,12 @@ class TextProblem:
 
 
 def held_out_per_budget(cfg, task, n_rows: int) -> int:
-    """Rows of a data file held out per eval budget of one RL stage: as many as the embedded task would evaluate
-    (`eval_n_per_difficulty` x the task's difficulties), at most half of the file in all."""
+    """Rows of a data file held out per eval budget of one RL stage: `eval_rows`, by default as many as the embedded
+    task would evaluate (`eval_n_per_difficulty` x the task's difficulties), at most half of the file in all."""
     n_budgets = max(1, len(dict.fromkeys(str(b) for b in cfg.eval_budgets)))
     n_diff = task.max_difficulty - task.min_difficulty + 1
-    return min(cfg.eval_n_per_difficulty * n_diff, n_rows // (2 * n_budgets)) if cfg.eval_budgets else 0
+    wanted = cfg.eval_rows or cfg.eval_n_per_difficulty * n_diff
+    return min(wanted, n_rows // (2 * n_budgets)) if cfg.eval_budgets and cfg.eval_n_per_difficulty > 0 else 0
 
 
 def rl_held_out_rows(rc, n_rows: int) -> int:
