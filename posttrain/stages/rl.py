@@ -181,8 +181,6 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
                       **learner_kwargs, name=f"learner{i}",
                       options=_options(ray_cfg.learner, stateful=True), backend=backend)
                 for i in range(ray_cfg.learner.num)]
-    if cfg.lora.enabled:
-        [p.result() for p in [r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump()) for r in rollouts]]
     reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards],
                    "exact_int" if rc.data.source == "arithmetic" else "math", name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
@@ -191,13 +189,21 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     critic = spawn(CriticWorker, path, **common, lr=cfg.critic_learning_rate, value_clip=cfg.value_clip,
                    max_grad_norm=cfg.max_grad_norm, seed=rc.seed, name="critic",
                    options=_options(ray_cfg.critic, stateful=True), backend=backend) if with_critic else None
-    if len(learners) > 1:
-        if backend != "ray":
-            raise ValueError("ray.learner.num > 1 (data parallel) needs ray.backend: ray")
-        url = learners[0].call(LearnerWorker.rendezvous)
-        gather([p.submit(LearnerWorker.init_distributed, url, i, len(learners)) for i, p in enumerate(learners)])
-        log.info("%s: %d data-parallel learners joined %s", algo, len(learners), url)
-    return Workers(rollouts, learners, reward, reference, critic)
+    workers = Workers(rollouts, learners, reward, reference, critic)
+    try:  # a failure from here on ends every actor spawned, rather than leaving them holding their CPUs/GPUs
+        if cfg.lora.enabled:
+            gather([r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump()) for r in rollouts])
+        if len(learners) > 1:
+            if backend != "ray":
+                raise ValueError("ray.learner.num > 1 (data parallel) needs ray.backend: ray")
+            url = learners[0].call(LearnerWorker.rendezvous)
+            gather([p.submit(LearnerWorker.init_distributed, url, i, len(learners)) for i, p in enumerate(learners)])
+            log.info("%s: %d data-parallel learners joined %s", algo, len(learners), url)
+    except BaseException:
+        for p in workers.all():
+            p.kill()
+        raise
+    return workers
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:

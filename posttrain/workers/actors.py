@@ -234,6 +234,7 @@ def gather(pending: list[Pending[R]]) -> list[R]:
     so a call that fails for good (`WorkerFailed`) is raised at once rather than after the calls listed before it:
     a data-parallel learner waits in a collective for a rank that died until its own timeout."""
     done: dict[int, Any] = {}
+    t0 = time.monotonic()  # a call's timeout counts from here at the earliest, as `result()` counts from its wait
     remote = {i: p for i, p in enumerate(pending) if p.proxy.local is None}
     for i, p in enumerate(pending):
         if i not in remote:
@@ -243,7 +244,7 @@ def gather(pending: list[Pending[R]]) -> list[R]:
 
         while len(done) < len(pending):
             waiting = {id(p._ref): i for i, p in remote.items() if i not in done}
-            deadlines = {i: remote[i].started + remote[i].proxy.options.timeout_s for i in waiting.values()
+            deadlines = {i: max(remote[i].started, t0) + remote[i].proxy.options.timeout_s for i in waiting.values()
                          if remote[i].proxy.options.timeout_s is not None}
             wait = max(0.0, min(deadlines.values()) - time.monotonic()) if deadlines else None
             ready, _ = ray.wait([remote[i]._ref for i in waiting.values()], num_returns=1, timeout=wait)
