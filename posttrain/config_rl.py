@@ -1,0 +1,198 @@
+"""The RL stages' part of the recipe schema (`posttrain.config`): the `grpo`/`ppo` sections, their reward
+components, and the `ray` section (where the actors run, their resources and fault limits)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from posttrain.config_common import Budget, LoraConfig, Section, check_budgets
+
+class GRPORewardConfig(Section):
+    """One reward component (a registered reward) and the samples it scores."""
+
+    name: str = Field(description="Registered reward name (e.g. budget_l1_max, length_group, exact_int).")
+    weight: float = Field(1.0, description="Weight in the sum of components.")
+    params: dict = Field(default_factory=dict, description="Keyword arguments of the reward's constructor.")
+    key: str | None = Field(None, description="Metric key (defaults to `name`); keys must be unique per mode.")
+    on: Literal["all", "budgeted", "auto"] = Field(
+        "all", description="Which samples it scores: `budgeted` (an int budget, 0 included), `auto` (no budget) "
+        "or `all`."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_reward(cls, v: str) -> str:
+        from posttrain.rewards.registry import get_reward_cls
+
+        get_reward_cls(v)  # raises naming the known rewards
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "GRPORewardConfig":
+        from posttrain.rewards.registry import check_reward_params
+
+        check_reward_params(self.name, self.params)  # before any work, not when the reward actor starts
+        return self
+
+
+def _default_rl_rewards() -> list[GRPORewardConfig]:
+    return [
+        # budgeted prompts: correctness minus L1-Exact's gap to the budget (alpha per token, scaled to budgets of
+        # tens of tokens), and a penalty when </think> had to be forced: the cap keeps every rollout within
+        # budget, so only this term tells a model that stopped by itself from one that was stopped
+        GRPORewardConfig(name="budget_l1_exact", params={"alpha": 0.005}, on="budgeted", key="correct_l1"),
+        GRPORewardConfig(name="budget_forced", params={"penalty": 0.25}, on="budgeted"),
+        # no budget: correctness plus a small bonus for being shorter than the group's other answers (Kimi k1.5)
+        GRPORewardConfig(name="length_group", params={"weight": 0.05}, on="auto"),
+    ]
+
+
+class RLStageConfig(Section):
+    """GRPO / PPO on the embedded arithmetic task, with per-prompt thinking budgets (controllable thinking) and
+    budget-free prompts (autonomous thinking). Roles are Ray actors (see the `ray` section)."""
+
+    steps: int = Field(60, ge=1, description="Optimizer steps (one rollout batch each).")
+    prompts_per_step: int = Field(16, ge=1, description="Problems sampled per step.")
+    group_size: int = Field(8, ge=1, description="Responses sampled per problem (a GRPO group; PPO may use 1).")
+    budgets: list[Budget] = Field(
+        default_factory=lambda: [0, 8, 16, 24, 32, 48, "auto"],
+        description="Budgets drawn (one entry uniformly per problem) for the prompts; `auto` = no budget; an entry "
+                    "`{low, high}` draws its budget from that range, uniformly or with `scale: log` log-uniformly, "
+                    "rounded with `significant: N` (metrics then report it as `low-high`, or `low-highlog`).",
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    learning_rate: float = Field(7e-5, gt=0, description="AdamW learning rate (constant).")
+    weight_decay: float = Field(0.0, ge=0)
+    adv_estimator: str = Field("grpo", description="Registered advantage estimator (`grpo`, `dr_grpo`, `gae`).")
+    policy_loss: str = Field("vanilla", description="Registered policy loss (`vanilla`, `gspo`).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field("token_mean")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range of the ratio.")
+    clip_high: float = Field(0.28, ge=0, description="Upper clip range (> clip_low: DAPO clip-higher).")
+    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages (null: off).")
+    mini_batches: int = Field(2, ge=1, description="Optimizer updates per rollout batch (split by groups).")
+    kl_coef: float = Field(0.05, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
+    kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")
+    kl_in_reward: bool = Field(False, description="Apply the KL as a per-token reward penalty (PPO style) "
+                               "instead of a loss term.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (0: metric only).")
+    router_aux_coef: float = Field(0.001, ge=0, description="Router load-balancing loss coefficient (MoE).")
+    routing_replay: bool = Field(False, description="R3: replay the rollout's top-k experts in the learner's forward.")
+    ptx_coef: float = Field(
+        0.0, ge=0, description="Embedded task: add this times the NLL of demonstrations of each step's problems "
+        "(as the SFT stage writes them) to the policy loss, InstructGPT's PPO-ptx: keeps what SFT taught from "
+        "eroding while RL changes how budgets are spent.")
+    ptx_traces: Literal["fitting", "full"] = Field(
+        "fitting", description="ptx demonstrations: `fitting`, the SFT stage's (the trace `sft.budget_traces` "
+        "gives for each budget); `full`, only full verbose traces (no budget, or one they fit), leaving compression (and "
+        "budget 0's direct answers) to RL.")
+    process_penalty: float = Field(
+        0.0, ge=0, description="Embedded task: subtract this from the advantage (GRPO) or reward (PPO) of the token "
+        "where a response's first error is (the first trace line with a wrong value or a miscopied pair, else a wrong "
+        "answer): a verifiable process reward that blames the step that went wrong, not every token of the trace.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (total L2 norm).")
+    trainable: list[str] = Field(default_factory=list, description="Regular expressions of the parameter names to "
+                                 "train (empty: all); only these reach the rollout workers after each update.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train a LoRA adapter on the policy; only the "
+                             "adapter reaches the rollout workers after each update.")
+    dynamic_sampling: bool = Field(
+        True, description="Drop groups whose rewards are all equal (DAPO's filter; no resampling to refill)."
+    )
+    max_consecutive_skips: int = Field(5, ge=1, description="Stop the run after this many skipped (non-finite) steps "
+                                       "in a row.")
+    save_every: int = Field(20, ge=0, description="Save the training state every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Saved training states kept (the newest).")
+    rewards: list[GRPORewardConfig] = Field(default_factory=_default_rl_rewards, description="Reward components.")
+    eval_budgets: list[int | Literal["auto"]] = Field(
+        default_factory=lambda: [8, 16, 32, "auto"],
+        description="Budgets of the before/after evaluation (natural: the budget is only an instruction).",
+    )
+    eval_n_per_difficulty: int = Field(
+        25, ge=0, description="Held-out problems per difficulty at each eval budget (0 = no eval). Each budget has "
+        "problems of its own (seeded by eval.seed and the budget), the same before and after training.")
+    eval_rows: int | None = Field(
+        None, ge=1, description="Data files: rows held out per eval budget, the file's last ones (default: "
+        "eval_n_per_difficulty x the task's difficulty count), at most half the file in all.")
+    eval_max_new_tokens: int = Field(160, ge=1)
+    eval_batch_size: int = Field(256, ge=1, description="Prompts per generate call in the before/after evaluation.")
+    # PPO only
+    critic_learning_rate: float = Field(1e-4, gt=0, description="PPO: critic AdamW learning rate.")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO: value clipping range (null: off).")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list) -> list:
+        return check_budgets(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RLStageConfig":
+        if self.mini_batches > self.prompts_per_step:
+            raise ValueError("mini_batches must be <= prompts_per_step (mini-batches split by groups)")
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward")
+        return self
+
+
+class GRPOStageConfig(RLStageConfig):
+    """GRPO (Shao et al. 2024) with DAPO's clip-higher and dynamic sampling."""
+
+
+class PPOStageConfig(RLStageConfig):
+    """PPO (Schulman et al. 2017) with a critic and GAE; group_size 1 by default."""
+
+    group_size: int = Field(4, ge=1, description="Responses sampled per problem.")
+    adv_estimator: str = Field("gae", description="Advantage estimator; PPO uses `gae`.")
+    kl_coef: float = Field(0.02, ge=0, description="KL coefficient (as a reward penalty with kl_in_reward).")
+    kl_kind: str = Field("k1", description="KL estimator; k1 is the classic in-reward penalty.")
+    kl_in_reward: bool = Field(True, description="PPO applies the KL as a per-token reward penalty.")
+    dynamic_sampling: bool = Field(False, description="PPO keeps every sample (the critic is the baseline).")
+
+
+class ActorGroupConfig(Section):
+    """Resources and fault limits of one kind of Ray actor."""
+
+    num: int = Field(1, ge=1, description="How many actors of this kind.")
+    cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor; its torch threads = max(1, int(cpus)).")
+    gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    threads: int | None = Field(None, ge=1, description="torch threads (default from cpus).")
+    max_restarts: int = Field(2, ge=0, description="Restarts Ray may make after the actor dies or hangs. For the "
+                              "learner and critic, which hold the training state, each is a recovery of the whole "
+                              "step loop instead (`backend: ray`; one count for both): every actor restarted, "
+                              "training resumed from the last saved state (the steps since it redone; from step 0 "
+                              "before the first save). A failure outside the step loop (evaluation, final save) "
+                              "stops the run.")
+    timeout_s: float | None = Field(600.0, gt=0, description="Seconds any call may take before the actor is "
+                                    "treated as hung (killed, restarted, the call retried).")
+
+
+class RayConfig(Section):
+    """Where the RL actors run: a local Ray instance (default) or a cluster (`address`)."""
+
+    address: str | None = Field(None, description="Ray cluster address (the head's `host:6379` as `ray start` prints it, or `auto`); "
+                                "null joins `RAY_ADDRESS` when set (as under `ray job submit`), else starts a "
+                                "local instance. A cluster with token authentication (Ray's default) needs "
+                                "RAY_AUTH_MODE=token and its token in this process's environment.")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs of the local instance (default: all cores).")
+    backend: Literal["ray", "local"] = Field("ray", description="`local` runs every worker in the driver process "
+                                             "(no Ray; for debugging).")
+    rollout: ActorGroupConfig = Field(default_factory=ActorGroupConfig)
+    learner: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(max_restarts=0))
+    reference: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
+    critic: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0, max_restarts=0))
+    reward: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        import re
+
+        if v is None or v in ("auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", v):
+            return v
+        raise ValueError(f"{v!r} is not a Ray address: give the head's host:port (10.0.0.5:6379), auto, "
+                         "ray://host:port, or null (the default) for a local instance")
