@@ -136,11 +136,9 @@ def first_per_difficulty(problems: list, n: int) -> list:
 def file_problems(data, n_per_difficulty: int) -> list:
     """Up to `n_per_difficulty` rows of each difficulty (`data.difficulty_column`; one group without it) of the data
     file `data` (a `DataConfig`), as problems with `expression`, `answer` and `difficulty`."""
-    from posttrain.data import file_examples
-    from posttrain.stages.rl_problems import TextProblem
+    from posttrain.stages.rl_problems import text_problems
 
-    rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(data)]
-    return first_per_difficulty(rows, n_per_difficulty)
+    return first_per_difficulty(text_problems(data), n_per_difficulty)
 
 
 def summarize(records: list[Record], budget: int | None, mode: str) -> dict:

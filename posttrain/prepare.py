@@ -131,3 +131,19 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
 
     write_dir_atomically(out, fill)
     return report
+
+
+def check_added_tokens(model_path, lora_enabled: bool, key: str = "sft.lora") -> None:
+    """A checkpoint `posttrain prepare` added tokens to (its prepare.json) has their embedding rows at the mean of
+    the others: only full training learns them (LoRA freezes the embeddings, and TRL's fused LM head bypasses PEFT's
+    trainable-token rows), so LoRA training straight on it (SFT, or RL with `key` its lora section) is refused
+    rather than leaving `</think>` untrained."""
+    from posttrain.recipe import RecipeError
+
+    f = Path(model_path) / "prepare.json"
+    report = json.loads(f.read_text()) if f.is_file() else {}
+    fresh = [t for t, i in report.get("added_token_ids", {}).items() if i in report.get("initialised_token_ids", [])]
+    if lora_enabled and fresh:
+        raise RecipeError(f"{key}.enabled: {model_path} has tokens `posttrain prepare` added ({', '.join(fresh)}), "
+                          f"whose embeddings are untrained and which LoRA cannot train; set {key}.enabled: false, or "
+                          "run a full `sft` stage first (it learns them; later stages may then use LoRA)")

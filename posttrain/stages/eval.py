@@ -20,12 +20,9 @@ def run(ctx) -> dict:
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     diffs = list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1))
-    problems = None
-    if rc.data.source != "arithmetic":  # the rows the RL stages hold out: no stage trains on them
-        from posttrain.eval.sweep import first_per_difficulty
-        from posttrain.stages.rl_problems import evaluation_rows
+    from posttrain.stages.rl_problems import stage_problems
 
-        problems = first_per_difficulty(evaluation_rows(rc), cfg.n_per_difficulty)
+    problems = stage_problems(rc, cfg.n_per_difficulty)  # with a data file: rows no stage trains on
     rows = evaluate_budgets(model, tok, list(cfg.budgets), cfg.n_per_difficulty, cfg.seed, diffs,
                             cfg.max_new_tokens, cfg.batch_size, problems=problems)
     for r in rows:

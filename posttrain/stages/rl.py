@@ -474,9 +474,9 @@ class RLDriver:
         """Spawn the workers (`start_workers`) and hook the rollout workers' restarts; `fit` calls it first, and
         `train_step` can be driven by hand after it (the benchmark does). The caller kills the workers."""
         from posttrain.model import check_chat_template, load_tokenizer
+        from posttrain.prepare import check_added_tokens
         from posttrain.rlstate import latest
         from posttrain.stages.rl_problems import ProblemSource
-        from posttrain.stages.sft import check_added_tokens
 
         ctx = self.ctx
         self._saved = found = latest(ctx.stage.path / "state")  # verified once; `resume` loads it

@@ -46,21 +46,36 @@ def rl_held_out_rows(rc, n_rows: int) -> int:
     return max(held, default=0)
 
 
+def text_problems(data) -> list[TextProblem]:
+    """The rows of the data file `data` (a `DataConfig`) as problems (difficulty 0 without a difficulty column)."""
+    from posttrain.data import file_examples
+
+    return [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(data)]
+
+
 def evaluation_rows(rc) -> list[TextProblem]:
     """A data file's rows that the recipe's RL stages hold out for evaluation (no stage trains on them): what the
     eval and sweep stages evaluate with file data. Raises DataError when the file is too small to hold any out (a
     recipe without an RL stage that holds rows out is refused when it loads)."""
-    from posttrain.data import file_examples, split_held_out
+    from posttrain.data import DataError, split_held_out
 
-    from posttrain.data import DataError
-
-    rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(rc.data)]
+    rows = text_problems(rc.data)
     k = rl_held_out_rows(rc, len(rows))
     if k == 0:
         raise DataError(f"{rc.data.path}: its {len(rows)} rows are too few for the grpo/ppo stage to hold any out "
                         "for evaluation (at most half the file, a slice per distinct eval budget), so the eval and "
                         "sweep stages have nothing no stage trained on; use a larger file or fewer eval budgets")
     return split_held_out(rows, k, prompt=lambda r: r.expression)[1]
+
+
+def stage_problems(rc, n_per_difficulty: int) -> list[TextProblem] | None:
+    """The eval and sweep stages' problems: None for the embedded task (they generate their own), else the first
+    `n_per_difficulty` of each difficulty among the rows the RL stages hold out."""
+    if rc.data.source == "arithmetic":
+        return None
+    from posttrain.eval.sweep import first_per_difficulty
+
+    return first_per_difficulty(evaluation_rows(rc), n_per_difficulty)
 
 
 class ProblemSource:
@@ -75,9 +90,9 @@ class ProblemSource:
             self._split_file()
 
     def _split_file(self) -> None:
-        from posttrain.data import file_examples, split_held_out
+        from posttrain.data import split_held_out
 
-        rows = [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(self.rc.data)]
+        rows = text_problems(self.rc.data)
         budgets = list(dict.fromkeys(str(b) for b in self.cfg.eval_budgets))
         per_budget = held_out_per_budget(self.cfg, self.rc.task, len(rows))
         if self.cfg.eval_n_per_difficulty > 0 and budgets and per_budget == 0:

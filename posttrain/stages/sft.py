@@ -26,25 +26,6 @@ def _metrics_callback(metrics):
     return JsonlMetrics()
 
 
-def check_added_tokens(model_path, lora_enabled: bool, key: str = "sft.lora") -> None:
-    """A checkpoint `posttrain prepare` added tokens to (its prepare.json) has their embedding rows at the mean of
-    the others: only full training learns them (LoRA freezes the embeddings, and TRL's fused LM head bypasses PEFT's
-    trainable-token rows), so LoRA training straight on it (SFT, or RL with `key` its lora section) is refused
-    rather than leaving `</think>` untrained."""
-    import json
-    from pathlib import Path
-
-    from posttrain.recipe import RecipeError
-
-    f = Path(model_path) / "prepare.json"
-    report = json.loads(f.read_text()) if f.is_file() else {}
-    fresh = [t for t, i in report.get("added_token_ids", {}).items() if i in report.get("initialised_token_ids", [])]
-    if lora_enabled and fresh:
-        raise RecipeError(f"{key}.enabled: {model_path} has tokens `posttrain prepare` added ({', '.join(fresh)}), "
-                          f"whose embeddings are untrained and which LoRA cannot train; set {key}.enabled: false, or "
-                          "run a full `sft` stage first (it learns them; later stages may then use LoRA)")
-
-
 def peft_config(lora, model, key: str = "sft.lora"):
     from peft import LoraConfig
 
@@ -63,6 +44,7 @@ def run(ctx) -> dict:
 
     from posttrain.data import load_examples
     from posttrain.model import check_chat_template, load_model, load_tokenizer, save_model
+    from posttrain.prepare import check_added_tokens
     from posttrain.sft_data import build_sft_examples
 
     cfg, rc = ctx.cfg.sft, ctx.cfg

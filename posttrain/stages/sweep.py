@@ -60,12 +60,10 @@ def run(ctx) -> dict:
     ray_init = {"address": ray.address, "num_cpus": ray.num_cpus} if ray is not None else None
     log.info("sweep: %s on %d %s worker(s), budgets %s", ", ".join(s.label for s in specs), cfg.workers,
              cfg.backend, cfg.budgets)
-    problems = None
-    if rc.data.source != "arithmetic":  # the rows the RL stages hold out: no stage trained on them
-        from posttrain.eval.sweep import first_per_difficulty
-        from posttrain.stages.rl_problems import evaluation_rows
+    from posttrain.stages.rl_problems import stage_problems
 
-        problems = first_per_difficulty(evaluation_rows(rc), cfg.n_per_difficulty)
+    problems = stage_problems(rc, cfg.n_per_difficulty)  # with a data file: rows no stage trained on
+    if problems is not None:
         log.info("sweep: %d held-out rows of %s", len(problems), rc.data.path)
     rows = run_sweep(specs, budgets, cfg.n_per_difficulty, cfg.seed, diffs, cfg.max_new_tokens, cfg.batch_size,
                      str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems)
