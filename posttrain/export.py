@@ -73,16 +73,14 @@ def resolve_run(model: str | Path) -> tuple[Path, Path | None, Path | None]:
 def check_out_dir(out: Path, *keep: Path | None) -> None:
     """`out` may be replaced only when it is new, empty or an earlier export (its export.json), and holds none of
     the inputs (`keep`); anything else there is the user's, and the export stops rather than delete it."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a directory")
+    from posttrain.model import replace_refusal
+
     for k in keep:
-        if k is not None and (k.resolve() == out.resolve() or out.resolve() in k.resolve().parents):
+        if out.exists() and k is not None and (k.resolve() == out.resolve() or out.resolve() in k.resolve().parents):
             raise ExportError(f"--out {out}: holds the input {k}; choose another output directory")
-    if any(out.iterdir()) and not (out / "export.json").is_file():
-        raise ExportError(f"--out {out}: exists, is not empty and is not an earlier export (no export.json); "
-                          "choose a new directory or empty it (nothing was written)")
+    problem = replace_refusal(out, "export.json", "export")
+    if problem:
+        raise ExportError(f"--out {out}: {problem}")
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

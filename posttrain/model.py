@@ -199,6 +199,19 @@ def check_chat_template(tokenizer, source) -> None:
         raise CheckpointError(f"{source}: its chat template {' and '.join(problems)}; {fix}")
 
 
+def replace_refusal(out: Path, marker: str, what: str) -> str | None:
+    """Why a tool must not replace directory `out` with its output (None when it may: `out` is new, empty, or an
+    earlier output of the tool, which holds `marker`). Anything else there is the user's, never deleted."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "exists and is not a directory"
+    if any(out.iterdir()) and not (out / marker).is_file():
+        return (f"exists, is not empty and is not an earlier {what} (no {marker}); choose a new directory or empty it "
+                "(nothing was written)")
+    return None
+
+
 def write_dir_atomically(out: str | Path, fill) -> Path:
     """Write a directory all or nothing: `fill(tmp)` fills a temporary sibling (`out.tmp`), which then replaces
     `out` by rename; a fill that fails part-way leaves the previous `out` as it was."""
@@ -222,15 +235,21 @@ def write_dir_atomically(out: str | Path, fill) -> Path:
 def save_model_files(model, tokenizer, directory: Path) -> None:
     """`save_pretrained` (safetensors) of model and tokenizer into `directory`, a checksum manifest, every file
     fsynced; `save_model` does it in a temporary directory, `write_dir_atomically`'s fill."""
-    import os
-
     _router_logits_off(model)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     write_manifest(directory)
+    fsync_files(directory)
+
+
+def fsync_files(directory: Path) -> None:
+    """Flush every file of `directory` to disk (before the rename that publishes it)."""
+    import os
+
     for f in directory.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:

@@ -14,12 +14,11 @@ manifest and a `prepare.json` that records what changed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from posttrain.model import (CheckpointError, check_chat_template, check_checkpoint_dir, load_model, save_model_files,
-                             write_dir_atomically, write_manifest)
+from posttrain.model import (CheckpointError, check_chat_template, check_checkpoint_dir, load_model, replace_refusal,
+                             fsync_files, save_model_files, write_dir_atomically, write_manifest)
 from posttrain.tokenizer import EOS, IM_START, THINK_TOKENS, chat_template
 
 _WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -46,11 +45,9 @@ def check_out_dir(out: Path, src: Path) -> None:
     if o == s or o in s.parents or s in o.parents:
         raise CheckpointError(f"--out {out}: is, holds or lies inside the source checkpoint {src}; choose another "
                               "directory")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / "prepare.json").is_file():
-        raise CheckpointError(f"--out {out}: exists, is not empty and is not an earlier `posttrain prepare` output (no "
-                              "prepare.json); choose a new directory or empty it (nothing was written)")
+    problem = replace_refusal(out, "prepare.json", "`posttrain prepare` output")
+    if problem:
+        raise CheckpointError(f"--out {out}: {problem}")
 
 
 def set_mean_rows(weight, new_ids: list[int], n_old: int) -> None:
@@ -125,9 +122,7 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
             (tmp / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
             tok.save_pretrained(tmp)
             write_manifest(tmp)
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            fsync_files(tmp)
 
     write_dir_atomically(out, fill)
     return report
