@@ -129,7 +129,7 @@ class BudgetMix(Section):
         return self
 
 
-BudgetTraces = Literal["most_explicit", "most_lines", "sampled", "full_or_empty", "full"]
+BudgetTraces = Literal["most_explicit", "most_lines", "sampled", "full_or_empty", "full", "full_read_back"]
 
 
 class SFTStageConfig(Section):
@@ -160,8 +160,9 @@ class SFTStageConfig(Section):
                     "the full trace when it fits, else no thinking (what real data gives: no compressed traces, "
                     "compression left to RL); `full` the full trace whatever the budget, past it where it does not "
                     "fit (a teacher that never saw the budget, as distilled data gives: budgets then taught by RL; "
-                    "RL's `ptx_traces: fitting` would imitate those overruns, `full` does not). A list draws "
-                    "one of its demonstrators per example (docs/rl_findings.md compares them).",
+                    "RL's `ptx_traces: fitting` would imitate those overruns, `full` does not); `full_read_back` the "
+                    "same after a line that reads the problem back (a preamble that computes nothing, wasted under a "
+                    "budget). A list draws one of its demonstrators per example (docs/rl_findings.md compares them).",
     )
     full_trace_share: float = Field(
         1.0, ge=0, le=1,

@@ -7,7 +7,8 @@ is the only part with loss. Budgeted samples carry a trace that fits the sampled
 grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly grouped (`most_lines_trace`);
 with `"full_or_empty"` the full trace when it fits, else none (as real data, whose reference reasoning is kept only
 when it fits); with `"full"` the full trace whatever the budget (a teacher that never saw it: the example
-thinks past a budget the trace does not fit); with a list of these, one drawn per example. A budget entry `{low, high}` draws the example's budget
+thinks past a budget the trace does not fit); with `"full_read_back"` the same after a line that reads the problem
+back (`read_back_trace`), a teacher whose preamble a budget makes wasteful; with a list of these, one drawn per example. A budget entry `{low, high}` draws the example's budget
 from that range.
 Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
 traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
@@ -21,7 +22,8 @@ import random
 from posttrain.budgets import draw_budget
 from posttrain.config import BudgetMix
 from posttrain.data import Example
-from posttrain.tasks.arithmetic import fit_trace, make_trace, most_lines_trace, parse_expression, sample_fitting_trace
+from posttrain.tasks.arithmetic import (fit_trace, make_trace, most_lines_trace, parse_expression, read_back_trace,
+                                       sample_fitting_trace)
 from posttrain.tokenizer import THINK_END, count_tokens
 
 
@@ -62,7 +64,9 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
         return full_or_empty(make_trace(p, "verbose", 1), budget, count_tokens)
     if budget_traces == "full":
         return make_trace(p, "verbose", 1)
-    raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled, full_or_empty or full, "
+    if budget_traces == "full_read_back":
+        return read_back_trace(p)
+    raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled, full_or_empty, full or full_read_back, "
                      f"got {budget_traces!r}")
 
 

@@ -188,6 +188,28 @@ def test_full_demonstrator_ignores_the_budget_and_mixes_per_example(tokenizer):
             past += think == full
             fitted += think == fit
     assert past > 20 and fitted > 20
-    with pytest.raises(ValueError, match="full_or_empty or full"):
+    with pytest.raises(ValueError, match="full_or_empty, full or full_read_back"):
         build_sft_examples(tokenizer, ex[:1], [8], BudgetMix(budgeted=1, autonomous=0, zero=0), "verbose", 0, 512,
                            budget_traces="bogus")
+
+
+def test_read_back_demonstrator_reads_the_problem_back_then_writes_the_full_trace_whatever_the_budget(tokenizer):
+    from posttrain.config import BudgetMix
+    from posttrain.data import arithmetic_examples
+    from posttrain.sft_data import build_sft_examples
+    from posttrain.tasks.arithmetic import make_trace, parse_expression
+    from posttrain.tokenizer import THINK_END, count_tokens
+
+    ex = arithmetic_examples(60, 1, TaskConfig())
+    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=4, high=16)], BudgetMix(budgeted=1, autonomous=0, zero=0),
+                              "verbose", 0, 512, budget_traces="full_read_back")
+    assert len(rows) == len(ex)
+    over = 0
+    for e, row in zip(ex, rows):
+        think = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]).split(THINK_END)[0]
+        p = parse_expression(e.prompt)
+        assert think == f"{e.prompt}\n{make_trace(p)}"
+        # the read-back line costs one token per operand pair, one for the first operand and one for its newline
+        assert count_tokens(tokenizer, think) == count_tokens(tokenizer, make_trace(p)) + p.difficulty + 2
+        over += row["n_think"] > row["budget"]
+    assert over > 30

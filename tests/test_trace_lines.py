@@ -28,6 +28,22 @@ def test_a_line_restating_the_wrong_pair_stops_the_reading():
     assert read_trace(P, respond("7+3=10\nso 20", 20)).malformed
 
 
+def test_a_first_line_reading_the_problem_back_is_skipped_and_blamed_for_nothing():
+    from posttrain.tasks.arithmetic import read_back_trace
+    from posttrain.tasks.trace_lines import first_error_offset
+
+    assert read_back_trace(P) == "7+3*2-5*3\n" + make_trace(P)
+    r = read_trace(P, respond(read_back_trace(P), 45))
+    assert r.lines == ((1, True),) * 4 and not r.malformed and r.answer_right
+    cut = respond("7+3*2-5*3\n7+3=10", 45)  # read back, one line, then forced: the answer folds three operators
+    assert read_trace(P, cut).left_to_answer == 3 and first_error_offset(P, cut) is None
+    assert first_error_offset(P, respond("7+3*2-5*3\n7+3=11", 45)) == len("7+3*2-5*3\n7+3=")
+    # only the problem itself, once, and first: anything else is a malformed line
+    assert read_trace(P, respond("7+3*2-5*4\n7+3=10", 45)).malformed
+    assert read_trace(P, respond("7+3=10\n7+3*2-5*3", 45)).malformed
+    assert read_trace(P, respond("7+3*2-5*3\n7+3*2-5*3\n7+3=10", 45)).malformed
+
+
 def test_summary_counts_by_hand():
     q = parse_expression("4+5")
     responses = [respond(make_trace(P), 45), respond("7+3*2=20\n*2-5*3=45", 45), respond("7+3=10", 9),

@@ -152,6 +152,14 @@ def make_trace_groups(p: Problem, groups: list[int]) -> str:
     return "\n".join(lines)
 
 
+def read_back_trace(p: Problem) -> str:
+    """The full (verbose) trace after a line that reads the problem back (the expression alone, no value):
+    ``7+3*2\\n7+3=10\\n+3*2=20``. It costs a token per operand pair and two more and computes nothing, like a reasoning
+    model's "so the problem asks ..." preamble: free without a budget, a loss under one, where the lines it pushes
+    past the budget are folded into the answer once `</think>` is forced (`sft.budget_traces: full_read_back`)."""
+    return p.expression + "\n" + make_trace(p, "verbose")
+
+
 def random_groups(rng: random.Random, total: int, n_lines: int) -> list[int]:
     """A uniformly random composition of `total` operators into `n_lines` non-empty lines."""
     cuts = sorted(rng.sample(range(1, total), n_lines - 1))

@@ -42,14 +42,17 @@ class _Line:
 
 def _scan(p: Problem, think: str):
     """The thinking's non-blank lines as `_Line`s, up to and including the first malformed one (a line that does
-    not parse or does not restate the problem's next pairs)."""
-    pairs, values, pos, start = p.pairs, p.running_values, 0, 0
+    not parse or does not restate the problem's next pairs). A first line that reads the problem back is skipped."""
+    pairs, values, pos, start, read_back = p.pairs, p.running_values, 0, 0, False
     for raw in think.split("\n"):
         line_start, start = start, start + len(raw) + 1
         text = raw.strip()
         if not text:
             continue
         first = line_start + len(raw) - len(raw.lstrip())
+        if pos == 0 and not read_back and text == p.expression:
+            read_back = True  # the problem read back (`read_back_trace`): computes nothing, blames nothing
+            continue
         m = _LINE.fullmatch(text)
         new = re.findall(r"[+\-*]\d", m.group(2)) if m else []
         head = str(p.operands[0]) if pos == 0 else pairs[pos - 1]
