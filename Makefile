@@ -1,12 +1,13 @@
 # Set-up commands. Each is idempotent and installs into the project virtualenv (.venv) first.
 #   make quickstart   run the quickstart recipe end to end on the embedded tiny MoE
 #   make test         run the test suite
+#   make budget-blind recipes/budget_blind.yaml: GRPO teaching budgets that half the SFT data ignored
 #   make bench        our GRPO step against TRL's GRPOTrainer and the other benchmarks (runs/bench/bench.json)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart budget-blind test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ install: $(VENV)/.installed
 
 quickstart: install
 	$(BIN)/posttrain run recipes/quickstart.yaml
+
+budget-blind: install
+	$(BIN)/posttrain run recipes/budget_blind.yaml
 
 test: install
 	$(BIN)/pytest -q

@@ -25,6 +25,18 @@ def test_quickstart_recipe_validates():
     assert cfg.run_dir == "runs/quickstart"
 
 
+def test_budget_blind_recipe_is_the_quickstart_but_for_its_sft_demonstrators():
+    """recipes/budget_blind.yaml says it shares the quickstart's base (one cache entry) and GRPO settings, and that
+    only the SFT stage's demonstrators differ: kept true as either recipe changes."""
+    from posttrain.stages.base import cache_key
+
+    quick, blind = load_recipe("recipes/quickstart.yaml"), load_recipe("recipes/budget_blind.yaml")
+    assert cache_key(blind.base, blind.seed) == cache_key(quick.base, quick.seed)
+    assert blind.grpo == quick.grpo and blind.task == quick.task and blind.sweep == quick.sweep and blind.ray == quick.ray
+    assert blind.sft.model_dump(exclude={"budget_traces"}) == quick.sft.model_dump(exclude={"budget_traces"})
+    assert blind.sft.budget_traces == ["most_explicit", "full_read_back"] and quick.sft.budget_traces == "most_explicit"
+
+
 def test_misspelt_key_names_path_and_nearest(tmp_path):
     msg = error_of(tmp_path, "sft:\n  lerning_rate: 0.1\n")
     assert "sft.lerning_rate: unknown key" in msg and "did you mean 'sft.learning_rate'" in msg
