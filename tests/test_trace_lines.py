@@ -34,7 +34,10 @@ def test_a_first_line_reading_the_problem_back_is_skipped_and_blamed_for_nothing
 
     assert read_back_trace(P) == "7+3*2-5*3\n" + make_trace(P)
     r = read_trace(P, respond(read_back_trace(P), 45))
-    assert r.lines == ((1, True),) * 4 and not r.malformed and r.answer_right
+    assert r.lines == ((1, True),) * 4 and not r.malformed and r.answer_right and r.read_back
+    assert not read_trace(P, respond(make_trace(P), 45)).read_back
+    assert summarize([P], [respond("7+3*2-5*3\n7+3=10", 45)], [True])["groupings"][4] == [
+        {"grouping": "rb+1+a3+F", "count": 1, "right": 1}]
     cut = respond("7+3*2-5*3\n7+3=10", 45)  # read back, one line, then forced: the answer folds three operators
     assert read_trace(P, cut).left_to_answer == 3 and first_error_offset(P, cut) is None
     assert first_error_offset(P, respond("7+3*2-5*3\n7+3=11", 45)) == len("7+3*2-5*3\n7+3=")

@@ -26,6 +26,7 @@ class TraceReading:
     malformed: bool  # a line that does not parse or restates the wrong pairs (reading stops there)
     left_to_answer: int  # operators after the last parsed line, folded by the answer
     answer_right: bool
+    read_back: bool = False  # its first line reads the problem back (`read_back_trace`)
 
     @property
     def grouping(self) -> tuple[int, ...]:
@@ -73,8 +74,9 @@ def read_trace(p: Problem, response: str, think_end: str = "</think>") -> TraceR
     scanned = list(_scan(p, think))
     lines = tuple((ln.ops, ln.right) for ln in scanned if ln.ops)
     digits = _answer_digits(answer)
+    first = next((line.strip() for line in think.split("\n") if line.strip()), "")
     return TraceReading(lines, any(not ln.ops for ln in scanned), p.difficulty - sum(g for g, _ in lines),
-                        bool(digits) and int(digits.group(1)) == p.answer)
+                        bool(digits) and int(digits.group(1)) == p.answer, first == p.expression)
 
 
 def first_error_offset(p: Problem, response: str, think_end: str = "</think>") -> int | None:
@@ -97,7 +99,8 @@ def first_error_offset(p: Problem, response: str, think_end: str = "</think>") -
 
 def summarize(problems: list[Problem], responses: list[str], forced: list[bool] | None = None) -> dict:
     """Accuracy by difficulty, line accuracy by operators folded, and each difficulty's commonest groupings
-    (`a<k>`: k operators left to the answer; `bad`: reading stopped at a malformed line; `F`: `</think>` forced)."""
+    (`rb`: the problem read back first; `a<k>`: k operators left to the answer; `bad`: reading stopped at a
+    malformed line; `F`: `</think>` forced)."""
     forced = forced or [False] * len(problems)
     by_d, by_ops = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     groupings: dict[int, Counter] = defaultdict(Counter)
@@ -109,7 +112,7 @@ def summarize(problems: list[Problem], responses: list[str], forced: list[bool] 
         for g, ok in r.lines:
             by_ops[g][0] += ok
             by_ops[g][1] += 1
-        key = ("-".join(map(str, r.grouping)) or "none") + ("+bad" if r.malformed else
+        key = ("rb+" if r.read_back else "") + ("-".join(map(str, r.grouping)) or "none") + ("+bad" if r.malformed else
                                                              f"+a{r.left_to_answer}" if r.left_to_answer else "")
         key += "+F" if f else ""
         groupings[p.difficulty][key] += 1
