@@ -74,3 +74,9 @@ class LoraConfig(Section):
         default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
         description="Fused 3-D expert parameters to adapt (PEFT `target_parameters`).",
     )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained whole beside the adapter and stored with it (PEFT `modules_to_save`, matched "
+                    "by name suffix). `[embed_tokens, lm_head]` learns the embedding rows of tokens `posttrain "
+                    "prepare` added, which LoRA alone leaves untrained; tied embeddings stay tied.",
+    )

@@ -128,17 +128,37 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
     return report
 
 
-def check_added_tokens(model_path, lora_enabled: bool, key: str = "sft.lora") -> None:
+def embedding_module_names(model_path, trust_remote_code: bool = False) -> list[str]:
+    """Short names (PEFT matches `modules_to_save` by suffix) of the checkpoint's input embedding and, unless tied
+    to it, its output head: `["embed_tokens", "lm_head"]` for most causal LMs. Built on the meta device from the
+    config alone, so no weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return [names[id(inp)]] + ([names[id(out)]] if out is not None and out.weight is not inp.weight else [])
+
+
+def check_added_tokens(model_path, lora, key: str = "sft.lora", trust_remote_code: bool = False) -> None:
     """A checkpoint `posttrain prepare` added tokens to (its prepare.json) has their embedding rows at the mean of
-    the others: only full training learns them (LoRA freezes the embeddings, and TRL's fused LM head bypasses PEFT's
-    trainable-token rows), so LoRA training straight on it (SFT, or RL with `key` its lora section) is refused
-    rather than leaving `</think>` untrained."""
+    the others. LoRA freezes the embeddings, and TRL's fused LM head bypasses PEFT's trainable-token rows, so LoRA
+    training on it (SFT, or RL with `key` its lora section, a `LoraConfig`) must train the embedding and the head
+    whole (`modules_to_save`); otherwise it is refused rather than leaving `</think>` untrained."""
     from posttrain.recipe import RecipeError
 
     f = Path(model_path) / "prepare.json"
     report = json.loads(f.read_text()) if f.is_file() else {}
     fresh = [t for t, i in report.get("added_token_ids", {}).items() if i in report.get("initialised_token_ids", [])]
-    if lora_enabled and fresh:
+    if not (lora.enabled and fresh):
+        return
+    need = embedding_module_names(model_path, trust_remote_code)
+    if not all(any(m == n or m.endswith("." + n) for m in lora.modules_to_save) for n in need):
         raise RecipeError(f"{key}.enabled: {model_path} has tokens `posttrain prepare` added ({', '.join(fresh)}), "
-                          f"whose embeddings are untrained and which LoRA cannot train; set {key}.enabled: false, or "
-                          "run a full `sft` stage first (it learns them; later stages may then use LoRA)")
+                          f"whose embeddings are untrained and which LoRA alone cannot train; add "
+                          f"{key}.modules_to_save: [{', '.join(need)}] (trained whole, stored beside the adapter), "
+                          f"set {key}.enabled: false, or run a full `sft` stage first (it learns them; later stages "
+                          "may then use LoRA)")

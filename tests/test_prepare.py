@@ -136,9 +136,68 @@ def test_lora_sft_on_a_checkpoint_with_added_tokens_is_refused(foreign_dir, tmp_
         run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run'}", "stages=[sft]", "sft.steps=1", "threads=1",
                                       "sft.lora.enabled=true", f"model.path={tmp_path / 'ready'}"]))
     assert not (tmp_path / "run" / "sft" / "checkpoint").exists()
-    with pytest.raises(RecipeError, match=r"grpo.lora.enabled: .*run a full `sft` stage first"):
+    with pytest.raises(RecipeError, match=r"grpo.lora.enabled: .*modules_to_save.*run a full `sft` stage first"):
         run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run'}", "stages=[grpo]", "threads=1", "ray.backend=local",
                                       "grpo.lora.enabled=true", f"model.path={tmp_path / 'ready'}"]))
+
+
+def test_lora_with_the_embedding_and_head_trained_whole_learns_the_added_tokens(foreign_dir, tmp_path):
+    """`sft.lora.modules_to_save: [embed_tokens, lm_head]` (what the refusal asks for on this untied model) trains
+    the rows `prepare` added: after LoRA SFT the merged checkpoint's rows for `<think>` and `</think>` have moved, in
+    the embedding and in the head. A GRPO stage with LoRA and the same modules then runs on that checkpoint's
+    input (the learner's whole-module copies reach the rollout worker by name), and a module name the model lacks
+    is refused naming the key."""
+    from posttrain.pipeline import run_recipe
+    from posttrain.prepare import embedding_module_names, prepare_checkpoint
+    from posttrain.recipe import RecipeError, load_recipe
+
+    ready = tmp_path / "ready"
+    prepare_checkpoint(foreign_dir, ready)
+    assert embedding_module_names(ready) == ["embed_tokens", "lm_head"]  # untied
+    lora = ["sft.lora.enabled=true", "sft.lora.target_modules=[q_proj,v_proj]"]
+    with pytest.raises(RecipeError, match=r"add sft.lora.modules_to_save: \[embed_tokens, lm_head\]"):
+        run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'r0'}", "stages=[sft]", "threads=1", *lora,
+                                      "sft.lora.modules_to_save=[embed_tokens]", f"model.path={ready}"]))
+    run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run'}", "stages=[sft]", "sft.steps=3", "sft.n_examples=64",
+                                  "sft.batch_size=8", "sft.learning_rate=0.01", "threads=1", *lora,
+                                  "sft.lora.modules_to_save=[embed_tokens,lm_head]", f"model.path={ready}"]))
+    ids = [i for t, i in json.loads((ready / "prepare.json").read_text())["added_token_ids"].items()
+           if t in ("<think>", "</think>")]
+    before, after = load_model(ready), load_model(tmp_path / "run" / "sft" / "checkpoint")
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        moved = (getattr(after, get)().weight[ids] - getattr(before, get)().weight[ids]).abs().amax(dim=1)
+        assert (moved > 1e-3).all(), (get, moved)
+
+    rl = ["stages=[grpo]", "threads=1", "ray.backend=local", "grpo.steps=1", "grpo.prompts_per_step=2",
+          "grpo.group_size=2", "grpo.max_new_tokens=6", "grpo.budgets=[4,auto]", "grpo.eval_budgets=[4,auto]",
+          "grpo.eval_n_per_difficulty=1", "grpo.eval_max_new_tokens=6", "grpo.process_penalty=0", "grpo.ptx_coef=0",
+          "grpo.lora.enabled=true", "grpo.lora.target_modules=[q_proj,v_proj]", f"model.path={ready}"]
+    with pytest.raises(ValueError, match=r"grpo.lora.modules_to_save: \['lm_heads'\] names no module"):
+        run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'r1'}", *rl,
+                                      "grpo.lora.modules_to_save=[embed_tokens,lm_head,lm_heads]"]))
+    run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'r2'}", *rl, "grpo.lora.modules_to_save=[embed_tokens,lm_head]"]))
+    assert (tmp_path / "r2" / "grpo" / "done.json").is_file()
+
+
+def test_modules_to_save_on_tied_embeddings_trains_one_matrix_that_the_head_follows(tiny_model_dir):
+    """On a model whose head is its embedding, `modules_to_save: [embed_tokens]` is all the refusal asks for: the
+    trained copy is the head's weight too, before and after merging."""
+    from peft import get_peft_model
+
+    from posttrain.config import LoraConfig
+    from posttrain.prepare import embedding_module_names
+    from posttrain.stages.sft import peft_config
+
+    assert embedding_module_names(tiny_model_dir) == ["embed_tokens"]
+    model = load_model(tiny_model_dir)
+    peft = get_peft_model(model, peft_config(LoraConfig(enabled=True, modules_to_save=["embed_tokens"]), model))
+    (copy,) = [p for n, p in peft.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    with torch.no_grad():
+        copy.add_(1.0)
+    assert torch.equal(peft.get_output_embeddings().weight, copy)
+    merged = peft.merge_and_unload()
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    assert torch.equal(merged.get_input_embeddings().weight, copy)
 
 
 def test_prepare_keeps_the_row_of_a_token_the_vocabulary_had_and_converts_pickles(tmp_path):

@@ -485,7 +485,7 @@ class RLDriver:
         self.problems = ProblemSource(self.rc, self.cfg)  # so does a bad data file
         self._tokenizer = load_tokenizer(ctx.model_path)
         check_chat_template(self._tokenizer, ctx.model_path)
-        check_added_tokens(ctx.model_path, self.cfg.lora.enabled, f"{self.algo}.lora")
+        check_added_tokens(ctx.model_path, self.cfg.lora, f"{self.algo}.lora", self.rc.model.trust_remote_code)
         self._pad_id = self._tokenizer.pad_token_id
         self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
         for r in self.w.rollouts:

@@ -34,8 +34,16 @@ def peft_config(lora, model, key: str = "sft.lora"):
     if lora.target_parameters and not targets:
         raise ValueError(f"{key}.target_parameters: none of {lora.target_parameters} is a parameter of this "
                          "model (MoE experts are usually `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`)")
+    modules = [n for n, _ in model.named_modules()]
+    missing = [m for m in lora.modules_to_save if not any(n == m or n.endswith("." + m) for n in modules)]
+    if missing:
+        raise ValueError(f"{key}.modules_to_save: {missing} names no module of this model (module names end in "
+                         f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in modules if n and not n[-1].isdigit()})[:8]})")
+    tied = bool(lora.modules_to_save) and model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                      target_modules=list(lora.target_modules) or None, target_parameters=targets or None)
+                      target_modules=list(lora.target_modules) or None, target_parameters=targets or None,
+                      modules_to_save=list(lora.modules_to_save) or None, ensure_weight_tying=tied)
 
 
 def run(ctx) -> dict:
@@ -50,7 +58,7 @@ def run(ctx) -> dict:
     cfg, rc = ctx.cfg.sft, ctx.cfg
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
     check_chat_template(tok, ctx.model_path)
-    check_added_tokens(ctx.model_path, cfg.lora.enabled)
+    check_added_tokens(ctx.model_path, cfg.lora, "sft.lora", rc.model.trust_remote_code)
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     from posttrain.stages.rl_problems import rl_held_out_rows
