@@ -361,4 +361,10 @@ class RecipeConfig(Section):
                     section.process_penalty > 0 or section.ptx_coef > 0):
                 raise ValueError(f"{algo}.process_penalty and {algo}.ptx_coef read the embedded task's traces; set "
                                  f"them to 0 with data.source: {self.data.source}")
+            demonstrators = self.sft.budget_traces if isinstance(self.sft.budget_traces, list) else [self.sft.budget_traces]
+            blind = sorted(set(demonstrators) & {"full", "full_read_back"})
+            if algo in self.stages and section.ptx_coef > 0 and section.ptx_traces == "fitting" and blind:
+                raise ValueError(f"{algo}.ptx_traces: `fitting` imitates the SFT stage's demonstrations, and "
+                                 f"sft.budget_traces {', '.join(blind)} ignores the budget, so {algo} would imitate "
+                                 f"its overruns; set {algo}.ptx_traces: full (full traces within budget only)")
         return self

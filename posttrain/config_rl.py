@@ -87,8 +87,9 @@ class RLStageConfig(Section):
         "eroding while RL changes how budgets are spent.")
     ptx_traces: Literal["fitting", "full"] = Field(
         "fitting", description="ptx demonstrations: `fitting`, the SFT stage's (the trace `sft.budget_traces` "
-        "gives for each budget); `full`, only full verbose traces (no budget, or one they fit), leaving compression (and "
-        "budget 0's direct answers) to RL.")
+        "gives for each budget); `full`, only full verbose traces (no budget, or one they fit, whatever the SFT "
+        "demonstrator wrote there), leaving compression (and budget 0's direct answers) to RL. A budget-blind SFT "
+        "demonstrator (`full`, `full_read_back`) needs `full`: `fitting` would imitate its overruns.")
     process_penalty: float = Field(
         0.0, ge=0, description="Embedded task: subtract this from the advantage (GRPO) or reward (PPO) of the token "
         "where a response's first error is (the first trace line with a wrong value or a miscopied pair, else a wrong "

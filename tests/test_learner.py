@@ -226,6 +226,16 @@ def test_demo_batch_renders_prompts_as_rollouts_do_and_fits_the_budget(tokenizer
     blind = demo_batch(tokenizer, problems[:2], [16, 8], tokenizer.pad_token_id, traces="full",
                        fit=lambda p, b, count: make_trace(p))
     assert blind.response_mask[0].sum() == 0 and blind.response_mask[1].sum() > 0
+    # one that reads the problem back first (`full_read_back`): where the full trace fits, it is the full trace
+    # (without the preamble) that is imitated, as for every other demonstrator
+    from posttrain.tasks.arithmetic import read_back_trace
+
+    for fit in (make_trace, read_back_trace):
+        wide = demo_batch(tokenizer, problems, [64, None, 64], tokenizer.pad_token_id, traces="full",
+                          fit=lambda p, b, count: fit(p))
+        assert torch.equal(wide.response_ids, demo_batch(tokenizer, problems, [64, None, 64], tokenizer.pad_token_id,
+                                                          traces="full").response_ids)
+        assert wide.response_mask.sum(1).gt(0).all()
 
 
 def test_ptx_demonstrations_follow_the_sft_stages_budget_traces(tokenizer):

@@ -34,7 +34,15 @@ def test_budget_blind_recipe_is_the_quickstart_but_for_its_sft_demonstrators():
     assert cache_key(blind.base, blind.seed) == cache_key(quick.base, quick.seed)
     assert blind.grpo == quick.grpo and blind.task == quick.task and blind.sweep == quick.sweep and blind.ray == quick.ray
     assert blind.sft.model_dump(exclude={"budget_traces"}) == quick.sft.model_dump(exclude={"budget_traces"})
-    assert blind.sft.budget_traces == ["most_explicit", "full_read_back"] and quick.sft.budget_traces == "most_explicit"
+    assert blind.sft.budget_traces == [quick.sft.budget_traces, "full_read_back"]
+
+
+def test_ptx_imitating_a_budget_blind_demonstrator_is_refused():
+    """`ptx_traces: fitting` imitates whatever SFT demonstrated, a budget-blind teacher's overruns included."""
+    msg = error_of(None, overrides=["stages=[base,sft,grpo]", "sft.budget_traces=[most_explicit,full_read_back]",
+                                    "grpo.ptx_coef=1", "grpo.ptx_traces=fitting"])
+    assert "grpo.ptx_traces: `fitting`" in msg and "full_read_back ignores the budget" in msg
+    load_recipe(None, ["stages=[base,sft,grpo]", "sft.budget_traces=full", "grpo.ptx_coef=0", "grpo.ptx_traces=fitting"])
 
 
 def test_misspelt_key_names_path_and_nearest(tmp_path):

@@ -45,6 +45,9 @@ def test_a_first_line_reading_the_problem_back_is_skipped_and_blamed_for_nothing
     assert read_trace(P, respond("7+3*2-5*4\n7+3=10", 45)).malformed
     assert read_trace(P, respond("7+3=10\n7+3*2-5*3", 45)).malformed
     assert read_trace(P, respond("7+3*2-5*3\n7+3*2-5*3\n7+3=10", 45)).malformed
+    assert first_error_offset(P, respond("7+3*2-5*3\n7+3*2-5*3\n7+3=10", 45)) == len("7+3*2-5*3\n")
+    cut = respond("7+3*2", 45)  # a read-back cut by the forced </think>: a malformed line, blamed at its start
+    assert read_trace(P, cut).malformed and not read_trace(P, cut).read_back and first_error_offset(P, cut) == 0
 
 
 def test_summary_counts_by_hand():

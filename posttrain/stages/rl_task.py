@@ -47,9 +47,9 @@ def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, trac
     `fit_trace`, the most explicit); without one, the full verbose trace; budget 0, the answer alone. One
     demonstration per problem, in problem order.
 
-    traces="full": only the full verbose trace is demonstrated (without a budget, or with one it fits); a problem
-    whose budget needs a compressed trace (or no trace: budget 0) keeps its row with nothing to imitate, so how
-    to compress is left to RL.
+    traces="full": only the full verbose trace is demonstrated (without a budget, or with one it fits, whatever the
+    demonstrator drew); a problem whose budget needs a compressed trace (or no trace: budget 0) keeps its row with
+    nothing to imitate, so how to compress is left to RL.
     """
     from posttrain.learner import DemoBatch
     from posttrain.sft_data import tokenize_example
@@ -61,11 +61,13 @@ def demo_batch(tokenizer, problems, budgets: list[int | None], pad_id: int, trac
     count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
     for p, b in zip(problems, budgets):
         full = make_trace(p)
-        thinking = full if b is None else fit(p, b, count) if b > 0 else ""
+        fits_full = b is not None and b > 0 and count(full) <= b
+        # `full`: the full trace wherever it fits, whichever trace the SFT demonstrator drew (a budget-blind one,
+        # `sft.budget_traces: full` or `full_read_back`, overruns; `sampled` may compress); nothing elsewhere
+        thinking = full if b is None or (traces == "full" and fits_full) else fit(p, b, count) if b > 0 else ""
         ex = tokenize_example(tokenizer, p.expression, b, thinking, str(p.answer))
         cut = ex["completion_mask"].index(1)
-        # `full`: only a full trace within its budget (a demonstrator like `sft.budget_traces: full` shows overruns)
-        imitate = traces == "fitting" or (thinking == full and (b is None or count(full) <= b))
+        imitate = traces == "fitting" or b is None or fits_full
         rows.append((ex["input_ids"][:cut], ex["input_ids"][cut:], imitate))
     n, P, T = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     out = DemoBatch(torch.full((n, P), pad_id), torch.zeros((n, P), dtype=torch.long),

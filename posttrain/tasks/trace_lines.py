@@ -2,7 +2,8 @@
 
 Each trace line (`+3*2=20`: the restated pair, the new pairs, the running value) is parsed, its operators counted
 and its value checked against the problem's running values; operators the trace did not reach are left for the
-answer to fold. This is what showed that the tiny model's errors sit in lines that fold two or more operators
+answer to fold. A first line that reads the problem back (`7+3*2-5`, as `sft.budget_traces: full_read_back`
+teaches) is noted and skipped. This is what showed that the tiny model's errors sit in lines that fold two or more operators
 (docs/rl_findings.md). Run on a checkpoint:
 
     python -m posttrain.tasks.trace_lines CHECKPOINT --budgets 16,24,32 --n 25
@@ -41,18 +42,29 @@ class _Line:
     right: bool  # its value is the problem's running value
 
 
+def _reads_back(p: Problem, think: str) -> bool:
+    """The thinking's first non-blank line is the problem read back (`arithmetic.read_back_trace`)."""
+    return next((line.strip() for line in think.split("\n") if line.strip()), "") == p.expression
+
+
 def _scan(p: Problem, think: str):
     """The thinking's non-blank lines as `_Line`s, up to and including the first malformed one (a line that does
-    not parse or does not restate the problem's next pairs). A first line that reads the problem back is skipped."""
-    pairs, values, pos, start, read_back = p.pairs, p.running_values, 0, 0, False
+    not parse or does not restate the problem's next pairs).
+
+    A first line that reads the problem back is skipped: it computes nothing, so it is not blamed, and only the
+    outcome rewards tell a model it wasted the budget. A read-back cut short by a forced `</think>`, a second one,
+    or one after a trace line is malformed like any other line that does not parse.
+    """
+    pairs, values, pos, start = p.pairs, p.running_values, 0, 0
+    skip = _reads_back(p, think)
     for raw in think.split("\n"):
         line_start, start = start, start + len(raw) + 1
         text = raw.strip()
         if not text:
             continue
         first = line_start + len(raw) - len(raw.lstrip())
-        if pos == 0 and not read_back and text == p.expression:
-            read_back = True  # the problem read back (`read_back_trace`): computes nothing, blames nothing
+        if skip:  # the problem read back (`read_back_trace`)
+            skip = False
             continue
         m = _LINE.fullmatch(text)
         new = re.findall(r"[+\-*]\d", m.group(2)) if m else []
@@ -74,16 +86,16 @@ def read_trace(p: Problem, response: str, think_end: str = "</think>") -> TraceR
     scanned = list(_scan(p, think))
     lines = tuple((ln.ops, ln.right) for ln in scanned if ln.ops)
     digits = _answer_digits(answer)
-    first = next((line.strip() for line in think.split("\n") if line.strip()), "")
     return TraceReading(lines, any(not ln.ops for ln in scanned), p.difficulty - sum(g for g, _ in lines),
-                        bool(digits) and int(digits.group(1)) == p.answer, first == p.expression)
+                        bool(digits) and int(digits.group(1)) == p.answer, _reads_back(p, think))
 
 
 def first_error_offset(p: Problem, response: str, think_end: str = "</think>") -> int | None:
     """Character offset in `response` where its first error starts, or None when the response is right.
 
     The first error is the value of the first trace line whose value is wrong, else the start of the first line
-    that does not restate the problem's pairs (a miscopy), else the answer when it is wrong (it folded what the
+    that does not restate the problem's pairs (a miscopy; a read-back line is skipped as `_scan` says), else the
+    answer when it is wrong (it folded what the
     trace left, or miscopied the last value). Later lines build on the error, so they are not blamed.
     """
     think, sep, answer = response.partition(think_end)
