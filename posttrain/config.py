@@ -43,9 +43,9 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: Literal["arithmetic", "file", "hub"] = Field(
         "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
-        "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, grpo and ppo (the RL stages hold the "
-        "file's last rows out for their evaluation, which the eval and sweep stages evaluate too); rm uses the "
-        "embedded task and refuses other data."
+        "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, grpo and ppo (the RL stages hold rows "
+        "spread evenly through the file out for their evaluation, which the eval and sweep stages evaluate too); rm "
+        "uses the embedded task and refuses other data."
     )
     path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
     split: str = Field("train", description="Split for source=hub.")

@@ -137,7 +137,7 @@ def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Ex
 def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_rows_file: Path | None = None,
                   held_out=None) -> list[Example]:
     """`n` training examples from the configured source (files: the first `n` rows, all if fewer). `held_out(rows)`
-    gives how many of a file's last rows to leave out (those the RL stages evaluate on)."""
+    gives how many of a file's rows to leave out (spread through it: those the RL stages evaluate on)."""
     if data.source == "arithmetic":
         return arithmetic_examples(n, seed, task)
     rows = file_examples(data, bad_rows_file)
@@ -148,18 +148,28 @@ def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_row
     return train[:n]
 
 
+def spread(n: int, k: int) -> list[int]:
+    """`k` indices of `range(n)` spread evenly (the middle of each of `k` equal parts), increasing; all of them when
+    `k >= n`. A file sorted by difficulty or topic gives a held-out set like the whole file."""
+    if k >= n:
+        return list(range(n))
+    return [(2 * j + 1) * n // (2 * k) for j in range(k)]
+
+
 def split_held_out(rows: list, k: int, prompt=lambda r: r.prompt) -> tuple[list, list]:
-    """(train, held): the last `k` rows are held out, each prompt once (a repeat would count one problem twice in a
-    paired comparison), and a training row whose prompt is also held out is dropped, so that no stage trains on a
-    problem the evaluation asks (a file may repeat a prompt)."""
+    """(train, held): `k` rows spread evenly through the file (`spread`) are held out, each prompt once (a repeat
+    would count one problem twice in a paired comparison), and a training row whose prompt is also held out is
+    dropped, so that no stage trains on a problem the evaluation asks (a file may repeat a prompt)."""
     if k <= 0:
         return list(rows), []
+    picked = spread(len(rows), k)
     held, asked = [], set()
-    for r in rows[len(rows) - k:]:  # the first row of each prompt
-        if prompt(r) not in asked:
-            asked.add(prompt(r))
-            held.append(r)
-    train = [r for r in rows[:len(rows) - k] if prompt(r) not in asked]
-    if len(train) < len(rows) - k:
-        log.info("data: %d training rows repeat a held-out prompt and are left out", len(rows) - k - len(train))
+    for i in picked:  # the first picked row of each prompt
+        if prompt(rows[i]) not in asked:
+            asked.add(prompt(rows[i]))
+            held.append(rows[i])
+    chosen = set(picked)
+    train = [r for i, r in enumerate(rows) if i not in chosen and prompt(r) not in asked]
+    if len(train) < len(rows) - len(chosen):
+        log.info("data: %d training rows repeat a held-out prompt and are left out", len(rows) - len(chosen) - len(train))
     return train, held

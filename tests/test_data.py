@@ -166,8 +166,16 @@ def test_split_held_out_counts_each_held_prompt_once_and_trains_on_none_of_them(
 
     from posttrain.data import split_held_out
 
+    from posttrain.data import spread
+
+    # k of n rows, the middle of each of k equal parts: (2j + 1) * n // 2k
+    assert spread(10, 3) == [1, 5, 8] and spread(7, 4) == [0, 2, 4, 6] and spread(3, 5) == [0, 1, 2]
     rows = [R(prompt=p) for p in ["a", "b", "c", "d", "b", "e", "d"]]
-    train, held = split_held_out(rows, 4)  # the last 4: d, b, e, d
-    assert [r.prompt for r in held] == ["d", "b", "e"]  # d once, where it first comes
-    assert [r.prompt for r in train] == ["a", "c"]  # b and d are asked by the evaluation
+    train, held = split_held_out(rows, 4)  # rows 0, 2, 4, 6: a, c, b, d
+    assert [r.prompt for r in held] == ["a", "c", "b", "d"]
+    assert [r.prompt for r in train] == ["e"]  # rows 1 (b) and 3 (d) repeat a held-out prompt
+    rows = [R(prompt=p) for p in ["a", "b", "c", "b", "e", "f", "g", "b"]]
+    train, held = split_held_out(rows, 4)  # rows 1, 3, 5, 7: b, b, f, b
+    assert [r.prompt for r in held] == ["b", "f"]  # b once, where it first comes
+    assert [r.prompt for r in train] == ["a", "c", "e", "g"]
     assert split_held_out(rows, 0) == (rows, [])

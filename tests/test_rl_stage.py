@@ -311,15 +311,19 @@ def test_file_problems_split_held_out_rows_per_budget_and_sample_the_rest(tmp_pa
                             "grpo.eval_budgets=[4,auto]", "grpo.eval_n_per_difficulty=3", "grpo.prompts_per_step=5"])
     src = ProblemSource(rc, rc.grpo)
     held = {b: src.eval(b) for b in ("4", "auto")}
-    assert [len(v) for v in held.values()] == [6, 6]  # 3 per difficulty x 2 difficulties each, the last 12 rows
-    assert [p.expression for p in held["4"] + held["auto"]] == [r["q"] for r in rows[-12:]]
-    assert held["4"][0].answer == str(rows[-12]["a"]) and held["4"][0].difficulty == rows[-12]["lvl"]
+    assert [len(v) for v in held.values()] == [6, 6]  # 3 per difficulty x 2 difficulties each
+    # 12 rows spread through the 40 ((2j + 1) * 40 // 24), every other one to each budget
+    held_rows = [1, 5, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38]
+    assert [p.expression for p in held["4"]] == [rows[i]["q"] for i in held_rows[0::2]]
+    assert [p.expression for p in held["auto"]] == [rows[i]["q"] for i in held_rows[1::2]]
+    assert held["4"][0].answer == str(rows[1]["a"]) and held["4"][0].difficulty == rows[1]["lvl"]
+    held_q = {rows[i]["q"] for i in held_rows}
     seen = set()
     for step in range(20):
         problems, budgets = src.step(step)
         assert len(problems) == len(budgets) == 5 and problems == src.step(step)[0]  # deterministic per step
         seen |= {p.expression for p in problems}
-    assert seen <= {r["q"] for r in rows[:-12]} - {r["q"] for r in rows[-12:]} and len(seen) > 5  # never held out
+    assert seen <= {r["q"] for r in rows} - held_q and len(seen) > 5  # never held out
     assert src.grade(held["4"][:2], [type("R", (), {"text": f"x</think>\n\n{held['4'][0].answer}", "n_think": 1,
                                                     "closed": True, "forced": False})()] * 2)[0].correct
 
@@ -336,7 +340,9 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
     from posttrain.stages.rl_eval import problems_fingerprint
 
     rows = (tmp_path / "d.jsonl").read_text().splitlines()
-    assert before["4"]["problems"] == problems_fingerprint([json.loads(r)["q"] for r in rows[-4:-2]])
+    # 4 rows spread through the 40: 5, 15, 25, 35; every other one to each budget
+    assert before["4"]["problems"] == problems_fingerprint([json.loads(rows[i])["q"] for i in (5, 25)])
+    assert before["auto"]["problems"] == problems_fingerprint([json.loads(rows[i])["q"] for i in (15, 35)])
     assert set(info["summary"]["comparison"]) == {"4", "auto"}
 
 
@@ -371,7 +377,7 @@ def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(ti
     assert {(r["budget"], r["difficulty"], r["n"]) for r in quick} == {
         (b, d, 2 if d == "all" else 1) for b in ("0", "auto") for d in (1, 2, "all")}
     swept = first_per_difficulty(evaluation_rows(rc), 2)
-    held = {r["q"] for r in rows[-12:]}  # 6 held-out rows per eval budget (3 per difficulty), 2 budgets
+    held = {rows[i]["q"] for i in (1, 5, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38)}  # 6 per eval budget, 2 budgets
     assert {p.expression for p in swept} <= held and [p.difficulty for p in swept].count(1) == 2
     assert graded and all(set(g) <= held for g in graded)  # eval, grpo's before/after and sweep: held-out rows only
     assert [p.expression for p in swept] in graded  # the sweep's 2 per difficulty
@@ -392,9 +398,12 @@ def test_no_rl_stage_trains_on_rows_another_holds_out(tmp_path):
                             "data.answer_column=a", "task.max_difficulty=2", "grpo.eval_budgets=[4,auto]",
                             "grpo.eval_n_per_difficulty=3", "ppo.eval_budgets=[4,auto]", "ppo.eval_n_per_difficulty=1"])
     ppo = ProblemSource(rc, rc.ppo)
-    assert [p.expression for p in ppo.train] == [r["q"] for r in rows[:-12]]
-    assert [p.expression for b in ("4", "auto") for p in ppo.eval(b)] == [r["q"] for r in rows[-4:]]
-    assert [p.expression for p in evaluation_rows(rc)] == [r["q"] for r in rows[-12:]]
+    grpo_rows = [1, 4, 7, 9, 12, 15, 18, 21, 24, 26, 29, 32]  # 12 spread through the 34
+    assert [p.expression for p in ppo.train] == [r["q"] for i, r in enumerate(rows) if i not in grpo_rows]
+    # ppo's own 4 are spread among grpo's 12 (its 2nd, 5th, 8th and 11th), every other one to each budget
+    assert [p.expression for p in ppo.eval("4")] == [rows[4]["q"], rows[21]["q"]]
+    assert [p.expression for p in ppo.eval("auto")] == [rows[12]["q"], rows[29]["q"]]
+    assert [p.expression for p in evaluation_rows(rc)] == [rows[i]["q"] for i in grpo_rows]
 
 
 def test_eval_rows_sets_the_held_out_rows_per_budget_of_a_data_file(tmp_path):
@@ -407,7 +416,7 @@ def test_eval_rows_sets_the_held_out_rows_per_budget_of_a_data_file(tmp_path):
     rc = load_recipe(None, [*base, "grpo.eval_rows=5"])
     src = ProblemSource(rc, rc.grpo)
     assert [len(src.eval(b)) for b in ("4", "auto")] == [5, 5] and rl_held_out_rows(rc, len(rows)) == 10
-    assert [p.expression for p in src.eval("auto")] == [r["q"] for r in rows[-5:]]
+    assert [p.expression for p in src.eval("auto")] == [rows[i]["q"] for i in (5, 11, 18, 25, 32)]  # of 1, 5, 8, ...
     rc = load_recipe(None, [*base, "grpo.eval_rows=100"])  # at most half the file: 34 // 4 = 8 per budget
     assert [len(ProblemSource(rc, rc.grpo).eval(b)) for b in ("4", "auto")] == [8, 8]
 
@@ -421,10 +430,13 @@ def test_repeated_held_out_prompts_shrink_every_eval_slice_alike(tmp_path):
                             "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
                             "data.answer_column=a", "task.max_difficulty=2", "grpo.eval_budgets=[4,auto]",
                             "grpo.eval_n_per_difficulty=2"])
-    src = ProblemSource(rc, rc.grpo)  # 4 held out per budget asked, 4 distinct prompts in the last 8 rows
+    # 4 held out per budget asked: rows 1, 5, 8, 12, 15, 19, 22, 26 of 28, whose last two are both h2: 7 distinct
+    # prompts, so 3 per budget, spread among the 7 (all but the 4th, q12)
+    src = ProblemSource(rc, rc.grpo)
     slices = [[p.expression for p in src.eval(b)] for b in ("4", "auto")]
-    assert slices == [["h0", "h1"], ["h2", "h3"]]
-    assert not {p.expression for p in src.train} & {"h0", "h1", "h2", "h3"}
+    assert slices == [["q1", "q8", "q19"], ["q5", "q15", "h2"]]
+    assert not {p.expression for p in src.train} & {"q1", "q5", "q8", "q12", "q15", "q19", "h2"}
+    assert sum(p.expression.startswith("h") for p in src.train) == 6  # h0, h1, h3 twice each
 
 
 def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_graded_as_text(tmp_path):
@@ -439,9 +451,12 @@ def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_grade
                             "grpo.eval_n_per_difficulty=3"])
     assert rl_held_out_rows(rc, len(rows)) == 12  # 6 rows for each of 2 distinct budgets
     sft = load_examples(rc.data, rc.task, 1000, 0, held_out=lambda n: rl_held_out_rows(rc, n))
-    held_q = {r["q"] for r in rows[-12:]}
-    # the prompts repeat every 35 rows: rows 0-4 ask what the held-out rows 35-39 ask, so no stage trains on them
-    assert [e.prompt for e in sft] == [r["q"] for r in rows[5:-12]] and not held_q & {e.prompt for e in sft}
+    held_rows = [1, 5, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38]  # 12 spread through the 40
+    held_q = {rows[i]["q"] for i in held_rows}
+    # the prompts repeat every 35 rows: rows 0, 3 and 36 ask what held-out rows 35, 38 and 1 ask, so no stage trains
+    # on them
+    assert [e.prompt for e in sft] == [r["q"] for i, r in enumerate(rows) if i not in held_rows + [0, 3, 36]]
+    assert not held_q & {e.prompt for e in sft}
     src = ProblemSource(rc, rc.grpo)
     assert {p.expression for b in ("4", "auto") for p in src.eval(b)} == held_q
     assert [p.expression for p in src.train] == [e.prompt for e in sft]

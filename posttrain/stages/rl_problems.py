@@ -2,8 +2,9 @@
 
 - `data.source: arithmetic` (the embedded task): each step's problems are generated from (seed, step), each eval
   budget's from (eval.seed, budget) (`rl.sample_step_problems`, `rl_eval.eval_problems`); graded by `exact_int`.
-- `data.source: file` / `hub` (the user's prompts and answers, `data.*` column mapping): the file's last rows are
-  held out for the stage's evaluation, a slice of their own for each eval budget (so the pooled verdict counts each
+- `data.source: file` / `hub` (the user's prompts and answers, `data.*` column mapping): rows spread evenly
+  through the file are held out for the stage's evaluation (`data.split_held_out`), a share of their own for each
+  eval budget (so the pooled verdict counts each
   problem once), and every step samples `prompts_per_step` of the other rows from (seed, step); graded by
   `math` equivalence (math-verify: integers, fractions, LaTeX), the grader of the `math` reward.
 
@@ -37,7 +38,7 @@ def held_out_per_budget(cfg, task, n_rows: int) -> int:
 
 
 def rl_held_out_rows(rc, n_rows: int) -> int:
-    """How many of a data file's last rows the recipe's RL stages hold out for evaluation: SFT leaves them out too,
+    """How many of a data file's rows the recipe's RL stages hold out for evaluation: SFT leaves them out too,
     so the before/after verdict is on rows no stage trained on."""
     if rc.data.source == "arithmetic":
         return 0
@@ -90,7 +91,7 @@ class ProblemSource:
             self._split_file()
 
     def _split_file(self) -> None:
-        from posttrain.data import split_held_out
+        from posttrain.data import split_held_out, spread
 
         rows = text_problems(self.rc.data)
         budgets = list(dict.fromkeys(str(b) for b in self.cfg.eval_budgets))
@@ -99,21 +100,20 @@ class ProblemSource:
             log.warning("%s: %d rows are too few to hold any out for evaluation; the stage evaluates nothing",
                         self.rc.data.path, len(rows))
         own = per_budget * len(budgets)
-        # train on none of the rows any RL stage of the recipe holds out (another's slice may be larger than this
-        # one's): the eval and sweep stages evaluate all of them; evaluate on the last `own` rows
+        # train on none of the rows any RL stage of the recipe holds out (another's share may be larger than this
+        # one's): the eval and sweep stages evaluate all of them; evaluate on `own` of them, spread among them
         total = max(own, rl_held_out_rows(self.rc, len(rows)))
         self.train, held = split_held_out(rows, total, prompt=lambda r: r.expression)
-        held = held[max(0, len(held) - own):]
         if len(held) < own:  # repeated prompts were held out once each
             per_budget = len(held) // len(budgets)
             log.warning("%s: the held-out rows repeat prompts; %d distinct ones, %d per eval budget", self.rc.data.path,
                         len(held), per_budget)
-            held = held[len(held) - per_budget * len(budgets):]
-        for i, b in enumerate(budgets):
-            self.held_out[b] = held[i * per_budget: (i + 1) * per_budget]
+        held = [held[i] for i in spread(len(held), per_budget * len(budgets))]
+        for i, b in enumerate(budgets):  # every len(budgets)-th row: each budget's share spans the file too
+            self.held_out[b] = held[i::len(budgets)]
         if not self.train:
             raise ValueError(f"{self.rc.data.path}: no rows left to train on after holding out evaluation rows")
-        log.info("%s: %d training rows, %d held out per eval budget (the file's last rows)", self.rc.data.path,
+        log.info("%s: %d training rows, %d held out per eval budget (spread through the file)", self.rc.data.path,
                  len(self.train), per_budget)
 
     def step(self, step: int) -> tuple[list, list]:
