@@ -43,9 +43,9 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: Literal["arithmetic", "file", "hub"] = Field(
         "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
-        "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, grpo and ppo (the RL stages hold rows "
-        "spread evenly through the file out for their evaluation, which the eval and sweep stages evaluate too); rm "
-        "uses the embedded task and refuses other data."
+        "`datasets` name (needs a reachable hub). `file` and `hub` feed every stage but base: sft, rm, grpo and ppo train on "
+        "them, except the rows the RL stages hold out (spread evenly through the file) for their evaluation, which "
+        "the eval and sweep stages evaluate too."
     )
     path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
     split: str = Field("train", description="Split for source=hub.")
@@ -209,7 +209,9 @@ class RMStageConfig(Section):
         "log-uniformly with `scale: log`).",
     )
     max_new_tokens: int = Field(128, ge=1)
-    label_reward: str = Field("exact_int", description="Registered verifiable reward that labels samples (>= 0.5 = correct).")
+    label_reward: str | None = Field(
+        None, description="Registered verifiable reward that labels samples (>= 0.5 = correct); by default "
+        "`exact_int` on the embedded task, `math` (equivalence of the answer after `</think>`) on a data file.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of problems held out for accuracy and AUC.")
     balance: bool = Field(True, description="Balance correct/incorrect training samples by downsampling.")
     genrm: VerifierTrainConfig = Field(default_factory=VerifierTrainConfig, description="Generative verifier.")
@@ -221,10 +223,11 @@ class RMStageConfig(Section):
 
     @field_validator("label_reward")
     @classmethod
-    def _known_reward(cls, v: str) -> str:
+    def _known_reward(cls, v: str | None) -> str | None:
         from posttrain.rewards.registry import get_reward_cls
 
-        get_reward_cls(v)  # raises naming the known rewards
+        if v is not None:
+            get_reward_cls(v)  # raises naming the known rewards
         return v
     scalar: VerifierTrainConfig = Field(
         default_factory=lambda: VerifierTrainConfig(enabled=False), description="Scalar Bradley-Terry reward model."
@@ -297,7 +300,6 @@ class ExportStageConfig(Section):
 
 
 # Stages whose problems (prompts, answers, difficulties) come from the embedded task whatever `data` says.
-EMBEDDED_TASK_STAGES = ("rm",)
 
 
 class RecipeConfig(Section):
@@ -340,12 +342,6 @@ class RecipeConfig(Section):
             raise ValueError("set either model.path (an existing checkpoint) or the `base` stage, not both")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError("stages must not repeat")
-        embedded_only = [s for s in self.stages if s in EMBEDDED_TASK_STAGES]
-        if self.data.source != "arithmetic" and embedded_only:
-            raise ValueError(
-                f"data.source: {self.data.source} feeds the sft, grpo, ppo, eval and sweep stages; "
-                f"{', '.join(embedded_only)} draws its problems from the embedded arithmetic task and would not see "
-                "your data. Leave it out of `stages`, or run it with data.source: arithmetic")
         evaluating = [s for s in ("eval", "sweep") if s in self.stages]
         if self.data.source != "arithmetic" and evaluating and not any(
                 a in self.stages and getattr(self, a).eval_budgets and getattr(self, a).eval_n_per_difficulty > 0

@@ -144,7 +144,8 @@ def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_row
     k = held_out(len(rows)) if held_out is not None else 0
     train, _ = split_held_out(rows, k)
     if k:
-        log.info("data: the file's last %d rows are held out for the RL stages' evaluation; %d remain", k, len(train))
+        log.info("data: %d rows spread through the file are held out for the RL stages' evaluation; %d remain", k,
+                 len(train))
     return train[:n]
 
 

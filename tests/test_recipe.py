@@ -91,19 +91,16 @@ def test_overrides_parse_yaml_values():
     assert cfg.sft.budgets == [4, 8] and cfg.sft.lora.enabled is True and cfg.seed == 7
 
 
-def test_file_data_is_refused_by_stages_that_use_the_embedded_task(tmp_path):
+def test_file_data_is_refused_where_a_stage_needs_the_embedded_task(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "2+2?", "answer": "4"}\n')
-    msg = error_of(tmp_path, overrides=["stages=[sft,rm,grpo]", f"model.path={tmp_path}", "data.source=file",
-                                        f"data.path={data}"])
-    assert "data.source: file feeds the sft, grpo, ppo, eval and sweep stages; rm draws" in msg
     msg = error_of(tmp_path, overrides=["stages=[sft,eval,grpo,sweep]", f"model.path={tmp_path}", "data.source=file",
                                         f"data.path={data}", "grpo.eval_n_per_difficulty=0"])
     assert "eval and sweep evaluate the rows a grpo or ppo stage holds out" in msg
     msg = error_of(tmp_path, overrides=["stages=[grpo]", f"model.path={tmp_path}", "data.source=file",
                                         f"data.path={data}", "grpo.ptx_coef=1"])
     assert "grpo.process_penalty and grpo.ptx_coef read the embedded task's traces" in msg
-    ok = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,eval,grpo,sweep,export]", f"model.path={tmp_path}",
+    ok = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,rm,eval,grpo,sweep,export]", f"model.path={tmp_path}",
                             "data.source=file", f"data.path={data}"])
     assert ok.data.source == "file"
 

@@ -158,3 +158,46 @@ def test_within_group_auc_matches_pairwise_reference():
         else:
             want = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in pairs) / len(pairs)
             assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_rm_stage_on_a_data_file_samples_rows_no_rl_stage_holds_out(tmp_path, tiny_model_dir):
+    """With `data.source: file` the samples' problems are the file's rows, none of those grpo holds out for its
+    evaluation, the rows sft does not train on first; they are labelled by math equivalence of text answers
+    (`rm.label_reward` unset), and a file without enough rows is a DataError naming it."""
+    from posttrain.data import DataError
+    from posttrain.pipeline import run_recipe
+    from posttrain.recipe import load_recipe
+    from posttrain.stages.rl_problems import evaluation_rows
+    from posttrain.stages.rm import rm_problems
+
+    rows = [{"q": f"What is {i} halved?", "a": f"\\frac{{{i}}}{{2}}"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ["data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q", "data.answer_column=a"]
+    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "threads=2", "stages=[rm,grpo]", *data,
+            "task.max_difficulty=2", "grpo.eval_budgets=[4,auto]", "grpo.eval_n_per_difficulty=3",
+            "sft.n_examples=20", "rm.n_prompts=12", "rm.samples_per_prompt=2", "rm.budgets=[0,auto]",
+            "rm.max_new_tokens=6", "rm.holdout_fraction=0.5", "rm.genrm.steps=2", "rm.genrm.batch_size=4"]
+    rc = load_recipe(None, over)
+    held = {p.expression for p in evaluation_rows(rc)}
+    problems = rm_problems(rc, seed=7)
+    asked = [p.expression for p in problems]
+    assert len(held) == 12 and len(set(asked)) == 12 and not set(asked) & held
+    # 28 training rows: sft takes the first 20, so the 8 after them come first, then 4 of the 20
+    train = [r["q"] for r in rows if r["q"] not in held]
+    assert set(train[20:]) < set(asked) and len(set(asked) & set(train[:20])) == 4
+    assert problems == rm_problems(rc, seed=7) and problems != rm_problems(rc, seed=8)
+    run_recipe(load_recipe(None, [*over, "stages=[rm]"]))  # nothing held out without an RL stage
+    samples = [json.loads(line) for line in (tmp_path / "run" / "rm" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24 and {s["problem"] for s in samples} <= set(by_q := {r["q"]: r["a"] for r in rows})
+    assert json.loads((tmp_path / "run" / "rm" / "rm_report.json").read_text())["label_reward"] == "math"
+    for s in samples:  # a right answer written as 0.5 * i would be labelled correct: math equivalence, not strings
+        assert s["answer"] == by_q[s["problem"]] and s["correct"] == (s["label_score"] >= 0.5)
+    from posttrain.rewards import build_reward
+
+    math = build_reward("math")
+    assert math(["q"], ["x</think>\n\n1.5"], answer=["\\frac{3}{2}"]).scores[0] == 1.0
+    (tmp_path / "tiny.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match="tiny.jsonl: rm needs at least 2 rows"):
+        run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", f"model.path={tiny_model_dir}", "threads=2",
+                                      "stages=[rm]", "data.source=file", f"data.path={tmp_path / 'tiny.jsonl'}",
+                                      "data.prompt_column=q", "data.answer_column=a"]))

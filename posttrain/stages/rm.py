@@ -1,8 +1,9 @@
 """`rm` stage: reward models from the policy's own samples.
 
-1. Sample `rm.samples_per_prompt` responses for each of `rm.n_prompts` fresh arithmetic problems from the stage's
-   input checkpoint (the SFT model), budgets cycled from `rm.budgets`, at `rm.temperature`; label each with the
-   registered `rm.label_reward` (score >= 0.5 = correct); split by *problem* into train / holdout; balance the
+1. Sample `rm.samples_per_prompt` responses for each of `rm.n_prompts` problems (fresh arithmetic ones, or rows of
+   the data file no RL stage holds out: `rm_problems`) from the stage's input checkpoint (the SFT model), budgets
+   cycled from `rm.budgets`, at `rm.temperature`; label each with the registered `rm.label_reward` (by default
+   `exact_int` on the embedded task, `math` equivalence on a file; score >= 0.5 = correct); split by *problem* into train / holdout; balance the
    train classes by downsampling. Everything lands in ``samples.jsonl``.
 2. GenRM (Zhang et al. 2024; format and scoring in `posttrain.verifier`): the SFT model fine-tuned with TRL's
    SFTTrainer to answer Yes/No, loss on the answer token and EOS only. Saved to ``genrm/``.
@@ -42,14 +43,38 @@ def _metrics_callback(metrics, prefix: str):
     return JsonlMetrics()
 
 
-def sample_responses(model, tok, cfg, task, seed: int) -> list[dict]:
-    """`cfg.samples_per_prompt` labelled responses per problem: one record per response."""
+def rm_problems(rc, seed: int) -> list:
+    """`rm.n_prompts` problems to sample: fresh ones of the embedded task, or rows of the data file that no RL stage
+    holds out for evaluation, first those the SFT stage does not train on (it takes the first `sft.n_examples`
+    training rows), so that the samples' labels are not those of memorised answers where the file allows."""
+    from posttrain.stages.rl_problems import TextProblem, rl_held_out_rows
+
+    n = rc.rm.n_prompts
+    if rc.data.source == "arithmetic":
+        from posttrain.tasks.arithmetic import generate_problems
+
+        return generate_problems(n, seed, list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1)))
+    from posttrain.data import DataError, file_examples, split_held_out
+
+    train, _ = split_held_out(rows := file_examples(rc.data), rl_held_out_rows(rc, len(rows)))
+    rng = random.Random(seed)
+    unseen, seen = train[rc.sft.n_examples:], train[:rc.sft.n_examples]
+    picked = rng.sample(unseen, min(n, len(unseen)))
+    picked += rng.sample(seen, min(n - len(picked), len(seen)))
+    if len(picked) < 2:
+        raise DataError(f"{rc.data.path}: rm needs at least 2 rows that no RL stage holds out, found {len(picked)}")
+    if len(picked) < n or any(e in seen for e in picked):
+        log.info("rm: %d problems from %s (%d of them rows the sft stage trains on)", len(picked), rc.data.path,
+                 sum(e in seen for e in picked))
+    return [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in picked]
+
+
+def sample_responses(model, tok, cfg, problems: list, seed: int, label_reward: str) -> list[dict]:
+    """`cfg.samples_per_prompt` labelled responses per problem (anything with `expression`, `answer` and
+    `difficulty`): one record per response, labelled by the registered reward `label_reward`."""
     from posttrain.generate import generate
     from posttrain.rewards import build_reward
-    from posttrain.tasks.arithmetic import generate_problems
 
-    diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
-    problems = generate_problems(cfg.n_prompts, seed, diffs)
     rng = random.Random(seed)
     recs = []
     for i, p in enumerate(problems):
@@ -61,7 +86,7 @@ def sample_responses(model, tok, cfg, task, seed: int) -> list[dict]:
                          GEN_BATCH_SIZE, cap=False, do_sample=True, temperature=cfg.temperature, seed=seed)
     for r, resp in zip(recs, responses):
         r.update(response=resp.text, n_think=resp.n_think, closed=resp.closed)
-    labeller = build_reward(cfg.label_reward)
+    labeller = build_reward(label_reward)
     out = labeller([r["problem"] for r in recs], [r["response"] for r in recs], answer=[r["answer"] for r in recs],
                    budget=[r["budget"] for r in recs], n_think=[r["n_think"] for r in recs],
                    closed=[r["closed"] for r in recs], difficulty=[r["difficulty"] for r in recs])
@@ -235,12 +260,14 @@ def run(ctx) -> dict:
     check_chat_template(tok, ctx.model_path)
     policy = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                         rc.model.experts_implementation)
-    recs = sample_responses(policy, tok, cfg, rc.task, seed)
+    label_reward = cfg.label_reward or ("exact_int" if rc.data.source == "arithmetic" else "math")
+    recs = sample_responses(policy, tok, cfg, rm_problems(rc, seed), seed, label_reward)
     del policy
     split_and_balance(recs, cfg.holdout_fraction, cfg.balance, seed)
     train = [r for r in recs if r["in_train"]]
     holdout = [r for r in recs if r["split"] == "holdout"]
-    report = {"model": str(ctx.model_path), "samples": len(recs), "sample_accuracy": _rate(recs),
+    report = {"model": str(ctx.model_path), "label_reward": label_reward, "samples": len(recs),
+              "sample_accuracy": _rate(recs),
               "train_samples": len(train), "train_positive_rate": _rate(train),
               "holdout_samples": len(holdout), "holdout_positive_rate": _rate(holdout)}
     log.info("rm: %d samples (%.1f%% correct); %d train (after balancing), %d held out", len(recs),
