@@ -43,9 +43,9 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: Literal["arithmetic", "file", "hub"] = Field(
         "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
-        "`datasets` name (needs a reachable hub). `file` and `hub` feed every stage but base: sft, rm, grpo and ppo train on "
-        "them, except the rows the RL stages hold out (spread evenly through the file) for their evaluation, which "
-        "the eval and sweep stages evaluate too."
+        "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, rm, grpo, ppo, eval and sweep: the "
+        "first four train on them, except the rows the RL stages hold out (spread evenly through the file) for "
+        "their evaluation, which the eval and sweep stages evaluate."
     )
     path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
     split: str = Field("train", description="Split for source=hub.")
@@ -299,9 +299,6 @@ class ExportStageConfig(Section):
     )
 
 
-# Stages whose problems (prompts, answers, difficulties) come from the embedded task whatever `data` says.
-
-
 class RecipeConfig(Section):
     run_dir: str = Field("runs/quickstart", description="Directory the run writes into (resumes if it exists).")
     seed: int = Field(0, description="Global seed.")
@@ -325,6 +322,19 @@ class RecipeConfig(Section):
     eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
     sweep: SweepStageConfig = Field(default_factory=SweepStageConfig)
     export: ExportStageConfig = Field(default_factory=ExportStageConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_label_reward(cls, data):
+        """`rm.label_reward` unset: `exact_int` on the embedded task, `math` on a data file, written into the recipe
+        (and so into the run's recipe.yaml and the rerun guard) as the labeller actually used."""
+        if not isinstance(data, dict):
+            return data
+        rm, source = data.get("rm"), data.get("data")
+        source = source.get("source", "arithmetic") if isinstance(source, dict) else getattr(source, "source", "arithmetic")
+        if rm is None or isinstance(rm, dict) and rm.get("label_reward") is None:
+            return {**data, "rm": {**(rm or {}), "label_reward": "exact_int" if source == "arithmetic" else "math"}}
+        return data
 
     @model_validator(mode="after")
     def _sweep_models(self) -> "RecipeConfig":

@@ -115,7 +115,7 @@ class RLStageConfig(Section):
         25, ge=0, description="Held-out problems per difficulty at each eval budget (0 = no eval). Each budget has "
         "problems of its own (seeded by eval.seed and the budget), the same before and after training.")
     eval_rows: int | None = Field(
-        None, ge=1, description="Data files: rows held out per eval budget, the file's last ones (default: "
+        None, ge=1, description="Data files: rows held out per eval budget, spread through the file (default: "
         "eval_n_per_difficulty x the task's difficulty count), at most half the file in all.")
     eval_max_new_tokens: int = Field(160, ge=1)
     eval_batch_size: int = Field(256, ge=1, description="Prompts per generate call in the before/after evaluation.")

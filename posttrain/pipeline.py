@@ -81,8 +81,11 @@ def stage_settings(recipe: dict, stage: str) -> dict:
     for section in SHARED_SECTIONS + (stage,):
         flat.update(_flatten(recipe.get(section), f"{section}."))
     embedded = flat.get("data.source") == "arithmetic"
-    if not embedded and stage not in ("base", "rm", "export"):
-        # a data file's rows that the RL stages hold out: what sft and RL leave out, what eval and sweep evaluate
+    if not embedded and stage not in ("base", "export"):
+        # a data file's rows that the RL stages hold out: what sft, rm and RL leave out, what eval and sweep
+        # evaluate; rm also samples first the rows sft does not train on
+        if stage == "rm":
+            flat["sft.n_examples"] = (recipe.get("sft") or {}).get("n_examples")
         for algo in ("grpo", "ppo"):
             if algo in (recipe.get("stages") or []):
                 sec = recipe.get(algo) or {}
@@ -92,8 +95,12 @@ def stage_settings(recipe: dict, stage: str) -> dict:
             if k not in HOW_NOT_WHAT and not (embedded and k.startswith("data.") and k != "data.source")}
 
 
-def _changes(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+def _changes(old: dict, new: dict, stage: str | None = None) -> list[str]:
+    """The settings that differ, as `key: old -> new`. A key the old settings lack (a recipe key added since) is no
+    change while its new value is the key's default: the result did not depend on it then either."""
+    defaults = stage_settings(RecipeConfig().model_dump(mode="json"), stage) if stage else {}
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])]
 
 
 def _previous_recipe(path: Path) -> dict | None:
@@ -130,7 +137,7 @@ def check_unchanged(cfg: RecipeConfig, run_dir: Path) -> None:
             recorded = json.loads((stage_dir / "done.json").read_text()).get("settings")
             if recorded is None and old is not None:  # finished before settings were recorded
                 recorded = stage_settings(old, name)
-            changes = _changes(recorded, now) if recorded is not None else []
+            changes = _changes(recorded, now, name) if recorded is not None else []
             if changes:
                 raise RecipeError(
                     f"{run_dir}: stage {name} finished with other settings than this recipe's:\n  "
@@ -138,7 +145,7 @@ def check_unchanged(cfg: RecipeConfig, run_dir: Path) -> None:
                     + f"\nits results would not match the recipe. Run into a new directory (--run-dir), put those "
                       f"values back, or delete {stage_dir} (and the stages after it) to run it again")
         elif old is not None and stage_dir.is_dir() and any(stage_dir.iterdir()):
-            changes = _changes(stage_settings(old, name), now)
+            changes = _changes(stage_settings(old, name), now, name)
             if changes:
                 log.warning("stage %s resumes with changed settings: %s", name, "; ".join(changes))
 

@@ -175,8 +175,36 @@ def test_lora_with_the_embedding_and_head_trained_whole_learns_the_added_tokens(
     with pytest.raises(ValueError, match=r"grpo.lora.modules_to_save: \['lm_heads'\] names no module"):
         run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'r1'}", *rl,
                                       "grpo.lora.modules_to_save=[embed_tokens,lm_head,lm_heads]"]))
-    run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'r2'}", *rl, "grpo.lora.modules_to_save=[embed_tokens,lm_head]"]))
+    run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'r2'}", *rl, "grpo.lora.modules_to_save=[embed_tokens,lm_head]",
+                                  "stages=[grpo,export]", "export.rank=4"]))
     assert (tmp_path / "r2" / "grpo" / "done.json").is_file()
+    # the export carries what the LoRA stage trained whole, though export.modules_to_save names nothing
+    report = json.loads((tmp_path / "r2" / "export" / "adapter" / "export.json").read_text())
+    assert report["modules_to_save"] == ["embed_tokens", "lm_head"] and not report["uncovered_changed_params"]
+
+
+def test_lora_weight_sync_carries_the_modules_trained_whole(foreign_dir, tmp_path):
+    """With `modules_to_save`, what the learner sends after an update includes the whole embedding and head copies,
+    and a rollout worker wrapped the same way takes every tensor by name and then computes the learner's logits."""
+    from posttrain.prepare import prepare_checkpoint
+    from posttrain.workers.learner import LearnerWorker
+    from posttrain.workers.rollout import RolloutWorker
+
+    prepare_checkpoint(foreign_dir, tmp_path / "ready")
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}
+    learner = LearnerWorker(str(tmp_path / "ready"), lora=lora)
+    with torch.no_grad():  # stands for an update
+        for p in learner.learner.model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    weights = learner.weights()
+    assert any("embed_tokens.modules_to_save" in k for k in weights) and any("lm_head.modules_to_save" in k for k in weights)
+    rollout = RolloutWorker(str(tmp_path / "ready"), "cpu", torch.float32, 1)
+    rollout.enable_lora(lora, "grpo.lora")
+    assert rollout.update_weights(weights) == len(weights)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(rollout.model(input_ids=ids).logits, learner.learner.model(input_ids=ids).logits, atol=1e-5)
 
 
 def test_modules_to_save_on_tied_embeddings_trains_one_matrix_that_the_head_follows(tiny_model_dir):

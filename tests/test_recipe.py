@@ -126,3 +126,21 @@ def test_rerun_guard_of_file_data_stages_covers_the_rows_the_rl_stages_hold_out(
         assert stage_settings(recipe, stage)["held_out.grpo"][1] == 7 and "held_out.ppo" not in stage_settings(recipe, stage)
     embedded = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,grpo]", f"model.path={tmp_path}"]).model_dump(mode="json")
     assert not any(k.startswith("held_out") for k in stage_settings(embedded, "sft"))
+    # rm samples the rows no RL stage holds out, first those sft does not train on
+    rm = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[rm,grpo]", f"model.path={tmp_path}",
+                            "data.source=file", f"data.path={data}", "sft.n_examples=30"]).model_dump(mode="json")
+    assert stage_settings(rm, "rm")["held_out.grpo"] and stage_settings(rm, "rm")["sft.n_examples"] == 30
+    assert stage_settings(rm, "rm")["rm.label_reward"] == "math"  # resolved when the recipe loads
+
+
+def test_rerun_guard_ignores_a_key_added_since_while_it_keeps_its_default():
+    """A stage finished before a recipe key existed recorded no value for it: the key's default is what it ran
+    with, so only a non-default value is a change."""
+    from posttrain.pipeline import _changes, stage_settings
+
+    now = stage_settings(load_recipe(None).model_dump(mode="json"), "sft")
+    recorded = {k: v for k, v in now.items() if k != "sft.lora.modules_to_save"}
+    assert now["sft.lora.modules_to_save"] == [] and _changes(recorded, now, "sft") == []
+    changed = {**now, "sft.lora.modules_to_save": ["embed_tokens"]}
+    assert _changes(recorded, changed, "sft") == ["sft.lora.modules_to_save: None -> ['embed_tokens']"]
+    assert _changes({**recorded, "sft.steps": 1}, now, "sft") == [f"sft.steps: 1 -> {now['sft.steps']}"]

@@ -425,7 +425,7 @@ def test_repeated_held_out_prompts_shrink_every_eval_slice_alike(tmp_path):
     from posttrain.stages.rl_problems import ProblemSource
 
     rows = [{"q": f"q{i}", "a": i} for i in range(20)] + [{"q": f"h{i % 4}", "a": i % 4} for i in range(8)]
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # last 8 rows: 4 prompts twice
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # its last 8 rows: 4 prompts twice
     rc = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[grpo]",
                             "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
                             "data.answer_column=a", "task.max_difficulty=2", "grpo.eval_budgets=[4,auto]",

@@ -186,6 +186,10 @@ def test_rm_stage_on_a_data_file_samples_rows_no_rl_stage_holds_out(tmp_path, ti
     train = [r["q"] for r in rows if r["q"] not in held]
     assert set(train[20:]) < set(asked) and len(set(asked) & set(train[:20])) == 4
     assert problems == rm_problems(rc, seed=7) and problems != rm_problems(rc, seed=8)
+    # a prompt repeated in the file is asked once: 2 rows each of 20 prompts, none held out without an RL stage
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20] * 2))
+    twice = rm_problems(load_recipe(None, [*over, "stages=[rm]", f"data.path={tmp_path / 'twice.jsonl'}"]), seed=7)
+    assert len(twice) == 12 and len({p.expression for p in twice}) == 12
     run_recipe(load_recipe(None, [*over, "stages=[rm]"]))  # nothing held out without an RL stage
     samples = [json.loads(line) for line in (tmp_path / "run" / "rm" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 24 and {s["problem"] for s in samples} <= set(by_q := {r["q"]: r["a"] for r in rows})
@@ -197,7 +201,12 @@ def test_rm_stage_on_a_data_file_samples_rows_no_rl_stage_holds_out(tmp_path, ti
     math = build_reward("math")
     assert math(["q"], ["x</think>\n\n1.5"], answer=["\\frac{3}{2}"]).scores[0] == 1.0
     (tmp_path / "tiny.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    with pytest.raises(DataError, match="tiny.jsonl: rm needs at least 2 rows"):
+    with pytest.raises(ValueError, match=r"rm.label_reward: `exact_int` counts only 0 of 12 gold answers"):
+        run_recipe(load_recipe(None, [*over, "stages=[rm]", "rm.label_reward=exact_int", f"run_dir={tmp_path / 'r3'}"]))
+    assert not (tmp_path / "r3" / "rm" / "samples.jsonl").exists()
+    report = json.loads((tmp_path / "run" / "rm" / "rm_report.json").read_text())
+    assert report["genrm"]["difficulty_baseline_auc"] is None  # no difficulty column: nothing to compare with
+    with pytest.raises(DataError, match="tiny.jsonl: rm needs at least 2 distinct prompts"):
         run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", f"model.path={tiny_model_dir}", "threads=2",
                                       "stages=[rm]", "data.source=file", f"data.path={tmp_path / 'tiny.jsonl'}",
                                       "data.prompt_column=q", "data.answer_column=a"]))

@@ -12,10 +12,21 @@ def run(ctx) -> dict:
 
     cfg = ctx.cfg.export
     out = ctx.stage.path / ("merged" if cfg.merged else "adapter")
+    # modules a LoRA stage of this run trained whole (`lora.modules_to_save`: the embedding rows of added tokens)
+    # are carried whole too, or the adapter would put their untrained weights back
+    trained = [m for name in ("sft", "grpo", "ppo") if name in ctx.cfg.stages and getattr(ctx.cfg, name).lora.enabled
+               for m in getattr(ctx.cfg, name).lora.modules_to_save]
+    save = tuple(dict.fromkeys([*cfg.modules_to_save, *trained]))
+    if len(save) > len(cfg.modules_to_save):
+        log.info("export: also storing whole %s, trained whole by this run's LoRA stages", save[len(cfg.modules_to_save):])
     report = export(ctx.model_path, out, merged=cfg.merged, rank=cfg.rank,
                     target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
-                    modules_to_save=tuple(cfg.modules_to_save), trust_remote_code=ctx.cfg.model.trust_remote_code,
+                    modules_to_save=save, trust_remote_code=ctx.cfg.model.trust_remote_code,
                     allow_pickle=ctx.cfg.model.allow_pickle)
+    if report.get("uncovered_changed_params"):
+        log.warning("export: training changed %d parameter tensors the adapter does not carry (e.g. %s); add their "
+                    "modules to export.modules_to_save to ship them", len(report["uncovered_changed_params"]),
+                    list(report["uncovered_changed_params"])[:3])
     keys = ("kind", "source", "base", "rank", "max_relative_frobenius_error", "kl_tuned_vs_adapted",
             "kl_tuned_vs_base")
     info = {k: report[k] for k in keys if k in report}

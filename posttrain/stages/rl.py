@@ -192,7 +192,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     workers = Workers(rollouts, learners, reward, reference, critic)
     try:  # a failure from here on ends every actor spawned, rather than leaving them holding their CPUs/GPUs
         if cfg.lora.enabled:
-            gather([r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump()) for r in rollouts])
+            gather([r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump(), f"{algo}.lora") for r in rollouts])
         if len(learners) > 1:
             if backend != "ray":
                 raise ValueError("ray.learner.num > 1 (data parallel) needs ray.backend: ray")
@@ -272,7 +272,7 @@ class RLDriver:
         """on_restart hook: a restarted rollout worker reloads the input model; give it the LoRA wrapper (the
         weights sent are adapter tensors) and the current weights."""
         if self.cfg.lora.enabled:
-            proxy.call(RolloutWorker.enable_lora, self.cfg.lora.model_dump())
+            proxy.call(RolloutWorker.enable_lora, self.cfg.lora.model_dump(), f"{self.algo}.lora")
         if self.weights is not None:
             proxy.call(RolloutWorker.update_weights, self.weights)
 

@@ -64,7 +64,7 @@ def evaluation_rows(rc) -> list[TextProblem]:
     k = rl_held_out_rows(rc, len(rows))
     if k == 0:
         raise DataError(f"{rc.data.path}: its {len(rows)} rows are too few for the grpo/ppo stage to hold any out "
-                        "for evaluation (at most half the file, a slice per distinct eval budget), so the eval and "
+                        "for evaluation (at most half the file, a share per distinct eval budget), so the eval and "
                         "sweep stages have nothing no stage trained on; use a larger file or fewer eval budgets")
     return split_held_out(rows, k, prompt=lambda r: r.expression)[1]
 

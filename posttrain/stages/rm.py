@@ -57,16 +57,45 @@ def rm_problems(rc, seed: int) -> list:
     from posttrain.data import DataError, file_examples, split_held_out
 
     train, _ = split_held_out(rows := file_examples(rc.data), rl_held_out_rows(rc, len(rows)))
+    first = list({e.prompt: i for i, e in reversed(list(enumerate(train)))}.values())  # each prompt's first row
+    unseen = sorted(i for i in first if i >= rc.sft.n_examples)
+    seen = sorted(i for i in first if i < rc.sft.n_examples)
     rng = random.Random(seed)
-    unseen, seen = train[rc.sft.n_examples:], train[:rc.sft.n_examples]
     picked = rng.sample(unseen, min(n, len(unseen)))
-    picked += rng.sample(seen, min(n - len(picked), len(seen)))
+    n_seen = min(n - len(picked), len(seen))
+    picked += rng.sample(seen, n_seen)
     if len(picked) < 2:
-        raise DataError(f"{rc.data.path}: rm needs at least 2 rows that no RL stage holds out, found {len(picked)}")
-    if len(picked) < n or any(e in seen for e in picked):
-        log.info("rm: %d problems from %s (%d of them rows the sft stage trains on)", len(picked), rc.data.path,
-                 sum(e in seen for e in picked))
+        raise DataError(f"{rc.data.path}: rm needs at least 2 distinct prompts that no RL stage holds out, found "
+                        f"{len(picked)}")
+    if n_seen or len(picked) < n:
+        log.info("rm: %d problems from %s (%d of them rows the sft stage trains on)", len(picked), rc.data.path, n_seen)
+    picked = [train[i] for i in picked]
     return [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in picked]
+
+
+def check_labeller(problems: list, label_reward: str) -> None:
+    """Before any sampling: `label_reward` grades each problem's own answer (after `</think>`). A labeller that
+    cannot read the data's answers (`exact_int` on `\\frac{1}{2}`), or that rejects half the gold answers or more,
+    is an error naming the key; one that rejects more than a tenth is warned about."""
+    from posttrain.rewards import build_reward
+    from posttrain.tokenizer import THINK_END
+
+    n = len(problems)
+    try:
+        out = build_reward(label_reward)([p.expression for p in problems], [f"{THINK_END}\n\n{p.answer}" for p in problems],
+                                         answer=[p.answer for p in problems], budget=[None] * n, n_think=[0] * n,
+                                         closed=[True] * n, difficulty=[p.difficulty for p in problems])
+    except Exception as e:  # noqa: BLE001 - any labeller failure is the recipe's to fix
+        raise ValueError(f"rm.label_reward: `{label_reward}` cannot grade this data's answers ({type(e).__name__}: "
+                         f"{e}); use `math` for answers that are not integers") from None
+    right = sum(float(x) >= 0.5 for x in out.scores)
+    if right < 0.5 * n:
+        raise ValueError(f"rm.label_reward: `{label_reward}` counts only {right} of {n} gold answers of this data as "
+                         "correct (each problem's own answer after </think>), so it would mislabel the samples; use "
+                         "`math` for answers that are not integers")
+    if right < 0.9 * n:
+        log.warning("rm: rm.label_reward `%s` counts only %d of %d gold answers as correct; its labels may be wrong",
+                    label_reward, right, n)
 
 
 def sample_responses(model, tok, cfg, problems: list, seed: int, label_reward: str) -> list[dict]:
@@ -160,11 +189,14 @@ def train_genrm(ctx, tok, train: list[dict], holdout: list[dict]) -> dict:
     for r, s in zip(holdout, scores):
         r["genrm_score"] = s
     labels = [r["correct"] for r in holdout]
+    graded = len({r["difficulty"] for r in holdout}) > 1
     return {"path": str(path), "train_loss": result.training_loss, "train_examples": len(rows),
             "auc": verifier.roc_auc(scores, labels), "accuracy": verifier.accuracy(scores, labels),
             # what a verifier that only knew "longer problems fail more" would get: the bar to clear
-            "difficulty_baseline_auc": verifier.roc_auc([-r["difficulty"] for r in holdout], labels),
-            "within_difficulty_auc": verifier.within_group_auc(scores, labels, [r["difficulty"] for r in holdout]),
+            # None when every problem has the same difficulty (a data file without a difficulty column)
+            "difficulty_baseline_auc": verifier.roc_auc([-r["difficulty"] for r in holdout], labels) if graded else None,
+            "within_difficulty_auc": (verifier.within_group_auc(scores, labels, [r["difficulty"] for r in holdout])
+                                      if graded else None),
             "pairwise_accuracy": pairwise_accuracy(preference_pairs(holdout, ctx.cfg.seed), "genrm_score")}
 
 
@@ -258,10 +290,12 @@ def run(ctx) -> dict:
     seed = rc.seed + RM_SEED_OFFSET
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
     check_chat_template(tok, ctx.model_path)
+    label_reward = cfg.label_reward or ("exact_int" if rc.data.source == "arithmetic" else "math")
+    problems = rm_problems(rc, seed)
+    check_labeller(problems, label_reward)  # before the model loads: a labeller that cannot read the data stops here
     policy = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                         rc.model.experts_implementation)
-    label_reward = cfg.label_reward or ("exact_int" if rc.data.source == "arithmetic" else "math")
-    recs = sample_responses(policy, tok, cfg, rm_problems(rc, seed), seed, label_reward)
+    recs = sample_responses(policy, tok, cfg, problems, seed, label_reward)
     del policy
     split_and_balance(recs, cfg.holdout_fraction, cfg.balance, seed)
     train = [r for r in recs if r["in_train"]]
@@ -279,9 +313,9 @@ def run(ctx) -> dict:
         report["genrm"] = train_genrm(ctx, tok, train, holdout)
         info.update(genrm=report["genrm"]["path"], genrm_auc=report["genrm"]["auc"],
                     genrm_accuracy=report["genrm"]["accuracy"])
-        ctx.metrics.log(cfg.genrm.steps, {"rm/genrm/auc": report["genrm"]["auc"],
-                                          "rm/genrm/accuracy": report["genrm"]["accuracy"],
-                                          "rm/genrm/within_difficulty_auc": report["genrm"]["within_difficulty_auc"]})
+        ctx.metrics.log(cfg.genrm.steps, {k: v for k, v in (
+            ("rm/genrm/auc", report["genrm"]["auc"]), ("rm/genrm/accuracy", report["genrm"]["accuracy"]),
+            ("rm/genrm/within_difficulty_auc", report["genrm"]["within_difficulty_auc"])) if v is not None})
     if cfg.scalar.enabled:
         # pairs are balanced by construction: use every train-split sample, not only the downsampled ones
         report["scalar"] = train_scalar(ctx, tok, [r for r in recs if r["split"] == "train"], holdout)
@@ -304,8 +338,9 @@ def summarize(report: dict) -> str:
              f"held out {report['holdout_samples']} ({100 * report['holdout_positive_rate']:.1f}% correct)"]
     if "genrm" in report:
         g = report["genrm"]
-        lines.append(f"genrm   held-out AUC {g['auc']:.3f} (difficulty alone {g['difficulty_baseline_auc']:.3f}, "
-                     f"within difficulty {g['within_difficulty_auc']:.3f})  accuracy@0.5 {g['accuracy']:.3f}  "
+        by_difficulty = (f" (difficulty alone {g['difficulty_baseline_auc']:.3f}, within difficulty "
+                         f"{g['within_difficulty_auc']:.3f})" if g["difficulty_baseline_auc"] is not None else "")
+        lines.append(f"genrm   held-out AUC {g['auc']:.3f}{by_difficulty}  accuracy@0.5 {g['accuracy']:.3f}  "
                      f"pairwise accuracy {g['pairwise_accuracy']:.3f}  -> {g['path']}")
     if "scalar" in report and "path" in report["scalar"]:
         s = report["scalar"]

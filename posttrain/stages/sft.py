@@ -39,8 +39,11 @@ def peft_config(lora, model, key: str = "sft.lora"):
     if missing:
         raise ValueError(f"{key}.modules_to_save: {missing} names no module of this model (module names end in "
                          f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in modules if n and not n[-1].isdigit()})[:8]})")
-    tied = bool(lora.modules_to_save) and model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    ends = [n for n, m in model.named_modules() if m is inp or m is out]
+    # a tied embedding or head trained whole: its copy must stay the other's weight too
+    tied = out is not None and out.weight is inp.weight and any(
+        n == m or n.endswith("." + m) for n in ends for m in lora.modules_to_save)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                       target_modules=list(lora.target_modules) or None, target_parameters=targets or None,
                       modules_to_save=list(lora.modules_to_save) or None, ensure_weight_tying=tied)

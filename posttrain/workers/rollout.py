@@ -278,12 +278,13 @@ class RolloutWorker:
                 state[name].copy_(value)
         return len(items)
 
-    def enable_lora(self, lora: dict) -> None:
+    def enable_lora(self, lora: dict, key: str = "lora") -> None:
         """Wrap the policy in the same LoRA adapter as the learner's (see `workers.learner.apply_lora`), so that
-        weight updates carry only the adapter tensors."""
+        weight updates carry only the adapter tensors (and the modules it trains whole); `key` names the recipe
+        section in errors."""
         from posttrain.workers.learner import apply_lora
 
-        self.model = apply_lora(self.model, lora).eval()
+        self.model = apply_lora(self.model, lora, key).eval()
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> int:
         return self.update_weights(state)
