@@ -20,7 +20,7 @@ def test_grpo_raises_adherence_and_capped_middle_accuracy_measurably_above_sft()
     """The grpo stage's paired evaluation (the same held-out problems before and after, greedy), recomputed here
     from its per-problem lists: adherence without forcing, pooled over every budget, and accuracy at the middle
     budgets with `</think>` forced at the budget are both measurably above the SFT model's (McNemar p < 0.05), by
-    margins well inside what two seeds gave (+21 and +50 points; +12.2 and +13.6). Autonomous thinking still grows
+    margins well inside what two bases gave (+26.7 and +21.7 points; +12.5 and +11.75). Autonomous thinking still grows
     with difficulty. Natural accuracy is not judged: the SFT model's answers past the budget count there."""
     from posttrain.eval.sweep import paired_difference
 
