@@ -331,7 +331,8 @@ class RecipeConfig(Section):
         if not isinstance(data, dict):
             return data
         rm, source = data.get("rm"), data.get("data")
-        source = source.get("source", "arithmetic") if isinstance(source, dict) else getattr(source, "source", "arithmetic")
+        source = (source.get("source", "arithmetic") if isinstance(source, dict)
+                  else getattr(source, "source", "arithmetic"))
         if rm is None or isinstance(rm, dict) and rm.get("label_reward") is None:
             return {**data, "rm": {**(rm or {}), "label_reward": "exact_int" if source == "arithmetic" else "math"}}
         return data
@@ -367,8 +368,8 @@ class RecipeConfig(Section):
                     section.process_penalty > 0 or section.ptx_coef > 0):
                 raise ValueError(f"{algo}.process_penalty and {algo}.ptx_coef read the embedded task's traces; set "
                                  f"them to 0 with data.source: {self.data.source}")
-            demonstrators = self.sft.budget_traces if isinstance(self.sft.budget_traces, list) else [self.sft.budget_traces]
-            blind = sorted(set(demonstrators) & {"full", "full_read_back"})
+            traces = self.sft.budget_traces
+            blind = sorted(set(traces if isinstance(traces, list) else [traces]) & {"full", "full_read_back"})
             if algo in self.stages and section.ptx_coef > 0 and section.ptx_traces == "fitting" and blind:
                 raise ValueError(f"{algo}.ptx_traces: `fitting` imitates the SFT stage's demonstrations, and "
                                  f"sft.budget_traces {', '.join(blind)} ignores the budget, so {algo} would imitate "

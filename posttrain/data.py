@@ -172,5 +172,6 @@ def split_held_out(rows: list, k: int, prompt=lambda r: r.prompt) -> tuple[list,
     chosen = set(picked)
     train = [r for i, r in enumerate(rows) if i not in chosen and prompt(r) not in asked]
     if len(train) < len(rows) - len(chosen):
-        log.info("data: %d training rows repeat a held-out prompt and are left out", len(rows) - len(chosen) - len(train))
+        log.info("data: %d training rows repeat a held-out prompt and are left out",
+                 len(rows) - len(chosen) - len(train))
     return train, held

@@ -8,8 +8,8 @@ grouping (`fit_trace`); with `"most_lines"` the one with the most lines, evenly 
 with `"full_or_empty"` the full trace when it fits, else none (as real data, whose reference reasoning is kept only
 when it fits); with `"full"` the full trace whatever the budget (a teacher that never saw it: the example
 thinks past a budget the trace does not fit); with `"full_read_back"` the same after a line that reads the problem
-back (`read_back_trace`), a teacher whose preamble a budget makes wasteful; with a list of these, one drawn per example. A budget entry `{low, high}` draws the example's budget
-from that range.
+back (`read_back_trace`), a teacher whose preamble a budget makes wasteful; with a list of these, one drawn per
+example. A budget entry `{low, high}` draws the example's budget from that range.
 Autonomous samples carry the full trace, budget-0 samples none. This only teaches budgets roughly (the model sees
 traces that fit, never a penalty for overrunning, and not which way of fitting it gets right most often):
 sharpening both is RL's job.
@@ -66,7 +66,8 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
         return make_trace(p, "verbose", 1)
     if budget_traces == "full_read_back":
         return read_back_trace(p)
-    raise ValueError(f"budget_traces must be most_explicit, most_lines, sampled, full_or_empty, full or full_read_back, "
+    raise ValueError("budget_traces must be most_explicit, most_lines, sampled, full_or_empty, full or "
+                     f"full_read_back, "
                      f"got {budget_traces!r}")
 
 

@@ -18,7 +18,8 @@ def run(ctx) -> dict:
                for m in getattr(ctx.cfg, name).lora.modules_to_save]
     save = tuple(dict.fromkeys([*cfg.modules_to_save, *trained]))
     if len(save) > len(cfg.modules_to_save):
-        log.info("export: also storing whole %s, trained whole by this run's LoRA stages", save[len(cfg.modules_to_save):])
+        log.info("export: also storing whole %s, trained whole by this run's LoRA stages",
+                 save[len(cfg.modules_to_save):])
     report = export(ctx.model_path, out, merged=cfg.merged, rank=cfg.rank,
                     target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
                     modules_to_save=save, trust_remote_code=ctx.cfg.model.trust_remote_code,

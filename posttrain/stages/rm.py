@@ -3,8 +3,8 @@
 1. Sample `rm.samples_per_prompt` responses for each of `rm.n_prompts` problems (fresh arithmetic ones, or rows of
    the data file no RL stage holds out: `rm_problems`) from the stage's input checkpoint (the SFT model), budgets
    cycled from `rm.budgets`, at `rm.temperature`; label each with the registered `rm.label_reward` (by default
-   `exact_int` on the embedded task, `math` equivalence on a file; score >= 0.5 = correct); split by *problem* into train / holdout; balance the
-   train classes by downsampling. Everything lands in ``samples.jsonl``.
+   `exact_int` on the embedded task, `math` equivalence on a file; score >= 0.5 = correct); split by *problem* into
+   train / holdout; balance the train classes by downsampling. Everything lands in ``samples.jsonl``.
 2. GenRM (Zhang et al. 2024; format and scoring in `posttrain.verifier`): the SFT model fine-tuned with TRL's
    SFTTrainer to answer Yes/No, loss on the answer token and EOS only. Saved to ``genrm/``.
 3. Optionally (`rm.scalar.enabled`) a scalar Bradley-Terry RM with TRL's RewardTrainer on (correct, incorrect)
@@ -82,7 +82,8 @@ def check_labeller(problems: list, label_reward: str) -> None:
 
     n = len(problems)
     try:
-        out = build_reward(label_reward)([p.expression for p in problems], [f"{THINK_END}\n\n{p.answer}" for p in problems],
+        out = build_reward(label_reward)([p.expression for p in problems],
+                                         [f"{THINK_END}\n\n{p.answer}" for p in problems],
                                          answer=[p.answer for p in problems], budget=[None] * n, n_think=[0] * n,
                                          closed=[True] * n, difficulty=[p.difficulty for p in problems])
     except Exception as e:  # noqa: BLE001 - any labeller failure is the recipe's to fix
@@ -194,7 +195,8 @@ def train_genrm(ctx, tok, train: list[dict], holdout: list[dict]) -> dict:
             "auc": verifier.roc_auc(scores, labels), "accuracy": verifier.accuracy(scores, labels),
             # what a verifier that only knew "longer problems fail more" would get: the bar to clear
             # None when every problem has the same difficulty (a data file without a difficulty column)
-            "difficulty_baseline_auc": verifier.roc_auc([-r["difficulty"] for r in holdout], labels) if graded else None,
+            "difficulty_baseline_auc": (verifier.roc_auc([-r["difficulty"] for r in holdout], labels)
+                                        if graded else None),
             "within_difficulty_auc": (verifier.within_group_auc(scores, labels, [r["difficulty"] for r in holdout])
                                       if graded else None),
             "pairwise_accuracy": pairwise_accuracy(preference_pairs(holdout, ctx.cfg.seed), "genrm_score")}

@@ -3,8 +3,8 @@
 Each trace line (`+3*2=20`: the restated pair, the new pairs, the running value) is parsed, its operators counted
 and its value checked against the problem's running values; operators the trace did not reach are left for the
 answer to fold. A first line that reads the problem back (`7+3*2-5`, as `sft.budget_traces: full_read_back`
-teaches) is noted and skipped. This is what showed that the tiny model's errors sit in lines that fold two or more operators
-(docs/rl_findings.md). Run on a checkpoint:
+teaches) is noted and skipped. This reading is what showed that the tiny model's errors sit in lines that fold
+two or more operators (docs/rl_findings.md). Run on a checkpoint:
 
     python -m posttrain.tasks.trace_lines CHECKPOINT --budgets 16,24,32 --n 25
     python -m posttrain.tasks.trace_lines CHECKPOINT --teacher-forced 700   # folding skill on gold traces
