@@ -333,8 +333,11 @@ class RecipeConfig(Section):
         rm, source = data.get("rm"), data.get("data")
         source = (source.get("source", "arithmetic") if isinstance(source, dict)
                   else getattr(source, "source", "arithmetic"))
+        label = "exact_int" if source == "arithmetic" else "math"
         if rm is None or isinstance(rm, dict) and rm.get("label_reward") is None:
-            return {**data, "rm": {**(rm or {}), "label_reward": "exact_int" if source == "arithmetic" else "math"}}
+            return {**data, "rm": {**(rm or {}), "label_reward": label}}
+        if isinstance(rm, RMStageConfig) and rm.label_reward is None:
+            return {**data, "rm": rm.model_copy(update={"label_reward": label})}
         return data
 
     @model_validator(mode="after")

@@ -125,6 +125,8 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
     are stored whole, with the tuned weights, so their change is carried exactly."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    from posttrain.model import saves_tied_embedding
     from peft.utils import ModulesToSaveWrapper
 
     tuned, tuned_state = dict(tuned_model.named_parameters()), tuned_model.state_dict()
@@ -132,7 +134,7 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules or None,
                      target_parameters=target_parameters or None, init_lora_weights=False, task_type="CAUSAL_LM",
                      modules_to_save=list(modules_to_save) or None,
-                     ensure_weight_tying=bool(modules_to_save))  # a saved embedding stays tied to the output layer
+                     ensure_weight_tying=saves_tied_embedding(base_model, modules_to_save))
     peft_model = get_peft_model(base_model, cfg)
     errors, covered = {}, set()
     for name, module in peft_model.named_modules():

@@ -104,6 +104,17 @@ def check_checkpoint_dir(path: str | Path, allow_pickle: bool = False) -> Path:
     return path
 
 
+def saves_tied_embedding(model, modules_to_save) -> bool:
+    """Whether PEFT `modules_to_save` (name suffixes) names a module whose weight the input embedding and the output
+    head share: then the saved copy must stay tied (`LoraConfig.ensure_weight_tying`), and only then (on an untied
+    model some PEFT versions tie the head to the saved embedding)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is not inp.weight:
+        return False
+    ends = [n for n, m in model.named_modules() if m is inp or m is out]
+    return any(n == m or n.endswith("." + m) for n in ends for m in modules_to_save)
+
+
 def is_moe_config(config) -> bool:
     return any(getattr(config, k, None) for k in _MOE_EXPERT_KEYS)
 

@@ -97,10 +97,19 @@ def stage_settings(recipe: dict, stage: str) -> dict:
 
 def _changes(old: dict, new: dict, stage: str | None = None) -> list[str]:
     """The settings that differ, as `key: old -> new`. A key the old settings lack (a recipe key added since) is no
-    change while its new value is the key's default: the result did not depend on it then either."""
+    change while its new value is the key's default: the result did not depend on it then either. A recipe key the
+    new settings lack has left the schema, and is no change either; the derived keys (`held_out.*`, and `data.*`
+    when `data.source` changes) still are."""
     defaults = stage_settings(RecipeConfig().model_dump(mode="json"), stage) if stage else {}
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])]
+
+    def same(k) -> bool:
+        if old.get(k) == new.get(k):
+            return True
+        if k not in old:
+            return k in defaults and new.get(k) == defaults[k]
+        return k not in new and not k.startswith(("held_out.", "data.", "sft.n_examples"))
+
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if not same(k)]
 
 
 def _previous_recipe(path: Path) -> dict | None:

@@ -207,6 +207,15 @@ def test_lora_weight_sync_carries_the_modules_trained_whole(foreign_dir, tmp_pat
         assert torch.allclose(rollout.model(input_ids=ids).logits, learner.learner.model(input_ids=ids).logits, atol=1e-5)
 
 
+def test_weight_tying_is_asked_only_for_a_tied_embedding_or_head_trained_whole(tiny_model_dir, foreign_dir):
+    from posttrain.model import saves_tied_embedding
+
+    tied, untied = load_model(tiny_model_dir), load_model(foreign_dir)
+    assert saves_tied_embedding(tied, ["embed_tokens"]) and saves_tied_embedding(tied, ["lm_head"])
+    assert not saves_tied_embedding(tied, ["norm"]) and not saves_tied_embedding(tied, [])
+    assert not saves_tied_embedding(untied, ["embed_tokens", "lm_head"])
+
+
 def test_modules_to_save_on_tied_embeddings_trains_one_matrix_that_the_head_follows(tiny_model_dir):
     """On a model whose head is its embedding, `modules_to_save: [embed_tokens]` is all the refusal asks for: the
     trained copy is the head's weight too, before and after merging."""

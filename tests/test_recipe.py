@@ -144,3 +144,17 @@ def test_rerun_guard_ignores_a_key_added_since_while_it_keeps_its_default():
     changed = {**now, "sft.lora.modules_to_save": ["embed_tokens"]}
     assert _changes(recorded, changed, "sft") == ["sft.lora.modules_to_save: None -> ['embed_tokens']"]
     assert _changes({**recorded, "sft.steps": 1}, now, "sft") == [f"sft.steps: 1 -> {now['sft.steps']}"]
+    # a key that has left the schema is no change; a derived one that vanished (an RL stage removed) is
+    assert _changes({**now, "sft.retired_option": 3}, now, "sft") == []
+    assert _changes({**now, "held_out.grpo": [[8], 100, None]}, now, "sft") == ["held_out.grpo: [[8], 100, None] -> None"]
+
+
+def test_rm_label_reward_resolves_from_the_data_source_however_the_recipe_is_built(tmp_path):
+    from posttrain.config import RecipeConfig, RMStageConfig
+
+    (tmp_path / "x.jsonl").write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    file = {"source": "file", "path": str(tmp_path / "x.jsonl")}
+    assert RecipeConfig().rm.label_reward == "exact_int"
+    assert RecipeConfig(rm=RMStageConfig(), data=file, stages=["sft"], model={"path": str(tmp_path)}).rm.label_reward == "math"
+    assert RecipeConfig(rm={"n_prompts": 8}, data=file, stages=["sft"], model={"path": str(tmp_path)}).rm.n_prompts == 8
+    assert RecipeConfig(rm={"label_reward": "format"}).rm.label_reward == "format"

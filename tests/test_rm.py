@@ -186,10 +186,15 @@ def test_rm_stage_on_a_data_file_samples_rows_no_rl_stage_holds_out(tmp_path, ti
     train = [r["q"] for r in rows if r["q"] not in held]
     assert set(train[20:]) < set(asked) and len(set(asked) & set(train[:20])) == 4
     assert problems == rm_problems(rc, seed=7) and problems != rm_problems(rc, seed=8)
-    # a prompt repeated in the file is asked once: 2 rows each of 20 prompts, none held out without an RL stage
-    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20] * 2))
-    twice = rm_problems(load_recipe(None, [*over, "stages=[rm]", f"data.path={tmp_path / 'twice.jsonl'}"]), seed=7)
-    assert len(twice) == 12 and len({p.expression for p in twice}) == 12
+    # a prompt repeated in the file is asked once: the 6 prompts after sft's 20 rows come twice, so 6 of the 12
+    # problems are those 6 (once each) and 6 are prompts sft trains on (none held out without an RL stage)
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20] + rows[20:26] * 2))
+    twice = [p.expression for p in rm_problems(load_recipe(None, [*over, "stages=[rm]",
+                                                                  f"data.path={tmp_path / 'twice.jsonl'}"]), seed=7)]
+    assert len(set(twice)) == 12 and set(r["q"] for r in rows[20:26]) < set(twice)
+    (tmp_path / "same.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match="same.jsonl: rm needs at least 2 distinct prompts that no RL stage holds out"):
+        rm_problems(load_recipe(None, [*over, "stages=[rm]", f"data.path={tmp_path / 'same.jsonl'}"]), seed=7)
     run_recipe(load_recipe(None, [*over, "stages=[rm]"]))  # nothing held out without an RL stage
     samples = [json.loads(line) for line in (tmp_path / "run" / "rm" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 24 and {s["problem"] for s in samples} <= set(by_q := {r["q"]: r["a"] for r in rows})

@@ -17,16 +17,17 @@ def run(ctx) -> dict:
     trained = [m for name in ("sft", "grpo", "ppo") if name in ctx.cfg.stages and getattr(ctx.cfg, name).lora.enabled
                for m in getattr(ctx.cfg, name).lora.modules_to_save]
     save = tuple(dict.fromkeys([*cfg.modules_to_save, *trained]))
-    if len(save) > len(cfg.modules_to_save):
-        log.info("export: also storing whole %s, trained whole by this run's LoRA stages",
+    if len(save) > len(cfg.modules_to_save) and not cfg.merged:
+        log.info("export: %s, trained whole by this run's LoRA stages, go whole into an extracted adapter",
                  save[len(cfg.modules_to_save):])
     report = export(ctx.model_path, out, merged=cfg.merged, rank=cfg.rank,
                     target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
                     modules_to_save=save, trust_remote_code=ctx.cfg.model.trust_remote_code,
                     allow_pickle=ctx.cfg.model.allow_pickle)
     if report.get("uncovered_changed_params"):
-        log.warning("export: training changed %d parameter tensors the adapter does not carry (e.g. %s); add their "
-                    "modules to export.modules_to_save to ship them", len(report["uncovered_changed_params"]),
+        log.warning("export: training changed %d parameter tensors the adapter does not carry (e.g. %s); to ship "
+                    "them, add linear layers to export.target_modules and norms or embeddings to "
+                    "export.modules_to_save", len(report["uncovered_changed_params"]),
                     list(report["uncovered_changed_params"])[:3])
     keys = ("kind", "source", "base", "rank", "max_relative_frobenius_error", "kl_tuned_vs_adapted",
             "kl_tuned_vs_base")

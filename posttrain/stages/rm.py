@@ -87,8 +87,9 @@ def check_labeller(problems: list, label_reward: str) -> None:
                                          answer=[p.answer for p in problems], budget=[None] * n, n_think=[0] * n,
                                          closed=[True] * n, difficulty=[p.difficulty for p in problems])
     except Exception as e:  # noqa: BLE001 - any labeller failure is the recipe's to fix
-        raise ValueError(f"rm.label_reward: `{label_reward}` cannot grade this data's answers ({type(e).__name__}: "
-                         f"{e}); use `math` for answers that are not integers") from None
+        raise ValueError(f"rm.label_reward: `{label_reward}` cannot grade a response against this data's answer "
+                         f"({type(e).__name__}: {e}); it needs a reward that reads the answer alone: `exact_int` for "
+                         "integers, `math` otherwise") from None
     right = sum(float(x) >= 0.5 for x in out.scores)
     if right < 0.5 * n:
         raise ValueError(f"rm.label_reward: `{label_reward}` counts only {right} of {n} gold answers of this data as "

@@ -39,14 +39,12 @@ def peft_config(lora, model, key: str = "sft.lora"):
     if missing:
         raise ValueError(f"{key}.modules_to_save: {missing} names no module of this model (module names end in "
                          f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in modules if n and not n[-1].isdigit()})[:8]})")
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    ends = [n for n, m in model.named_modules() if m is inp or m is out]
-    # a tied embedding or head trained whole: its copy must stay the other's weight too
-    tied = out is not None and out.weight is inp.weight and any(
-        n == m or n.endswith("." + m) for n in ends for m in lora.modules_to_save)
+    from posttrain.model import saves_tied_embedding
+
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                       target_modules=list(lora.target_modules) or None, target_parameters=targets or None,
-                      modules_to_save=list(lora.modules_to_save) or None, ensure_weight_tying=tied)
+                      modules_to_save=list(lora.modules_to_save) or None,
+                      ensure_weight_tying=saves_tied_embedding(model, lora.modules_to_save))
 
 
 def run(ctx) -> dict:
