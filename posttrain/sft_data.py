@@ -71,6 +71,12 @@ def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces
                      f"got {budget_traces!r}")
 
 
+def teaches_read_back(budget_traces: str | list[str]) -> bool:
+    """Whether SFT demonstrates reading the problem back first (`full_read_back`), so that such a first line is no
+    error to blame (`first_error_offset`'s `read_back`)."""
+    return "full_read_back" in (budget_traces if isinstance(budget_traces, (list, tuple)) else [budget_traces])
+
+
 def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: BudgetMix,
                        autonomous_style: str, seed: int, max_length: int,
                        budget_traces: str | list[str] = "most_explicit", full_trace_share: float = 1.0,

@@ -213,3 +213,7 @@ def test_read_back_demonstrator_reads_the_problem_back_then_writes_the_full_trac
         assert count_tokens(tokenizer, think) == count_tokens(tokenizer, make_trace(p)) + p.difficulty + 2
         over += row["n_think"] > row["budget"]
     assert over > 30
+    from posttrain.sft_data import teaches_read_back  # what tells the process reward a read-back is no error
+
+    assert teaches_read_back("full_read_back") and teaches_read_back(["most_explicit", "full_read_back"])
+    assert not teaches_read_back("most_explicit") and not teaches_read_back(["most_explicit", "full"])

@@ -39,15 +39,17 @@ def test_a_first_line_reading_the_problem_back_is_skipped_and_blamed_for_nothing
     assert summarize([P], [respond("7+3*2-5*3\n7+3=10", 45)], [True])["groupings"][4] == [
         {"grouping": "rb+1+a3+F", "count": 1, "right": 1}]
     cut = respond("7+3*2-5*3\n7+3=10", 45)  # read back, one line, then forced: the answer folds three operators
-    assert read_trace(P, cut).left_to_answer == 3 and first_error_offset(P, cut) is None
-    assert first_error_offset(P, respond("7+3*2-5*3\n7+3=11", 45)) == len("7+3*2-5*3\n7+3=")
+    assert read_trace(P, cut).left_to_answer == 3 and first_error_offset(P, cut, read_back=True) is None
+    assert first_error_offset(P, cut) == 0  # a model never taught to read back wrote a line without its value
+    assert first_error_offset(P, respond("7+3*2-5*3\n7+3=11", 45), read_back=True) == len("7+3*2-5*3\n7+3=")
     # only the problem itself, once, and first: anything else is a malformed line
     assert read_trace(P, respond("7+3*2-5*4\n7+3=10", 45)).malformed
     assert read_trace(P, respond("7+3=10\n7+3*2-5*3", 45)).malformed
     assert read_trace(P, respond("7+3*2-5*3\n7+3*2-5*3\n7+3=10", 45)).malformed
-    assert first_error_offset(P, respond("7+3*2-5*3\n7+3*2-5*3\n7+3=10", 45)) == len("7+3*2-5*3\n")
+    assert first_error_offset(P, respond("7+3*2-5*3\n7+3*2-5*3\n7+3=10", 45), read_back=True) == len("7+3*2-5*3\n")
     cut = respond("7+3*2", 45)  # a read-back cut by the forced </think>: a malformed line, blamed at its start
-    assert read_trace(P, cut).malformed and not read_trace(P, cut).read_back and first_error_offset(P, cut) == 0
+    assert read_trace(P, cut).malformed and not read_trace(P, cut).read_back
+    assert first_error_offset(P, cut, read_back=True) == 0
 
 
 def test_summary_counts_by_hand():

@@ -37,6 +37,7 @@ from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _with
                                        problems_fingerprint)
 from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
 from posttrain.runlog import log, write_json_atomic
+from posttrain.sft_data import teaches_read_back
 from posttrain.workers.actors import ActorOptions, Proxy, WorkerFailed, gather, init_ray, spawn
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker
@@ -294,7 +295,8 @@ class RLDriver:
         ref_logp = self.w.reference.call(ReferenceWorker.logp, batch) if self.w.reference else None
         t["reference"] = time.perf_counter()
         values = self.w.critic.call(CriticWorker.values, batch) if self.w.critic else None
-        marks = (first_error_marks(self._tokenizer, batch, problems, cfg.process_penalty)
+        marks = (first_error_marks(self._tokenizer, batch, problems, cfg.process_penalty,
+                                   read_back=teaches_read_back(self.rc.sft.budget_traces))
                  if cfg.process_penalty > 0 else None)
         adv, mask, returns, adv_metrics = compute_advantages(cfg, batch, scores, values, ref_logp, marks)
         metrics |= adv_metrics

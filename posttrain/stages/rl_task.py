@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def first_error_marks(tokenizer, batch, problems, penalty: float) -> torch.Tensor:
+def first_error_marks(tokenizer, batch, problems, penalty: float, read_back: bool = False) -> torch.Tensor:
     """(B, T) float: -penalty on the response token where each row's first error starts
-    (`tasks.trace_lines.first_error_offset`), 0 elsewhere and on rows that are right.
+    (`tasks.trace_lines.first_error_offset`; `read_back`: the SFT data taught reading the problem back first, which
+    is then no error), 0 elsewhere and on rows that are right.
 
     The character offset is mapped to a token through the tokens' own decoded pieces; a row whose pieces do not
     rebuild its text (not seen with the embedded tokenizer) gets no mark rather than a wrong one.
@@ -22,7 +23,8 @@ def first_error_marks(tokenizer, batch, problems, penalty: float) -> torch.Tenso
 
     marks = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
     lengths = batch.response_mask.sum(1).tolist()
-    offsets = [first_error_offset(problems[g], text) for g, text in zip(batch.group_index, batch.texts)]
+    offsets = [first_error_offset(problems[g], text, read_back=read_back)
+               for g, text in zip(batch.group_index, batch.texts)]
     wrong = {r: o for r, o in enumerate(offsets) if o is not None}
     ids = sorted({i for r in wrong for i in batch.response_ids[r, :lengths[r]].tolist()})
     decoded = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)))  # each id once

@@ -47,16 +47,17 @@ def _reads_back(p: Problem, think: str) -> bool:
     return next((line.strip() for line in think.split("\n") if line.strip()), "") == p.expression
 
 
-def _scan(p: Problem, think: str):
+def _scan(p: Problem, think: str, read_back: bool = True):
     """The thinking's non-blank lines as `_Line`s, up to and including the first malformed one (a line that does
     not parse or does not restate the problem's next pairs).
 
-    A first line that reads the problem back is skipped: it computes nothing, so it is not blamed, and only the
-    outcome rewards tell a model it wasted the budget. A read-back cut short by a forced `</think>`, a second one,
-    or one after a trace line is malformed like any other line that does not parse.
+    With `read_back`, a first line that reads the problem back is skipped: it computes nothing, so it is not
+    blamed, and only the outcome rewards tell a model it wasted the budget. A read-back cut short by a forced
+    `</think>`, a second one, or one after a trace line is malformed like any other line that does not parse, as is
+    every read-back without `read_back`.
     """
     pairs, values, pos, start = p.pairs, p.running_values, 0, 0
-    skip = _reads_back(p, think)
+    skip = read_back and _reads_back(p, think)
     for raw in think.split("\n"):
         line_start, start = start, start + len(raw) + 1
         text = raw.strip()
@@ -90,16 +91,18 @@ def read_trace(p: Problem, response: str, think_end: str = "</think>") -> TraceR
                         bool(digits) and int(digits.group(1)) == p.answer, _reads_back(p, think))
 
 
-def first_error_offset(p: Problem, response: str, think_end: str = "</think>") -> int | None:
+def first_error_offset(p: Problem, response: str, think_end: str = "</think>", read_back: bool = False) -> int | None:
     """Character offset in `response` where its first error starts, or None when the response is right.
 
     The first error is the value of the first trace line whose value is wrong, else the start of the first line
-    that does not restate the problem's pairs (a miscopy; a read-back line is skipped as `_scan` says), else the
-    answer when it is wrong (it folded what the
+    that does not restate the problem's pairs (a miscopy), else the answer when it is wrong (it folded what the
     trace left, or miscopied the last value). Later lines build on the error, so they are not blamed.
+    `read_back`: the model was taught to read the problem back first (`sft.budget_traces: full_read_back`), so such
+    a first line is no error (`_scan`); a model never taught it that writes the bare expression wrote a line
+    without its value.
     """
     think, sep, answer = response.partition(think_end)
-    for ln in _scan(p, think):
+    for ln in _scan(p, think, read_back):
         if not ln.right:
             return ln.value_at
     digits = _answer_digits(answer)
