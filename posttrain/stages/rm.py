@@ -293,7 +293,7 @@ def run(ctx) -> dict:
     seed = rc.seed + RM_SEED_OFFSET
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
     check_chat_template(tok, ctx.model_path)
-    label_reward = cfg.label_reward or ("exact_int" if rc.data.source == "arithmetic" else "math")
+    label_reward = cfg.label_reward  # resolved from data.source when the recipe loads (RecipeConfig)
     problems = rm_problems(rc, seed)
     check_labeller(problems, label_reward)  # before the model loads: a labeller that cannot read the data stops here
     policy = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,

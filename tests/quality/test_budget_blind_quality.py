@@ -16,29 +16,19 @@ RUN = os.environ.get("POSTTRAIN_BUDGET_BLIND_RUN")
 pytestmark = pytest.mark.skipif(not RUN, reason="set POSTTRAIN_BUDGET_BLIND_RUN to a finished budget_blind run")
 
 
-def test_grpo_raises_adherence_and_capped_middle_accuracy_measurably_above_sft():
+def test_grpo_raises_adherence_and_capped_middle_accuracy_measurably_above_sft(grpo_evaluation):
     """The grpo stage's paired evaluation (the same held-out problems before and after, greedy), recomputed here
     from its per-problem lists: adherence without forcing, pooled over every budget, and accuracy at the middle
     budgets with `</think>` forced at the budget are both measurably above the SFT model's (McNemar p < 0.05), by
     margins well inside what two bases gave (+26.7 and +21.7 points; +12.5 and +11.75). Autonomous thinking still grows
     with difficulty. Natural accuracy is not judged: the SFT model's answers past the budget count there."""
-    from posttrain.eval.sweep import paired_difference
-
-    stage = Path(RUN) / "grpo"
-    summary = json.loads((stage / "done.json").read_text())["summary"]
-    before = json.loads((stage / "eval_before.json").read_text())
-    after = json.loads((stage / "eval_after.json").read_text())
-    v = summary["verdict"]
-    assert v["middle_budgets"] and set(v["middle_budgets"]) < set(v["budgets"]), v
+    run = grpo_evaluation(RUN)
+    v = run.verdict
     for name, budgets, key, margin in (("adherence", v["budgets"], "adherent", 0.10),
                                        ("accuracy_capped_middle", v["middle_budgets"], "correct_capped", 0.04)):
-        d = paired_difference([x for b in budgets for x in before[str(b)][key]],
-                              [x for b in budgets for x in after[str(b)][key]])
-        assert d["diff"] == pytest.approx(v[name]["diff"]) and d["p_value"] == pytest.approx(v[name]["p_value"])
+        d = run.pooled(name, budgets, key)
         assert d["measurably"] == "above" and d["diff"] >= margin, (name, d)
-    by_d = after["auto"]["think_tokens_by_difficulty"]
-    means = [by_d[k] for k in sorted(by_d, key=int)]
-    assert means[-1] > 2 * means[0] and sum(a <= b for a, b in zip(means, means[1:])) >= len(means) - 2, means
+    run.thinking_grows()
 
 
 def test_sweep_compares_sft_and_grpo_with_the_budget_enforced():

@@ -48,7 +48,7 @@ def _budget_rows(rows, model, mode="natural"):
     return {r["budget"]: r for r in rows if r["model"] == model and r["mode"] == mode and r["difficulty"] == "all"}
 
 
-def test_grpo_follows_budgets_measurably_better_than_sft_without_losing_accuracy():
+def test_grpo_follows_budgets_measurably_better_than_sft_without_losing_accuracy(grpo_evaluation):
     """From the grpo stage's own paired evaluation (`eval_before.json` of the SFT model, `eval_after.json` of the
     GRPO model: the same held-out problems, greedy): budget adherence without forcing, pooled over every budget,
     is measurably above SFT's (McNemar p < 0.05) and no budget's is measurably below; accuracy at the middle
@@ -60,32 +60,18 @@ def test_grpo_follows_budgets_measurably_better_than_sft_without_losing_accuracy
     Natural-mode accuracy (the budget only an instruction) is checked for consistency but not judged: it counts
     answers that overran the budget, so an SFT model that overruns often (22% at budget 16 from one machine's
     base) scores points there that a model which keeps its budget gives up by design."""
-    from posttrain.eval.sweep import paired_difference
-
-    stage = Path(RUN) / "grpo"
-    summary = json.loads((stage / "done.json").read_text())["summary"]
-    before = json.loads((stage / "eval_before.json").read_text())
-    after = json.loads((stage / "eval_after.json").read_text())
-    v = summary["verdict"]
-    assert v["middle_budgets"] and set(v["middle_budgets"]) < set(v["budgets"]), v
-
-    def pooled(budgets, key):
-        return paired_difference([x for b in budgets for x in before[str(b)][key]],
-                                 [x for b in budgets for x in after[str(b)][key]])
-
+    run = grpo_evaluation(RUN)
+    v, summary = run.verdict, run.summary
     for name, budgets, key in (("adherence", v["budgets"], "adherent"), ("accuracy_middle", v["middle_budgets"], "correct"),
                                ("accuracy_capped_middle", v["middle_budgets"], "correct_capped")):
-        d = pooled(budgets, key)
-        assert d["diff"] == pytest.approx(v[name]["diff"]) and d["p_value"] == pytest.approx(v[name]["p_value"])
+        d = run.pooled(name, budgets, key)
         if name == "adherence":
             assert d["measurably"] == "above", (name, d)
         elif name == "accuracy_capped_middle":
             assert d["measurably"] != "below", (name, d)
     for b in v["budgets"]:
         assert summary["comparison"][str(b)]["adherence"]["measurably"] != "below", (b, summary["comparison"][str(b)])
-    by_d = after["auto"]["think_tokens_by_difficulty"]
-    means = [by_d[k] for k in sorted(by_d, key=int)]
-    assert means[-1] > 2 * means[0] and sum(a <= b for a, b in zip(means, means[1:])) >= len(means) - 2, means
+    run.thinking_grows()
 
 
 def test_rl_curve_sits_on_or_above_sft_curve():
