@@ -48,10 +48,10 @@ def _changed(info, tiny_model_dir) -> bool:
     return any((p - b[n]).abs().max() > 0 for n, p in trained.named_parameters())
 
 
-def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch):
+def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch, capsys):
     _noisy_rewards(monkeypatch)
-    info, lines = _run(tmp_path, tiny_model_dir, "grpo", ["ray.backend=local", "grpo.kl_coef=0.1",
-                                                           "grpo.router_aux_coef=0.01"])
+    extra = ["ray.backend=local", "grpo.kl_coef=0.1", "grpo.router_aux_coef=0.01"]
+    info, lines = _run(tmp_path, tiny_model_dir, "grpo", extra)
     assert [m["step"] for m in lines] == [0, 1]
     for m in lines:
         for key in ("reward/mean", "rollout/accuracy", "actor/pg_loss", "actor/clipfrac",
@@ -76,6 +76,19 @@ def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch):
     assert len(ev["4"]["correct"]) == len(ev["4"]["correct_capped"]) == len(ev["4"]["adherent"]) > 0
     assert "think_tokens_by_difficulty" in s["after"]["auto"]
     assert _changed(info, tiny_model_dir)
+    # `posttrain run` again: the finished stage does nothing, and the closing printout gives its verdict
+    from posttrain.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages: [grpo]\n")
+    capsys.readouterr()
+    assert main(["run", str(recipe), f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}",
+                 *[t.format(algo="grpo") for t in TINY], *extra]) == 0
+    out = capsys.readouterr().out
+    assert "grpo against its input model" in out and "summary.verdict" in out, out
+    a = v["adherence"]
+    assert f"adherence              {100 * a['before']:5.1f}% -> {100 * a['after']:5.1f}%" in out, out
+    assert f"p {v['accuracy_capped_middle']['p_value']:.3g}  {v['accuracy_capped_middle']['measurably']}" in out
 
 
 def test_ppo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch):

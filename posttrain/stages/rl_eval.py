@@ -97,13 +97,19 @@ def format_comparison(cmp: dict, verdict: dict | None = None) -> str:
             lines.append(f"{b:>6}  {k:<15} {100 * r['before']:6.1f}% {100 * r['after']:6.1f}% {ci:>22}  {p:>7}  "
                          f"{r.get('measurably', '-')}")
     if verdict:
-        lines.append("pooled: adherence over budgets %s; accuracy over the middle budgets %s"
-                     % (",".join(map(str, verdict["budgets"])), ",".join(map(str, verdict["middle_budgets"]))))
-        for k in ("adherence", "accuracy_middle", "accuracy_capped_middle"):
-            r = verdict[k]
-            lines.append(f"{'':>6}  {k:<22} {100 * r['before']:5.1f}% -> {100 * r['after']:5.1f}%  "
-                         f"{100 * r['diff']:+5.1f} [{100 * r['ci95'][0]:+5.1f}, {100 * r['ci95'][1]:+5.1f}]  "
-                         f"p {r['p_value']:.3g}  {r['measurably']}")
+        lines.append(format_verdict(verdict))
+    return "\n".join(lines)
+
+
+def format_verdict(verdict: dict) -> str:
+    """`_verdict` as text: which budgets were pooled, then one line per pooled measure, before -> after."""
+    lines = ["pooled: adherence over budgets %s; accuracy over the middle budgets %s"
+             % (",".join(map(str, verdict["budgets"])), ",".join(map(str, verdict["middle_budgets"])))]
+    for k in ("adherence", "accuracy_middle", "accuracy_capped_middle"):
+        r = verdict[k]
+        lines.append(f"{'':>6}  {k:<22} {100 * r['before']:5.1f}% -> {100 * r['after']:5.1f}%  "
+                     f"{100 * r['diff']:+5.1f} [{100 * r['ci95'][0]:+5.1f}, {100 * r['ci95'][1]:+5.1f}]  "
+                     f"p {r['p_value']:.3g}  {r['measurably']}")
     return "\n".join(lines)
 
 
