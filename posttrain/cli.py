@@ -41,11 +41,11 @@ def _cmd_run(args) -> int:
     if "eval" in results:
         print("\naccuracy by difficulty (held-out problems):")
         print(results["eval"]["table"])
+    from posttrain.stages.rl_eval import format_verdict
+
     for algo in ("grpo", "ppo"):
         verdict = (results.get(algo) or {}).get("summary", {}).get("verdict")
         if verdict:
-            from posttrain.stages.rl_eval import format_verdict
-
             print(f"\n{algo} against its input model (same held-out problems, 95% paired intervals; "
                   f"{Path(cfg.run_dir, algo, 'done.json')} summary.verdict):")
             print(format_verdict(verdict))

@@ -30,11 +30,15 @@ def _noisy_rewards(monkeypatch):
     monkeypatch.setattr(RLRewardWorker, "score", noisy)
 
 
+def _overrides(tmp_path, tiny_model_dir, algo, extra=()) -> list[str]:
+    return [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"stages=[{algo}]",
+            *[s.format(algo=algo) for s in TINY], *extra]
+
+
 def _run(tmp_path, tiny_model_dir, algo, extra=()):
     from posttrain.pipeline import run_recipe
 
-    cfg = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"stages=[{algo}]",
-                             *[s.format(algo=algo) for s in TINY], *extra])
+    cfg = load_recipe(None, _overrides(tmp_path, tiny_model_dir, algo, extra))
     info = run_recipe(cfg)[algo]
     lines = [json.loads(s) for s in (tmp_path / "run" / algo / "metrics.jsonl").read_text().splitlines()]
     return info, lines
@@ -80,10 +84,9 @@ def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch, caps
     from posttrain.cli import main
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("stages: [grpo]\n")
+    recipe.write_text("{}\n")
     capsys.readouterr()
-    assert main(["run", str(recipe), f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}",
-                 *[t.format(algo="grpo") for t in TINY], *extra]) == 0
+    assert main(["run", str(recipe), *_overrides(tmp_path, tiny_model_dir, "grpo", extra)]) == 0
     out = capsys.readouterr().out
     assert "grpo against its input model" in out and "summary.verdict" in out, out
     a = v["adherence"]
