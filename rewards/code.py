@@ -1,12 +1,15 @@
 """The `code` reward: run the Python in the answer against the example's tests in the sandbox (`sandbox.py`).
 
 Tests (the ``tests`` field, one entry per example) come in three shapes:
-  - a list of assert statements, e.g. ``["assert f(2) == 4", ...]``: run after the code, in its namespace, in one
-    process (`run_asserts`);
-  - a list of ``{"input": stdin, "output": expected stdout}``: one process per case (`run_program`); outputs are
-    compared after stripping trailing whitespace on each line and surrounding blank lines;
+  - a list of assert statements, e.g. ``["assert f(2) == 4", ...]``: the code runs once and the calls each test
+    makes are evaluated after it, in its namespace, in one sandbox; each test's verdict is computed here from the
+    values that come back (`code_tests.AssertTest`: expected values never enter the sandbox);
+  - a list of ``{"input": stdin, "output": expected stdout}``: the program runs once per input, all in one sandbox;
+    outputs are compared here (`code_tests.outputs_match`);
   - ``{"inputs": [...], "outputs": [...]}`` (the APPS/TACO layout), turned into the previous shape.
-A JSON string holding any of these is decoded first.
+A JSON string holding any of these is decoded first. The sandbox runs under bubblewrap (``isolation: bwrap``, the
+default); on a machine without it the reward refuses to start unless the recipe opts into ``isolation: process``,
+which warns what it leaves unprotected.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from .code_tests import AssertTest, outputs_match
 from .parse import split_think
 from .registry import RewardOutput, get_field, mean, register_reward
-from .sandbox import ERROR_STATUSES, SandboxLimits, network_isolation_available, run_asserts, run_program
+from .sandbox import ERROR_STATUSES, SandboxLimits, require_isolation, run_calls, run_inputs
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -71,24 +75,37 @@ class CodeReward:
 
     Any sandbox error (timeout, memory, violation, output_limit, crash, sandbox_error) scores 0, whatever passed
     before it, when ``zero_on_error`` (the default). Metrics: ``pass_rate``, ``all_pass``, ``no_code`` (means) and
-    the counts ``errors`` (samples with any sandbox error) and one per error kind.
+    the counts ``errors`` (samples with any sandbox error) and one per error kind. One sandbox per answer, for all of
+    its tests; ``num_workers`` answers are checked at once.
+
+    isolation: "bwrap" (kernel namespaces, the default) or "process" (weaker, see `sandbox.py`; asked for by name).
+    packages: importable packages the code may use (read-only), e.g. ``[numpy]``; the standard library always.
     """
 
     def __init__(self, partial: bool = True, zero_on_error: bool = True, require_closed: bool = True,
-                 timeout_s: float = 2.0, memory_mb: int = 512, max_tests: int | None = None, num_workers: int = 2,
-                 read_paths: tuple[str, ...] = (), forbidden_paths: tuple[str, ...] = (), network: str = "auto"):
+                 timeout_s: float = 2.0, memory_mb: int = 512, disk_mb: int = 32, max_total_s: float = 30.0,
+                 max_tests: int | None = None, num_workers: int = 2, isolation: str = "bwrap",
+                 packages: tuple[str, ...] = (), read_paths: tuple[str, ...] = (),
+                 forbidden_paths: tuple[str, ...] = (), network: str = "auto"):
         self.partial, self.zero_on_error, self.require_closed = partial, zero_on_error, require_closed
-        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
+        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, disk_mb=disk_mb,
+                                    max_total_s=max_total_s)
         self.max_tests, self.num_workers = max_tests, max(1, int(num_workers))
-        self.read_paths, self.forbidden_paths, self.network = tuple(read_paths), tuple(forbidden_paths), network
-        if network not in ("auto", "netns", "none"):
-            raise ValueError(f"network must be 'auto', 'netns' or 'none', got {network!r}")
-        if network == "netns" and not network_isolation_available():
-            raise RuntimeError("code reward: network='netns' but this kernel refuses new network namespaces")
+        self.check_params({"isolation": isolation, "network": network})
+        require_isolation(isolation)
+        self.isolation = isolation
+        self.sandbox_kw = {"read_paths": tuple(read_paths), "forbidden_paths": tuple(forbidden_paths),
+                           "packages": tuple(packages), "network": network}
 
-    def _sandbox_kwargs(self) -> dict:
-        return {"limits": self.limits, "read_paths": self.read_paths, "forbidden_paths": self.forbidden_paths,
-                "network": self.network}
+    @staticmethod
+    def check_params(params: dict) -> None:
+        """Refuse settings this machine cannot honour when the recipe loads, not when the first rollout is scored."""
+        if params.get("network", "auto") not in ("auto", "netns", "none"):
+            raise ValueError(f"network must be 'auto', 'netns' or 'none', got {params['network']!r}")
+        if params.get("isolation", "bwrap") == "bwrap":
+            require_isolation("bwrap")
+        elif params.get("isolation") != "process":
+            raise ValueError(f"isolation must be 'bwrap' or 'process', got {params['isolation']!r}")
 
     def score_one(self, completion: str, tests) -> tuple[float, str]:
         """(score, status) for one completion; status is "no_code", "ok", "failed" or one of ERROR_STATUSES."""
@@ -99,25 +116,27 @@ class CodeReward:
         if not tests:
             raise ValueError("the example has no tests")
         if all(isinstance(t, str) for t in tests):
-            result = run_asserts(code, tests, **self._sandbox_kwargs())
-            n_pass, status = len(result.passed), result.status
+            parsed = [AssertTest.parse(t) for t in tests]
+            result = run_calls(code, [e for t in parsed for e in t.exprs], self.limits, isolation=self.isolation,
+                               **self.sandbox_kw)
+            passed, k = [], 0
+            for t in parsed:
+                passed.append(t.verdict(list(result.values[k:k + len(t.exprs)])))
+                k += len(t.exprs)
+        elif any(isinstance(t, str) for t in tests):
+            raise ValueError("mixed assert and input/output tests in one example")
         else:
-            n_pass, status = 0, "ok"
-            for t in tests:
-                if isinstance(t, str):
-                    raise ValueError("mixed assert and input/output tests in one example")
-                result = run_program(code, str(t["input"]), **self._sandbox_kwargs())
-                if result.is_error:
-                    status = result.status
-                    break
-                if result.status == "ok" and _norm_output(result.stdout) == _norm_output(t["output"]):
-                    n_pass += 1
-                elif not self.partial:
-                    break
+            result = run_inputs(code, [str(t["input"]) for t in tests], self.limits, isolation=self.isolation,
+                                **self.sandbox_kw)
+            passed = [out.status == "ok" and outputs_match(out.stdout, t["output"])
+                      for out, t in zip(result.outputs, tests)]
+        status = result.status if result.is_error else "ok"
+        if result.status == "sandbox_error":  # the sandbox failed, not the answer: never a silent zero
+            raise RuntimeError(f"code sandbox failed: {result.stderr.strip()[-300:]}")
         if status in ERROR_STATUSES and self.zero_on_error:
             return 0.0, status
-        frac = n_pass / len(tests)
-        score = frac if self.partial else float(n_pass == len(tests))
+        n_pass = sum(passed)
+        score = n_pass / len(tests) if self.partial else float(n_pass == len(tests))
         return score, status if status in ERROR_STATUSES else ("ok" if n_pass == len(tests) else "failed")
 
     def _safe_score_one(self, args) -> tuple[float, str]:

@@ -152,6 +152,12 @@ def check_reward_params(name: str, params: dict) -> None:
     if missing:
         raise UnknownParamError(f"reward {name!r} needs the parameter{'s' * (len(missing) > 1)} "
                                 f"{', '.join(missing)} (in its `params`)")
+    check = getattr(cls, "check_params", None)  # what only the reward knows, e.g. whether its sandbox runs here
+    if check is not None:
+        try:
+            check(params)
+        except (ValueError, RuntimeError) as e:
+            raise UnknownParamError(f"reward {name!r}: {e}") from None
 
 
 def build_reward(name: str, **params: Any):

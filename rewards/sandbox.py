@@ -1,62 +1,90 @@
-"""Run untrusted Python (a model's code answer) in a separate, limited process and report what happened.
+"""Run untrusted Python (a model's code answer) confined by the kernel, and bring back only plain data.
 
-Layers, from kernel-enforced to best-effort:
+Isolation ``"bwrap"`` (the default; `bubblewrap`, Debian package ``bubblewrap``) runs the interpreter in new user,
+mount, PID, network, IPC, UTS and cgroup namespaces:
 
-- a child `sys.executable -I` (isolated mode: no PYTHON* env vars, no user site, no script dir on sys.path) in its
-  own session / process group, killed as a group (SIGKILL) at the wall-clock limit; never waited on unbounded;
-- rlimits set by the child before running the code: RLIMIT_CPU (SIGXCPU), RLIMIT_AS (MemoryError), RLIMIT_FSIZE
-  (stdout/stderr are regular files, so unbounded printing hits it too: SIGXFSZ), RLIMIT_NOFILE, RLIMIT_CORE=0,
-  RLIMIT_NPROC (note: NPROC does not bind root, nor processes with CAP_SYS_RESOURCE); Python ignores SIGXFSZ, so
-  a write past the size limit raises OSError and the parent reports "output_limit" from the file's size;
-- a fresh temporary working directory (deleted afterwards) and a scrubbed environment;
-- a new network namespace (`unshare -n` as root, `unshare -rn` otherwise), where only a downed loopback exists,
-  when the kernel allows it (probed once, see `network_isolation_available`);
-- an audit hook (PEP 578) installed before the code runs that ends the process with `EXIT_VIOLATION` on: any
-  `socket.*` event, process creation (os.fork/exec/spawn/posix_spawn/system, subprocess.Popen), os.kill,
-  ctypes, resource.setrlimit, heap walking (gc.get_*), opening for reading outside the Python installation /
-  sys.path / the working dir / `read_paths`, any write outside the working dir, and anything under
-  `forbidden_paths`. As root this hook is what stops a fork bomb. An audit hook is not a security boundary against
-  code written to defeat it (it can monkeypatch `os.path`, which the hook uses, or pass `dir_fd` to `os.open`);
-  it stops accidental and naive escapes, and the kernel-enforced layers bound the rest.
+- the filesystem is an empty root with read-only binds of only what the interpreter needs (the system's shared
+  libraries, the interpreter binary, its standard library with site-packages hidden under an empty tmpfs, and any
+  `packages` or `read_paths` the caller allows), a minimal ``/dev``, no ``/proc``, no ``/etc``, no home or run
+  directory, and one writable size-limited tmpfs (``/sandbox``, the working directory and $TMPDIR): writes elsewhere fail with EROFS
+  whatever the code does, so there is no site-packages or ``.pth`` file to plant and no file of the caller to touch;
+- an unprivileged uid (65534) with every capability dropped and no-new-privs; no further user namespaces;
+- its own PID namespace (the caller, its siblings and every other process are invisible and unreachable), killed as
+  a whole at the deadline: bubblewrap's PID 1 dies with the sandbox (``--die-with-parent``), and the kernel then
+  kills everything left in the namespace, so no detached child outlives the run;
+- its own network namespace (a loopback of its own, nothing outside);
+- an empty environment (``--clearenv`` and a few fixed variables);
+- two seccomp filters (`sandbox_seccomp.py`): bubblewrap loads one refusing dangerous calls (ptrace, mount,
+  namespaces, bpf, keyrings, io_uring, sockets...) before the interpreter starts; the harness adds one refusing
+  fork, exec and signals to others before the untrusted code runs;
+- rlimits: address space (MemoryError), CPU time, file size (stdout and stderr are files of the caller, bounded too),
+  open files, no core dumps; the tmpfs size bounds the disk used in total.
 
-Statuses: "ok" (exit 0), "runtime_error" (non-zero exit: an exception, a failed assert), and the error statuses
+Isolation ``"process"`` is the weaker fallback for a machine without bubblewrap, used only when asked for by name:
+the same harness, seccomp filters, rlimits, fresh working directory and scrubbed environment, and a network
+namespace when ``unshare -n`` is allowed, but no mount or PID namespace and the caller's uid: what the code may read
+and write on the filesystem is then guarded only by the audit hook, which code written to defeat it can switch off.
+`require_isolation` says so in its warning.
+
+What comes back is plain data only (`sandbox_bootstrap.py`): per call expression the encoded value it evaluated to
+(`run_calls`, decoded here by `decode` into fresh builtins), or per input the program's stdout (`run_inputs`). Expected
+values never enter the sandbox: the caller (`code.py`, `code_tests.py`) compares with its own equality.
+
+Statuses: "ok" (the harness finished), "runtime_error" (the code does not compile), and the error statuses
 `ERROR_STATUSES` ("timeout", "memory", "violation", "output_limit", "crash", "sandbox_error").
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
-import secrets
 import shutil
 import signal
-import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .sandbox_bootstrap import EXIT_MEMORY, EXIT_VIOLATION
+from . import sandbox_seccomp
+from .sandbox_bootstrap import EXIT_MEMORY, EXIT_SANDBOX, EXIT_VIOLATION, MAX_DEPTH
 
 ERROR_STATUSES = ("timeout", "memory", "violation", "output_limit", "crash", "sandbox_error")
+ISOLATIONS = ("bwrap", "process")
 _BOOTSTRAP = (Path(__file__).parent / "sandbox_bootstrap.py").read_text()
+_SANDBOX_UID = 65534  # nobody
+_WORKDIR = "/sandbox"  # inside a bwrap sandbox: the size-limited tmpfs (a path no host directory aliases)
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Resource limits for one sandboxed run."""
+    """Resource limits for one sandboxed run (one candidate program and all its tests)."""
 
-    timeout_s: float = 2.0  # wall clock; the process group is SIGKILLed past it
-    cpu_s: float | None = None  # RLIMIT_CPU; None: ceil(timeout_s)
+    timeout_s: float = 2.0  # wall clock per test (call or input); the run's deadline is this times their number
+    max_total_s: float = 30.0  # ... and never more than this in total
+    cpu_s: float | None = None  # RLIMIT_CPU for the whole run; None: the deadline
     memory_mb: int = 512  # RLIMIT_AS (address space: keep it well above the ~30 MB an interpreter maps)
-    fsize_mb: int = 16  # RLIMIT_FSIZE: largest file (stdout included) the code may write
+    fsize_mb: int = 16  # RLIMIT_FSIZE: the largest file the code may write (its stdout and stderr included)
+    disk_mb: int = 32  # size of the writable tmpfs (bwrap): everything the code writes, in total
     nofile: int = 64
-    nproc: int = 1  # RLIMIT_NPROC (not binding for root: there the audit hook refuses process creation)
-    max_output_bytes: int = 1 << 20  # how much of stdout/stderr is read back
+    max_output_bytes: int = 1 << 20  # how much of each output (and of stdout/stderr) is read back
+
+    def deadline(self, n_tests: int) -> float:
+        return min(self.max_total_s, self.timeout_s * max(1, n_tests))
+
+
+@dataclass(frozen=True)
+class CaseOutput:
+    """One input's run (`run_inputs`): "ok", "runtime_error" (an exception or a non-zero exit) or "missing"."""
+
+    status: str
+    stdout: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,11 +94,16 @@ class SandboxResult:
     stdout: str
     stderr: str
     wall_s: float
-    passed: tuple[int, ...] = field(default=())  # asserts mode: indices of the tests that passed
+    values: tuple = field(default=())  # run_calls: per expression ("ok", value) | ("error", exception name) | ("missing",)
+    outputs: tuple[CaseOutput, ...] = field(default=())  # run_inputs: per input
 
     @property
     def is_error(self) -> bool:
         return self.status in ERROR_STATUSES
+
+
+class IsolationUnavailable(RuntimeError):
+    """The requested isolation cannot run on this machine."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,18 +125,140 @@ def _netns_prefix() -> tuple[str, ...] | None:
 
 
 def network_isolation_available() -> bool:
-    """Whether runs get their own network namespace (else only the audit hook blocks sockets)."""
+    """Whether "process" runs get their own network namespace (bwrap runs always do)."""
     return _netns_prefix() is not None
 
 
-def _scrubbed_env(workdir: str) -> dict[str, str]:
+@functools.lru_cache(maxsize=None)
+def bwrap_problem() -> str | None:
+    """Why bubblewrap cannot confine code here (None when it can): probed once by running a trivial sandbox."""
+    if not sandbox_seccomp.supported():
+        return f"no seccomp filter for this architecture ({os.uname().machine})"
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+    r = _probe(_bwrap_argv(SandboxLimits(), (), ()) + ["-c", "pass"])
+    if r is not None:
+        return f"bubblewrap is installed but cannot create a sandbox here: {r}"
+    return None
+
+
+def require_isolation(isolation: str) -> None:
+    """Raise `IsolationUnavailable` unless `isolation` runs here; warn what "process" leaves unprotected."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    if isolation == "bwrap":
+        problem = bwrap_problem()
+        if problem:
+            raise IsolationUnavailable(
+                f"the code sandbox needs bubblewrap: {problem}. Install it, or opt into the weaker isolation with "
+                "isolation: process (no filesystem, PID or uid isolation: see rewards/sandbox.py)")
+    elif isolation == "process":
+        warnings.warn(
+            "code sandbox: isolation 'process' is NOT a security boundary against code written to escape it: the code "
+            "runs as your uid, sees your whole filesystem (reads and writes are refused only by an in-process audit "
+            "hook that code can switch off), and shares the PID namespace"
+            + ("" if network_isolation_available() else " and the network") + ". Process creation, exec, signals "
+            "and sockets are refused by seccomp, and CPU, memory and file size are limited. Use it only for trusted "
+            "models or on a throwaway machine.", stacklevel=2)
+
+
+def _system_lib_args() -> list[str]:
+    args = []
+    for p in ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32"):
+        if os.path.islink(p):
+            args += ["--symlink", os.readlink(p), p]
+        elif os.path.isdir(p):
+            args += ["--ro-bind", p, p]
+    return args
+
+
+def _interpreter() -> str:
+    return os.path.realpath(sys.executable)
+
+
+def _python_paths() -> tuple[list[str], list[str]]:
+    """(paths to bind read-only, site-packages directories inside them to hide) for the interpreter."""
+    paths = sysconfig.get_paths()
+    binds = {_interpreter(), os.path.realpath(paths["stdlib"]), os.path.realpath(paths["platstdlib"])}
+    libdir, ldlib = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+    if libdir and ldlib and os.path.exists(os.path.join(libdir, ldlib)):
+        binds.add(os.path.realpath(os.path.join(libdir, ldlib)))
+    hide = set()
+    for scheme_path in (sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix}),):
+        for key in ("purelib", "platlib"):
+            p = os.path.realpath(scheme_path[key])
+            if os.path.isdir(p) and any(p.startswith(b.rstrip("/") + "/") for b in binds):
+                hide.add(p)
+    return sorted(binds), sorted(hide)
+
+
+def package_paths(packages) -> list[tuple[str, str]]:
+    """(source, directory to add to sys.path) for each allowed top-level package (and its bundled `.libs`)."""
+    out = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"code sandbox: package {name!r} is not an installed package directory")
+        pkg = os.path.realpath(list(spec.submodule_search_locations)[0])
+        parent = os.path.dirname(pkg)
+        out.append((pkg, parent))
+        libs = os.path.join(parent, f"{name}.libs")
+        if os.path.isdir(libs):
+            out.append((os.path.realpath(libs), parent))
+    return out
+
+
+def _bwrap_argv(limits: SandboxLimits, read_paths, packages) -> list[str]:
+    binds, hide = _python_paths()
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID),
+            "--cap-drop", "ALL", "--clearenv", "--dev", "/dev", "--size", str(limits.disk_mb << 20),
+            "--tmpfs", _WORKDIR, *_system_lib_args()]
+    for p in binds:
+        argv += ["--ro-bind", p, p]
+    for p in hide:
+        argv += ["--tmpfs", p]
+    for src, _ in package_paths(packages):
+        argv += ["--ro-bind", src, src]
+    for p in read_paths:
+        argv += ["--ro-bind", os.path.realpath(p), os.path.realpath(p)]
+    argv += ["--chdir", _WORKDIR]
+    for k, v in _env(_WORKDIR).items():
+        argv += ["--setenv", k, v]
+    return argv + ["--", _interpreter(), "-I", "-S"]
+
+
+def _env(workdir: str) -> dict[str, str]:
     return {
-        "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
+        "PATH": "/nonexistent", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
         "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     }
 
 
-def _classify(returncode: int, killed: bool) -> str:
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)  # not CLOEXEC: handed to the child by number
+    while data:
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _probe(argv: list[str]) -> str | None:
+    """Run a trivial sandbox (argv ends with the interpreter's arguments); the problem it hit, or None."""
+    fd = _memfd("seccomp", sandbox_seccomp.build_filter(sandbox_seccomp.DANGEROUS))
+    argv = argv[:1] + ["--seccomp", str(fd)] + argv[1:]
+    try:
+        r = subprocess.run(argv, capture_output=True, timeout=30, pass_fds=(fd,), start_new_session=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        os.close(fd)
+    return None if r.returncode == 0 else (r.stderr.decode("utf-8", "replace").strip()[-500:] or f"rc {r.returncode}")
+
+
+def _classify(returncode: int, killed: bool, bwrap: bool = False) -> str:
+    if bwrap and returncode > 128:
+        returncode = 128 - returncode  # bubblewrap exits 128 + N for a sandboxed process killed by signal N
     if killed or returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return "timeout"  # our wall-clock kill, or RLIMIT_CPU (SIGXCPU at the soft, SIGKILL at the hard limit)
     if returncode == -signal.SIGXFSZ:
@@ -112,6 +267,10 @@ def _classify(returncode: int, killed: bool) -> str:
         return "memory"
     if returncode == EXIT_VIOLATION:
         return "violation"
+    if returncode == EXIT_SANDBOX:
+        return "sandbox_error"
+    if returncode == -signal.SIGSYS:
+        return "violation"  # a system call from a foreign ABI: seccomp killed the process
     if returncode < 0:
         return "crash"
     return "ok" if returncode == 0 else "runtime_error"
@@ -121,7 +280,8 @@ def _wait_group(proc: subprocess.Popen, timeout_s: float) -> bool:
     """Wait for the child up to `timeout_s`, then SIGKILL its whole process group; True when we had to kill.
 
     The group is killed while the leader is still an unreaped zombie (waitid WNOWAIT), so its pgid cannot have
-    been reused by an unrelated process; stray members (if anything escaped the hook) die with it.
+    been reused by an unrelated process. Under bwrap, killing the group kills bwrap, whose PID 1 then dies
+    (``--die-with-parent``), and with it the whole PID namespace.
     """
     deadline = time.monotonic() + timeout_s
     delay = 0.001
@@ -152,93 +312,177 @@ def _read_head(path: Path, limit: int) -> str:
         return f.read(limit).decode("utf-8", "replace")
 
 
-def _rmtree(path: str) -> None:
-    def fix_and_retry(func, p, _exc):
-        try:
-            os.chmod(os.path.dirname(p), stat.S_IRWXU)
-            os.chmod(p, stat.S_IRWXU)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=fix_and_retry)
-
-
-def _run(code: str, *, mode: str, tests: list[str], stdin: str, limits: SandboxLimits, read_paths, forbidden_paths,
-         network: str, audit: bool) -> SandboxResult:
+def _run(code: str, cfg: dict, n_tests: int, limits: SandboxLimits, *, isolation: str, read_paths=(),
+         forbidden_paths=(), packages=(), network: str = "auto", audit: bool = True) -> tuple[SandboxResult, list]:
+    """Run the harness once; (result without values/outputs, the decoded report lines)."""
+    _check_isolation(isolation)
     if network not in ("auto", "netns", "none"):
         raise ValueError(f"network must be 'auto', 'netns' or 'none', got {network!r}")
-    prefix = _netns_prefix() if network != "none" else None
-    if network == "netns" and prefix is None:
-        raise RuntimeError("network='netns' but this kernel refuses new network namespaces (unshare -n / -rn)")
-    outer = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-    t0 = time.monotonic()
-    try:
-        io_dir, workdir = Path(outer, "io"), Path(outer, "work")
-        io_dir.mkdir()
-        workdir.mkdir()
-        workdir = Path(os.path.realpath(workdir))
-        nonce = secrets.token_hex(16)
-        cpu_s = limits.cpu_s if limits.cpu_s is not None else limits.timeout_s
-        cfg = {
-            "mode": mode, "code": code, "tests": tests, "nonce": nonce, "workdir": str(workdir), "audit": audit,
-            "read_paths": [os.path.realpath(p) for p in read_paths],
-            "forbidden": [os.path.realpath(p) for p in forbidden_paths],
-            "limits": {"as": limits.memory_mb << 20, "cpu": max(1, math.ceil(cpu_s)), "fsize": limits.fsize_mb << 20,
-                       "nofile": limits.nofile, "nproc": limits.nproc},
-        }
-        cfg_path = io_dir / "config.json"
-        (io_dir / "stdin").write_text(stdin)
-        with open(io_dir / "results", "wb") as res, open(io_dir / "stdin", "rb") as fin, \
-                open(io_dir / "stdout", "wb") as fout, open(io_dir / "stderr", "wb") as ferr:
-            cfg["results_fd"] = res.fileno()
-            cfg_path.write_text(json.dumps(cfg))
-            cmd = [*(prefix or ()), sys.executable, "-I", "-c", _BOOTSTRAP, str(cfg_path)]
+    deadline = limits.deadline(n_tests)
+    cpu_s = limits.cpu_s if limits.cpu_s is not None else deadline
+    pkgs = package_paths(packages)
+    with tempfile.TemporaryDirectory(prefix="posttrain-sandbox-") as outer:
+        outer_path = Path(outer)
+        if isolation == "bwrap":
+            workdir, prefix = _WORKDIR, []
+        else:
+            workdir = os.path.realpath(outer_path / "work")
+            os.mkdir(workdir)
+            prefix = list(_netns_prefix() or ()) if network != "none" else []
+            if network == "netns" and not prefix:
+                raise IsolationUnavailable("network='netns' but this kernel refuses new network namespaces")
+        cfg = {**cfg, "code": code, "workdir": workdir, "audit": audit,
+               "read_paths": [os.path.realpath(p) for p in read_paths] + [s for s, _ in pkgs],
+               "forbidden": [os.path.realpath(p) for p in forbidden_paths],
+               "sys_path": sorted({d for _, d in pkgs}),
+               "seccomp": sandbox_seccomp.build_filter(sandbox_seccomp.DANGEROUS + sandbox_seccomp.NO_PROCESSES,
+                                                       threads_only_clone=True).hex(),
+               "limits": {"as": limits.memory_mb << 20, "cpu": max(1, math.ceil(cpu_s)),
+                          "fsize": limits.fsize_mb << 20, "nofile": limits.nofile}}
+        fds = [_memfd("config", json.dumps(cfg).encode()),
+               _memfd("seccomp", sandbox_seccomp.build_filter(sandbox_seccomp.DANGEROUS))]
+        t0 = time.monotonic()
+        with open(outer_path / "results", "wb") as res, open(os.devnull, "rb") as fin, \
+                open(outer_path / "stdout", "wb") as fout, open(outer_path / "stderr", "wb") as ferr:
+            fds.append(res.fileno())
+            harness = ["-c", _BOOTSTRAP, str(fds[0]), str(res.fileno())]
+            if isolation == "bwrap":
+                argv = _bwrap_argv(limits, read_paths, packages)
+                argv = argv[:1] + ["--seccomp", str(fds[1])] + argv[1:] + harness
+                cwd, env = "/", {}
+            else:
+                argv, cwd, env = [*prefix, _interpreter(), "-I", "-S", *harness], workdir, _env(workdir)
             try:
-                proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=workdir,
-                                        env=_scrubbed_env(str(workdir)), start_new_session=True,
-                                        pass_fds=(res.fileno(),), close_fds=True)
+                proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env,
+                                        start_new_session=True, pass_fds=tuple(fds), close_fds=True)
             except OSError as e:
-                return SandboxResult("sandbox_error", None, "", f"{type(e).__name__}: {e}", 0.0)
-            killed = _wait_group(proc, limits.timeout_s)
-        status = _classify(proc.returncode, killed)
+                return SandboxResult("sandbox_error", None, "", f"{type(e).__name__}: {e}", 0.0), []
+            finally:
+                for fd in fds[:2]:
+                    os.close(fd)
+            killed = _wait_group(proc, deadline)
+        status = _classify(proc.returncode, killed, bwrap=isolation == "bwrap")
         fsize = limits.fsize_mb << 20  # Python ignores SIGXFSZ: a write past RLIMIT_FSIZE raises OSError(EFBIG)
         if status in ("ok", "runtime_error") and max(
-                os.path.getsize(io_dir / "stdout"), os.path.getsize(io_dir / "stderr")) >= fsize:
+                os.path.getsize(outer_path / "stdout"), os.path.getsize(outer_path / "stderr")) >= fsize:
             status = "output_limit"
-        passed = []
-        for line in (io_dir / "results").read_text(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == nonce and parts[2] == "1" and parts[1].isdigit():
-                passed.append(int(parts[1]))
-        return SandboxResult(
-            status=status, returncode=proc.returncode,
-            stdout=_read_head(io_dir / "stdout", limits.max_output_bytes),
-            stderr=_read_head(io_dir / "stderr", limits.max_output_bytes),
-            wall_s=time.monotonic() - t0, passed=tuple(sorted(set(passed))),
-        )
-    finally:
-        _rmtree(outer)
+        lines = _report_lines(outer_path / "results", fsize)
+        result = SandboxResult(status=status, returncode=proc.returncode,
+                               stdout=_read_head(outer_path / "stdout", limits.max_output_bytes),
+                               stderr=_read_head(outer_path / "stderr", limits.max_output_bytes),
+                               wall_s=time.monotonic() - t0)
+    return result, lines
 
 
-def run_program(code: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(), *, read_paths=(),
-                forbidden_paths=(), network: str = "auto", audit: bool = True) -> SandboxResult:
-    """Run `code` as ``__main__`` with `stdin`; stdout/stderr come back (truncated to `max_output_bytes`).
+def _check_isolation(isolation: str) -> None:
+    """`require_isolation` without the warning (given once, when the reward is built)."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    if isolation == "bwrap" and bwrap_problem():
+        require_isolation(isolation)
 
-    network: "auto" (own network namespace when available), "netns" (require it), "none" (audit hook only).
-    audit: False skips the audit hook (only to test the other layers; never for untrusted code as root).
+
+def _report_lines(path: Path, limit: int) -> dict[int, dict]:
+    """The harness's JSON lines by index; the first line for an index wins, malformed lines are ignored."""
+    out: dict[int, dict] = {}
+    with open(path, "rb") as f:
+        data = f.read(limit)
+    for raw in data.split(b"\n"):
+        try:
+            line = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if type(line) is dict and type(line.get("i")) is int and line["i"] not in out:
+            out[line["i"]] = line
+    return out
+
+
+def decode(tree, depth: int = 0):
+    """The value an `encode`d tree stands for, built from fresh builtins; ValueError for anything malformed."""
+    if depth > MAX_DEPTH + 1 or type(tree) is not list or not tree or type(tree[0]) is not str:
+        raise ValueError("malformed value")
+    tag, rest = tree[0], tree[1:]
+    if tag == "n" and not rest:
+        return None
+    if len(rest) != 1:
+        raise ValueError("malformed value")
+    (x,) = rest
+    if tag == "b" and type(x) is bool:
+        return x
+    if tag == "i" and type(x) is str:
+        return int(x)  # ValueError past Python's 4300-digit limit
+    if tag == "f" and type(x) is str:
+        return float(x)
+    if tag == "s" and type(x) is str:
+        return x
+    if tag == "y" and type(x) is str:
+        return bytes.fromhex(x)
+    if tag in ("l", "t", "S", "F") and type(x) is list:
+        items = [decode(e, depth + 1) for e in x]
+        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
+    if tag == "d" and type(x) is list:
+        pairs = []
+        for kv in x:
+            if type(kv) is not list or len(kv) != 2:
+                raise ValueError("malformed value")
+            pairs.append((decode(kv[0], depth + 1), decode(kv[1], depth + 1)))
+        return dict(pairs)
+    raise ValueError("malformed value")
+
+
+def run_calls(code: str, exprs: list[str], limits: SandboxLimits = SandboxLimits(), *, isolation: str = "bwrap",
+              **kw) -> SandboxResult:
+    """Run `code` once, then evaluate each expression (e.g. ``f(2)``) in its namespace, in one sandbox.
+
+    `values[i]` is ("ok", value) with the value rebuilt here from plain data (anything that is not plain data is
+    ("error", "TypeError")), ("error", name of the exception it raised) or ("missing",) when the run ended first.
+    The names ``__pt_list``, ``__pt_tuple``, ``__pt_sorted``, ``__pt_set`` and ``__pt_frozenset`` are the builtins,
+    as they were before the code ran.
     """
-    return _run(code, mode="stdin", tests=[], stdin=stdin, limits=limits, read_paths=read_paths,
-                forbidden_paths=forbidden_paths, network=network, audit=audit)
+    result, lines = _run(code, {"mode": "calls", "exprs": list(exprs)}, len(exprs), limits, isolation=isolation,
+                         **kw)
+    values = []
+    for i in range(len(exprs)):
+        line = lines.get(i)
+        if line is None:
+            values.append(("missing",))
+        elif "v" in line:
+            try:
+                values.append(("ok", decode(line["v"])))
+            except (ValueError, TypeError, RecursionError):
+                values.append(("error", "malformed"))
+        else:
+            values.append(("error", str(line.get("error", "?"))[:100]))
+    return replace(result, values=tuple(values))
 
 
-def run_asserts(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits(), *, read_paths=(),
-                forbidden_paths=(), network: str = "auto", audit: bool = True) -> SandboxResult:
-    """Run `code`, then each test snippet (e.g. ``assert f(2) == 4``) in its namespace, in one process.
+def run_inputs(code: str, inputs: list[str], limits: SandboxLimits = SandboxLimits(), *, isolation: str = "bwrap",
+               **kw) -> SandboxResult:
+    """Run `code` as ``__main__`` once per input, on that input as stdin (file descriptor 0); outputs[i] is its stdout.
 
-    `passed` lists the tests that ran without raising. Results are reported through a private file descriptor
-    tagged with a per-run random nonce, so printing "passed" does not pass; a test run cut short by the timeout
-    keeps the results of the tests that finished.
+    One sandbox for all of one program's inputs: they share the working directory (the program's own files), but no
+    other program's. An output longer than `max_output_bytes` makes the run "output_limit".
     """
-    return _run(code, mode="asserts", tests=list(tests), stdin="", limits=limits, read_paths=read_paths,
-                forbidden_paths=forbidden_paths, network=network, audit=audit)
+    result, lines = _run(code, {"mode": "stdin", "inputs": [str(x) for x in inputs],
+                                "max_output_bytes": limits.max_output_bytes}, len(inputs), limits,
+                         isolation=isolation, **kw)
+    outputs, status = [], result.status
+    for i in range(len(inputs)):
+        line = lines.get(i)
+        if line is None or type(line.get("out")) is not str or line.get("status") not in ("ok", "runtime_error"):
+            outputs.append(CaseOutput("missing"))
+            continue
+        outputs.append(CaseOutput(line["status"], line["out"]))
+        if line.get("truncated") is True and status == "ok":
+            status = "output_limit"
+    return replace(result, status=status, outputs=tuple(outputs))
+
+
+def run_program(code: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(), **kw) -> SandboxResult:
+    """`run_inputs` with one input; `stdout` is that input's output and `status` "runtime_error" when it failed."""
+    r = run_inputs(code, [stdin], limits, **kw)
+    case = r.outputs[0]
+    status = "runtime_error" if r.status == "ok" and case.status == "runtime_error" else r.status
+    return replace(r, status=status, stdout=case.stdout if case.status != "missing" else r.stdout)
+
+

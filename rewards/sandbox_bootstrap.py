@@ -1,8 +1,16 @@
-"""Runs inside the sandboxed interpreter (`python -I -c <this source> <config.json>`); see `sandbox.py`.
+"""The harness that runs inside the sandbox (`python -I -S -c <this source> <config fd> <results fd>`); see `sandbox.py`.
 
-Order matters: read and delete the config, lower the rlimits, install the audit hook, then run the untrusted
-code. Exit codes the parent reads: `EXIT_MEMORY` (MemoryError), `EXIT_VIOLATION` (the audit hook refused an
-event; the process exits at once so the code under test cannot catch the refusal).
+It is trusted only until the untrusted code starts: it reads its configuration from a file descriptor (and closes it),
+compiles the code, lowers the rlimits, loads the process seccomp filter (no new processes, no exec, no signals to
+others: `sandbox_seccomp.py`), installs the audit hook (an extra layer, never the wall), and then runs the code. From
+then on everything in this process, this harness included, is the attacker's: so it holds no secret. It never sees
+an expected output; it only reports, as JSON lines on the results descriptor, *values*: what each call expression
+evaluated to (mode "calls", encoded as plain data by `encode`) or what the program printed for each input (mode
+"stdin"). The trusted parent decides every verdict. Forging these lines gains nothing the code could not get by
+returning or printing the same values itself.
+
+Exit codes the parent reads: `EXIT_MEMORY` (MemoryError), `EXIT_VIOLATION` (the audit hook refused an event),
+`EXIT_SANDBOX` (the harness could not set the sandbox up: the run is refused, never run unconfined).
 """
 
 import os
@@ -10,6 +18,8 @@ import sys
 
 EXIT_MEMORY = 86
 EXIT_VIOLATION = 87
+EXIT_SANDBOX = 88
+MAX_DEPTH = 64
 
 # Audit events refused outright (process creation, signals to other processes, raw foreign calls, raising our
 # limits, walking the heap to reach this hook's state). Prefix matches end with ".".
@@ -103,10 +113,152 @@ def _set_limits(lim):
         ("RLIMIT_CPU", lim["cpu"], lim["cpu"] + 1),
         ("RLIMIT_FSIZE", lim["fsize"], lim["fsize"]),
         ("RLIMIT_NOFILE", lim["nofile"], lim["nofile"]),
-        ("RLIMIT_NPROC", lim["nproc"], lim["nproc"]),
         ("RLIMIT_CORE", 0, 0),
     ):
         resource.setrlimit(getattr(resource, name), (soft, hard))
+
+
+def _load_seccomp(program: bytes) -> None:
+    """Load a seccomp filter on this process (PR_SET_NO_NEW_PRIVS first, as an unprivileged process must)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buf))
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+def _make_encoder():
+    """`encode(value) -> JSON-able tree` for plain data only, bound to references taken before the code runs.
+
+    Exact types only (a subclass of int or str, or any object with its own `__eq__`, is refused): None, bool, int,
+    float, str, bytes, list, tuple, dict, set, frozenset. Tags keep tuples apart from lists, ints exact at any size.
+    """
+    type_, repr_int, repr_float, items, iter_, list_ = type, int.__repr__, float.__repr__, dict.items, iter, list
+    bytes_hex, len_ = bytes.hex, len
+    tags = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+
+    def encode(x, depth=0):
+        if depth > MAX_DEPTH:
+            raise ValueError("nested too deeply")
+        t = type_(x)
+        if x is None:
+            return ["n"]
+        if t is bool:
+            return ["b", x is True]
+        if t is int:
+            return ["i", repr_int(x)]
+        if t is float:
+            return ["f", repr_float(x)]
+        if t is str:
+            return ["s", x]
+        if t is bytes:
+            return ["y", bytes_hex(x)]
+        if t in tags:
+            out = [encode(e, depth + 1) for e in list_(iter_(x))]
+            if len_(out) > 1_000_000:
+                raise ValueError("too long")
+            return [tags[t], out]
+        if t is dict:
+            return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in list_(items(x))]]
+        raise TypeError(f"{t.__name__} is not plain data")
+
+    return encode
+
+
+def _run_calls(compiled, cfg, ns, report):
+    """Run the code once, then evaluate each call expression in its namespace and report the encoded value."""
+    import builtins
+    import traceback
+
+    encode, dumps = _make_encoder(), __import__("json").dumps
+    helpers = {f"__pt_{name}": getattr(builtins, name) for name in ("list", "tuple", "sorted", "set", "frozenset")}
+    exprs = []
+    for i, src in enumerate(cfg["exprs"]):
+        exprs.append(compile(src, f"<test {i}>", "eval"))
+    try:
+        exec(compiled, ns)
+    except MemoryError:
+        _memory_exit()
+    except BaseException:  # noqa: BLE001 - the code's own failure; its calls are still tried (they fail if undefined)
+        traceback.print_exc()
+    for i, expr in enumerate(exprs):
+        try:
+            line = dumps({"i": i, "v": encode(eval(expr, ns, dict(helpers)))})
+        except MemoryError:
+            _memory_exit()
+        except BaseException as e:  # noqa: BLE001 - any failure of the code under test is this call's failure
+            try:
+                line = dumps({"i": i, "error": str(type(e).__name__)[:100]})
+            except BaseException:  # noqa: BLE001
+                line = dumps({"i": i, "error": "?"})
+        report(line)
+
+
+def _run_stdin(compiled, cfg, report):
+    """Run the code once per input, with file descriptors 0 and 1 on fresh in-memory files; report each output."""
+    import builtins
+    import traceback
+
+    dumps, memfd, dup2, lseek, read, write, close = (__import__("json").dumps, os.memfd_create, os.dup2, os.lseek,
+                                                     os.read, os.write, os.close)
+    exec_, open_ = exec, open  # the code may replace the builtins between two inputs
+    limit = cfg["max_output_bytes"]
+    for i, text in enumerate(cfg["inputs"]):
+        fin, fout = memfd("stdin"), memfd("stdout")
+        data = text.encode("utf-8")
+        while data:
+            data = data[write(fin, data):]
+        lseek(fin, 0, 0)
+        # the previous input's program may have closed 0 or 1, so the new files can land there themselves
+        for fd, target in ((fin, 0), (fout, 1)):
+            if fd != target:
+                dup2(fd, target)
+        if fin not in (0, 1):
+            close(fin)
+        sys.stdin = open_(0, "r", closefd=False, encoding="utf-8", errors="replace")
+        sys.stdout = open_(1, "w", closefd=False, encoding="utf-8", errors="replace")
+        status = "ok"
+        try:
+            exec_(compiled, {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"})
+        except SystemExit as e:
+            status = "ok" if e.code in (None, 0) else "runtime_error"
+        except MemoryError:
+            _memory_exit()
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            status = "runtime_error"
+        try:
+            sys.stdout.flush()
+        except BaseException:  # noqa: BLE001 - the code closed or broke its stdout
+            status = "runtime_error"
+        try:
+            lseek(1, 0, 0)
+            out = read(1, limit + 1)
+        except OSError:  # the program closed its stdout
+            out, status = b"", "runtime_error"
+        if fout != 1:
+            close(fout)
+        report(dumps({"i": i, "status": status, "out": out[:limit].decode("utf-8", "replace"),
+                      "truncated": len(out) > limit}))
+
+
+def _memory_exit():
+    os.write(2, b"\n__SANDBOX_MEMORY__\n")
+    os._exit(EXIT_MEMORY)
+
+
+def _fail_setup(what):
+    os.write(2, f"\n__SANDBOX_SETUP_FAILED__ {what}\n".encode("utf-8", "replace"))
+    os._exit(EXIT_SANDBOX)
 
 
 def _main():
@@ -115,21 +267,14 @@ def _main():
     import traceback  # noqa: F401  (imported before the hook: printing a traceback needs it)
     import _posixsubprocess
 
-    cfg_path = sys.argv[1]
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    os.unlink(cfg_path)  # the tests never sit where the code under test could read them
+    cfg_fd, res_fd = int(sys.argv[1]), int(sys.argv[2])
+    with os.fdopen(cfg_fd, "rb") as f:  # read and closed: the code never sees its inputs' source or settings
+        cfg = json.loads(f.read())
     sys.argv = ["solution.py"]
-    # `subprocess` stays importable but cannot start anything (the audit hook also refuses subprocess.Popen).
-    _posixsubprocess.fork_exec = None
-    res_fd, nonce, mode = cfg["results_fd"], cfg["nonce"], cfg["mode"]
+    write = os.write
 
-    def report(i, ok):
-        os.write(res_fd, f"{nonce} {i} {int(ok)}\n".encode())
-
-    def memory_exit():
-        os.write(2, b"\n__SANDBOX_MEMORY__\n")
-        os._exit(EXIT_MEMORY)
+    def report(line):
+        write(res_fd, (line + "\n").encode("utf-8", "replace"))
 
     try:
         compiled = compile(cfg["code"], "solution.py", "exec")
@@ -138,41 +283,32 @@ def _main():
         sys.stderr.flush()
         os._exit(1)
     os.chdir(cfg["workdir"])
-    _set_limits(cfg["limits"])
+    # `exit` and `quit` come from `site`, which -S skips; programs written for `python` expect them
+    builtins.exit = builtins.quit = sys.exit
+    try:
+        _set_limits(cfg["limits"])
+        _load_seccomp(bytes.fromhex(cfg["seccomp"]))
+    except BaseException as e:  # noqa: BLE001 - never run the code unconfined
+        _fail_setup(f"{type(e).__name__}: {e}")
     if cfg["audit"]:
         roots = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path] if p}
         roots |= {os.path.realpath(p) for p in cfg["read_paths"]} | {cfg["workdir"]}
         _install_audit_hook(cfg["workdir"], tuple(sorted(roots)), ("/dev/null", "/dev/urandom"),
                             tuple(cfg["forbidden"]))
-    ns = {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"}
-    code = 0
-    try:
-        exec(compiled, ns)
-    except SystemExit as e:
-        if mode == "stdin":
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except MemoryError:
-        memory_exit()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    if mode == "asserts":
-        for i, test in enumerate(cfg["tests"]):
-            try:
-                exec(compile(test, f"<test {i}>", "exec"), ns)
-                report(i, True)
-            except MemoryError:
-                memory_exit()
-            except BaseException:
-                report(i, False)
+    sys.path[:0] = cfg["sys_path"]  # the allowed packages' directories (read-only binds)
+    # `subprocess` stays importable but cannot start anything (seccomp refuses fork and exec in any case).
+    _posixsubprocess.fork_exec = None
+    if cfg["mode"] == "calls":
+        _run_calls(compiled, cfg, {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"},
+                   report)
+    else:
+        _run_stdin(compiled, cfg, report)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except MemoryError:
-        memory_exit()
-    except BaseException:
+    except BaseException:  # noqa: BLE001
         pass
-    os._exit(code)
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_batch_metrics_and_escapes_score_zero():
         answer("import os\nwhile True: os.fork()"),                       # violation (fork bomb)
         answer("x = bytearray(10**11)"),                                  # memory
         answer("print(open('/etc/passwd').read())\ndef add(a, b): return a + b"),  # violation (read)
-        answer("open('/tmp/posttrain_code_pwned', 'w')\ndef add(a, b): return a + b"),  # violation (write)
+        answer("open('/var/tmp/posttrain_code_pwned', 'w')\ndef add(a, b): return a + b"),  # violation (write)
         answer("import socket\nsocket.create_connection(('1.1.1.1', 80))"),  # violation (network)
         "never closed the think block",                                    # no code
         answer("def add(a, b):\n    return a - b"),                       # 0/3... add(-1,1)=-2: fails all

@@ -1,22 +1,22 @@
-"""The sandbox: each escape attempt ends within its limit with the right status, and never hangs the caller.
-
-These tests run as whatever user runs pytest; the CI machine runs them as root, where RLIMIT_NPROC does not bind
-and the audit hook is what refuses process creation (`test_fork_as_root_needs_the_hook`).
+"""The sandbox's mechanics: statuses, limits, the audit hook layer, both isolations. The attacks are in
+`test_sandbox_redteam.py`; these run under bubblewrap where it is installed, else under the weaker "process" isolation.
 """
 
 import os
-import socket
 import time
 
 import pytest
 
-from posttrain.rewards.sandbox import SandboxLimits, network_isolation_available, run_asserts, run_program
+from posttrain.rewards.sandbox import (SandboxLimits, bwrap_problem, decode, run_calls,
+                                       run_inputs, run_program)
 
 FAST = SandboxLimits(timeout_s=1.0, memory_mb=256)
+ISOLATION = "process" if bwrap_problem() else "bwrap"
 
 
 def run(code, **kw):
     t0 = time.monotonic()
+    kw.setdefault("isolation", ISOLATION)
     result = run_program(code, kw.pop("stdin", ""), kw.pop("limits", FAST), **kw)
     assert time.monotonic() - t0 < 5, "the sandbox must return within its limits"
     return result
@@ -90,15 +90,13 @@ def test_raw_fork_exec_is_neutered():
     assert r.status in ("runtime_error", "violation") and "'NoneType' object is not callable" in r.stderr
 
 
-def test_fork_as_root_needs_the_hook():
-    code = "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('forked')"
-    no_hook = run(code, audit=False)
-    if os.geteuid() == 0:
-        # RLIMIT_NPROC=1 does not bind root: without the audit hook the fork goes through
-        assert no_hook.status == "ok" and no_hook.stdout == "forked\n"
-    else:
-        assert no_hook.status == "runtime_error"  # RLIMIT_NPROC refuses the fork (EAGAIN)
-    assert run(code).status == "violation"
+@pytest.mark.parametrize("isolation", ["bwrap", "process"])
+def test_fork_is_refused_by_seccomp_without_the_hook(isolation):
+    if isolation == "bwrap" and bwrap_problem():
+        pytest.skip(bwrap_problem())
+    code = "import os\ntry:\n    os.fork()\nexcept PermissionError:\n    print('refused')"
+    assert run(code, audit=False, isolation=isolation).stdout == "refused\n"  # as root too (RLIMIT_NPROC would not)
+    assert run(code, isolation=isolation).status == "violation"  # the hook, an extra layer, ends the process
 
 
 @pytest.mark.parametrize("code", [
@@ -136,12 +134,10 @@ def test_writing_outside_the_workdir_is_a_violation(tmp_path):
     assert victim.read_text() == "keep me" and not (tmp_path / "new.txt").exists()
 
 
-def test_fresh_workdir_is_writable_and_deleted():
-    r = run("import os\nopen('f.txt', 'w').write('hi')\nprint(os.getcwd())\nprint(open('f.txt').read())")
-    assert r.status == "ok"
-    cwd, content = r.stdout.split()
-    assert content == "hi" and not os.path.exists(cwd)
-    assert run(f"print(open({os.path.join(cwd, 'f.txt')!r}).read())").status != "ok"
+def test_fresh_workdir_is_writable_and_not_shared():
+    r = run("import os\nopen('f.txt', 'w').write('hi')\nprint(open('f.txt').read())")
+    assert r.status == "ok" and r.stdout == "hi\n"
+    assert run("import os\nprint(os.path.exists('f.txt'))").stdout == "False\n"  # the next run starts empty
 
 
 def test_environment_is_scrubbed(monkeypatch):
@@ -161,47 +157,34 @@ def test_socket_is_a_violation():
     assert r.status == "violation" and "connected" not in r.stdout
 
 
-@pytest.mark.skipif(not network_isolation_available(), reason="kernel refuses new network namespaces")
-def test_network_namespace_without_the_hook():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    code = (f"import socket\ns = socket.socket()\ns.settimeout(0.5)\n"
-            f"try:\n    s.connect(('127.0.0.1', {port}))\n    print('connected')\n"
-            f"except OSError as e:\n    print('refused', type(e).__name__)")
-    try:
-        isolated = run(code, audit=False, network="netns")
-        shared = run(code, audit=False, network="none")  # control: the same code does reach the host's loopback
-    finally:
-        server.close()
-    assert isolated.status == "ok" and isolated.stdout.startswith("refused")
-    assert shared.status == "ok" and shared.stdout == "connected\n"
+def test_calls_bring_back_plain_values_only():
+    code = ("class A:\n    def __eq__(self, o):\n        return True\n"
+            "def f(x):\n    return {'k': (x, [1.5, None]), 2: {x}}\n"
+            "def g():\n    return A()\n"
+            "def h():\n    yield 1\n    yield 2\n")
+    r = run_calls(code, ["f(3)", "g()", "h()", "__pt_list(h())", "undefined()", "f(b'x')"], FAST, isolation=ISOLATION)
+    assert r.status == "ok"
+    assert r.values[0] == ("ok", {"k": (3, [1.5, None]), 2: {3}}) and type(r.values[0][1]["k"]) is tuple
+    assert r.values[1] == ("error", "TypeError") and r.values[2] == ("error", "TypeError")  # not plain data
+    assert r.values[3] == ("ok", [1, 2]) and r.values[4] == ("error", "NameError")
+    assert r.values[5] == ("ok", {"k": (b"x", [1.5, None]), 2: {b"x"}})
 
 
-def test_process_group_is_killed_on_timeout():
-    # Without the hook (only to test the kill), fork a child that outlives its parent's loop; both must die.
-    code = ("import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(100)\n    os._exit(0)\n"
-            "print(pid, flush=True)\ntime.sleep(100)")
-    r = run(code, audit=False, limits=SandboxLimits(timeout_s=1.0, memory_mb=256, nproc=4096))
-    assert r.status == "timeout"
-    pid = int(r.stdout.split()[0])
-    for _ in range(50):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail(f"grandchild {pid} still running after the timeout")
+def test_decode_refuses_malformed_trees():
+    for bad in (["x"], ["i"], ["i", 3], ["l", "ab"], ["d", [[["s", "a"]]]], "s", ["b", 1], ["t", [["q"]]]):
+        with pytest.raises(ValueError):
+            decode(bad)
+    assert decode(["i", "123456789012345678901234567890"]) == 123456789012345678901234567890
 
 
-def test_asserts_report_through_a_private_channel():
-    r = run_asserts("def f(x):\n    return 2 * x", ["assert f(2) == 4", "assert f(3) == 7", "assert f(0) == 0"], FAST)
-    assert r.status == "ok" and r.passed == (0, 2)
-    # printing or writing fake results does not count: only lines tagged with the per-run nonce do
-    fake = "import os\nfor fd in range(3, 10):\n    try:\n        os.write(fd, b'x 0 1\\n0 0 1\\n')\n    except OSError:\n        pass\nprint('0 0 1')"
-    assert run_asserts(fake, ["assert False"], FAST).passed == ()
+def test_inputs_run_in_one_sandbox_with_their_own_stdin():
+    code = "import sys\nn = int(open(0).read())\nprint(n * 2)\nif n == 3:\n    sys.exit(1)"
+    r = run_inputs(code, ["1", "2", "3", "4"], FAST, isolation=ISOLATION)
+    assert [(o.status, o.stdout) for o in r.outputs] == [("ok", "2\n"), ("ok", "4\n"), ("runtime_error", "6\n"),
+                                                          ("ok", "8\n")]
+
+
+def test_an_input_that_hangs_leaves_the_rest_missing():
+    code = "n = int(input())\nwhile n == 2:\n    pass\nprint(n)"
+    r = run_inputs(code, ["1", "2", "3"], SandboxLimits(timeout_s=0.5, memory_mb=256), isolation=ISOLATION)
+    assert r.status == "timeout" and [o.status for o in r.outputs] == ["ok", "missing", "missing"]
