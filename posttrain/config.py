@@ -12,10 +12,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.config_common import (Budget, BudgetRange, LoraConfig, PositiveBudget, Section,  # noqa: F401
-                                     StageName, check_budgets)
-from posttrain.config_rl import (ActorGroupConfig, GRPORewardConfig, GRPOStageConfig, PPOStageConfig,  # noqa: F401
-                                 RayConfig, RLStageConfig)
+from posttrain.config_common import (MAX_TOKENS, TOKENS_BOUND, Budget, BudgetRange, EvalBudget,  # noqa: F401
+                                     LoraConfig, PositiveBudget, Section, StageName, check_budgets)
+from posttrain.config_rl import (ActorGroupConfig, CriticGroupConfig, GRPORewardConfig,  # noqa: F401
+                                 GRPOStageConfig, LearnerGroupConfig, PPOStageConfig, RayConfig,
+                                 ReferenceGroupConfig, RewardGroupConfig, RLStageConfig, RolloutGroupConfig)
+
+# Seeds go to numpy too (`np.random.seed`), which takes 0 <= seed < 2^32.
+MAX_SEED = 2**32 - 1
 
 
 class ModelConfig(Section):
@@ -98,7 +102,7 @@ class BaseStageConfig(Section):
     vocab_size: int = Field(512, ge=400, description="BPE vocabulary size of the embedded tokenizer.")
     steps: int = Field(700, ge=1, description="Pretraining optimizer steps.")
     batch_size: int = Field(64, ge=1, description="Documents per step (one per row).")
-    seq_len: int = Field(128, ge=16, description="Longest document in tokens.")
+    seq_len: int = Field(128, ge=16, le=MAX_TOKENS, description="Longest document in tokens. " + TOKENS_BOUND)
     learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
     warmup_steps: int = Field(30, ge=0, description="Warmup steps.")
     weight_decay: float = Field(0.01, ge=0)
@@ -144,7 +148,8 @@ class SFTStageConfig(Section):
         default_factory=lambda: [8, 16, 24, 32, 48, 64, 96, 128],
         description="Budgets sampled for budgeted examples (thinking tokens): one entry drawn uniformly per "
                     "example; an entry `{low, high}` then draws its budget from that range (uniformly, or "
-                    "log-uniformly with `scale: log`; `significant: N` rounds it to N significant digits).",
+                    "log-uniformly with `scale: log`; `significant: N` rounds it to N significant digits). "
+                    + TOKENS_BOUND,
     )
     mix: BudgetMix = Field(default_factory=BudgetMix, description="How examples split across thinking modes.")
     autonomous_style: Literal["verbose", "terse"] = Field(
@@ -175,7 +180,8 @@ class SFTStageConfig(Section):
                     "trace, whose thinking is the verbose trace cut to the budget (whole lines), the answer then "
                     "folding the rest, as after a forced `</think>`; the others draw a compressed trace.",
     )
-    max_length: int = Field(256, ge=16, description="Longest training sequence in tokens.")
+    max_length: int = Field(256, ge=16, le=MAX_TOKENS, description="Longest training sequence in tokens. "
+                            + TOKENS_BOUND)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     logging_steps: int = Field(10, ge=1)
 
@@ -188,10 +194,19 @@ class SFTStageConfig(Section):
 
 
 class VerifierTrainConfig(Section):
+    """One reward model's training (`rm.genrm`, the generative verifier, is on unless disabled)."""
+
     enabled: bool = Field(True, description="Train this reward model.")
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-4, gt=0)
+
+
+class ScalarRMTrainConfig(VerifierTrainConfig):
+    """The scalar Bradley-Terry reward model's training (off unless enabled), with its own default so that a
+    partly given `rm.scalar` section does not turn it on."""
+
+    enabled: bool = Field(False, description="Train this reward model.")
 
 
 class RMStageConfig(Section):
@@ -206,9 +221,10 @@ class RMStageConfig(Section):
     budgets: list[Budget] = Field(
         default_factory=lambda: ["auto", 16, 32, 64],
         description="Budgets the sampled prompts are given (cycled; a `{low, high}` entry draws from its range, "
-        "log-uniformly with `scale: log`).",
+        "log-uniformly with `scale: log`). " + TOKENS_BOUND,
     )
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(128, ge=1, le=MAX_TOKENS, description="Generation cap per sampled response. "
+                                + TOKENS_BOUND)
     label_reward: str | None = Field(
         None, description="Registered verifiable reward that labels samples (>= 0.5 = correct); by default "
         "`exact_int` on the embedded task, `math` (equivalence of the answer after `</think>`) on a data file.")
@@ -229,8 +245,8 @@ class RMStageConfig(Section):
         if v is not None:
             get_reward_cls(v)  # raises naming the known rewards
         return v
-    scalar: VerifierTrainConfig = Field(
-        default_factory=lambda: VerifierTrainConfig(enabled=False), description="Scalar Bradley-Terry reward model."
+    scalar: ScalarRMTrainConfig = Field(
+        default_factory=ScalarRMTrainConfig, description="Scalar Bradley-Terry reward model."
     )
 
 
@@ -239,13 +255,14 @@ class EvalStageConfig(Section):
     file: the rows the RL stages hold out, `n_per_difficulty` of each difficulty)."""
 
     n_per_difficulty: int = Field(40, ge=1, description="Problems per difficulty.")
-    budgets: list[int | Literal["auto"]] = Field(
-        default_factory=lambda: [0, "auto"], description="Budgets to evaluate; `auto` = no budget (autonomous)."
+    budgets: list[EvalBudget] = Field(
+        default_factory=lambda: [0, "auto"], description="Budgets to evaluate; `auto` = no budget (autonomous). "
+        + TOKENS_BOUND
     )
-    max_new_tokens: int = Field(160, ge=1, description="Generation cap per response.")
+    max_new_tokens: int = Field(160, ge=1, le=MAX_TOKENS, description="Generation cap per response. " + TOKENS_BOUND)
     batch_size: int = Field(64, ge=1)
-    seed: int = Field(12345, description="Seed of the embedded task's held-out problems (distinct from training "
-                      "seeds; unused with a data file).")
+    seed: int = Field(12345, ge=0, le=MAX_SEED, description="Seed of the embedded task's held-out problems "
+                      "(distinct from training seeds; unused with a data file).")
 
 
 class SweepStageConfig(Section):
@@ -257,14 +274,15 @@ class SweepStageConfig(Section):
         description="Stage names of this run (sft, grpo, ppo) or model paths (checkpoint, run directory, PEFT "
         "adapter). Empty: every sft/grpo/ppo stage listed before `sweep`, or the latest model if there is none.",
     )
-    budgets: list[int | Literal["auto"]] = Field(
-        default_factory=lambda: [0, 8, 16, 32, 64, "auto"], description="Budgets; `auto` = no budget (autonomous)."
+    budgets: list[EvalBudget] = Field(
+        default_factory=lambda: [0, 8, 16, 32, 64, "auto"], description="Budgets; `auto` = no budget (autonomous). "
+        + TOKENS_BOUND
     )
     n_per_difficulty: int = Field(20, ge=1, description="Held-out problems per difficulty (with a data file: the "
                                   "first of the rows the RL stages hold out, per `data.difficulty_column` value).")
-    seed: int = Field(12345, description="Seed of the embedded task's held-out problems (the same for every model "
-                      "and budget; unused with a data file).")
-    max_new_tokens: int = Field(160, ge=1, description="Generation cap per response.")
+    seed: int = Field(12345, ge=0, le=MAX_SEED, description="Seed of the embedded task's held-out problems (the "
+                      "same for every model and budget; unused with a data file).")
+    max_new_tokens: int = Field(160, ge=1, le=MAX_TOKENS, description="Generation cap per response. " + TOKENS_BOUND)
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
     workers: int = Field(1, ge=1, description="Rollout workers generating in parallel (the run's threads are split "
                          "across them).")
@@ -301,14 +319,15 @@ class ExportStageConfig(Section):
 
 class RecipeConfig(Section):
     run_dir: str = Field("runs/quickstart", description="Directory the run writes into (resumes if it exists).")
-    seed: int = Field(0, description="Global seed.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Global seed (0 to 2^32-1, numpy's range).")
     device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training dtype; auto = bf16 on CUDA, fp32 on CPU."
     )
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores).")
     stages: list[StageName] = Field(
-        default_factory=lambda: ["base", "sft", "eval"], description="Stages to run, in order."
+        default_factory=lambda: ["base", "sft", "eval"], min_length=1,
+        description="Stages to run, in order (at least one)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

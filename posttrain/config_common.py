@@ -3,11 +3,20 @@ the LoRA section that several stages use."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+import types
+from typing import Annotated, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationInfo, field_validator,
+                      model_validator)
 
 StageName = Literal["base", "sft", "rm", "grpo", "ppo", "eval", "sweep", "export"]
+
+# The most tokens a budget, a generation cap or a sequence length may name: 2^20 = 1,048,576, more than one
+# response of a model trained here can usefully hold (the embedded model has 512 positions, common MoE checkpoints
+# 32k-128k). A larger value is a typo: a budget of 10^20 overflows the int64 tensors it goes into, a cap of 10^8
+# lets a single rollout run for days.
+MAX_TOKENS = 2**20
+TOKENS_BOUND = f"At most {MAX_TOKENS} (2^20) tokens: more is a typo, not a length one response can usefully have."
 
 
 def check_budgets(v: list) -> list:
@@ -17,8 +26,31 @@ def check_budgets(v: list) -> list:
     return v
 
 
+def _top_types(ann) -> set:
+    """The types an annotation admits at its top level, through `Optional`, unions and `Annotated` (not inside
+    lists): `int | None` -> {int, NoneType}."""
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _top_types(get_args(ann)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_top_types(a) for a in get_args(ann)))
+    return {ann}
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    """A recipe section: unknown keys are errors, floats must be finite (`.inf`/`.nan` are typos, not settings),
+    and a boolean is never read as a number (pydantic would take `steps: true` for 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info: ValidationInfo):
+        if isinstance(v, bool):
+            admitted = _top_types(cls.model_fields[info.field_name].annotation)
+            if bool not in admitted and admitted & {int, float}:
+                raise ValueError(f"expected a number, not the boolean {str(v).lower()}")
+        return v
 
 
 class BudgetRange(Section):
@@ -27,8 +59,8 @@ class BudgetRange(Section):
     the budget as a number. `scale: log` draws log-uniformly (each decade equally often), so a range over orders
     of magnitude (`{low: 49, high: 32768, scale: log}`) shows every length of number, not mostly the longest."""
 
-    low: int = Field(..., ge=1, description="Smallest budget drawn (thinking tokens).")
-    high: int = Field(..., ge=1, description="Largest budget drawn (thinking tokens).")
+    low: int = Field(..., ge=1, le=MAX_TOKENS, description="Smallest budget drawn (thinking tokens). " + TOKENS_BOUND)
+    high: int = Field(..., ge=1, le=MAX_TOKENS, description="Largest budget drawn (thinking tokens). " + TOKENS_BOUND)
     scale: Literal["linear", "log"] = Field(
         "linear", description="`linear`: every value equally often; `log`: log-uniform, every decade equally often.")
     significant: int | None = Field(
@@ -54,12 +86,22 @@ def _budget_kind(v) -> str:
     return "auto" if isinstance(v, str) else _range_or_int(v)
 
 
+def _int_or_auto(v) -> str:
+    return "auto" if isinstance(v, str) else "int"
+
+
+# A budget as a number of thinking tokens: a strict int (a boolean is not a budget), at most MAX_TOKENS. Negative
+# and zero budgets are refused by the lists' own validators (one message for the whole list).
+BudgetInt = Annotated[int, Strict(), Field(le=MAX_TOKENS)]
 # One entry of a budget list. The discriminator sends a mapping to BudgetRange alone, so a bad range gets one
 # error naming its key (`grpo.budgets.1.high`), not one per kind of entry.
-Budget = Annotated[Union[Annotated[int, Tag("int")], Annotated[Literal["auto"], Tag("auto")],
+Budget = Annotated[Union[Annotated[BudgetInt, Tag("int")], Annotated[Literal["auto"], Tag("auto")],
                          Annotated[BudgetRange, Tag("range")]], Discriminator(_budget_kind)]
-PositiveBudget = Annotated[Union[Annotated[int, Tag("int")], Annotated[BudgetRange, Tag("range")]],
+PositiveBudget = Annotated[Union[Annotated[BudgetInt, Tag("int")], Annotated[BudgetRange, Tag("range")]],
                            Discriminator(_range_or_int)]
+# An evaluated budget: a fixed number of tokens (0..MAX_TOKENS) or `auto` (no budget); one error per bad entry.
+EvalBudget = Annotated[Union[Annotated[BudgetInt, Field(ge=0), Tag("int")], Annotated[Literal["auto"], Tag("auto")]],
+                       Discriminator(_int_or_auto)]
 
 
 class LoraConfig(Section):

@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.config_common import Budget, LoraConfig, Section, check_budgets
+from posttrain.config_common import MAX_TOKENS, TOKENS_BOUND, Budget, EvalBudget, LoraConfig, Section, check_budgets
+
 
 class GRPORewardConfig(Section):
     """One reward component (a registered reward) and the samples it scores."""
@@ -60,9 +61,11 @@ class RLStageConfig(Section):
         default_factory=lambda: [0, 8, 16, 24, 32, 48, "auto"],
         description="Budgets drawn (one entry uniformly per problem) for the prompts; `auto` = no budget; an entry "
                     "`{low, high}` draws its budget from that range, uniformly or with `scale: log` log-uniformly, "
-                    "rounded with `significant: N` (metrics then report it as `low-high`, or `low-highlog`).",
+                    "rounded with `significant: N` (metrics then report it as `low-high`, or `low-highlog`). "
+                    + TOKENS_BOUND,
     )
-    max_new_tokens: int = Field(128, ge=1, description="Generation cap per response during rollouts.")
+    max_new_tokens: int = Field(128, ge=1, le=MAX_TOKENS, description="Generation cap per response during "
+                                "rollouts. " + TOKENS_BOUND)
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1 keeps the recorded logp on-policy).")
     top_p: float = Field(1.0, gt=0, le=1)
     learning_rate: float = Field(7e-5, gt=0, description="AdamW learning rate (constant).")
@@ -107,9 +110,10 @@ class RLStageConfig(Section):
     save_every: int = Field(20, ge=0, description="Save the training state every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Saved training states kept (the newest).")
     rewards: list[GRPORewardConfig] = Field(default_factory=_default_rl_rewards, description="Reward components.")
-    eval_budgets: list[int | Literal["auto"]] = Field(
+    eval_budgets: list[EvalBudget] = Field(
         default_factory=lambda: [8, 16, 32, "auto"],
-        description="Budgets of the before/after evaluation (natural: the budget is only an instruction).",
+        description="Budgets of the before/after evaluation (natural: the budget is only an instruction). "
+                    + TOKENS_BOUND,
     )
     eval_n_per_difficulty: int = Field(
         25, ge=0, description="Held-out problems per difficulty at each eval budget (0 = no eval). Each budget has "
@@ -117,7 +121,8 @@ class RLStageConfig(Section):
     eval_rows: int | None = Field(
         None, ge=1, description="Data files: rows held out per eval budget, spread through the file (default: "
         "eval_n_per_difficulty x the task's difficulty count), at most half the file in all.")
-    eval_max_new_tokens: int = Field(160, ge=1)
+    eval_max_new_tokens: int = Field(160, ge=1, le=MAX_TOKENS, description="Generation cap per response in the "
+                                     "before/after evaluation. " + TOKENS_BOUND)
     eval_batch_size: int = Field(256, ge=1, description="Prompts per generate call in the before/after evaluation.")
     # PPO only
     critic_learning_rate: float = Field(1e-4, gt=0, description="PPO: critic AdamW learning rate.")
@@ -155,21 +160,70 @@ class PPOStageConfig(RLStageConfig):
     dynamic_sampling: bool = Field(False, description="PPO keeps every sample (the critic is the baseline).")
 
 
+def _cpus(default: float):
+    return Field(default, ge=0, description="CPUs reserved per actor; its torch threads = max(1, int(cpus)).")
+
+
+def _ray_restarts(default: int):
+    return Field(default, ge=0, description="Restarts Ray may make after the actor dies or hangs (the driver "
+                 "restoring its state: a rollout worker gets the current weights), after which the run stops.")
+
+
+def _step_loop_recoveries(default: int):
+    return Field(default, ge=0, description="Recoveries of the whole step loop after this actor dies or hangs "
+                 "(`backend: ray`; one count shared by learner and critic): every actor restarted, training resumed "
+                 "from the last saved state (the steps since it redone; from step 0 before the first save). Ray never "
+                 "restarts it alone: it holds the training state, and would come back with the input model and a "
+                 "fresh optimizer. A failure outside the step loop (evaluation, final save) stops the run.")
+
+
+def _one_actor(role: str):
+    return Field(1, ge=1, le=1, description=f"Always 1: one {role} actor serves the whole batch.")
+
+
 class ActorGroupConfig(Section):
-    """Resources and fault limits of one kind of Ray actor."""
+    """Resources and fault limits of one kind of Ray actor. Each role has its own subclass, so that its defaults
+    are the same whether its section is absent, empty or partly given (and `posttrain schema` prints them)."""
 
     num: int = Field(1, ge=1, description="How many actors of this kind.")
-    cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor; its torch threads = max(1, int(cpus)).")
+    cpus: float = _cpus(1.0)
     gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
     threads: int | None = Field(None, ge=1, description="torch threads (default from cpus).")
-    max_restarts: int = Field(2, ge=0, description="Restarts Ray may make after the actor dies or hangs. For the "
-                              "learner and critic, which hold the training state, each is a recovery of the whole "
-                              "step loop instead (`backend: ray`; one count for both): every actor restarted, "
-                              "training resumed from the last saved state (the steps since it redone; from step 0 "
-                              "before the first save). A failure outside the step loop (evaluation, final save) "
-                              "stops the run.")
+    max_restarts: int = _ray_restarts(2)
     timeout_s: float | None = Field(600.0, gt=0, description="Seconds any call may take before the actor is "
                                     "treated as hung (killed, restarted, the call retried).")
+
+
+class RolloutGroupConfig(ActorGroupConfig):
+    """The rollout workers: generate each step's responses (the current weights pushed to them after each update)."""
+
+
+class LearnerGroupConfig(ActorGroupConfig):
+    """The learners: hold the policy and its optimizer, and update it (several: data parallel)."""
+
+    max_restarts: int = _step_loop_recoveries(0)
+
+
+class ReferenceGroupConfig(ActorGroupConfig):
+    """The reference model: log-probabilities for the KL penalty (not started when kl_coef is 0)."""
+
+    num: int = _one_actor("reference")
+    cpus: float = _cpus(0.0)
+
+
+class CriticGroupConfig(ActorGroupConfig):
+    """The critic (PPO, or `adv_estimator: gae`): the value model and its optimizer."""
+
+    num: int = _one_actor("critic")
+    cpus: float = _cpus(0.0)
+    max_restarts: int = _step_loop_recoveries(0)
+
+
+class RewardGroupConfig(ActorGroupConfig):
+    """The reward worker: scores every response with the recipe's reward components."""
+
+    num: int = _one_actor("reward")
+    cpus: float = _cpus(0.0)
 
 
 class RayConfig(Section):
@@ -182,11 +236,11 @@ class RayConfig(Section):
     num_cpus: float | None = Field(None, gt=0, description="CPUs of the local instance (default: all cores).")
     backend: Literal["ray", "local"] = Field("ray", description="`local` runs every worker in the driver process "
                                              "(no Ray; for debugging).")
-    rollout: ActorGroupConfig = Field(default_factory=ActorGroupConfig)
-    learner: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(max_restarts=0))
-    reference: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
-    critic: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0, max_restarts=0))
-    reward: ActorGroupConfig = Field(default_factory=lambda: ActorGroupConfig(cpus=0))
+    rollout: RolloutGroupConfig = Field(default_factory=RolloutGroupConfig)
+    learner: LearnerGroupConfig = Field(default_factory=LearnerGroupConfig)
+    reference: ReferenceGroupConfig = Field(default_factory=ReferenceGroupConfig)
+    critic: CriticGroupConfig = Field(default_factory=CriticGroupConfig)
+    reward: RewardGroupConfig = Field(default_factory=RewardGroupConfig)
 
     @field_validator("address")
     @classmethod

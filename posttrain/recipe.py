@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
 from posttrain.config import RecipeConfig
 
@@ -43,10 +43,16 @@ def _models_in(ann) -> list[type[BaseModel]]:
     return [m for a in get_args(ann) for m in _models_in(a)]
 
 
+def _tags_in(ann) -> set[str]:
+    """The branch tags of the discriminated unions an annotation holds (`int`, `auto`, `range` of a budget)."""
+    tags = {m.tag for m in getattr(ann, "__metadata__", ()) if isinstance(m, Tag)}
+    return tags.union(*(_tags_in(a) for a in get_args(ann)))
+
+
 def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, list[type[BaseModel]]]:
     """`loc` without the parts pydantic adds for unions (branch tags such as `range` or `int`), and the sections
     the cleaned location ends in."""
-    kept, models = [], [model]
+    kept, models, tags = [], [model], set()
     for part in loc:
         if isinstance(part, int):
             kept.append(part)
@@ -54,8 +60,8 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, list[type[BaseMode
         fields = [m.model_fields[part] for m in models if part in m.model_fields]
         if fields:
             kept.append(part)
-            models = _models_in(fields[0].annotation)
-        elif not models:  # inside a plain value (a dict key): keep it as given
+            models, tags = _models_in(fields[0].annotation), _tags_in(fields[0].annotation)
+        elif not models and part not in tags:  # inside a plain value (a dict key): keep it as given
             kept.append(part)
     return tuple(kept), models
 
@@ -115,21 +121,33 @@ def apply_override(data: dict, dotted: str) -> None:
         raise RecipeError(f"override {dotted!r}: the value {raw!r} is not valid YAML ({reason})") from None
 
 
+def read_recipe_file(path: Path) -> dict:
+    """The mapping a recipe file holds; a missing, unreadable, empty (nothing but comments) or non-mapping file is
+    a `RecipeError`. An empty file is refused rather than read as "all defaults", which would run the default
+    stages into the default run directory."""
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {source!r} does not exist")
+    try:
+        data = safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe {source} cannot be read: {e}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {source} is not valid YAML: {e}") from None
+    if data is None:
+        raise RecipeError(f"recipe {source} is empty")
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source} must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple = ()) -> RecipeConfig:
     """Parse and validate a recipe file (or only overrides when `path` is None)."""
     data: Any = {}
     source = "(overrides)"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {source!r} does not exist")
-        try:
-            data = safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe {source} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"recipe {source} must be a mapping of keys, got {type(data).__name__}")
+        data = read_recipe_file(Path(path))
     for o in overrides:
         apply_override(data, o)
     try:
