@@ -80,7 +80,8 @@ def _cmd_schema(args) -> int:
         for name, field in model.model_fields.items():
             ann = field.annotation
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                print(f"{prefix}{name}:  # {field.description or ann.__doc__ or ''}".rstrip())
+                doc = " ".join((field.description or ann.__doc__ or "").split())  # a docstring on one line
+                print(f"{prefix}{name}:  # {doc}".rstrip())
                 walk(ann, prefix + "  ")
             else:
                 default = _yaml_value(field.get_default(call_default_factory=True))
