@@ -158,7 +158,8 @@ def require_isolation(isolation: str) -> None:
             "runs as your uid, sees your whole filesystem (reads and writes are refused only by an in-process audit "
             "hook that code can switch off), and shares the PID namespace"
             + ("" if network_isolation_available() else " and the network") + ". Process creation, exec, signals "
-            "and sockets are refused by seccomp, and CPU, memory and file size are limited. Use it only for trusted "
+            "and sockets are refused by seccomp, and CPU, memory and each file's size are limited (not the disk used in "
+            "total). Use it only for trusted "
             "models or on a throwaway machine.", stacklevel=2)
 
 

@@ -292,7 +292,7 @@ def _main():
         _fail_setup(f"{type(e).__name__}: {e}")
     if cfg["audit"]:
         roots = {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path] if p}
-        roots |= {os.path.realpath(p) for p in cfg["read_paths"]} | {cfg["workdir"]}
+        roots |= {os.path.realpath(p) for p in cfg["read_paths"] + cfg["sys_path"]} | {cfg["workdir"]}
         _install_audit_hook(cfg["workdir"], tuple(sorted(roots)), ("/dev/null", "/dev/urandom"),
                             tuple(cfg["forbidden"]))
     sys.path[:0] = cfg["sys_path"]  # the allowed packages' directories (read-only binds)

@@ -188,3 +188,12 @@ def test_an_input_that_hangs_leaves_the_rest_missing():
     code = "n = int(input())\nwhile n == 2:\n    pass\nprint(n)"
     r = run_inputs(code, ["1", "2", "3"], SandboxLimits(timeout_s=0.5, memory_mb=256), isolation=ISOLATION)
     assert r.status == "timeout" and [o.status for o in r.outputs] == ["ok", "missing", "missing"]
+
+
+def test_allowed_packages_import_read_only_and_others_do_not():
+    pytest.importorskip("numpy")
+    code = "import numpy as np\ndef f(n):\n    return int(np.arange(n).sum())"
+    assert run_calls(code, ["f(10)"], FAST, isolation=ISOLATION).values == (("error", "NameError"),)  # stdlib only
+    r = run_calls(code, ["f(10)"], SandboxLimits(timeout_s=5.0, memory_mb=1024), isolation=ISOLATION,
+                  packages=("numpy",))
+    assert r.values == (("ok", 45),), r.stderr
