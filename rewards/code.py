@@ -130,6 +130,8 @@ class CodeReward:
                                 **self.sandbox_kw)
             passed = [out.status == "ok" and outputs_match(out.stdout, t["output"])
                       for out, t in zip(result.outputs, tests)]
+        if result.status == "runtime_error":  # the code does not compile: no test passes, not even a trivial one
+            passed = [False] * len(tests)
         status = result.status if result.is_error else "ok"
         if result.status == "sandbox_error":  # the sandbox failed, not the answer: never a silent zero
             raise RuntimeError(f"code sandbox failed: {result.stderr.strip()[-300:]}")
