@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.model import CheckpointError
     from posttrain.recipe import RecipeError
     from posttrain.runlock import RunDirLocked
+    from posttrain.runlog import RunFileError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -305,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: locks released, finished stages kept
     try:
         return args.func(args)
-    except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError, ExportError, ConnectionError) as e:
+    except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError, ExportError, ConnectionError,
+            RunFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

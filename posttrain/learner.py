@@ -13,7 +13,12 @@ advantages into one AdamW update per mini-batch:
 
 `mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
 rows of dropped groups. A step whose advantages, loss or gradients are not finite is skipped and counted, never
-applied.
+applied. So is an update that breaks the model (a learning rate far too high): after each optimizer step the
+weights must be finite and so must the logits on a few padded rows of the mini-batch (what the next rollout will
+sample from). A step is applied whole or not at all: on any skip, the weights and the AdamW state go back to what
+they were before the step's first update, bit for bit. That takes a copy of the trainable weights and their
+optimizer state during each step (3x the trainable parameters: small for LoRA; for full fine-tuning, the price of
+never sampling from a broken model).
 
 Data parallel (torch.distributed, gloo on CPU / nccl on GPU): each rank gets whole groups of the batch; every rank
 scales its loss by its share of the global count (tokens for `token_mean`, sequences otherwise) and the gradients
@@ -123,6 +128,7 @@ class Learner:
         self.top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
         self.skipped_steps = 0
         self.updates = 0
+        self._probe = None  # the rows `_apply` checks the updated model's logits on (set by `step`)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, batch, rows: slice, router: bool = False):
@@ -201,6 +207,7 @@ class Learner:
                     "actor/skip_reason": f"non-finite advantages ({int(bad)} values; a reward was NaN or inf?)"}
         self.model.train()
         collected: list[dict] = []
+        before = self._snapshot()  # a step is applied whole or not at all
         ptx = demos is not None and self.ptx_coef > 0
         # the demonstrations are divided among the mini-batches as the groups are (one per group, in group order,
         # as the RL driver passes them: each update imitates the demonstrations of its own problems)
@@ -226,14 +233,32 @@ class Learner:
                 nll = demo_nll_sum(self.model, mine)
                 (self.ptx_coef * nll / demo_tokens).backward()
                 metrics["actor/ptx_nll"] = float(nll.detach()) / local_demo
-            metrics |= self._apply(loss)
+            self._probe = self._probe_rows(batch, lo, hi) if local > 0 else None
+            try:
+                metrics |= self._apply(loss)
+            finally:
+                self._probe = None
             collected.append(metrics)
+            # a skip (every rank agrees on it) takes the step's earlier updates with it: a NaN after an update is
+            # most often that update's doing, and the next rollout must not sample from it
+            if "actor/skip_reason" in metrics:
+                if len(collected) > 1:
+                    metrics["actor/skip_reason"] += (f", after {len(collected) - 1} update(s) of this step (learning "
+                                                     f"rate {self._lr():g} too high?): the step is undone")
+                break
         self.model.eval()
-        return _average(collected) | {"actor/updates": float(len(collected)),
+        skipped = any("actor/skip_reason" in m for m in collected)
+        if skipped:
+            self._restore(before)
+            self.skipped_steps += 1
+        else:
+            self.updates += len(collected)
+        return _average(collected) | {"actor/updates": 0.0 if skipped else float(len(collected)),
                                       "actor/skipped_steps": float(self.skipped_steps)}
 
     def _apply(self, loss: torch.Tensor) -> dict:
-        """All-reduce gradients, clip, check finiteness (collectively) and step; returns grad-norm metrics."""
+        """All-reduce gradients, clip, check finiteness (collectively), step and check the updated model; returns
+        grad-norm metrics, with `actor/skip_reason` when the update must not stand (`step` then undoes the step)."""
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -244,14 +269,88 @@ class Learner:
         agreed = _all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))  # any rank's fault skips everyone's step
         out = {"actor/grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan")}
         if float(agreed) == 0:
-            self.optimizer.step()
-            self.updates += 1
+            reason = self._step_and_check()
         else:
-            self.skipped_steps += 1
-            out["actor/skip_reason"] = reason or ("grad norm %s" % grad_norm if not math.isfinite(grad_norm)
-                                                  else "non-finite loss or gradient on another rank")
+            reason = reason or ("grad norm %s" % grad_norm if not math.isfinite(grad_norm)
+                                else "non-finite loss or gradient on another rank")
+        if reason is not None:  # `step` puts the weights and optimizer state back as they were before the step
+            out["actor/skip_reason"] = reason
         self.optimizer.zero_grad(set_to_none=True)
         return out
+
+    # rows of the mini-batch whose logits are checked after an update (`_broken`), and the padding put before them:
+    # enough to see a model that an update broke, a small share of the step's compute
+    probe_rows, probe_pad = 4, 4
+
+    def _probe_rows(self, batch, lo: int, hi: int) -> tuple:
+        """(prompt_ids, prompt_mask, response_ids, response_mask) of the mini-batch's `probe_rows` rows with the
+        shortest prompts, left-padded by `probe_pad` more pad tokens. Weights blown up but finite break padded rows
+        first: an attention score on a pad token past float range is not masked out, and softmax turns it into NaN.
+        The rollout's batches pad most prompts, so the probe must have padding even when this batch has none."""
+        rows = lo + torch.argsort(batch.prompt_mask[lo:hi].sum(1), stable=True)[:self.probe_rows]
+        cfg = self.model.config
+        pad = next((i for i in (getattr(cfg, "pad_token_id", None), getattr(cfg, "eos_token_id", None))
+                    if isinstance(i, int)), 0)
+        ids, mask = batch.prompt_ids[rows], batch.prompt_mask[rows]
+        ids = torch.cat([torch.full((len(rows), self.probe_pad), pad, dtype=ids.dtype, device=ids.device), ids], 1)
+        mask = torch.cat([torch.zeros((len(rows), self.probe_pad), dtype=mask.dtype, device=mask.device), mask], 1)
+        return ids, mask, batch.response_ids[rows], batch.response_mask[rows]
+
+    def _step_and_check(self) -> str | None:
+        """`optimizer.step()`, then whether it broke the model (`_broken`) on any rank (agreed collectively, so every
+        rank skips together). Returns why, or None."""
+        try:
+            self.optimizer.step()
+            reason = self._broken()
+        except RuntimeError as e:  # lr / (1 - beta1^t) past float32: "value cannot be converted ... without overflow"
+            if "overflow" not in str(e):
+                raise
+            reason = f"the optimizer step overflowed (learning rate {self._lr():g} is too large: {e})"
+        if float(_all_reduce_sum(torch.tensor([0.0 if reason is None else 1.0]))) == 0:
+            return None
+        return reason or "the update broke the model on another rank"
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @torch.no_grad()
+    def _broken(self) -> str | None:
+        """Why the just-updated model is unusable, or None: a non-finite weight, or non-finite logits on the
+        mini-batch's probe rows (`_probe_rows`: weights finite but huge, from which the next rollout would fail to
+        sample, "probability tensor contains inf/nan")."""
+        flags = torch.stack([torch.isfinite(p).all() for p in self.params]).cpu()
+        if not bool(flags.all()):
+            bad = [n for (n, _), ok in zip(self.named_params, flags.tolist()) if not ok]
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            return (f"the update made weights non-finite in {', '.join(bad[:3])}{more} (learning rate {self._lr():g} "
+                    "too high?)")
+        if self._probe is None:
+            return None
+        self.model.eval()  # as the rollout runs it
+        try:
+            logits, _ = response_forward(self.model, *self._probe)
+        finally:
+            self.model.train()
+        if not bool(torch.isfinite(logits[self._probe[3].bool()]).all()):
+            return f"the update made the model's logits non-finite (learning rate {self._lr():g} too high?)"
+        return None
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], list[dict]]:
+        """Copies of the trainable weights and of their AdamW state (moments, step count), for `_restore`."""
+        return ([p.detach().clone() for p in self.params],
+                [{k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()}
+                 for p in self.params])
+
+    @torch.no_grad()
+    def _restore(self, saved) -> None:
+        """Weights and optimizer state as `_snapshot` found them, bit for bit (a parameter without state then gets
+        none, as before its first update)."""
+        for p, w, state in zip(self.params, *saved):
+            p.copy_(w)
+            if state:
+                self.optimizer.state[p] = state
+            else:
+                self.optimizer.state.pop(p, None)
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """{state-dict name: tensor} of what the updates change (all weights for full fine-tuning, the adapter

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from posttrain.config import RecipeConfig
 from posttrain.recipe import dump_recipe
+from posttrain.runlog import read_json
 from posttrain.runlock import RunLock
 from posttrain.runlog import MetricsWriter, StageDir, log, setup_logging
 
@@ -143,7 +144,7 @@ def check_unchanged(cfg: RecipeConfig, run_dir: Path) -> None:
     for name in cfg.stages:
         stage_dir, now = run_dir / name, stage_settings(new, name)
         if (stage_dir / "done.json").is_file():
-            recorded = json.loads((stage_dir / "done.json").read_text()).get("settings")
+            recorded = read_json(stage_dir / "done.json", f"that stage {name} finished").get("settings")
             if recorded is None and old is not None:  # finished before settings were recorded
                 recorded = stage_settings(old, name)
             changes = _changes(recorded, now, name) if recorded is not None else []

@@ -5,7 +5,8 @@ Layout: ``STAGE/state/step_000040/`` holds what the workers wrote (learner weigh
 every file). A save goes to ``state/.tmp-step_000040``; every file is fsynced, then the directory is renamed into
 place, so a crash or a full disk mid-save leaves only a temporary directory: a save that fails with an error
 removes it at once, one killed mid-write leaves it for the next save to remove. Either way no ``step_*`` directory
-is ever half-written.
+is ever half-written. A save that fails for lack of space (or any failed write, in this process or in a worker)
+raises `runlog.SaveFailed` naming the save, the free space and the previous save, which is intact.
 `latest` walks the saved steps from the newest and returns the first whose manifest checks out, warning about
 each one it skips (truncated, corrupted, missing files).
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from posttrain.model import verify_manifest, write_manifest
-from posttrain.runlog import log
+from posttrain.runlog import human_bytes, log, save_failed, tree_size
 
 _STEP = re.compile(r"^step_(\d{6,})$")
 
@@ -50,9 +51,18 @@ def save_state(state_root: Path, step: int, write: Callable[[Path], None], drive
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-    except BaseException:  # a full disk, a file-size limit, a worker that died: free the space, keep the old saves
+    except BaseException as e:  # a full disk, a file-size limit, a worker that died: free the space, keep the old saves
+        written = tree_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        previous = step_dirs(state_root)
+        intact, then = ((f"The previous save {previous[-1][1]} is intact", "resume from it") if previous
+                        else ("There is no earlier save", "start over"))
+        failed = save_failed(e, f"the training state after step {step} to {final} ({human_bytes(written)} written "
+                                "before it failed, then removed)", state_root, intact,
+                             f"run the same command again to {then}")
+        if failed is None or failed is e:
+            raise
+        raise failed from e
     if final.exists():  # a save of the same step from an earlier attempt: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -72,8 +82,11 @@ def latest(state_root: Path) -> tuple[Path, dict] | None:
         problems = verify_manifest(d) if (d / "manifest.json").is_file() else [f"{d / 'manifest.json'} is missing"]
         if not problems:
             try:
-                return d, json.loads((d / "driver.json").read_text())
-            except (OSError, json.JSONDecodeError) as e:
+                driver = json.loads((d / "driver.json").read_text())
+                if isinstance(driver, dict) and isinstance(driver.get("step"), int):
+                    return d, driver
+                problems = [f"{d / 'driver.json'} holds no step"]
+            except (OSError, ValueError) as e:
                 problems = [f"{d / 'driver.json'}: {e}"]
         log.warning("checkpoint %s is damaged and is skipped (%s); trying the previous one", d, "; ".join(problems))
     return None

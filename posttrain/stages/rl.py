@@ -548,6 +548,6 @@ class RLDriver:
 
 
 def _read_json(path) -> dict:
-    import json
+    from posttrain.runlog import read_json
 
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "the evaluation before training") if path.is_file() else {}

@@ -7,7 +7,7 @@ policy's backbone with a scalar head, trained with the clipped value loss.
 
 Checkpoint state (`save_state` / `load_state`): the model weights (safetensors), the optimizer state and the RNG
 states (torch.save, read back with `weights_only=True`) in a directory the caller names; the caller makes the
-directory appear atomically (see `posttrain.rlstate`).
+directory appear atomically and turns a failed write into one message (see `posttrain.rlstate`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,19 @@ def _save_weights(model, path: Path) -> None:
     from safetensors.torch import save_model as save_st
 
     save_st(model, str(path))
+
+
+def _save_torch(obj, path: Path) -> None:
+    """`torch.save` through a Python file, so that a write that fails (a full disk) raises the OSError it is (errno
+    and all; it crosses from a Ray actor intact) rather than torch's bare "unexpected pos" RuntimeError."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            cause = e.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
 
 
 def _load_weights(model, path: Path) -> None:
@@ -142,9 +155,9 @@ class LearnerWorker:
         """Weights, optimizer, RNG and counters into `directory` (which must exist)."""
         d = Path(directory)
         _save_weights(self.learner.model, d / "model.safetensors")
-        torch.save({"optimizer": self.learner.optimizer.state_dict(), "rng": _rng_state(),
-                    "updates": self.learner.updates, "skipped_steps": self.learner.skipped_steps},
-                   d / "learner.pt")
+        _save_torch({"optimizer": self.learner.optimizer.state_dict(), "rng": _rng_state(),
+                     "updates": self.learner.updates, "skipped_steps": self.learner.skipped_steps},
+                    d / "learner.pt")
 
     def load_state(self, directory: str) -> None:
         d = Path(directory)
@@ -275,8 +288,8 @@ class CriticWorker:
     def save_state(self, directory: str) -> None:
         d = Path(directory)
         _save_weights(self.model, d / "critic.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "skipped_steps": self.skipped_steps},
-                   d / "critic.pt")
+        _save_torch({"optimizer": self.optimizer.state_dict(), "skipped_steps": self.skipped_steps},
+                    d / "critic.pt")
 
     def load_state(self, directory: str) -> None:
         d = Path(directory)
