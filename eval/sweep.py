@@ -483,6 +483,10 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
     if not models:
         raise SweepError("--model: no model given")
     specs = distinct_models([m if isinstance(m, ModelSpec) else resolve_model(m) for m in models])
+    from posttrain.model import check_checkpoint_files
+
+    for spec in specs:  # a damaged checkpoint stops the sweep here, not in a worker that would be restarted
+        check_checkpoint_files(spec.checkpoint)
     grade = grade_responses if problems is None else grade_math_responses
     if problems is None:
         problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)

@@ -1,12 +1,14 @@
 """Datasets: the embedded arithmetic task, local JSONL/Parquet files, or `datasets` hub names.
 
-Every source yields `Example`s. File rows are validated: a missing field, a wrong type, an empty prompt or an
-over-long prompt stops the run before training with the file, row number and field, or with
-`data.skip_bad_rows` the row is skipped, counted and listed in `RUN_DIR/bad_rows.jsonl`.
+Every source yields `Example`s. File rows are validated: a line that is not JSON or not UTF-8, a missing field, a
+wrong type, an empty prompt or an over-long prompt stops the run before training with the file and every bad row's
+line (or row number) and field, or with `data.skip_bad_rows` the row is skipped, counted and listed in
+`RUN_DIR/bad_rows.jsonl`.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,8 @@ def arithmetic_examples(n: int, seed: int, task: TaskConfig) -> list[Example]:
 
 
 def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
-    """([(where in the file, row)], source name): `line N` (JSONL, counting every line) or `row N`."""
+    """([(where in the file, row)], source name): `line N` (JSONL, counting every line) or `row N`. A row that
+    cannot be read (not JSON, not UTF-8) is `{"__error__": why}`, a bad row like any other."""
     if cfg.source == "hub":
         import datasets
 
@@ -46,27 +49,118 @@ def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
         return [(f"row {i}", dict(r)) for i, r in enumerate(ds, 1)], f"{cfg.path}[{cfg.split}]"
     path = Path(cfg.path).expanduser()
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(f"row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)], str(path)
+        return [(f"row {i}", r) for i, r in enumerate(_parquet_rows(path), 1)], str(path)
     if path.suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8-sig")
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
-            return [(f"row {i}", r) for i, r in enumerate(rows, 1)], str(path)
-        rows = []
-        for i, line in enumerate(text.split("\n"), 1):  # (splitlines would also split at U+2028 inside strings)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+        bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+        raw = raw[bom:]
+        if path.suffix == ".json" and raw.lstrip().startswith(b"["):
+            return _json_array_rows(path, raw, bom), str(path)
+        rows, start = [], bom
+        for i, line in enumerate(raw.split(b"\n"), 1):  # (splitlines would also split at U+2028 inside strings)
+            at, line_start, start = f"line {i}", start, start + len(line) + 1
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {i}", json.loads(line)))
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append((at, {"__error__": _not_utf8(line, e, line_start)}))
+                continue
+            try:
+                rows.append((at, json.loads(text)))
             except json.JSONDecodeError as e:
-                rows.append((f"line {i}", {"__error__": f"not valid JSON ({e.msg}, column {e.colno})"}))
+                rows.append((at, {"__error__": f"not valid JSON ({e.msg}, column {e.colno})"}))
         return rows, str(path)
     raise DataError(f"data.path: {path} has an unsupported extension (use .jsonl, .json or .parquet)")
+
+
+def _not_utf8(data: bytes, e: UnicodeDecodeError, offset: int) -> str:
+    """Why the bytes `data` (at byte `offset` of the file) are a bad row: the first byte that is not UTF-8, where it
+    is, and the field it lies in when the rest is JSON."""
+    where = f"byte 0x{data[e.start]:02x} at byte offset {offset + e.start} of the file"
+    try:
+        row = json.loads(data.decode("utf-8", "surrogateescape"))  # undecodable bytes kept as lone surrogates
+    except json.JSONDecodeError:
+        return f"not UTF-8 text ({where})"
+    return f"{_undecodable_field(row)}not UTF-8 text ({where})"
+
+
+def _undecodable_field(row) -> str:
+    """`field 'name' is ` for the first field of `row` holding a byte that was not UTF-8, else ``."""
+    if isinstance(row, dict):
+        for k, v in row.items():
+            if _has_undecodable(k) or _has_undecodable(v):
+                return f"field {k!r} is "
+    return ""
+
+
+def _has_undecodable(value) -> bool:
+    """Whether a value read with `surrogateescape` holds a byte that was not UTF-8 (U+DC80..U+DCFF)."""
+    if isinstance(value, str):
+        return any("\udc80" <= c <= "\udcff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_undecodable(k) or _has_undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_undecodable(v) for v in value)
+    return False
+
+
+def _json_array_rows(path: Path, raw: bytes, bom: int) -> list[tuple[str, object]]:
+    """The rows of a `.json` file holding one array; a row with bytes that are not UTF-8 is a bad row naming the
+    field (the array itself must parse)."""
+    try:
+        text, undecodable = raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text, undecodable = raw.decode("utf-8", "surrogateescape"), e
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        if undecodable is not None:
+            line = raw[: undecodable.start].count(b"\n") + 1
+            raise DataError(f"{path}: not UTF-8 text at line {line} (byte 0x{raw[undecodable.start]:02x} at byte "
+                            f"offset {bom + undecodable.start} of the file)") from None
+        raise DataError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+    out = []
+    for i, r in enumerate(rows, 1):
+        if undecodable is not None and _has_undecodable(r):
+            r = {"__error__": f"{_undecodable_field(r)}not UTF-8 text"}
+        out.append((f"row {i}", r))
+    return out
+
+
+def _parquet_rows(path: Path) -> list:
+    """The rows of a Parquet file as dicts; a row whose string holds bytes that are not UTF-8 (Parquet does not
+    check on write) is a bad row naming the field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a readable Parquet file ({why})") from None
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows = []
+    for i in range(table.num_rows):  # slow path, only for a file with undecodable strings: find them row by row
+        try:
+            rows.append(table.slice(i, 1).to_pylist()[0])
+        except UnicodeDecodeError as e:
+            bad = []
+            for name in table.column_names:
+                try:
+                    table.column(name)[i].as_py()
+                except UnicodeDecodeError:
+                    bad.append(name)
+            field = f"field {bad[0]!r} is " if bad else ""
+            rows.append({"__error__": f"{field}not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte {e.start} of "
+                                      "the value)"})
+    return rows
 
 
 def _convert(row: dict, cfg: DataConfig) -> Example:
@@ -120,9 +214,9 @@ def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Ex
                 raise ValueError(f"row is a {type(row).__name__}, not an object")
             examples.append(_convert(row, cfg))
         except ValueError as e:
-            if not cfg.skip_bad_rows:
-                raise DataError(f"{where}, {at}: {e} (set data.skip_bad_rows: true to skip such rows)") from None
             bad.append({"at": at, "error": str(e)})
+    if bad and not cfg.skip_bad_rows:
+        raise DataError(bad_rows_message(where, bad, len(rows)))
     if bad:
         listed = f", listed in {bad_rows_file}" if bad_rows_file is not None else ""
         log.warning("data: skipped %d bad rows of %d in %s (first: %s: %s)%s", len(bad), len(rows), where,
@@ -132,6 +226,18 @@ def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Ex
     if not examples:
         raise DataError(f"{where}: no usable rows ({len(bad)} bad)")
     return examples
+
+
+def bad_rows_message(where: str, bad: list[dict], n_rows: int, shown: int = 20) -> str:
+    """Every bad row of a file at once (the first `shown` of them), each with its line or row and why, so that one
+    pass fixes them all."""
+    first = f"{where}, {bad[0]['at']}: {bad[0]['error']} (set data.skip_bad_rows: true to skip such rows)"
+    if len(bad) == 1:
+        return first
+    lines = [f"  {where}, {b['at']}: {b['error']}" for b in bad[1:shown]]
+    if len(bad) > shown:
+        lines.append(f"  ... and {len(bad) - shown} more")
+    return f"{first}; {len(bad) - 1} more bad rows of {n_rows}:\n" + "\n".join(lines)
 
 
 def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_rows_file: Path | None = None,

@@ -67,7 +67,7 @@ def verify_manifest(directory: Path, hashes: bool = True) -> list[str]:
         return []
     try:
         files = json.loads(mf.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+    except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, or no "files" object
         return [f"{mf} is unreadable"]
     problems = []
     for name, meta in files.items():
@@ -89,6 +89,7 @@ def check_checkpoint_dir(path: str | Path, allow_pickle: bool = False) -> Path:
         raise CheckpointError(f"model path {str(path)!r} is not a directory")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}/config.json is missing: not a Hugging Face checkpoint directory")
+    read_json_file(path / "config.json", "checkpoint config")
     has_st = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
     has_pickle = any(path.glob("pytorch_model*.bin"))
     if not has_st and has_pickle and not allow_pickle:
@@ -98,10 +99,82 @@ def check_checkpoint_dir(path: str | Path, allow_pickle: bool = False) -> Path:
         )
     if not has_st and not has_pickle:
         raise CheckpointError(f"{path} has no weights (*.safetensors)")
-    problems = verify_manifest(path)
+    check_files_complete(path)
+    return path
+
+
+def check_files_complete(path: Path, hashes: bool = True) -> None:
+    """Raise CheckpointError when checkpoint `path`'s files differ from its manifest (sizes, and with `hashes` their
+    sha256) or a safetensors file is cut short or a listed shard missing (`safetensors_problems`)."""
+    problems = verify_manifest(path, hashes) or safetensors_problems(path)
     if problems:
         raise CheckpointError(f"checkpoint {path} is damaged: " + "; ".join(problems))
-    return path
+
+
+def read_json_file(f: Path, what: str) -> dict:
+    """The JSON object in `f`, or CheckpointError naming the file, the line and column (or byte offset) and why."""
+    try:
+        data = json.loads(f.read_bytes().decode("utf-8-sig"))
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot read the {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{f}: the {what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte offset "
+                              f"{e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: the {what} is not valid JSON at line {e.lineno}, column {e.colno} "
+                              f"({e.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f}: the {what} is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def safetensors_problems(path: Path) -> list[str]:
+    """Files of checkpoint `path` that are cut short or missing: every `*.safetensors` must be as long as its header
+    says (a copy or download that stopped part-way is shorter), and every shard `model.safetensors.index.json` lists
+    must exist. Reads only the headers."""
+    problems = []
+    shards = set()
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_file(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            return [f"{index} has no \"weight_map\" object"]
+        shards = {str(v) for v in weight_map.values()}
+        problems += [f"{path / s} is missing (listed in {index.name})" for s in sorted(shards)
+                     if not (path / s).is_file()]
+    for f in sorted(path.glob("*.safetensors")):
+        why = _safetensors_problem(f)
+        if why:
+            problems.append(why)
+    return problems
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """Why the safetensors file `f` is unusable (None when its length matches its header): an 8-byte little-endian
+    header length, a JSON header of tensor byte ranges, then the tensor data."""
+    import struct
+
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{f} is {size} bytes, too short for a safetensors header (truncated?)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{f} is {size} bytes, shorter than its {n}-byte header says (truncated?)"
+            if n > 100 * 2**20:
+                return f"{f}: its header length {n} is implausible (not a safetensors file?)"
+            header = json.loads(fh.read(n).decode("utf-8"))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        return f"{f}: cannot read it ({e.strerror or e})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # JSON, UTF-8 or layout of the header
+        return f"{f}: its header is not a valid safetensors header (corrupted?)"
+    want = 8 + n + end
+    if size != want:
+        return f"{f} is {size} bytes, its header says {want} ({'truncated' if size < want else 'corrupted'}?)"
+    return None
 
 
 def saves_tied_embedding(model, modules_to_save) -> bool:
@@ -139,20 +212,29 @@ def load_model(
 
     path = check_checkpoint_dir(path, allow_pickle)
     device = torch.device(device)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:  # e.g. an unknown model_type, a missing key
+        raise CheckpointError(f"{path}/config.json: transformers cannot build a config from it: "
+                              f"{_first_line(e)}") from None
     if require_moe and not is_moe_config(config):
         raise CheckpointError(f"{path}: {type(config).__name__} is not a Mixture-of-Experts config")
     kwargs = {}
     if is_moe_config(config):
         kwargs["experts_implementation"] = experts_implementation or default_experts_implementation(device)
-    model = (auto_class or AutoModelForCausalLM).from_pretrained(
-        path,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=not allow_pickle,
-        **kwargs,
-        **model_kwargs,
-    )
+    try:
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=not allow_pickle,
+            **kwargs,
+            **model_kwargs,
+        )
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. a tensor whose shape the config contradicts
+        raise CheckpointError(f"{path}: transformers cannot load its weights: {_first_line(e)}") from None
     # Router logits are a training-time output (the load-balancing loss turns them on); left on, generation
     # computes the aux loss at every decode step against the full attention mask and fails.
     _router_logits_off(model)
@@ -167,12 +249,49 @@ def _router_logits_off(model) -> None:
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of `path` (pad = eos when it has no pad token). In a checkpoint directory (config.json) the
+    config and the weight files' lengths are checked first, without hashing (`check_files_complete`): a stage reads
+    its tokenizer before it starts any worker, and so stops at once on a damaged checkpoint."""
+    if (Path(path) / "config.json").is_file():
+        check_checkpoint_files(path)
+    return open_tokenizer(path, trust_remote_code, pad_as_eos=True)
+
+
+def check_checkpoint_files(path: str | Path) -> None:
+    """The quick part of `check_checkpoint_dir`, for a driver before it starts workers that load `path`: its
+    config.json is a JSON object and its weight files are as long as the manifest and their headers say (no
+    hashing). Raises CheckpointError naming the file."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}/config.json is missing: not a Hugging Face checkpoint directory")
+    read_json_file(path / "config.json", "checkpoint config")
+    check_files_complete(path, hashes=False)
+
+
+def open_tokenizer(path: str | Path, trust_remote_code: bool = False, pad_as_eos: bool = False):
+    """`AutoTokenizer.from_pretrained(path)`, or CheckpointError naming the file (a tokenizer file that is not JSON)
+    or the cause; with `pad_as_eos` a tokenizer without a pad token pads with eos."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a broken tokenizer.json
+        for name in _TOKENIZER_JSON:  # name the file when one is not JSON
+            if (Path(path) / name).is_file():
+                read_json_file(Path(path) / name, "tokenizer file" if name != "config.json" else "checkpoint config")
+        raise CheckpointError(f"{path}: cannot load its tokenizer: {_first_line(e)}") from None
+    if pad_as_eos and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+_TOKENIZER_JSON = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def check_chat_template(tokenizer, source) -> None:
@@ -225,14 +344,27 @@ def replace_refusal(out: Path, marker: str, what: str) -> str | None:
 
 def write_dir_atomically(out: str | Path, fill) -> Path:
     """Write a directory all or nothing: `fill(tmp)` fills a temporary sibling (`out.tmp`), which then replaces
-    `out` by rename; a fill that fails part-way leaves the previous `out` as it was."""
+    `out` by rename; a fill that fails part-way leaves the previous `out` as it was and the temporary removed (it
+    would hold on to the space a full disk lacks). A failed write (full disk, quota, file-size limit) raises
+    `runlog.SaveFailed`, naming `out`, the cause and the free space."""
     import shutil
+
+    from posttrain.runlog import human_bytes, save_failed, tree_size
 
     out = Path(out)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException as e:
+        written = tree_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        failed = save_failed(e, f"{out} ({human_bytes(written)} written before it failed, then removed)", out.parent,
+                             f"The previous {out} is intact" if out.exists() else f"Nothing was written to {out}")
+        if failed is None or failed is e:
+            raise
+        raise failed from e
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
@@ -302,5 +434,5 @@ def count_parameters(model) -> int:
 
 
 def describe_checkpoint(path: str | Path) -> dict:
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = read_json_file(Path(path) / "config.json", "checkpoint config")
     return {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_experts", "vocab_size")}

@@ -17,8 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
-from posttrain.model import (CheckpointError, check_chat_template, check_checkpoint_dir, load_model, replace_refusal,
-                             fsync_files, save_model_files, write_dir_atomically, write_manifest)
+from posttrain.model import (CheckpointError, check_chat_template, check_checkpoint_dir, check_files_complete,
+                             load_model, open_tokenizer, read_json_file, replace_refusal, fsync_files,
+                             save_model_files, write_dir_atomically, write_manifest)
 from posttrain.tokenizer import EOS, IM_START, THINK_TOKENS, chat_template
 
 _WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -64,12 +65,10 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
     `out/prepare.json`, or None (nothing written) when `src` is ready as it is."""
     from transformers import AddedToken
 
-    from transformers import AutoTokenizer
-
-    src, out = check_checkpoint_dir(src, allow_pickle), Path(out)
+    src, out = check_checkpoint_dir(src, allow_pickle), Path(out)  # a damaged source stops here: nothing written
     check_out_dir(out, src)
     # not `load_tokenizer`: its pad default (pad = eos) would be saved into the copy as if the source had it
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    tok = open_tokenizer(src, trust_remote_code)
     pickled = not (any(src.glob("*.safetensors")) or (src / "model.safetensors.index.json").is_file())
     try:
         check_chat_template(tok, src)
@@ -123,8 +122,9 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
             tok.save_pretrained(tmp)
             write_manifest(tmp)
             fsync_files(tmp)
+        check_files_complete(tmp, hashes=False)  # the copy's weights are whole before it replaces `out`
 
-    write_dir_atomically(out, fill)
+    write_dir_atomically(out, fill)  # a fill that fails leaves no temporary copy and `out` as it was
     return report
 
 
@@ -151,7 +151,7 @@ def check_added_tokens(model_path, lora, key: str = "sft.lora", trust_remote_cod
     from posttrain.recipe import RecipeError
 
     f = Path(model_path) / "prepare.json"
-    report = json.loads(f.read_text()) if f.is_file() else {}
+    report = read_json_file(f, "`posttrain prepare` report") if f.is_file() else {}
     fresh = [t for t, i in report.get("added_token_ids", {}).items() if i in report.get("initialised_token_ids", [])]
     if not (lora.enabled and fresh):
         return

@@ -187,7 +187,10 @@ class Proxy(Generic[W]):
 
         self.restarts += 1
         if self.restarts > self.options.max_restarts:
-            raise WorkerFailed(self.name, f"{cause}; restart limit max_restarts={self.options.max_restarts} reached")
+            n = self.options.max_restarts  # this actor's own restarts by Ray (0 for a learner or critic, whose
+            # recipe max_restarts counts the driver's recoveries of the whole step loop instead)
+            spent = f"restarted {n} time{'s' if n > 1 else ''} already" if n else "the actor alone is not restarted"
+            raise WorkerFailed(self.name, f"{cause}; restart limit max_restarts={n} reached ({spent})")
         from posttrain.runlog import log
 
         log.warning("actor %s: %s; restart %d of %d, retrying", self.name, cause, self.restarts,
@@ -294,7 +297,8 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
     With no address, `RAY_ADDRESS` (which `ray job submit` sets for its entrypoint) is joined when set; otherwise a
     new local instance starts even if another Ray runs on this machine (Ray itself would join the last one that
     `ray start` made, or a dead one whose address file was left behind). A local instance gets `num_cpus` CPUs
-    (default: this machine's count). Checks that the actors the recipe asks for fit (`required_cpus` /
+    (default: this machine's count), and its processes end with this one even when it is killed (`ray_guard`; a
+    cluster joined by address is left alone). Checks that the actors the recipe asks for fit (`required_cpus` /
     `required_gpus`): Ray would otherwise wait forever for resources that never come.
     """
     import ray
@@ -314,8 +318,14 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
             # Ray's worker processes import torch and would each start one thread per core; the Host sets the real
             # count, this keeps the import itself from oversubscribing a small machine.
             env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            ray.init(address="local", num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-                     num_gpus=num_gpus, object_store_memory=256 * 2**20, runtime_env={"env_vars": env}, **kwargs)
+            guard = _start_guard()  # before Ray starts: a driver killed while it starts leaves nothing either
+            try:
+                ray.init(address="local", num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+                         num_gpus=num_gpus, object_store_memory=256 * 2**20, runtime_env={"env_vars": env}, **kwargs)
+            except BaseException:
+                _stop_guard()  # the guard ends what a failed start left
+                raise
+            _name_session(guard)
     res = ray.cluster_resources()
     have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     if required_cpus > have_cpu + 1e-9 or required_gpus > have_gpu + 1e-9:
@@ -361,3 +371,59 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    _stop_guard()
+
+
+_guard = None  # (driver pid, Popen) of the ray_guard process watching the local instance this process started
+
+
+def _start_guard():
+    """Start `ray_guard.py` (see there): when this process ends, even by SIGKILL, it kills what is left of the local
+    Ray instance it is then told of (Ray's agents outlive a killed driver). None where there is no /proc."""
+    import subprocess
+    import sys
+    from datetime import datetime
+
+    global _guard
+    _stop_guard()
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    stamp = datetime.today().strftime("%Y-%m-%d_%H-%M-%S_%f")  # as Ray stamps a session directory's name
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_guard.py")
+    proc = subprocess.Popen([sys.executable, "-I", script, str(os.getpid()), stamp], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    _guard = (os.getpid(), proc)
+    return proc
+
+
+def _name_session(guard) -> None:
+    """Tell the guard the session directory of the instance just started (Ray keeps it on its private node object;
+    without it the guard finds the session by this process's id, as Ray names it)."""
+    import ray
+
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:
+        return
+    if guard is not None and session:
+        try:
+            guard.stdin.write(session + "\n")
+            guard.stdin.flush()
+        except OSError:  # the guard died: nothing to tell
+            pass
+
+
+def _stop_guard() -> None:
+    """Close the guard's pipe (it then ends what is left of the instance, which `ray.shutdown` stopped already) and
+    wait for it. A forked child's copy of `_guard` is its parent's: left alone."""
+    import subprocess
+
+    global _guard
+    if _guard is None or _guard[0] != os.getpid():
+        return
+    proc, _guard = _guard[1], None
+    try:
+        proc.stdin.close()
+        proc.wait(timeout=15)
+    except (OSError, subprocess.TimeoutExpired):  # a broken pipe (the guard is gone), or it ends on its own later
+        pass
