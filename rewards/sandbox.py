@@ -4,8 +4,9 @@ Isolation ``"bwrap"`` (the default; `bubblewrap`, Debian package ``bubblewrap``)
 mount, PID, network, IPC, UTS and cgroup namespaces:
 
 - the filesystem is an empty root with read-only binds of only what the interpreter needs (the system's shared
-  libraries, the interpreter binary, its standard library with site-packages hidden under an empty tmpfs, and any
-  `packages` or `read_paths` the caller allows), a minimal ``/dev``, no ``/proc``, no ``/etc``, no home or run
+  libraries, the base interpreter's binary and standard library (a virtualenv's site-packages never, the base's
+  hidden under an empty tmpfs), and any
+  `packages` or `read_paths` the caller allows), a minimal read-only ``/dev``, no ``/proc``, no ``/etc``, no home or run
   directory, and one writable size-limited tmpfs (``/sandbox``, the working directory and $TMPDIR): writes elsewhere fail with EROFS
   whatever the code does, so there is no site-packages or ``.pth`` file to plant and no file of the caller to touch;
 - an unprivileged uid (65534) with every capability dropped and no-new-privs; no further user namespaces;
@@ -178,19 +179,22 @@ def _interpreter() -> str:
 
 
 def _python_paths() -> tuple[list[str], list[str]]:
-    """(paths to bind read-only, site-packages directories inside them to hide) for the interpreter."""
-    paths = sysconfig.get_paths()
-    binds = {_interpreter(), os.path.realpath(paths["stdlib"]), os.path.realpath(paths["platstdlib"])}
+    """(paths to bind read-only, site-packages directories inside them to hide) for the interpreter.
+
+    The base interpreter's standard library (never a virtualenv's lib directory, whose site-packages would come
+    along), its extension modules and its shared library.
+    """
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    binds = {_interpreter(), stdlib}
+    dynload = sysconfig.get_config_var("DESTSHARED")
+    if dynload and os.path.isdir(dynload):
+        binds.add(os.path.realpath(dynload))
     libdir, ldlib = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
     if libdir and ldlib and os.path.exists(os.path.join(libdir, ldlib)):
         binds.add(os.path.realpath(os.path.join(libdir, ldlib)))
-    hide = set()
-    for scheme_path in (sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix}),):
-        for key in ("purelib", "platlib"):
-            p = os.path.realpath(scheme_path[key])
-            if os.path.isdir(p) and any(p.startswith(b.rstrip("/") + "/") for b in binds):
-                hide.add(p)
-    return sorted(binds), sorted(hide)
+    hide = [p for p in (os.path.join(stdlib, "site-packages"), os.path.join(stdlib, "dist-packages"))
+            if os.path.isdir(p)]
+    return sorted(binds), hide
 
 
 def package_paths(packages) -> list[tuple[str, str]]:
@@ -223,7 +227,9 @@ def _bwrap_argv(limits: SandboxLimits, read_paths, packages) -> list[str]:
         argv += ["--ro-bind", src, src]
     for p in read_paths:
         argv += ["--ro-bind", os.path.realpath(p), os.path.realpath(p)]
-    argv += ["--chdir", _WORKDIR]
+    # bubblewrap's own root and /dev are unbounded tmpfs owned by the sandbox's uid: read-only, so the size-limited
+    # /sandbox is the only place anything can be written
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", _WORKDIR]
     for k, v in _env(_WORKDIR).items():
         argv += ["--setenv", k, v]
     return argv + ["--", _interpreter(), "-I", "-S"]

@@ -219,14 +219,20 @@ def test_each_wall_holds_without_the_hook(host):
         "def solve(x):\n"
         "    return {{'uid': os.getuid(), 'pid': os.getpid(), 'root': sorted(os.listdir('/')),\n"
         "            'write_usr': _try(lambda: open('/usr/lib/x', 'w')),\n"
+        "            'write_elsewhere': [_try(lambda: open(d + '/x', 'w')) for d in ('/', '/dev', '/dev/shm')],\n"
+        "            'venv_visible': os.path.exists({VENV_SITE!r}),\n"
         "            'fork': _try(os.fork), 'kill': _try(lambda: os.kill({SIBLING}, 0)),\n"
-        "            'socket': _try(socket.socket), 'env': sorted(os.environ)}}", host)
+        "            'socket': _try(socket.socket), 'env': sorted(os.environ)}}",
+        {**host, "VENV_SITE": sysconfig.get_paths()["purelib"]})
     r = run_calls(probe, ["solve(0)"], LIMITS, audit=False)
     kind, seen = r.values[0]
     assert kind == "ok", r.stderr
     assert seen["uid"] == 65534 and seen["pid"] <= 3  # unprivileged, in a PID namespace of its own
     assert "etc" not in seen["root"] and "home" not in seen["root"] and "proc" not in seen["root"]
     assert "Read-only file system" in seen["write_usr"]
+    # bubblewrap's root and /dev are tmpfs without a size: read-only, or a program could fill the host's memory
+    assert all("Read-only file system" in w for w in seen["write_elsewhere"]), seen["write_elsewhere"]
+    assert seen["venv_visible"] is False  # the virtualenv's site-packages (torch, this project) is not in the sandbox
     assert "PermissionError" in seen["fork"] and "PermissionError" in seen["kill"]  # seccomp
     assert "PermissionError" in seen["socket"]
     assert "POSTTRAIN_TEST_SECRET" not in seen["env"]
