@@ -290,3 +290,13 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+@pytest.mark.parametrize("test", ["assert [0] * solve(3) == [0]", "assert 'ab' * solve(3) == 'ab'",
+                                  "assert 2 ** solve(3) == 4", "assert sum(range(solve(3))) == 3",
+                                  "assert 1 << solve(3) == 2"])
+def test_a_huge_answer_cannot_stall_the_verdict(test):
+    """The comparison runs in the trusted process: values the code chose must not make it loop or allocate."""
+    t0 = time.monotonic()
+    assert _reward(_answer("def solve(x):\n    return 10 ** 12"), [test]) == 0.0
+    assert time.monotonic() - t0 < 10
