@@ -136,7 +136,7 @@ def first_per_difficulty(problems: list, n: int) -> list:
 def file_problems(data, n_per_difficulty: int) -> list:
     """Up to `n_per_difficulty` rows of each difficulty (`data.difficulty_column`; one group without it) of the data
     file `data` (a `DataConfig`), as problems with `expression`, `answer` and `difficulty`."""
-    from posttrain.stages.rl_problems import text_problems
+    from posttrain.data import text_problems
 
     return first_per_difficulty(text_problems(data), n_per_difficulty)
 

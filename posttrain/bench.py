@@ -260,7 +260,7 @@ def bench_rollout(rc, device, dtype, *, threads: int, reps: int, warmup: int) ->
     from transformers import LogitsProcessorList
 
     from posttrain.generate import ThinkCap, render_prompts
-    from posttrain.stages.rl import sample_step_problems
+    from posttrain.stages.rl_problems import sample_step_problems
     from posttrain.workers.rollout import RolloutWorker
 
     cfg = rc.grpo
@@ -327,7 +327,8 @@ def bench_scaling(rc, *, reps: int, warmup: int) -> dict:
     with 1 CPU and 1 torch thread (two 2-thread actors would oversubscribe two cores)."""
     import dataclasses
     from posttrain.model import load_tokenizer
-    from posttrain.stages.rl import RLDriver, Workers, _options, sample_step_problems
+    from posttrain.stages.rl import RLDriver, Workers, _options
+    from posttrain.stages.rl_problems import sample_step_problems
     from posttrain.workers.actors import spawn
     from posttrain.workers.rollout import RolloutWorker
 

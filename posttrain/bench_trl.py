@@ -67,7 +67,7 @@ def grpo_config_kwargs(cfg, *, max_steps: int, seed: int, use_cpu: bool, bf16: b
 def step_prompts(rc, tokenizer, n_steps: int) -> list[dict]:
     """The rows {prompt, answer} our driver's steps 0..n_steps-1 use, rendered with the same chat template."""
     from posttrain.generate import render_prompts
-    from posttrain.stages.rl import sample_step_problems
+    from posttrain.stages.rl_problems import sample_step_problems
 
     rows = []
     for step in range(n_steps):

@@ -228,6 +228,20 @@ def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Ex
     return examples
 
 
+@dataclass(frozen=True)
+class TextProblem:
+    """A data-file row as a problem, read like the embedded task's `Problem` (RL stages, the sweep, rm)."""
+
+    expression: str  # the user prompt (named as the embedded task's Problem, which the driver reads)
+    answer: str
+    difficulty: int = 0
+
+
+def text_problems(data) -> list[TextProblem]:
+    """The rows of the data file `data` (a `DataConfig`) as problems (difficulty 0 without a difficulty column)."""
+    return [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(data)]
+
+
 def bad_rows_message(where: str, bad: list[dict], n_rows: int, shown: int = 20) -> str:
     """Every bad row of a file at once (the first `shown` of them), each with its line or row and why, so that one
     pass fixes them all."""

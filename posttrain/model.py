@@ -188,6 +188,25 @@ def saves_tied_embedding(model, modules_to_save) -> bool:
     return any(n == m or n.endswith("." + m) for n in ends for m in modules_to_save)
 
 
+def peft_config(lora, model, key: str = "sft.lora"):
+    from peft import LoraConfig
+
+    names = {n for n, _ in model.named_parameters()}
+    targets = [t for t in lora.target_parameters if any(n.endswith(t) for n in names)]
+    if lora.target_parameters and not targets:
+        raise ValueError(f"{key}.target_parameters: none of {lora.target_parameters} is a parameter of this "
+                         "model (MoE experts are usually `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`)")
+    modules = [n for n, _ in model.named_modules()]
+    missing = [m for m in lora.modules_to_save if not any(n == m or n.endswith("." + m) for n in modules)]
+    if missing:
+        raise ValueError(f"{key}.modules_to_save: {missing} names no module of this model (module names end in "
+                         f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in modules if n and not n[-1].isdigit()})[:8]})")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                      target_modules=list(lora.target_modules) or None, target_parameters=targets or None,
+                      modules_to_save=list(lora.modules_to_save) or None,
+                      ensure_weight_tying=saves_tied_embedding(model, lora.modules_to_save))
+
+
 def is_moe_config(config) -> bool:
     return any(getattr(config, k, None) for k in _MOE_EXPERT_KEYS)
 

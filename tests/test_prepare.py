@@ -222,8 +222,8 @@ def test_modules_to_save_on_tied_embeddings_trains_one_matrix_that_the_head_foll
     from peft import get_peft_model
 
     from posttrain.config import LoraConfig
+    from posttrain.model import peft_config
     from posttrain.prepare import embedding_module_names
-    from posttrain.stages.sft import peft_config
 
     assert embedding_module_names(tiny_model_dir) == ["embed_tokens"]
     model = load_model(tiny_model_dir)

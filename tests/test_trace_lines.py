@@ -1,4 +1,5 @@
-"""Reading embedded-task traces line by line (posttrain.tasks.trace_lines), checked on traces built by hand."""
+"""Reading embedded-task traces line by line (posttrain.tasks.trace_lines; its command, posttrain.eval.traces),
+checked on traces built by hand."""
 
 from posttrain.tasks.arithmetic import make_trace, make_trace_groups, parse_expression
 from posttrain.tasks.trace_lines import read_trace, summarize
@@ -103,3 +104,21 @@ def test_teacher_forced_lines_aligns_values_with_the_predictions_that_score_them
     assert right["answer"]["lines"] == 40 and sum(v["lines"] for k, v in right.items() if k != "answer") > 40
     wrong = teacher_forced_lines(Oracle(0), tokenizer, n=40, batch_size=16)
     assert all(v["right"] == 0 for v in wrong.values()), wrong
+
+
+def test_trace_reading_command_reads_a_checkpoint(tiny_model_dir, capsys):
+    """`python -m posttrain.eval.traces CHECKPOINT`: one JSON reading per budget of the checkpoint's greedy capped
+    traces (one problem per difficulty with `--n 1`), or the teacher-forced line accuracy."""
+    import json
+
+    from posttrain.eval.traces import main
+
+    assert main([str(tiny_model_dir), "--budgets", "2,4", "--n", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["budget"] for r in rows] == [2, 4]
+    for r in rows:
+        assert list(r["accuracy_by_difficulty"]) == [str(d) for d in range(1, 9)]
+        assert sum(g["count"] for groups in r["groupings"].values() for g in groups) == 8
+    assert main([str(tiny_model_dir), "--teacher-forced", "8"]) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert forced["answer"]["lines"] == 8

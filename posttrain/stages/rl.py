@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.budgets import budget_label, draw_budget
+from posttrain.budgets import budget_label
 from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _without_vectors, format_comparison,
                                        problems_fingerprint)
 from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
@@ -46,16 +46,6 @@ from posttrain.workers.rollout import RolloutWorker
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many skipped steps); the message says why."""
-
-
-def sample_step_problems(cfg, task, seed: int, step: int):
-    """(problems, budgets) of one step; the budgets are int or None (auto). Deterministic in (seed, step)."""
-    from posttrain.tasks.arithmetic import generate_problems
-
-    diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
-    problems = generate_problems(cfg.prompts_per_step, seed + step, diffs)
-    rng = random.Random(seed + step)
-    return problems, [draw_budget(rng, cfg.budgets) for _ in problems]
 
 
 def rollout_metrics(batch, correct: list[bool], entries=()) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Where the RL stages' problems come from (pure: no workers, no Ray).
 
 - `data.source: arithmetic` (the embedded task): each step's problems are generated from (seed, step), each eval
-  budget's from (eval.seed, budget) (`rl.sample_step_problems`, `rl_eval.eval_problems`); graded by `exact_int`.
+  budget's from (eval.seed, budget) (`sample_step_problems`, `rl_eval.eval_problems`); graded by `exact_int`.
 - `data.source: file` / `hub` (the user's prompts and answers, `data.*` column mapping): rows spread evenly
   through the file are held out for the stage's evaluation (`data.split_held_out`), a share of their own for each
   eval budget (so the pooled verdict counts each
@@ -9,23 +9,26 @@
   `math` equivalence (math-verify: integers, fractions, LaTeX), the grader of the `math` reward.
 
 A problem is anything with `expression` (the user prompt), `answer` and `difficulty`, as the embedded task's
-`Problem` has; file rows become `TextProblem`s (difficulty from `data.difficulty_column`, else 0).
+`Problem` has; file rows become `data.TextProblem`s (difficulty from `data.difficulty_column`, else 0).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from posttrain.budgets import draw_budget
+from posttrain.data import TextProblem, text_problems
 from posttrain.runlog import log
 
 
-@dataclass(frozen=True)
-class TextProblem:
-    expression: str  # the user prompt (named as the embedded task's Problem, which the driver reads)
-    answer: str
-    difficulty: int = 0
+def sample_step_problems(cfg, task, seed: int, step: int):
+    """(problems, budgets) of one step; the budgets are int or None (auto). Deterministic in (seed, step)."""
+    from posttrain.tasks.arithmetic import generate_problems
+
+    diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
+    problems = generate_problems(cfg.prompts_per_step, seed + step, diffs)
+    rng = random.Random(seed + step)
+    return problems, [draw_budget(rng, cfg.budgets) for _ in problems]
 
 
 def held_out_per_budget(cfg, task, n_rows: int) -> int:
@@ -45,13 +48,6 @@ def rl_held_out_rows(rc, n_rows: int) -> int:
     held = [held_out_per_budget(getattr(rc, a), rc.task, n_rows) * len(dict.fromkeys(map(str, getattr(rc, a).eval_budgets)))
             for a in ("grpo", "ppo") if a in rc.stages and getattr(rc, a).eval_n_per_difficulty > 0]
     return max(held, default=0)
-
-
-def text_problems(data) -> list[TextProblem]:
-    """The rows of the data file `data` (a `DataConfig`) as problems (difficulty 0 without a difficulty column)."""
-    from posttrain.data import file_examples
-
-    return [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(data)]
 
 
 def evaluation_rows(rc) -> list[TextProblem]:
@@ -119,8 +115,6 @@ class ProblemSource:
     def step(self, step: int) -> tuple[list, list]:
         """(problems, budgets) of one step; budgets are int or None (auto). Deterministic in (seed, step)."""
         if self.embedded:
-            from posttrain.stages.rl import sample_step_problems
-
             return sample_step_problems(self.cfg, self.rc.task, self.rc.seed, step)
         rng = random.Random(self.rc.seed + step)
         k = self.cfg.prompts_per_step

@@ -47,14 +47,14 @@ def rm_problems(rc, seed: int) -> list:
     """`rm.n_prompts` problems to sample: fresh ones of the embedded task, or rows of the data file that no RL stage
     holds out for evaluation, first those the SFT stage does not train on (it takes the first `sft.n_examples`
     training rows), so that the samples' labels are not those of memorised answers where the file allows."""
-    from posttrain.stages.rl_problems import TextProblem, rl_held_out_rows
+    from posttrain.stages.rl_problems import rl_held_out_rows
 
     n = rc.rm.n_prompts
     if rc.data.source == "arithmetic":
         from posttrain.tasks.arithmetic import generate_problems
 
         return generate_problems(n, seed, list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1)))
-    from posttrain.data import DataError, file_examples, split_held_out
+    from posttrain.data import DataError, TextProblem, file_examples, split_held_out
 
     train, _ = split_held_out(rows := file_examples(rc.data), rl_held_out_rows(rc, len(rows)))
     first = list({e.prompt: i for i, e in reversed(list(enumerate(train)))}.values())  # each prompt's first row

@@ -4,10 +4,7 @@ Each trace line (`+3*2=20`: the restated pair, the new pairs, the running value)
 and its value checked against the problem's running values; operators the trace did not reach are left for the
 answer to fold. A first line that reads the problem back (`7+3*2-5`, as `sft.budget_traces: full_read_back`
 teaches) is noted and skipped. This reading is what showed that the tiny model's errors sit in lines that fold
-two or more operators (docs/rl_findings.md). Run on a checkpoint:
-
-    python -m posttrain.tasks.trace_lines CHECKPOINT --budgets 16,24,32 --n 25
-    python -m posttrain.tasks.trace_lines CHECKPOINT --teacher-forced 700   # folding skill on gold traces
+two or more operators (docs/rl_findings.md). Run on a checkpoint with `python -m posttrain.eval.traces`.
 """
 
 from __future__ import annotations
@@ -188,39 +185,3 @@ def teacher_forced_lines(model, tokenizer, n: int = 700, seed: int = 1234, batch
                 counts[key][0] += right
                 counts[key][1] += 1
     return {k: {"right": a, "lines": m} for k, (a, m) in sorted(counts.items())}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-
-    import torch
-
-    from posttrain.tasks.arithmetic import generate_problems
-    from posttrain.workers.rollout import RolloutWorker
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint")
-    ap.add_argument("--budgets", default="16,24,32", help="comma-separated budgets (capped, greedy)")
-    ap.add_argument("--n", type=int, default=25, help="problems per difficulty")
-    ap.add_argument("--seed", type=int, default=12345)
-    ap.add_argument("--teacher-forced", type=int, default=0, metavar="N",
-                    help="instead: line-value accuracy by operators folded on N gold traces (teacher_forced_lines)")
-    args = ap.parse_args(argv)
-    if args.teacher_forced:
-        from posttrain.model import load_model, load_tokenizer
-
-        model = load_model(args.checkpoint).eval()
-        print(json.dumps(teacher_forced_lines(model, load_tokenizer(args.checkpoint), args.teacher_forced)))
-        return 0
-    worker = RolloutWorker(args.checkpoint, "cpu", torch.float32, torch.get_num_threads())
-    problems = generate_problems(8 * args.n, seed=args.seed)
-    for budget in (int(b) for b in args.budgets.split(",")):
-        batch = worker.generate([p.expression for p in problems], [budget] * len(problems), 1, 160, greedy=True,
-                                cap=True)
-        print(json.dumps({"budget": budget, **summarize(problems, batch.texts, list(batch.forced))}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -73,7 +73,7 @@ def apply_lora(model, lora: dict, key: str = "lora"):
     from peft import get_peft_model
 
     from posttrain.config import LoraConfig
-    from posttrain.stages.sft import peft_config
+    from posttrain.model import peft_config
 
     torch.manual_seed(0)  # the same initial adapter everywhere (B = 0, so the wrapped model is the input model)
     return get_peft_model(model, peft_config(LoraConfig(**{**lora, "enabled": True}), model, key))
