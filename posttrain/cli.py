@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 
 def _cmd_run(args) -> int:
@@ -91,8 +92,46 @@ def _cmd_schema(args) -> int:
     return 0
 
 
+def _run_held_out_problems(args, columns: dict) -> list | None:
+    """With `--model RUN` (a run directory) whose recipe trained on a data file, and `--data` that same file or none:
+    the first `--n` of each difficulty among the rows that run held out (what its eval and sweep stages evaluate),
+    never rows it trained on. None when no such run is among the models."""
+    from posttrain.eval.sweep import SweepError
+    from posttrain.recipe import RecipeError, load_recipe
+    from posttrain.stages.rl_problems import stage_problems
+
+    chosen = None
+    for model in args.model:
+        run = Path(model).expanduser()
+        if not (run / "recipe.yaml").is_file() or (run / "config.json").is_file():
+            continue
+        try:
+            rc = load_recipe(run / "recipe.yaml")
+        except RecipeError as e:
+            raise SweepError(f"--model {model}: its recipe.yaml no longer loads, so the rows it held out are "
+                             f"unknown ({e})") from None
+        if rc.data.source == "arithmetic" or (
+                args.data is not None and Path(args.data).resolve() != Path(rc.data.path).resolve()):
+            continue  # the embedded task, or another file than the run trained on
+        if columns:
+            raise SweepError(f"--{next(iter(columns)).replace('_', '-')}: --model {model} trained on "
+                             f"{rc.data.path}, and its recipe names the file's columns")
+        if not any(a in rc.stages and getattr(rc, a).eval_n_per_difficulty > 0 for a in ("grpo", "ppo")):
+            raise SweepError(f"--model {model} trained on every row of {rc.data.path} (no grpo/ppo stage held rows "
+                             "out): sweeping them would measure its training data; sweep another file with --data")
+        problems = stage_problems(rc, args.n)
+        if chosen is not None and [(p.expression, p.answer) for p in chosen[1]] != [
+                (p.expression, p.answer) for p in problems]:
+            raise SweepError(f"--model {chosen[0]} and --model {model} hold out different rows of "
+                             f"{rc.data.path}: sweep them separately")
+        chosen = (model, problems)
+        print(f"sweep: the {len(problems)} rows {model} held out of {rc.data.path}", file=sys.stderr)
+    return None if chosen is None else chosen[1]
+
+
 def _sweep_file_problems(args) -> list | None:
-    """`--data FILE` and its column options: the file's first `--n` rows of each difficulty; None without it."""
+    """The problems of `--data FILE` (its first `--n` rows of each difficulty) or of a run trained on a file (the rows
+    it held out: `_run_held_out_problems`); None for the embedded task."""
     from pydantic import ValidationError
 
     from posttrain.config import DataConfig
@@ -100,6 +139,12 @@ def _sweep_file_problems(args) -> list | None:
 
     columns = {k: getattr(args, k) for k in ("prompt_column", "answer_column", "answer_delimiter",
                                               "difficulty_column") if getattr(args, k) is not None}
+    held = _run_held_out_problems(args, columns)
+    if held is not None:
+        if args.difficulties is not None:
+            raise SweepError("--difficulties selects embedded-task problems; a run trained on a data file is swept "
+                             "on the rows it held out")
+        return held
     if args.data is None:
         if columns:
             raise SweepError(f"--{next(iter(columns)).replace('_', '-')} describes a --data file, and none was given")
@@ -243,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--budgets", default="0,16,32,64,128,auto", help="comma-separated ints and/or 'auto'")
     w.add_argument("--out", required=True, help="output directory (sweep.json, sweep.csv, plots)")
     w.add_argument("--n", type=int, default=40, help="problems per difficulty (with --data: the file's first N "
-                   "rows of each difficulty)")
+                   "rows of each difficulty; for a run directory trained on a file: the first N of the rows it held "
+                   "out, with or without --data)")
     w.add_argument("--seed", type=int, default=12345, help="seed of the problems (same for every model/budget)")
     w.add_argument("--difficulties", help="embedded task: range '1-8' (the default) or list '1,3,5'")
     w.add_argument("--data", help="sweep the problems of a JSONL/JSON/Parquet file instead of the embedded task "

@@ -497,9 +497,9 @@ def test_sweep_command_end_to_end(tmp_path, tiny_model_dir):
 
 def test_math_grading_of_sweep_responses():
     """Data-file answers are graded by math equivalence of the text after </think>; the embedded grader is exact."""
+    from posttrain.data import TextProblem
     from posttrain.eval.sweep import grade_math_responses
     from posttrain.generate import Response
-    from posttrain.stages.rl_problems import TextProblem
 
     def resp(text, closed=True):
         return Response(text=text, ids=[], n_think=3, closed=closed, forced=False, budget=4)
@@ -579,3 +579,56 @@ def test_sweep_command_more_workers_than_cpus(tmp_path, tiny_model_dir):
     assert f"error: --workers {cpus + 1}:" in proc.stderr and f"at most {cpus} worker" in proc.stderr, proc.stderr
     assert "lower --workers" in proc.stderr and "ray.*.cpus" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _file_run(tmp_path, model_dir, stages=("sft", "grpo")) -> Path:
+    """A run directory trained on a data file, as `posttrain run` leaves it for the sweep: recipe.yaml and an SFT
+    checkpoint (the tiny model)."""
+    import shutil
+
+    from posttrain.recipe import dump_recipe, load_recipe
+
+    rows = [{"question": f"{i} apples and {i % 3} more?", "solution": f"so #### {i + i % 3}", "lvl": 1 + i % 3}
+            for i in range(60)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    over = [f"model.path={model_dir}", "data.source=file", f"data.path={tmp_path / 'd.jsonl'}",
+            "data.prompt_column=question", "data.answer_column=solution", "data.answer_delimiter=####",
+            "data.difficulty_column=lvl", f"stages=[{','.join(stages)}]", "grpo.eval_budgets=[8]",
+            "grpo.eval_n_per_difficulty=3", f"run_dir={run}"]
+    cfg = load_recipe(None, over)
+    run.mkdir()
+    (run / "recipe.yaml").write_text(dump_recipe(cfg))
+    shutil.copytree(model_dir, run / "sft" / "checkpoint")
+    return run
+
+
+def test_sweep_of_a_file_run_sweeps_exactly_the_rows_it_held_out(tmp_path, tiny_model_dir):
+    from posttrain.recipe import load_recipe
+    from posttrain.stages.rl_problems import ProblemSource
+
+    run = _file_run(tmp_path, tiny_model_dir)
+    rc = load_recipe(run / "recipe.yaml")
+    source = ProblemSource(rc, rc.grpo)  # what the grpo stage itself trains on and holds out
+    held = {p.expression for rows in source.held_out.values() for p in rows}
+    trained = {p.expression for p in source.train}
+    assert held and not held & trained
+    common = ["--n", "40", "--budgets", "0", "--max-new-tokens", "4", "--threads", "1", "--backend", "local"]
+    for data in ([], ["--data", str(tmp_path / "d.jsonl")]):  # the run's own file, named or not
+        out = tmp_path / f"out{len(data)}"
+        proc = posttrain("sweep", "--model", str(run), *common, *data, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"the {len(held)} rows {run} held out" in proc.stderr
+        saved = json.loads((out / "sweep.json").read_text())
+        assert [r["n"] for r in saved if r["difficulty"] == "all"] == [len(held)] * 2  # natural and capped
+    # a file the run did not train on is swept as before (its first rows); a run that held nothing out is refused
+    other = tmp_path / "other.jsonl"
+    other.write_text((tmp_path / "d.jsonl").read_text())
+    proc = posttrain("sweep", "--model", str(run), "--n", "2", *common[2:], "--data", str(other),
+                     "--prompt-column", "question", "--answer-column", "solution", "--answer-delimiter", "####",
+                     "--out", str(tmp_path / "o2"))
+    assert proc.returncode == 0 and "held out" not in proc.stderr, proc.stderr[-3000:]
+    (tmp_path / "s").mkdir()
+    sft_only = _file_run(tmp_path / "s", tiny_model_dir, stages=("sft",))
+    proc = posttrain("sweep", "--model", str(sft_only), *common, "--out", str(tmp_path / "o3"))
+    assert proc.returncode == 2 and "trained on every row" in proc.stderr and "Traceback" not in proc.stderr
