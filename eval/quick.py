@@ -1,7 +1,6 @@
 """Quick evaluation: accuracy and thinking length by difficulty for a few budgets on held-out problems.
 
-Graded with `posttrain.rewards.parse.grade_integer`, the same grader the `exact_int` reward uses (a data file's
-problems by math equivalence, as the `math` reward grades); grading and
+Graded with the task's grader (`grade_responses`: the function the RL rewards and the RM labels use); grading and
 aggregation are `posttrain.eval.sweep`'s (this is a sweep's subset: no intervals, one mode).
 """
 
@@ -29,13 +28,15 @@ def evaluate_budgets(
     batch_size: int = 64,
     cap: bool = False,
     problems: list | None = None,
+    grader: str | None = None,
 ) -> list[dict]:
     """Rows {budget, difficulty ('all' too), n, accuracy, think_tokens_mean, adherence} on fixed problems: the
     embedded task's (`n_per_difficulty` of each of `difficulties` from `seed`), or the given `problems` of a data
-    file (graded by math equivalence; the other three arguments unused)."""
-    from posttrain.eval.sweep import aggregate, grade_math_responses, grade_responses
+    file (the other three arguments unused); graded by `grader` (None: "exact_int" for the embedded task, "math"
+    for given problems)."""
+    from posttrain.eval.sweep import aggregate, grade_responses
 
-    grade = grade_responses if problems is None else grade_math_responses
+    grader = grader or ("exact_int" if problems is None else "math")
     if problems is None:
         problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
     rows = []
@@ -44,7 +45,7 @@ def evaluate_budgets(
         resp = generate(model, tokenizer, [p.expression for p in problems], [budget] * len(problems),
                         max_new_tokens=max_new_tokens, batch_size=batch_size, cap=cap)
         mode = "capped" if cap else "natural"
-        for r in aggregate(grade(problems, resp), "", budget, mode):
+        for r in aggregate(grade_responses(problems, resp, grader), "", budget, mode):
             rows.append({"budget": budget_label(budget), **{k: r[k] for k in _KEYS}})
     return rows
 

@@ -105,20 +105,14 @@ class Record:
     forced: bool
 
 
-def grade_responses(problems, responses) -> list[Record]:
-    """Grade each response against its problem with `grade_integer` (the `exact_int` reward's grader)."""
-    from posttrain.rewards.parse import grade_integer
+def grade_responses(problems, responses, grader: str = "exact_int") -> list[Record]:
+    """Grade each response against its problem's answer with the task's grader (`rewards.verifiable.get_grader`:
+    "exact_int" for the embedded task, "math" equivalence or "exact" text for a data file's answers): the function
+    the RL rewards' correctness and the RM labels use too."""
+    from posttrain.rewards.verifiable import get_grader
 
-    return [Record(p.difficulty, grade_integer(r.text, p.answer), r.n_think, r.closed, r.forced)
-            for p, r in zip(problems, responses)]
-
-
-def grade_math_responses(problems, responses) -> list[Record]:
-    """Grade each response by math equivalence with its problem's text answer (the `math` reward's grader:
-    integers, fractions, LaTeX): problems from a data file."""
-    from posttrain.rewards.math import math_equal_completion
-
-    return [Record(p.difficulty, math_equal_completion(r.text, p.answer), r.n_think, r.closed, r.forced)
+    grade = get_grader(grader)
+    return [Record(p.difficulty, bool(grade(r.text, p.answer)), r.n_think, r.closed, r.forced)
             for p, r in zip(problems, responses)]
 
 
@@ -321,16 +315,16 @@ def capped_responses(workers: list, prompts: list[str], natural: list[Response],
 
 
 def sweep_model(workers: list, label: str, problems, budgets: list[int | None], max_new_tokens: int = 160,
-                batch_size: int = 64, grade=grade_responses) -> list[dict]:
+                batch_size: int = 64, grader: str = "exact_int") -> list[dict]:
     """Rows for the model the workers hold over `budgets` x MODES on fixed `problems` (greedy decoding), each
-    response graded by `grade(problems, responses)`."""
+    response graded by `grade_responses(problems, responses, grader)`."""
     prompts = [p.expression for p in problems]
     rows = []
     for budget in budgets:
         natural = generate_responses(workers, prompts, budget, False, max_new_tokens, batch_size)
         capped = capped_responses(workers, prompts, natural, budget, max_new_tokens, batch_size)
-        rows += aggregate(grade(problems, natural), label, budget, "natural")
-        rows += aggregate(grade(problems, capped), label, budget, "capped")
+        rows += aggregate(grade_responses(problems, natural, grader), label, budget, "natural")
+        rows += aggregate(grade_responses(problems, capped, grader), label, budget, "capped")
     return rows
 
 
@@ -460,11 +454,11 @@ def distinct_models(specs: list[ModelSpec]) -> list[ModelSpec]:
 def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 40, seed: int = 12345,
               difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
               device: str = "auto", workers: int = 1, backend: str = "local", cpus_per_worker: int = 1,
-              ray_init: dict | None = None, problems: list | None = None) -> list[dict]:
+              ray_init: dict | None = None, problems: list | None = None, grader: str | None = None) -> list[dict]:
     """Rows for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems: the
-    embedded task's (`n_per_difficulty` of each of `difficulties`, from `seed`, graded as integers), or the given
-    `problems` (a data file's, e.g. `file_problems`: graded by math equivalence; `n_per_difficulty`, `seed` and
-    `difficulties` then unused).
+    embedded task's (`n_per_difficulty` of each of `difficulties`, from `seed`), or the given `problems` (a data
+    file's, e.g. `file_problems`; `n_per_difficulty`, `seed` and `difficulties` then unused), graded by `grader`
+    (`grade_responses`; None: "exact_int" for the embedded task, "math" for given problems).
 
     The settings are checked and every model is resolved first (a bad option or path fails before any model
     loads); a budget, difficulty or model given twice is swept once (`distinct_models`). Then `workers` rollout
@@ -487,7 +481,7 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
 
     for spec in specs:  # a damaged checkpoint stops the sweep here, not in a worker that would be restarted
         check_checkpoint_files(spec.checkpoint)
-    grade = grade_responses if problems is None else grade_math_responses
+    grader = grader or ("exact_int" if problems is None else "math")
     if problems is None:
         problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
     pool = start_workers(specs[0].checkpoint, workers, backend, dev, cpus_per_worker, ray_init)
@@ -498,7 +492,7 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
                 adapter = None if spec.adapter is None else str(spec.adapter)
                 for pending in [w.submit(RolloutWorker.load, str(spec.checkpoint), adapter) for w in pool]:
                     pending.result()
-            rows += sweep_model(pool, spec.label, problems, budgets, max_new_tokens, batch_size, grade)
+            rows += sweep_model(pool, spec.label, problems, budgets, max_new_tokens, batch_size, grader)
     finally:
         for w in pool:
             w.kill()

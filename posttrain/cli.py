@@ -92,10 +92,10 @@ def _cmd_schema(args) -> int:
     return 0
 
 
-def _run_held_out_problems(args, columns: dict) -> list | None:
+def _run_held_out_problems(args, columns: dict) -> tuple[list, str] | None:
     """With `--model RUN` (a run directory) whose recipe trained on a data file, and `--data` that same file or none:
     the first `--n` of each difficulty among the rows that run held out (what its eval and sweep stages evaluate),
-    never rows it trained on. None when no such run is among the models."""
+    never rows it trained on, and the run's grader (`data.grader`). None when no such run is among the models."""
     from posttrain.eval.sweep import SweepError
     from posttrain.recipe import RecipeError, load_recipe
     from posttrain.stages.rl_problems import stage_problems
@@ -124,14 +124,16 @@ def _run_held_out_problems(args, columns: dict) -> list | None:
                 (p.expression, p.answer) for p in problems]:
             raise SweepError(f"--model {chosen[0]} and --model {model} hold out different rows of "
                              f"{rc.data.path}: sweep them separately")
-        chosen = (model, problems)
-        print(f"sweep: the {len(problems)} rows {model} held out of {rc.data.path}", file=sys.stderr)
-    return None if chosen is None else chosen[1]
+        chosen = (model, problems, rc.data.grader_name)
+        print(f"sweep: the {len(problems)} rows {model} held out of {rc.data.path}, graded by "
+              f"{rc.data.grader_name}", file=sys.stderr)
+    return None if chosen is None else chosen[1:]
 
 
-def _sweep_file_problems(args) -> list | None:
-    """The problems of `--data FILE` (its first `--n` rows of each difficulty) or of a run trained on a file (the rows
-    it held out: `_run_held_out_problems`); None for the embedded task."""
+def _sweep_file_problems(args) -> tuple[list | None, str]:
+    """(problems, grader): those of `--data FILE` (its first `--n` rows of each difficulty; `--grader`, math by
+    default) or of a run trained on a file (the rows it held out and its grader: `_run_held_out_problems`); None
+    and `exact_int` for the embedded task."""
     from pydantic import ValidationError
 
     from posttrain.config import DataConfig
@@ -144,11 +146,16 @@ def _sweep_file_problems(args) -> list | None:
         if args.difficulties is not None:
             raise SweepError("--difficulties selects embedded-task problems; a run trained on a data file is swept "
                              "on the rows it held out")
+        if args.grader is not None and args.grader != held[1]:
+            raise SweepError(f"--grader {args.grader}: the run was trained and evaluated with the grader "
+                             f"{held[1]} (its data.grader)")
         return held
     if args.data is None:
         if columns:
             raise SweepError(f"--{next(iter(columns)).replace('_', '-')} describes a --data file, and none was given")
-        return None
+        if args.grader not in (None, "exact_int"):
+            raise SweepError(f"--grader {args.grader}: the embedded task's answers are integers (exact_int)")
+        return None, "exact_int"
     if args.difficulties is not None:
         raise SweepError("--difficulties selects embedded-task problems; with --data every row's difficulty "
                          "(--difficulty-column) is swept")
@@ -160,7 +167,7 @@ def _sweep_file_problems(args) -> list | None:
     except ValidationError as e:
         raise SweepError(f"--data {args.data}: " + "; ".join(err["msg"] for err in e.errors())) from None
     try:
-        return file_problems(data, args.n)
+        return file_problems(data, args.n), args.grader or "math"
     except DataError as e:  # the reader names recipe keys: name this command's options instead
         msg = str(e).replace("set data.skip_bad_rows: true", "pass --skip-bad-rows")
         msg = msg.replace("data.max_prompt_chars", "--max-prompt-chars").replace("data.path:", "--data:")
@@ -178,12 +185,13 @@ def _cmd_sweep(args) -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     budgets = parse_budgets(args.budgets)
-    problems = _sweep_file_problems(args)
+    problems, grader = _sweep_file_problems(args)
     difficulties = parse_difficulties("1-8" if args.difficulties is None else args.difficulties) if problems is None else []
     try:
         rows = run_sweep(args.model, budgets, args.n, args.seed, difficulties,
                          args.max_new_tokens, args.batch_size, args.device, args.workers, args.backend,
-                         cpus_per_worker=max(1, threads // max(1, args.workers)), problems=problems)
+                         cpus_per_worker=max(1, threads // max(1, args.workers)), problems=problems,
+                         grader=grader)
     finally:
         if args.backend == "ray":
             from posttrain.workers.actors import shutdown_ray
@@ -293,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=12345, help="seed of the problems (same for every model/budget)")
     w.add_argument("--difficulties", help="embedded task: range '1-8' (the default) or list '1,3,5'")
     w.add_argument("--data", help="sweep the problems of a JSONL/JSON/Parquet file instead of the embedded task "
-                   "(answers graded by math equivalence)")
+                   "(answers graded by --grader, math equivalence by default)")
+    w.add_argument("--grader", choices=("exact_int", "math", "exact"), help="--data: how an answer is judged right "
+                   "(default math: equivalence of the answer after </think>; exact: the answer as text); a run "
+                   "directory trained on a file uses its own data.grader")
     w.add_argument("--prompt-column", help="--data: column of the prompt (default 'prompt')")
     w.add_argument("--answer-column", help="--data: column of the reference answer (default 'answer')")
     w.add_argument("--answer-delimiter", help="--data: the answer column is 'reasoning DELIM answer' (GSM8K: ####)")

@@ -67,6 +67,19 @@ class DataConfig(Section):
         False, description="Skip (and list in the run directory) rows with missing/wrong/empty fields instead of "
         "stopping before training."
     )
+    grader: Literal["auto", "exact_int", "math", "exact"] = Field(
+        "auto", description="How an answer is judged right, by every stage alike (the RL rewards' correctness, the "
+        "RM labels, the eval and RL evaluations, the sweep): `exact_int` (the integer after `</think>`), `math` "
+        "(math-verify equivalence of the answer after `</think>`, or of its last \\boxed{}: fractions, decimals, "
+        "expressions), `exact` (the answer as text, case and spacing ignored: words, letters, lists). `auto`: "
+        "`exact_int` on the embedded task, `math` on a data file.")
+
+    @property
+    def grader_name(self) -> str:
+        """The grader `grader` resolves to (`posttrain.rewards.verifiable.GRADERS`)."""
+        if self.grader != "auto":
+            return self.grader
+        return "exact_int" if self.source == "arithmetic" else "math"
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":
@@ -226,8 +239,8 @@ class RMStageConfig(Section):
     max_new_tokens: int = Field(128, ge=1, le=MAX_TOKENS, description="Generation cap per sampled response. "
                                 + TOKENS_BOUND)
     label_reward: str | None = Field(
-        None, description="Registered verifiable reward that labels samples (>= 0.5 = correct); by default "
-        "`exact_int` on the embedded task, `math` (equivalence of the answer after `</think>`) on a data file.")
+        None, description="Registered verifiable reward that labels samples (>= 0.5 = correct); by default the "
+        "data's grader (`data.grader`: `exact_int` on the embedded task, `math` on a data file).")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of problems held out for accuracy and AUC.")
     balance: bool = Field(True, description="Balance correct/incorrect training samples by downsampling.")
     genrm: VerifierTrainConfig = Field(default_factory=VerifierTrainConfig, description="Generative verifier.")
@@ -345,14 +358,16 @@ class RecipeConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _resolve_label_reward(cls, data):
-        """`rm.label_reward` unset: `exact_int` on the embedded task, `math` on a data file, written into the recipe
+        """`rm.label_reward` unset: the data's grader (`data.grader`), written into the recipe
         (and so into the run's recipe.yaml and the rerun guard) as the labeller actually used."""
         if not isinstance(data, dict):
             return data
         rm, source = data.get("rm"), data.get("data")
+        grader = (source.get("grader", "auto") if isinstance(source, dict) else getattr(source, "grader", "auto"))
         source = (source.get("source", "arithmetic") if isinstance(source, dict)
                   else getattr(source, "source", "arithmetic"))
-        label = "exact_int" if source == "arithmetic" else "math"
+        label = grader if grader in ("exact_int", "math", "exact") else (
+            "exact_int" if source == "arithmetic" else "math")  # the data's grader (DataConfig.grader_name)
         if rm is None or isinstance(rm, dict) and rm.get("label_reward") is None:
             return {**data, "rm": {**(rm or {}), "label_reward": label}}
         if isinstance(rm, RMStageConfig) and rm.label_reward is None:

@@ -19,11 +19,41 @@ def _grade_math(completion: str, answer) -> bool:
 
 
 # Correctness graders by name: (completion, gold answer) -> bool.
-GRADERS: dict[str, Callable[[str, object], bool]] = {"exact_int": grade_integer, "math": _grade_math}
+def normalize_text_answer(text: str) -> str:
+    """An answer as `grade_exact` compares it: the last ``\\boxed{}``'s content if any, whitespace collapsed,
+    surrounding quotes and one trailing period dropped, case folded.
+
+    >>> normalize_text_answer("  The  Cat. "), normalize_text_answer("so \\\\boxed{B}")
+    ('the cat', 'b')
+    """
+    from .math import last_boxed  # no sympy: math-verify is imported only by math_equal
+
+    boxed = last_boxed(text)
+    text = " ".join((boxed if boxed is not None else text).split())
+    text = text.strip("\"'`")
+    if text.endswith("."):
+        text = text[:-1]
+    return text.strip().casefold()
+
+
+def grade_exact(completion: str, answer) -> bool:
+    """The answer after ``</think>`` equals the gold answer as text (`normalize_text_answer` on both): for answers
+    that are words, letters or lists rather than numbers. No credit without ``</think>``.
+
+    >>> grade_exact("r</think>\\n\\nParis.", "paris"), grade_exact("r</think>Lyon", "Paris"), grade_exact("Paris", "Paris")
+    (True, False, False)
+    """
+    parsed = split_think(completion)
+    return parsed.closed and normalize_text_answer(parsed.answer) == normalize_text_answer(str(answer))
+
+
+GRADERS: dict[str, Callable[[str, object], bool]] = {"exact_int": grade_integer, "math": _grade_math,
+                                                     "exact": grade_exact}
 
 
 def get_grader(name: str) -> Callable[[str, object], bool]:
-    """The grader registered under `name` ("exact_int" or "math")."""
+    """The grader registered under `name` ("exact_int", "math" or "exact"): the one function by which the RL
+    reward's correctness, the RM labels and every evaluation judge an answer to a task."""
     if name not in GRADERS:
         raise ValueError(f"unknown grader {name!r}; known graders: {', '.join(sorted(GRADERS))}")
     return GRADERS[name]
@@ -42,6 +72,20 @@ class ExactIntReward:
     def __call__(self, prompts, completions, **fields) -> RewardOutput:
         answers = get_field(fields, "answer", len(completions), reward="exact_int")
         scores = [1.0 if grade_integer(c, a) else 0.0 for c, a in zip(completions, answers)]
+        return RewardOutput(scores, {"accuracy": mean(scores)})
+
+
+@register_reward("exact")
+class ExactReward:
+    """1.0 when the answer after ``</think>`` equals the gold ``answer`` as text (`grade_exact`), else 0.0.
+
+    >>> ExactReward()(["q"], ["hm</think>\\n\\nParis"], answer=["paris"]).scores
+    [1.0]
+    """
+
+    def __call__(self, prompts, completions, **fields) -> RewardOutput:
+        answers = get_field(fields, "answer", len(completions), reward="exact")
+        scores = [1.0 if grade_exact(c, a) else 0.0 for c, a in zip(completions, answers)]
         return RewardOutput(scores, {"accuracy": mean(scores)})
 
 

@@ -380,13 +380,14 @@ def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(ti
                             "eval.max_new_tokens=6"])
     import posttrain.eval.sweep as sweep_module
 
-    graded, real = [], sweep_module.grade_math_responses  # what every stage actually graded
+    graded, real = [], sweep_module.grade_responses  # what every stage actually graded, and by which grader
 
-    def spy(problems, responses):
+    def spy(problems, responses, grader="exact_int"):
         graded.append([p.expression for p in problems])
-        return real(problems, responses)
+        assert grader == "math"  # a data file's answers: the data's grader, everywhere
+        return real(problems, responses, grader)
 
-    monkeypatch.setattr(sweep_module, "grade_math_responses", spy)
+    monkeypatch.setattr(sweep_module, "grade_responses", spy)
     info = run_recipe(rc)
     out = info["sweep"]
     quick = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())  # the held-out rows, 1 per difficulty

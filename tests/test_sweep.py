@@ -498,7 +498,6 @@ def test_sweep_command_end_to_end(tmp_path, tiny_model_dir):
 def test_math_grading_of_sweep_responses():
     """Data-file answers are graded by math equivalence of the text after </think>; the embedded grader is exact."""
     from posttrain.data import TextProblem
-    from posttrain.eval.sweep import grade_math_responses
     from posttrain.generate import Response
 
     def resp(text, closed=True):
@@ -506,10 +505,16 @@ def test_math_grading_of_sweep_responses():
 
     problems = [TextProblem("q", "\\frac{1}{2}", 1), TextProblem("q", "0.5", 2), TextProblem("q", "12", 1),
                 TextProblem("q", "12", 1)]
-    got = grade_math_responses(problems, [resp("a b</think>\n\n1/2"), resp("x</think>\n\n\\boxed{1/2}"),
-                                          resp("x</think>\n\n13"), resp("12", closed=False)])
+    responses = [resp("a b</think>\n\n1/2"), resp("x</think>\n\n\\boxed{1/2}"), resp("x</think>\n\n13"),
+                 resp("12", closed=False)]
+    got = grade_responses(problems, responses, "math")
     assert [r.correct for r in got] == [True, True, False, False]  # no credit without </think>
     assert [r.difficulty for r in got] == [1, 2, 1, 1] and got[0].n_think == 3
+    # the integer grader reads neither a fraction nor a decimal; the text grader only equal text
+    assert [r.correct for r in grade_responses(problems, responses, "exact_int")] == [False, False, False, False]
+    text = [TextProblem("q", "Paris", 1), TextProblem("q", "b", 1)]
+    graded = grade_responses(text, [resp("x</think>\n\nparis."), resp("x</think>\n\n\\boxed{B}")], "exact")
+    assert [r.correct for r in graded] == [True, True]
 
 
 def test_sweep_command_on_a_data_file(tmp_path, tiny_model_dir):

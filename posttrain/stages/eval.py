@@ -24,7 +24,7 @@ def run(ctx) -> dict:
 
     problems = stage_problems(rc, cfg.n_per_difficulty)  # with a data file: rows no stage trains on
     rows = evaluate_budgets(model, tok, list(cfg.budgets), cfg.n_per_difficulty, cfg.seed, diffs,
-                            cfg.max_new_tokens, cfg.batch_size, problems=problems)
+                            cfg.max_new_tokens, cfg.batch_size, problems=problems, grader=rc.data.grader_name)
     for r in rows:
         r["model"] = str(ctx.model_path)
     write_json_atomic(ctx.stage.path / "eval.json", rows)

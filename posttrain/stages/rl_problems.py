@@ -133,9 +133,7 @@ class ProblemSource:
         return self.held_out.get(str(budget), [])
 
     def grade(self, problems: list, responses: list) -> list:
-        """`eval.sweep.Record`s: the embedded task's integer grader, or math equivalence for file answers."""
-        from posttrain.eval.sweep import grade_math_responses, grade_responses
+        """`eval.sweep.Record`s by the data's grader (`data.grader`), as the stage's rewards judge correctness."""
+        from posttrain.eval.sweep import grade_responses
 
-        if self.embedded:
-            return grade_responses(problems, responses)
-        return grade_math_responses(problems, responses)
+        return grade_responses(problems, responses, self.rc.data.grader_name)

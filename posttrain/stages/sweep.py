@@ -4,8 +4,8 @@ Models: `sweep.models` (stage names or paths), by default every sft/grpo/ppo sta
 checkpoint and the RL checkpoints side by side), labelled by stage name. One set of rollout workers (Ray actors
 unless `sweep.backend` is `local`) serves them all; the run's threads are split across the workers.
 Problems: the embedded task's, or with `data.source: file`/`hub` the rows the RL stages hold out for evaluation
-(`rl_problems.evaluation_rows`, `n_per_difficulty` of each `data.difficulty_column` value), graded by math
-equivalence.
+(`rl_problems.evaluation_rows`, `n_per_difficulty` of each `data.difficulty_column` value), graded by the data's
+grader (`data.grader`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def run(ctx) -> dict:
     if problems is not None:
         log.info("sweep: %d held-out rows of %s", len(problems), rc.data.path)
     rows = run_sweep(specs, budgets, cfg.n_per_difficulty, cfg.seed, diffs, cfg.max_new_tokens, cfg.batch_size,
-                     str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems)
+                     str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems,
+                     rc.data.grader_name)
     out = write_outputs(rows, ctx.stage.path)
     plots = plot_all(rows, out)
     table = format_sweep_table(rows)

@@ -7,22 +7,32 @@ budget, 0 included) and autonomous rows (no budget) are scored by the components
 from __future__ import annotations
 
 from posttrain.rewards.combine import CombinedReward
-from posttrain.rewards.parse import grade_integer
+from posttrain.rewards.registry import get_reward_cls, reward_params
+from posttrain.rewards.verifiable import get_grader
+
+
+def with_grader(spec: dict, grader: str) -> dict:
+    """`spec` with `params.grader` set to the task's grader when its reward grades correctness by a named grader
+    (the budget rewards) and the recipe did not name one: every reward then judges an answer as the evaluations do
+    (a budget reward grading a file's `\\frac{3}{4}` by `exact_int` would rank a wrong integer above it)."""
+    params = dict(spec.get("params") or {})
+    if "grader" in reward_params(get_reward_cls(spec["name"])) and "grader" not in params:
+        params["grader"] = grader
+    return {**spec, "params": params}
 
 
 class RLRewardWorker:
-    """specs: dicts with name, weight, params, key, on (`all` | `budgeted` | `auto`), as in the recipe. grader:
-    what `correct` (the accuracy metrics) is judged by: `exact_int` (the embedded task's integer grader) or `math`
-    (math-verify equivalence, for a data file's answers, as the stage's evaluation grades them)."""
+    """specs: dicts with name, weight, params, key, on (`all` | `budgeted` | `auto`), as in the recipe. grader: the
+    task's grader (`data.grader`, `rewards.verifiable.GRADERS`): what `correct` (the accuracy metrics) is judged by,
+    and the correctness of every reward component that takes a `grader` and was not given one."""
 
     def __init__(self, specs: list[dict], grader: str = "exact_int"):
-        if grader not in ("exact_int", "math"):
-            raise ValueError(f"grader must be 'exact_int' or 'math', got {grader!r}")
+        self.grade = get_grader(grader)  # raises naming the known graders
         self.grader = grader
         self.rewards: dict[str, CombinedReward] = {}
         for kind in ("budgeted", "auto"):
-            chosen = [{k: s[k] for k in ("name", "weight", "params", "key")} for s in specs
-                      if s.get("on", "all") in ("all", kind)]
+            chosen = [{k: s[k] for k in ("name", "weight", "params", "key")} for s in map(
+                lambda s: with_grader(s, grader), specs) if s.get("on", "all") in ("all", kind)]
             if chosen:
                 self.rewards[kind] = CombinedReward(chosen)
 
@@ -48,10 +58,5 @@ class RLRewardWorker:
                 total[i] = float(s)
             metrics |= {k.replace("reward/", f"reward/{kind}/", 1): v for k, v in out.metrics.items()}
         metrics["reward/mean"] = sum(total) / n if n else 0.0
-        if self.grader == "math":
-            from posttrain.rewards.math import math_equal_completion
-
-            correct = [math_equal_completion(t, a) for t, a in zip(texts, answers)]
-        else:
-            correct = [grade_integer(t, a) for t, a in zip(texts, answers)]
+        correct = [bool(self.grade(t, a)) for t, a in zip(texts, answers)]
         return total, correct, metrics

@@ -1,0 +1,99 @@
+"""One grader per task (`data.grader`), used by the RL rewards' correctness, the RM labels and every evaluation.
+
+The regression this pins: on a data file the default GRPO rewards graded correctness with `exact_int`, so a correct
+`\\frac{3}{4}` scored below a wrong integer while the progress line's accuracy (graded by `math`) looked healthy.
+"""
+
+import json
+
+import pytest
+
+from posttrain.recipe import load_recipe
+
+
+def _defaults() -> list[dict]:
+    from posttrain.config_rl import _default_rl_rewards
+
+    return [r.model_dump() for r in _default_rl_rewards()]
+
+
+def test_default_rl_rewards_grade_a_file_by_its_grader():
+    from posttrain.workers.reward import RLRewardWorker
+
+    texts = ["1234</think>\n\n\\frac{3}{4}", "1234</think>\n\n1", "1234</think>\n\n0.75", "12</think>\n\n3/4"]
+    answers, budgets = ["3/4", "3/4", "0.75", "3/4"], [4, 4, 4, None]
+    scores, correct, metrics = RLRewardWorker(_defaults(), "math").score(
+        ["q"] * 4, texts, answers, budgets, n_think=[4, 4, 4, 2], groups=[0, 0, 1, 2], forced=[False] * 4)
+    assert correct == [True, False, True, True]
+    assert scores[0] == pytest.approx(1.0) and scores[2] == pytest.approx(1.0)  # full correctness, on budget
+    assert scores[1] == pytest.approx(0.0) and scores[1] < scores[0]  # a wrong integer gets none
+    assert metrics["reward/budgeted/correct_l1/accuracy"] == pytest.approx(2 / 3)
+    # the same rewards under the integer grader are what the bug was: a right fraction below a wrong integer
+    wrong, _, _ = RLRewardWorker(_defaults(), "exact_int").score(
+        ["q"] * 2, texts[:2], ["3/4", "1"], [4, 4], n_think=[4, 4], groups=[0, 0], forced=[False] * 2)
+    assert wrong[0] < wrong[1]
+
+
+def test_a_reward_given_its_own_grader_keeps_it():
+    from posttrain.workers.reward import with_grader
+
+    spec = {"name": "budget_l1_exact", "params": {"grader": "exact_int"}}
+    assert with_grader(spec, "math")["params"]["grader"] == "exact_int"
+    assert with_grader({"name": "budget_l1_exact", "params": {}}, "exact")["params"]["grader"] == "exact"
+    assert "grader" not in with_grader({"name": "format", "params": {}}, "math")["params"]  # takes none
+
+
+@pytest.mark.parametrize("grader, source, label", [("auto", "arithmetic", "exact_int"), ("auto", "file", "math"),
+                                                    ("exact", "file", "exact"), ("math", "arithmetic", "math")])
+def test_data_grader_resolves_and_labels_the_rm_samples(tmp_path, grader, source, label):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "answer": "a"}\n')
+    over = [f"data.grader={grader}", f"data.source={source}", "stages=[base]"]
+    if source == "file":
+        over.append(f"data.path={tmp_path / 'd.jsonl'}")
+    rc = load_recipe(None, over)
+    assert rc.data.grader_name == label and rc.rm.label_reward == label
+    assert rc.data.grader == grader  # the recipe records what was asked; the resolution is deterministic
+
+
+def _fraction_rows(path) -> None:
+    answers = ["3/4", "0.25", "1.5", "\\frac{2}{3}", "2.75", "5/8", "0.125", "7/2", "4.5", "1/3", "0.6", "9/4"]
+    names = ["three quarters", "a quarter as a decimal", "one and a half", "two thirds", "two and three quarters",
+             "five eighths", "an eighth as a decimal", "seven halves", "four and a half", "one third",
+             "three fifths as a decimal", "nine quarters"]
+    rows = [{"q": f"Write {names[i % 12]} (case {i // 12}).", "a": answers[i % 12], "lvl": 1 + i % 2}
+            for i in range(48)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_whole_pipeline_on_fractions_and_decimals_rewards_right_answers(tiny_model_dir, tmp_path):
+    """sft -> rm -> grpo -> sweep -> export on a file of fraction and decimal answers: SFT memorises them, so the
+    rollouts hold right non-integer answers, and the budget reward's own correctness (graded by the task's grader)
+    must agree with the rollout's, row for row: full credit for a right answer, none for a wrong one."""
+    from posttrain.pipeline import run_recipe
+
+    _fraction_rows(tmp_path / "d.jsonl")
+    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "threads=1", "data.source=file",
+            f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q", "data.answer_column=a",
+            "data.difficulty_column=lvl", "stages=[sft,rm,grpo,sweep,export]", "sft.steps=300", "sft.batch_size=16",
+            "sft.learning_rate=3e-3", "sft.n_examples=200", "rm.n_prompts=8", "rm.samples_per_prompt=2",
+            "rm.budgets=[auto]", "rm.max_new_tokens=12", "rm.genrm.steps=2", "grpo.steps=2", "grpo.prompts_per_step=4",
+            "grpo.group_size=2", "grpo.budgets=[4,auto]", "grpo.max_new_tokens=12", "grpo.eval_budgets=[4]",
+            "grpo.eval_n_per_difficulty=1", "grpo.eval_max_new_tokens=12", "ray.backend=local", "sweep.backend=local",
+            "sweep.budgets=[4,auto]", "sweep.n_per_difficulty=1", "sweep.max_new_tokens=12"]
+    rc = load_recipe(None, over)
+    assert rc.data.grader_name == "math" and rc.rm.label_reward == "math"
+    info = run_recipe(rc)
+    lines = [json.loads(s) for s in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m["budget/4/accuracy"] for m in lines) > 0  # right fractions and decimals were sampled
+    for m in lines:
+        # every budgeted row has budget 4: the reward's correctness is the rollout's, and its score is exactly
+        # correctness minus L1's length term (1 for a right answer, 0 for a wrong one, before that term)
+        assert m["reward/budgeted/correct_l1/accuracy"] == pytest.approx(m["budget/4/accuracy"])
+        alpha = 0.005  # the default budget_l1_exact's
+        assert m["reward/budgeted/correct_l1/mean"] == pytest.approx(
+            m["budget/4/accuracy"] - alpha * m["reward/budgeted/correct_l1/abs_budget_error"])
+    report = json.loads((tmp_path / "run" / "rm" / "rm_report.json").read_text())
+    assert report["label_reward"] == "math"
+    assert (tmp_path / "run" / "export" / "adapter" / "adapter_config.json").is_file()
+    assert {r["model"] for r in json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())} == {"sft", "grpo"}
+    assert info["grpo"]["summary"]["skipped_steps"] == 0
