@@ -97,3 +97,22 @@ def test_whole_pipeline_on_fractions_and_decimals_rewards_right_answers(tiny_mod
     assert (tmp_path / "run" / "export" / "adapter" / "adapter_config.json").is_file()
     assert {r["model"] for r in json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())} == {"sft", "grpo"}
     assert info["grpo"]["summary"]["skipped_steps"] == 0
+
+
+def test_the_readme_recipe_for_your_own_data_loads(tmp_path, monkeypatch):
+    """The README's copy-me recipe is valid as printed (with its files present)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Your own checkpoint and data", 1)[1]
+    body = re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt-prepared").mkdir()
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "r #### 1", "level": 1}\n')
+    (tmp_path / "r.yaml").write_text(body)
+    rc = load_recipe(tmp_path / "r.yaml")
+    assert rc.data.grader_name == "math" and rc.rm.label_reward == "math" and rc.sft.lora.enabled
+    assert yaml.safe_load(body)["stages"] == list(rc.stages)
