@@ -109,11 +109,11 @@ def grade_responses(problems, responses, grader: str = "exact_int") -> list[Reco
     """Grade each response against its problem's answer with the task's grader (`rewards.verifiable.get_grader`:
     "exact_int" for the embedded task, "math" equivalence or "exact" text for a data file's answers): the function
     the RL rewards' correctness and the RM labels use too."""
-    from posttrain.rewards.verifiable import get_grader
+    from posttrain.rewards.verifiable import get_grader, gold
 
     grade = get_grader(grader)
-    return [Record(p.difficulty, bool(grade(r.text, p.answer)), r.n_think, r.closed, r.forced)
-            for p, r in zip(problems, responses)]
+    return [Record(p.difficulty, bool(grade(r.text, gold(grader, p.answer, getattr(p, "tests", None)))), r.n_think,
+                   r.closed, r.forced) for p, r in zip(problems, responses)]
 
 
 def first_per_difficulty(problems: list, n: int) -> list:

@@ -67,12 +67,16 @@ class DataConfig(Section):
         False, description="Skip (and list in the run directory) rows with missing/wrong/empty fields instead of "
         "stopping before training."
     )
-    grader: Literal["auto", "exact_int", "math", "exact"] = Field(
+    tests_column: str | None = Field(
+        None, description="Optional column of tests for code answers (assert strings, or {input, output} pairs, or "
+        "{inputs, outputs}; a JSON string of one of these): read by `grader: code` and the `code` reward.")
+    grader: Literal["auto", "exact_int", "math", "exact", "code"] = Field(
         "auto", description="How an answer is judged right, by every stage alike (the RL rewards' correctness, the "
         "RM labels, the eval and RL evaluations, the sweep): `exact_int` (the integer after `</think>`), `math` "
         "(math-verify equivalence of the answer after `</think>`, or of its last \\boxed{}: fractions, decimals, "
-        "expressions), `exact` (the answer as text, case and spacing ignored: words, letters, lists). `auto`: "
-        "`exact_int` on the embedded task, `math` on a data file.")
+        "expressions), `exact` (the answer as text, case and spacing ignored: words, letters, lists), `code` (the "
+        "answer's code passes every test of `tests_column`, run in the sandbox; the answer column is then the "
+        "reference solution SFT imitates). `auto`: `exact_int` on the embedded task, `math` on a data file.")
 
     @property
     def grader_name(self) -> str:
@@ -87,6 +91,15 @@ class DataConfig(Section):
             raise ValueError(f"`path` is required when source is {self.source!r}")
         if self.source == "file" and not Path(self.path).expanduser().is_file():
             raise ValueError(f"path: file {self.path!r} does not exist")
+        if self.grader == "code":
+            if not self.tests_column:
+                raise ValueError("grader: `code` runs each row's tests: set data.tests_column")
+            from posttrain.rewards.code import CodeReward
+
+            try:  # the sandbox must run here, before any model is loaded
+                CodeReward.check_params({})
+            except RuntimeError as e:
+                raise ValueError(f"grader: code: {e}") from None
         return self
 
 
@@ -366,7 +379,7 @@ class RecipeConfig(Section):
         grader = (source.get("grader", "auto") if isinstance(source, dict) else getattr(source, "grader", "auto"))
         source = (source.get("source", "arithmetic") if isinstance(source, dict)
                   else getattr(source, "source", "arithmetic"))
-        label = grader if grader in ("exact_int", "math", "exact") else (
+        label = grader if grader in ("exact_int", "math", "exact", "code") else (
             "exact_int" if source == "arithmetic" else "math")  # the data's grader (DataConfig.grader_name)
         if rm is None or isinstance(rm, dict) and rm.get("label_reward") is None:
             return {**data, "rm": {**(rm or {}), "label_reward": label}}

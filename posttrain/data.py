@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.config import DataConfig, TaskConfig
@@ -25,6 +25,7 @@ class Example:
     difficulty: int | None = None
     reasoning: str | None = None
     source: str = "arithmetic"
+    tests: object = field(default=None, compare=False)  # data.tests_column: what the `code` grader runs
 
 
 class DataError(ValueError):
@@ -198,7 +199,25 @@ def _convert(row: dict, cfg: DataConfig) -> Example:
         difficulty = row.get(cfg.difficulty_column)
         if not isinstance(difficulty, int):
             raise ValueError(f"field {cfg.difficulty_column!r} must be an integer")
-    return Example(prompt.strip(), answer.strip(), difficulty, reasoning, source="file")
+    tests = None
+    if cfg.tests_column:
+        from posttrain.rewards.code import normalize_tests
+
+        if row.get(cfg.tests_column) in (None, "", []):
+            raise ValueError(f"field {cfg.tests_column!r} is missing or empty")
+        try:
+            tests = normalize_tests(row[cfg.tests_column])
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"field {cfg.tests_column!r}: {e}") from None
+        if all(isinstance(t, str) for t in tests):
+            from posttrain.rewards.code_tests import AssertTest
+
+            try:
+                for t in tests:
+                    AssertTest.parse(t)  # a test the verdict cannot be computed for is a bad row, not a 0 later
+            except ValueError as e:
+                raise ValueError(f"field {cfg.tests_column!r}: {e}") from None
+    return Example(prompt.strip(), answer.strip(), difficulty, reasoning, source="file", tests=tests)
 
 
 def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Example]:
@@ -235,11 +254,12 @@ class TextProblem:
     expression: str  # the user prompt (named as the embedded task's Problem, which the driver reads)
     answer: str
     difficulty: int = 0
+    tests: object = field(default=None, compare=False)  # data.tests_column, for the `code` grader
 
 
 def text_problems(data) -> list[TextProblem]:
     """The rows of the data file `data` (a `DataConfig`) as problems (difficulty 0 without a difficulty column)."""
-    return [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in file_examples(data)]
+    return [TextProblem(e.prompt, e.answer, e.difficulty or 0, e.tests) for e in file_examples(data)]
 
 
 def bad_rows_message(where: str, bad: list[dict], n_rows: int, shown: int = 20) -> str:

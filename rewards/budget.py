@@ -24,9 +24,11 @@ class _Graded:
         self.grader = grader
 
     def _correct(self, completions, fields) -> list[float]:
-        answers = get_field(fields, "answer", len(completions), reward=self.name)
+        n = len(completions)
+        field = "tests" if self.grader == "code" else "answer"  # what the grader compares with (`verifiable.gold`)
+        golds = get_field(fields, field, n, reward=self.name)
         grade = get_grader(self.grader)
-        return [1.0 if grade(c, a) else 0.0 for c, a in zip(completions, answers)]
+        return [1.0 if grade(c, a) else 0.0 for c, a in zip(completions, golds)]
 
 
 class _BudgetReward(_Graded):

@@ -47,13 +47,43 @@ def grade_exact(completion: str, answer) -> bool:
     return parsed.closed and normalize_text_answer(parsed.answer) == normalize_text_answer(str(answer))
 
 
+def grade_code(completion: str, tests) -> bool:
+    """The code in the answer passes every one of `tests` (the example's tests, not a text answer: see `gold`) in
+    the sandbox (`code.CodeReward`, bubblewrap isolation)."""
+    return _code_judge()(completion, tests)
+
+
+_CODE_JUDGE = []
+
+
+def _code_judge():
+    """One all-or-nothing `code` reward for the process (built lazily: the sandbox is probed when code is first
+    graded)."""
+    if not _CODE_JUDGE:
+        from .code import CodeReward
+
+        reward = CodeReward(partial=False, num_workers=1)
+        _CODE_JUDGE.append(lambda completion, tests: reward.score_one(completion, tests)[0] == 1.0)
+    return _CODE_JUDGE[0]
+
+
 GRADERS: dict[str, Callable[[str, object], bool]] = {"exact_int": grade_integer, "math": _grade_math,
-                                                     "exact": grade_exact}
+                                                     "exact": grade_exact, "code": grade_code}
+
+
+def gold(grader: str, answer, tests=None):
+    """What `grader` compares a completion with: the example's tests for "code", its answer otherwise."""
+    if grader == "code":
+        if tests is None:
+            raise ValueError("the code grader needs the example's tests (data.tests_column)")
+        return tests
+    return answer
 
 
 def get_grader(name: str) -> Callable[[str, object], bool]:
-    """The grader registered under `name` ("exact_int", "math" or "exact"): the one function by which the RL
-    reward's correctness, the RM labels and every evaluation judge an answer to a task."""
+    """The grader registered under `name` ("exact_int", "math", "exact" or "code"): the one function by which the
+    RL reward's correctness, the RM labels and every evaluation judge an answer to a task; it takes the completion
+    and `gold(name, answer, tests)`."""
     if name not in GRADERS:
         raise ValueError(f"unknown grader {name!r}; known graders: {', '.join(sorted(GRADERS))}")
     return GRADERS[name]

@@ -116,3 +116,58 @@ def test_the_readme_recipe_for_your_own_data_loads(tmp_path, monkeypatch):
     rc = load_recipe(tmp_path / "r.yaml")
     assert rc.data.grader_name == "math" and rc.rm.label_reward == "math" and rc.sft.lora.enabled
     assert yaml.safe_load(body)["stages"] == list(rc.stages)
+
+
+def test_code_data_reaches_the_code_reward_and_grader_in_every_stage(tiny_model_dir, tmp_path):
+    """data.tests_column + data.grader: code: SFT imitates the reference solutions (the answer column), the rm stage
+    labels samples by running them, and GRPO's `code` reward and its correctness run each row's tests."""
+    import os
+
+    from posttrain.pipeline import run_recipe
+    from posttrain.rewards.sandbox import bwrap_problem
+
+    if bwrap_problem():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the code grader with its sandbox: {bwrap_problem()}")
+        pytest.skip(bwrap_problem())
+    ops = [("add", "+"), ("sub", "-"), ("mul", "*")]
+    rows = [{"q": f"Write {name} (v{i}).", "solution": f"def {name}(a, b):\n    return a {op} b",
+             "tests": [f"assert {name}(2, 3) == {eval(f'2 {op} 3')}", f"assert {name}(4, 1) == {eval(f'4 {op} 1')}"]}
+            for i in range(8) for name, op in ops]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "threads=1", "data.source=file",
+            f"data.path={tmp_path / 'c.jsonl'}", "data.prompt_column=q", "data.answer_column=solution",
+            "data.tests_column=tests", "data.grader=code", "stages=[sft,rm,grpo]", "sft.steps=300",
+            "sft.batch_size=16", "sft.learning_rate=3e-3", "rm.n_prompts=6", "rm.samples_per_prompt=2",
+            "rm.budgets=[auto]", "rm.max_new_tokens=40", "rm.genrm.steps=2", "grpo.steps=2", "grpo.prompts_per_step=3",
+            "grpo.group_size=2", "grpo.budgets=[auto]", "grpo.max_new_tokens=40", "grpo.eval_budgets=[auto]",
+            "grpo.eval_n_per_difficulty=1", "grpo.eval_max_new_tokens=40", "ray.backend=local",
+            "grpo.rewards=[{name: code, on: all}]"]
+    rc = load_recipe(None, over)
+    assert rc.rm.label_reward == "code"
+    run_recipe(rc)
+    lines = [json.loads(s) for s in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        assert m["reward/auto/code/errors"] == 0.0  # the sandbox ran every answer
+        # the reward's all-pass rate is the rollout's correctness by the code grader
+        assert m["reward/auto/code/all_pass"] == pytest.approx(m["rollout/accuracy"])
+    assert sum(m["rollout/accuracy"] for m in lines) > 0  # the imitated solutions pass their tests
+    report = json.loads((tmp_path / "run" / "rm" / "rm_report.json").read_text())
+    assert report["label_reward"] == "code" and report["sample_accuracy"] > 0
+
+
+def test_bad_tests_are_bad_rows_named_before_any_model_loads(tmp_path):
+    from posttrain.data import DataError, file_examples
+
+    rows = [{"q": "a", "s": "x", "t": ["assert f(1) == 1"]}, {"q": "b", "s": "x", "t": []},
+            {"q": "c", "s": "x", "t": ["x = 1"]}, {"q": "d", "s": "x", "t": "not json"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = load_recipe(None, ["stages=[base]", "data.source=file", f"data.path={tmp_path / 'c.jsonl'}",
+                            "data.prompt_column=q", "data.answer_column=s", "data.tests_column=t"])
+    with pytest.raises(DataError) as e:
+        file_examples(rc.data)
+    msg = str(e.value)
+    assert "line 2" in msg and "line 3" in msg and "line 4" in msg and "line 1:" not in msg
+    with pytest.raises(Exception, match="set data.tests_column"):
+        load_recipe(None, ["stages=[base]", "data.source=file", f"data.path={tmp_path / 'c.jsonl'}",
+                           "data.grader=code"])

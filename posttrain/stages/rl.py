@@ -277,8 +277,10 @@ class RLDriver:
         t["rollout"] = time.perf_counter()
         answers = [problems[g].answer for g in batch.group_index]
         questions = [problems[g].expression for g in batch.group_index]
+        tests = [getattr(problems[g], "tests", None) for g in batch.group_index]
         scores, correct, metrics = self.w.reward.call(RLRewardWorker.score, questions, batch.texts, answers,
-                                                      batch.budgets, batch.n_think, batch.group_index, batch.forced)
+                                                      batch.budgets, batch.n_think, batch.group_index, batch.forced,
+                                                      tests if any(x is not None for x in tests) else None)
         t["reward"] = time.perf_counter()
         if not all(math.isfinite(s) for s in scores):  # the learner skips the step (non-finite advantages)
             metrics["reward/non_finite"] = float(sum(not math.isfinite(s) for s in scores))

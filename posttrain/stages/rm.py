@@ -70,7 +70,13 @@ def rm_problems(rc, seed: int) -> list:
     if n_seen or len(picked) < n:
         log.info("rm: %d problems from %s (%d of them rows the sft stage trains on)", len(picked), rc.data.path, n_seen)
     picked = [train[i] for i in picked]
-    return [TextProblem(e.prompt, e.answer, e.difficulty or 0) for e in picked]
+    return [TextProblem(e.prompt, e.answer, e.difficulty or 0, e.tests) for e in picked]
+
+
+def _tests_field(problems: list) -> dict:
+    """``{"tests": [...]}`` for problems that carry tests (`data.tests_column`, read by the `code` reward)."""
+    tests = [getattr(p, "tests", None) for p in problems]
+    return {"tests": tests} if any(t is not None for t in tests) else {}
 
 
 def check_labeller(problems: list, label_reward: str) -> None:
@@ -85,7 +91,8 @@ def check_labeller(problems: list, label_reward: str) -> None:
         out = build_reward(label_reward)([p.expression for p in problems],
                                          [f"{THINK_END}\n\n{p.answer}" for p in problems],
                                          answer=[p.answer for p in problems], budget=[None] * n, n_think=[0] * n,
-                                         closed=[True] * n, difficulty=[p.difficulty for p in problems])
+                                         closed=[True] * n, difficulty=[p.difficulty for p in problems],
+                                         **_tests_field(problems))
     except Exception as e:  # noqa: BLE001 - any labeller failure is the recipe's to fix
         raise ValueError(f"rm.label_reward: `{label_reward}` cannot grade a response against this data's answer "
                          f"({type(e).__name__}: {e}); it needs a reward that reads the answer alone: `exact_int` for "
@@ -120,7 +127,8 @@ def sample_responses(model, tok, cfg, problems: list, seed: int, label_reward: s
     labeller = build_reward(label_reward)
     out = labeller([r["problem"] for r in recs], [r["response"] for r in recs], answer=[r["answer"] for r in recs],
                    budget=[r["budget"] for r in recs], n_think=[r["n_think"] for r in recs],
-                   closed=[r["closed"] for r in recs], difficulty=[r["difficulty"] for r in recs])
+                   closed=[r["closed"] for r in recs], difficulty=[r["difficulty"] for r in recs],
+                   **_tests_field([problems[r["problem_id"]] for r in recs]))
     for r, s in zip(recs, out.scores):
         r.update(label_score=float(s), correct=bool(s >= 0.5))
     return recs

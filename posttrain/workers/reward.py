@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from posttrain.rewards.combine import CombinedReward
 from posttrain.rewards.registry import get_reward_cls, reward_params
-from posttrain.rewards.verifiable import get_grader
+from posttrain.rewards.verifiable import get_grader, gold
 
 
 def with_grader(spec: dict, grader: str) -> dict:
@@ -37,10 +37,12 @@ class RLRewardWorker:
                 self.rewards[kind] = CombinedReward(chosen)
 
     def score(self, prompts: list[str], texts: list[str], answers: list, budgets: list[int | None], n_think: list[int],
-              groups: list[int], forced: list[bool]) -> tuple[list[float], list[bool], dict[str, float]]:
+              groups: list[int], forced: list[bool], tests: list | None = None
+              ) -> tuple[list[float], list[bool], dict[str, float]]:
         """(per-row rewards, per-row correctness by the eval grader, metrics prefixed by the kind).
 
-        prompts: the problems (user messages; a generative verifier reads them); texts: the responses.
+        prompts: the problems (user messages; a generative verifier reads them); texts: the responses; tests: each
+        row's tests (`data.tests_column`), passed to the rewards as the `tests` field (the `code` reward's).
 
         A row whose kind has no reward component scores 0.
         """
@@ -51,12 +53,14 @@ class RLRewardWorker:
             rows = [i for i in range(n) if (budgets[i] is None) == (kind == "auto")]
             if not rows:
                 continue
+            extra = {} if tests is None else {"tests": [tests[i] for i in rows]}
             out = reward([prompts[i] for i in rows], [texts[i] for i in rows], answer=[answers[i] for i in rows],
                          budget=[budgets[i] for i in rows], n_think=[n_think[i] for i in rows],
-                         group=[groups[i] for i in rows], forced=[forced[i] for i in rows])
+                         group=[groups[i] for i in rows], forced=[forced[i] for i in rows], **extra)
             for i, s in zip(rows, out.scores):
                 total[i] = float(s)
             metrics |= {k.replace("reward/", f"reward/{kind}/", 1): v for k, v in out.metrics.items()}
         metrics["reward/mean"] = sum(total) / n if n else 0.0
-        correct = [bool(self.grade(t, a)) for t, a in zip(texts, answers)]
+        tests = tests if tests is not None else [None] * n
+        correct = [bool(self.grade(t, gold(self.grader, a, x))) for t, a, x in zip(texts, answers, tests)]
         return total, correct, metrics
