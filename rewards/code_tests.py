@@ -14,10 +14,15 @@ An assert test (``assert f(2) == 4``, ``assert math.isclose(area(2), 12.566, rel
   frame changes at most the values the code answers with, and an exit, a printed verdict or an exception at exit
   reports nothing.
 
-Equality (`equal`) is Python's, except that floats (and ints against floats) compare within a relative tolerance of
-`FLOAT_REL_TOL` (absolute `FLOAT_ABS_TOL` near zero), element by element inside lists, tuples and dict values.
-Printed outputs (`outputs_match`) compare line by line after stripping trailing spaces and blank lines around; where
-they differ, tokens that both read as numbers compare within `PRINTED_FLOAT_TOL` (printing rounds).
+Equality (`equal`) is Python's, except that two floats compare within a relative tolerance of `FLOAT_REL_TOL`
+(absolute `FLOAT_ABS_TOL` near zero), element by element inside lists, tuples and dict values; an int against a
+float compares exactly. Printed outputs (`outputs_match`) compare line by line after stripping trailing spaces and
+blank lines around; where they differ, two numbers of which one is written with a point or an exponent compare
+within `PRINTED_FLOAT_TOL` (printing rounds); two integers only exactly.
+
+Sub-expressions that use no name of the code's (``list(range(5))``, ``pow(2, 5)``, ``[i * i for i in range(3)]``) are
+expected values: they are computed here, with this process's own builtins, never in the sandbox where the code
+could have replaced them.
 
 A test of another shape (statements other than asserts and ``import math``, a lambda, a comprehension whose element
 compares) is refused with an error naming it, before any code runs.
@@ -38,6 +43,9 @@ SAFE_FUNCTIONS = ("abs", "all", "any", "bool", "dict", "float", "frozenset", "in
                   "max", "min", "round", "set", "sorted", "str", "sum", "tuple", "type", "reversed", "zip",
                   "enumerate", "bytes")
 _CONVERTERS = ("list", "tuple", "sorted", "set", "frozenset")
+# Names an expected value may use (computed here, never in the sandbox): the test author's, so their cost is theirs.
+EXPECTED_NAMES = SAFE_FUNCTIONS + ("range", "pow", "chr", "ord", "divmod", "hex", "bin", "oct", "map", "filter",
+                                   "math")
 _MATH = {name: getattr(math, name) for name in (
     "isclose", "isfinite", "isinf", "isnan", "sqrt", "fabs", "floor", "ceil", "trunc", "exp", "log", "log2", "log10",
     "pow", "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "hypot", "fsum", "copysign", "degrees", "radians",
@@ -55,11 +63,10 @@ _MAX_SIZE = 10 ** 6  # the largest sequence or exponent an operator here may pro
 def equal(a, b) -> bool:
     """Python's ``a == b`` on plain data, with floats compared within `FLOAT_REL_TOL`.
 
-    >>> equal([0.1 + 0.2, "x"], [0.3, "x"]), equal((1, 2), [1, 2]), equal({"a": 1.0}, {"a": 1})
-    (True, False, True)
+    >>> equal([0.1 + 0.2, "x"], [0.3, "x"]), equal((1, 2), [1, 2]), equal({"a": 1.0}, {"a": 1}), equal(1e10, 10**10 + 1)
+    (True, False, True, False)
     """
-    num = (int, float)
-    if type(a) in num and type(b) in num and float in (type(a), type(b)):
+    if type(a) is float and type(b) is float:  # an int against a float compares exactly: 1e10 is not 10000000001
         return a == b or math.isclose(a, b, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
     if type(a) in (list, tuple) and type(a) is type(b):
         return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
@@ -82,6 +89,8 @@ def _compare(ops: tuple, *values) -> bool:
 
 
 def _binop(op: str, a, b):
+    if op == "Mod" and type(a) in (str, bytes):
+        raise TypeError("%-formatting a returned value is not a check")  # '%0999999999d' % 1 would fill memory
     if op in ("Pow", "LShift") and type(b) in (int, float) and abs(b) > 10_000:
         raise OverflowError("exponent too large to check")
     if op == "Mult" and any(type(x) in (str, bytes, list, tuple) for x in (a, b)):
@@ -91,13 +100,32 @@ def _binop(op: str, a, b):
     return _BINOPS[getattr(ast, op)](a, b)
 
 
+def _uses_no_code(node: ast.AST) -> bool:
+    """Whether `node` is an expected value: every name it reads is one of `EXPECTED_NAMES` or bound by one of its own
+    comprehensions, every attribute a `math` one, and nothing else can run code (no lambda, no walrus)."""
+    bound = {t.id for c in ast.walk(node) if isinstance(c, ast.comprehension)
+             for t in ast.walk(c.target) if isinstance(t, ast.Name)}
+    for n in ast.walk(node):
+        if isinstance(n, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom, ast.Starred)):
+            return False
+        if isinstance(n, ast.Name) and n.id not in bound and n.id not in EXPECTED_NAMES:
+            return False
+        if isinstance(n, ast.Attribute) and not (
+                isinstance(n.value, ast.Name) and n.value.id == "math" and not n.attr.startswith("_")):
+            return False
+    return True
+
+
 class _Splitter(ast.NodeTransformer):
-    """Replace the sub-expressions the sandbox must evaluate by names ``__v0``, ``__v1``..., collecting their source."""
+    """Replace the sub-expressions the sandbox must evaluate by names ``__v0``, ``__v1``..., collecting their source.
+    A sub-expression that uses none of the code's names stays here (`_uses_no_code`)."""
 
     def __init__(self, source: str):
         self.source, self.exprs = source, []
 
-    def _sandbox(self, node: ast.expr, text: str | None = None) -> ast.Name:
+    def _sandbox(self, node: ast.expr, text: str | None = None) -> ast.expr:
+        if text is None and _uses_no_code(node):
+            return node  # an expected value: evaluated here, with this process's builtins
         for sub in ast.walk(node):
             if isinstance(sub, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
                 inner = [sub.elt] if hasattr(sub, "elt") else [sub.key, sub.value]
@@ -172,6 +200,8 @@ class _Splitter(ast.NodeTransformer):
         func = node.func
         is_math = isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "math"
         safe = isinstance(func, ast.Name) and func.id in SAFE_FUNCTIONS
+        if is_math and func.attr not in _MATH:  # factorial, comb...: only on constants (an expected value), here
+            return self._sandbox(node)
         if safe and func.id in _CONVERTERS and len(node.args) == 1 and not node.keywords \
                 and self._needs_sandbox(node.args[0]):
             inner = ast.unparse(node.args[0])
@@ -219,6 +249,8 @@ class AssertTest:
             parts = [splitter.visit(c) for c in conditions]
         except ValueError as e:
             raise ValueError(f"test {source!r:.80}: {e}") from None
+        if not splitter.exprs:
+            raise ValueError(f"test {source!r:.80} calls none of the code, so any answer would pass it")
         body = parts[0] if len(parts) == 1 else ast.BoolOp(ast.And(), parts)
         tree = ast.fix_missing_locations(ast.Expression(body))
         return cls(source, tuple(splitter.exprs), compile(tree, "<test check>", "eval"))
@@ -229,6 +261,8 @@ class AssertTest:
             return False
         scope = {f"__v{i}": v[1] for i, v in enumerate(values)}
         scope.update({f"__safe_{n}": getattr(builtins, n) for n in SAFE_FUNCTIONS})
+        scope.update({n: getattr(builtins, n) for n in EXPECTED_NAMES if hasattr(builtins, n)})
+        scope["math"] = math  # only in expected values: sub-expressions that use none of the code's values
         scope.update({"__compare": _compare, "__binop": _binop, "__math": _MATH})
         try:
             return bool(eval(self.check, {"__builtins__": {}}, scope))  # noqa: S307 - whitelisted nodes, plain values
@@ -241,6 +275,11 @@ def _number(token: str) -> float | None:
         return float(token)
     except ValueError:
         return None
+
+
+def _decimal(token: str) -> bool:
+    """Whether the token is written as a decimal number (a point or an exponent: printing may have rounded it)."""
+    return any(c in token for c in ".eE") and any(c.isdigit() for c in token)
 
 
 def outputs_match(got: str, expected: str) -> bool:
@@ -261,7 +300,7 @@ def outputs_match(got: str, expected: str) -> bool:
             if x == y:
                 continue
             fx, fy = _number(x), _number(y)
-            if fx is None or fy is None or not math.isclose(fx, fy, rel_tol=PRINTED_FLOAT_TOL,
-                                                            abs_tol=PRINTED_FLOAT_TOL):
-                return False
+            if fx is None or fy is None or not (_decimal(x) or _decimal(y)) or not math.isclose(
+                    fx, fy, rel_tol=PRINTED_FLOAT_TOL, abs_tol=PRINTED_FLOAT_TOL):
+                return False  # two integers that differ, or numbers out of tolerance
     return True

@@ -221,8 +221,8 @@ def _bwrap_argv(limits: SandboxLimits, read_paths, packages) -> list[str]:
             "--tmpfs", _WORKDIR, *_system_lib_args()]
     for p in binds:
         argv += ["--ro-bind", p, p]
-    for p in hide:
-        argv += ["--tmpfs", p]
+    for p in hide:  # an empty tmpfs over site-packages, read-only: it has no size limit
+        argv += ["--tmpfs", p, "--remount-ro", p]
     for src, _ in package_paths(packages):
         argv += ["--ro-bind", src, src]
     for p in read_paths:
@@ -341,7 +341,7 @@ def _run(code: str, cfg: dict, n_tests: int, limits: SandboxLimits, *, isolation
         cfg = {**cfg, "code": code, "workdir": workdir, "audit": audit,
                "read_paths": [os.path.realpath(p) for p in read_paths] + [s for s, _ in pkgs],
                "forbidden": [os.path.realpath(p) for p in forbidden_paths],
-               "sys_path": sorted({d for _, d in pkgs}),
+               "sys_path": sorted({d for _, d in pkgs}), "max_report_bytes": max(4096, (limits.fsize_mb << 20) // 4),
                "seccomp": sandbox_seccomp.build_filter(sandbox_seccomp.DANGEROUS + sandbox_seccomp.NO_PROCESSES,
                                                        threads_only_clone=True).hex(),
                "limits": {"as": limits.memory_mb << 20, "cpu": max(1, math.ceil(cpu_s)),
@@ -404,8 +404,19 @@ def _report_lines(path: Path, limit: int) -> dict[int, dict]:
     return out
 
 
-def decode(tree, depth: int = 0):
-    """The value an `encode`d tree stands for, built from fresh builtins; ValueError for anything malformed."""
+MAX_DECODED_ITEMS = 1_000_000  # values per decoded result: a bigger one is refused, not built
+
+
+def decode(tree, depth: int = 0, budget: list | None = None):
+    """The value an `encode`d tree stands for, built from fresh builtins; ValueError for anything malformed.
+
+    The trusted process builds it, so what the code chose must not cost it much: at most `MAX_DECODED_ITEMS`
+    values, and a set or dict whose keys mostly share a hash (which would make building it quadratic) is refused.
+    """
+    budget = [MAX_DECODED_ITEMS] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError("value too large")
     if depth > MAX_DEPTH + 1 or type(tree) is not list or not tree or type(tree[0]) is not str:
         raise ValueError("malformed value")
     tag, rest = tree[0], tree[1:]
@@ -420,21 +431,32 @@ def decode(tree, depth: int = 0):
         return int(x)  # ValueError past Python's 4300-digit limit
     if tag == "f" and type(x) is str:
         return float(x)
+    if tag == "c" and type(x) is list and len(x) == 2 and all(type(v) is str for v in x):
+        return complex(float(x[0]), float(x[1]))
     if tag == "s" and type(x) is str:
         return x
     if tag == "y" and type(x) is str:
         return bytes.fromhex(x)
     if tag in ("l", "t", "S", "F") and type(x) is list:
-        items = [decode(e, depth + 1) for e in x]
+        items = [decode(e, depth + 1, budget) for e in x]
+        if tag in ("S", "F"):
+            _check_hashes(items)
         return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
     if tag == "d" and type(x) is list:
         pairs = []
         for kv in x:
             if type(kv) is not list or len(kv) != 2:
                 raise ValueError("malformed value")
-            pairs.append((decode(kv[0], depth + 1), decode(kv[1], depth + 1)))
+            pairs.append((decode(kv[0], depth + 1, budget), decode(kv[1], depth + 1, budget)))
+        _check_hashes([k for k, _ in pairs])
         return dict(pairs)
     raise ValueError("malformed value")
+
+
+def _check_hashes(keys: list) -> None:
+    """Refuse keys that would collide in a hash table (TypeError for unhashable ones, as building it would)."""
+    if len(keys) > 64 and len({hash(k) for k in keys}) < len(keys) // 2:
+        raise ValueError("set or dict keys with colliding hashes")
 
 
 def run_calls(code: str, exprs: list[str], limits: SandboxLimits = SandboxLimits(), *, isolation: str = "bwrap",

@@ -16,6 +16,7 @@ Exit codes the parent reads: `EXIT_MEMORY` (MemoryError), `EXIT_VIOLATION` (the 
 import os
 import sys
 
+_EXIT = os._exit  # the real one: stdin mode replaces os._exit for the code (one input ends, not the harness)
 EXIT_MEMORY = 86
 EXIT_VIOLATION = 87
 EXIT_SANDBOX = 88
@@ -139,12 +140,17 @@ def _load_seccomp(program: bytes) -> None:
 def _make_encoder():
     """`encode(value) -> JSON-able tree` for plain data only, bound to references taken before the code runs.
 
-    Exact types only (a subclass of int or str, or any object with its own `__eq__`, is refused): None, bool, int,
-    float, str, bytes, list, tuple, dict, set, frozenset. Tags keep tuples apart from lists, ints exact at any size.
+    Builtin types and their subclasses (a `Counter` is a dict, a namedtuple a tuple, an IntEnum an int), read
+    through the base types' own methods, so that no override of the code's (``__eq__``, ``__iter__``, ``items``)
+    takes part: what comes back is the plain value underneath. None, bool, int, float, complex, str, bytes, list,
+    tuple, dict, set, frozenset; anything else fails the call. Tags keep tuples apart from lists, ints exact.
     """
-    type_, repr_int, repr_float, items, iter_, list_ = type, int.__repr__, float.__repr__, dict.items, iter, list
-    bytes_hex, len_ = bytes.hex, len
-    tags = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+    type_, sub = type, issubclass
+    repr_int, repr_float, items, len_, list_ = int.__repr__, float.__repr__, dict.items, len, list
+    str_copy, bytes_hex, real, imag = str.__getitem__, bytes.hex, complex.real.__get__, complex.imag.__get__
+    iters = ((list, "l", list.__iter__), (tuple, "t", tuple.__iter__), (set, "S", set.__iter__),
+             (frozenset, "F", frozenset.__iter__))
+    everything = slice(None)
 
     def encode(x, depth=0):
         if depth > MAX_DEPTH:
@@ -154,20 +160,23 @@ def _make_encoder():
             return ["n"]
         if t is bool:
             return ["b", x is True]
-        if t is int:
+        if sub(t, int):
             return ["i", repr_int(x)]
-        if t is float:
+        if sub(t, float):
             return ["f", repr_float(x)]
-        if t is str:
-            return ["s", x]
-        if t is bytes:
+        if sub(t, complex):
+            return ["c", [repr_float(real(x)), repr_float(imag(x))]]
+        if sub(t, str):
+            return ["s", str_copy(x, everything)]
+        if sub(t, bytes):
             return ["y", bytes_hex(x)]
-        if t in tags:
-            out = [encode(e, depth + 1) for e in list_(iter_(x))]
-            if len_(out) > 1_000_000:
-                raise ValueError("too long")
-            return [tags[t], out]
-        if t is dict:
+        for base, tag, it in iters:
+            if sub(t, base):
+                out = [encode(e, depth + 1) for e in list_(it(x))]
+                if len_(out) > 1_000_000:
+                    raise ValueError("too long")
+                return [tag, out]
+        if sub(t, dict):
             return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in list_(items(x))]]
         raise TypeError(f"{t.__name__} is not plain data")
 
@@ -204,31 +213,49 @@ def _run_calls(compiled, cfg, ns, report):
 
 
 def _run_stdin(compiled, cfg, report):
-    """Run the code once per input, with file descriptors 0 and 1 on fresh in-memory files; report each output."""
+    """Run the code once per input, with file descriptors 0 and 1 on fresh files of the working directory (so its
+    size limit counts them); report each output. Per input, as a process of its own would: the program's threads
+    are joined, its atexit functions run, ``os._exit`` ends that input only."""
+    import atexit
     import builtins
     import traceback
 
-    dumps, memfd, dup2, lseek, read, write, close = (__import__("json").dumps, os.memfd_create, os.dup2, os.lseek,
-                                                     os.read, os.write, os.close)
-    exec_, open_ = exec, open  # the code may replace the builtins between two inputs
+    dumps, o_open, dup2, read, write, close, unlink = (__import__("json").dumps, os.open, os.dup2, os.read, os.write,
+                                                       os.close, os.unlink)
+    exec_, open_, enumerate_threads = exec, open, None
+    wr, rd = os.O_WRONLY | os.O_CREAT | os.O_TRUNC, os.O_RDONLY
     limit = cfg["max_output_bytes"]
+
+    def soft_exit(code=0):
+        raise SystemExit(code)
+
+    os._exit = soft_exit
     for i, text in enumerate(cfg["inputs"]):
-        fin, fout = memfd("stdin"), memfd("stdout")
-        data = text.encode("utf-8")
+        in_path, out_path = f".posttrain_in_{i}", f".posttrain_out_{i}"
+        fd, data = o_open(in_path, wr, 0o600), text.encode("utf-8")
         while data:
-            data = data[write(fin, data):]
-        lseek(fin, 0, 0)
-        # the previous input's program may have closed 0 or 1, so the new files can land there themselves
-        for fd, target in ((fin, 0), (fout, 1)):
+            data = data[write(fd, data):]
+        close(fd)
+        fin, fout = o_open(in_path, rd), o_open(out_path, wr, 0o600)
+        for fd, target in ((fin, 0), (fout, 1)):  # the previous program may have closed 0 or 1
             if fd != target:
                 dup2(fd, target)
-        if fin not in (0, 1):
-            close(fin)
-        sys.stdin = open_(0, "r", closefd=False, encoding="utf-8", errors="replace")
-        sys.stdout = open_(1, "w", closefd=False, encoding="utf-8", errors="replace")
+        for fd in {fin, fout} - {0, 1}:
+            close(fd)
+        unlink(in_path)
+        sys.stdin = sys.__stdin__ = open_(0, "r", closefd=False, encoding="utf-8", errors="replace")
+        sys.stdout = sys.__stdout__ = open_(1, "w", closefd=False, encoding="utf-8", errors="replace")
         status = "ok"
         try:
             exec_(compiled, {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"})
+            if "threading" in sys.modules:  # `threading.Thread(target=main).start()` is a common idiom
+                import threading
+
+                enumerate_threads = enumerate_threads or threading.enumerate
+                for t in enumerate_threads():
+                    if t is not threading.main_thread() and not t.daemon:
+                        t.join()
+            atexit._run_exitfuncs()
         except SystemExit as e:
             status = "ok" if e.code in (None, 0) else "runtime_error"
         except MemoryError:
@@ -239,26 +266,26 @@ def _run_stdin(compiled, cfg, report):
         try:
             sys.stdout.flush()
         except BaseException:  # noqa: BLE001 - the code closed or broke its stdout
-            status = "runtime_error"
-        try:
-            lseek(1, 0, 0)
-            out = read(1, limit + 1)
-        except OSError:  # the program closed its stdout
+            pass
+        try:  # read back by name: the program may have closed or replaced file descriptor 1
+            fd = o_open(out_path, rd)
+            out = read(fd, limit + 1)
+            close(fd)
+            unlink(out_path)
+        except OSError:
             out, status = b"", "runtime_error"
-        if fout != 1:
-            close(fout)
         report(dumps({"i": i, "status": status, "out": out[:limit].decode("utf-8", "replace"),
                       "truncated": len(out) > limit}))
 
 
 def _memory_exit():
     os.write(2, b"\n__SANDBOX_MEMORY__\n")
-    os._exit(EXIT_MEMORY)
+    _EXIT(EXIT_MEMORY)
 
 
 def _fail_setup(what):
     os.write(2, f"\n__SANDBOX_SETUP_FAILED__ {what}\n".encode("utf-8", "replace"))
-    os._exit(EXIT_SANDBOX)
+    _EXIT(EXIT_SANDBOX)
 
 
 def _main():
@@ -273,15 +300,23 @@ def _main():
     sys.argv = ["solution.py"]
     write = os.write
 
+    max_line = cfg["max_report_bytes"]
+
     def report(line):
-        write(res_fd, (line + "\n").encode("utf-8", "replace"))
+        data = (line + "\n").encode("utf-8", "replace")
+        if len(data) > max_line:  # one huge value must not take the others' room: that call fails alone
+            data = (json.dumps({"i": json.loads(line)["i"], "error": "value too large"}) + "\n").encode()
+        try:
+            write(res_fd, data)
+        except OSError:  # past RLIMIT_FSIZE (or closed by the code): the rest are missing, never mis-reported
+            pass
 
     try:
         compiled = compile(cfg["code"], "solution.py", "exec")
     except (SyntaxError, ValueError):
         traceback.print_exc()
         sys.stderr.flush()
-        os._exit(1)
+        _EXIT(1)
     os.chdir(cfg["workdir"])
     # `exit` and `quit` come from `site`, which -S skips; programs written for `python` expect them
     builtins.exit = builtins.quit = sys.exit
@@ -308,7 +343,7 @@ def _main():
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001
         pass
-    os._exit(0)
+    _EXIT(0)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ args[6]: u64 from 16) whose return value decides each system call. Two filters a
 - `DANGEROUS` (loaded by bubblewrap with ``--seccomp FD`` before the interpreter starts): calls no test program needs
   and that widen the attack surface of the kernel: ptrace, mount and the new mount API, namespaces (unshare,
   setns), bpf, perf_event_open, keyrings, kernel modules, kexec, reboot, swap, cross-process memory access,
-  userfaultfd, io_uring, file handles, sockets, syslog, personality, acct, quotactl;
+  userfaultfd, io_uring, file handles, sockets, syslog, personality, acct, quotactl, SysV shared memory, semaphores
+  and message queues (memory no rlimit counts);
 - `DANGEROUS + NO_PROCESSES` (loaded by the harness inside the sandbox, after start-up and before the untrusted code
   runs): also no new process (fork, vfork, clone without CLONE_THREAD, clone3), no exec, and no signals to other
-  processes (kill, tkill, tgkill, pidfd_send_signal). Threads stay possible.
+  processes (kill, tkill, tgkill, pidfd_send_signal), no memfd (memory outside RLIMIT_AS and the tmpfs's size).
+  Threads stay possible.
 
 Refused calls fail with EPERM (clone3 with ENOSYS, so that glibc falls back to clone, which the filter can inspect);
 a call from another architecture's ABI (x32 on x86_64, or a foreign `arch`) kills the process. Seccomp filters can
@@ -42,6 +44,7 @@ _ARCHES = {
         "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
         "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "execve": 59, "execveat": 322,
         "kill": 62, "tkill": 200, "tgkill": 234, "pidfd_send_signal": 424, "pidfd_open": 434, "pidfd_getfd": 438,
+        "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "msgget": 68, "memfd_create": 319,
     }),
     "aarch64": (0xC00000B7, {
         "ptrace": 117, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268,
@@ -54,6 +57,7 @@ _ARCHES = {
         "fspick": 433, "mount_setattr": 442,
         "clone": 220, "clone3": 435, "execve": 221, "execveat": 281,  # no fork/vfork on aarch64
         "kill": 129, "tkill": 130, "tgkill": 131, "pidfd_send_signal": 424, "pidfd_open": 434, "pidfd_getfd": 438,
+        "shmget": 194, "shmat": 196, "shmctl": 195, "semget": 190, "msgget": 186, "memfd_create": 279,
     }),
 }
 
@@ -63,10 +67,11 @@ DANGEROUS = (
     "reboot", "swapon", "swapoff", "process_vm_readv", "process_vm_writev", "userfaultfd", "io_uring_setup",
     "io_uring_enter", "io_uring_register", "open_by_handle_at", "name_to_handle_at", "socket", "socketpair", "acct",
     "quotactl", "syslog", "personality", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
-    "mount_setattr",
+    "mount_setattr", "shmget", "shmat", "shmctl", "semget", "msgget",
 )
+# memfd_create too: memory outside RLIMIT_AS and the tmpfs's size (the parent passes its memfds before the filter)
 NO_PROCESSES = ("fork", "vfork", "execve", "execveat", "kill", "tkill", "tgkill", "pidfd_send_signal",
-                "pidfd_open", "pidfd_getfd")
+                "pidfd_open", "pidfd_getfd", "memfd_create")
 
 
 def supported() -> bool:

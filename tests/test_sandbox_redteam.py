@@ -112,6 +112,14 @@ ESCAPES = {
     "new_namespaces": "import os\nos.unshare(os.CLONE_NEWUSER | os.CLONE_NEWNS)",
     "mount_proc": "import ctypes\nctypes.CDLL(None).mount(b'proc', b'/tmp/p', b'proc', 0, None)",
     "raise_limits": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\nx = bytearray(2 << 30)",
+    # memory no rlimit counts: SysV shared memory, memfds, the tmpfs that hides site-packages (written by dir_fd)
+    "sysv_shm": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfor _ in range(8):\n"
+                "    i = libc.shmget(0, 50 << 20, 0o1600)\n    a = libc.shmat(i, None, 0)\n"
+                "    ctypes.memset(a, 1, 50 << 20)",
+    "memfd_fill": "import os\nfor _ in range(20):\n    os.posix_fallocate(os.memfd_create('m'), 0, 15 << 20)",
+    "hidden_tmpfs_fill": "import os, sysconfig\nd = os.open(sysconfig.get_paths()['purelib'], os.O_RDONLY)\n"
+                         "for i in range(20):\n    os.write(os.open(f'f{{i}}', os.O_WRONLY | os.O_CREAT, dir_fd=d), "
+                         "b'x' * (15 << 20))",
 }
 # Reads that must bring back nothing secret: the solution returns what it stole, and it must not contain SECRET.
 THEFTS = {
@@ -300,3 +308,64 @@ def test_a_huge_answer_cannot_stall_the_verdict(test):
     t0 = time.monotonic()
     assert _reward(_answer("def solve(x):\n    return 10 ** 12"), [test]) == 0.0
     assert time.monotonic() - t0 < 10
+
+
+# Expected values computed where the code runs could be replaced by it: each of these wrong answers must score 0.
+EXPECTED_SIDE = [
+    ("range = lambda *a: []\ndef solve(x):\n    return []", "assert solve(5) == list(range(5))"),
+    ("pow = lambda *a: 0\ndef solve(x):\n    return 0", "assert solve(5) == pow(2, 5)"),
+    ("import builtins\nbuiltins.chr = lambda c: 'z'\ndef solve(x):\n    return 'z'", "assert solve(65) == chr(65)"),
+    ("range = lambda *a: [0]\ndef solve(x):\n    return [0]", "assert solve(3) == [i * i for i in range(3)]"),
+    ("import math\nmath.factorial = lambda n: 1\ndef solve(x):\n    return 1", "assert solve(5) == math.factorial(5)"),
+    ("def solve(x):\n    return 1e10", "assert solve(1) == 10000000001"),  # an int is not a float's neighbour
+]
+
+
+@pytest.mark.parametrize("code, test", EXPECTED_SIDE)
+def test_expected_values_are_computed_outside_the_sandbox(code, test):
+    assert _reward(_answer(code), [test]) == 0.0
+    right = eval(test.split("== ", 1)[1], {"math": __import__("math")})  # the test's own expected value
+    honest = f"def solve(x):\n    return {right!r}"
+    assert _reward(_answer(honest), [test]) == 1.0  # control: the right value passes
+
+
+def test_printed_integers_compare_exactly():
+    io = [{"input": "1\n", "output": "1000000006\n"}]
+    assert _reward(_answer("print(1000000000)"), io) == 0.0
+    assert _reward(_answer("print(1000000006)"), io) == 1.0
+    assert _reward(_answer("print(0.3333333)"), [{"input": "", "output": "0.333333333\n"}]) == 1.0
+
+
+def test_a_forged_result_line_cannot_stall_the_parent():
+    """Keys that all hash alike would make building a set quadratic in the trusted process: refused at once."""
+    code = ("import os, json\nM = (1 << 61) - 1\n"
+            "line = (json.dumps({'i': 0, 'v': ['S', [['i', str(k * M)] for k in range(200000)]]}) + '\\n').encode()\n"
+            "for fd in range(3, 64):\n    try:\n        os.write(fd, line)\n    except OSError:\n        pass\n"
+            "def solve(x):\n    return 0")
+    t0 = time.monotonic()
+    r = run_calls(code, ["solve(3)"], LIMITS, audit=False)
+    assert time.monotonic() - t0 < 10 and r.values[0][0] == "error"
+
+
+@pytest.mark.parametrize("code, test", [
+    ("import collections\ndef solve(l):\n    return collections.Counter(l)", "assert solve([1, 1, 2]) == {1: 2, 2: 1}"),
+    ("import collections\nP = collections.namedtuple('P', 'x y')\ndef solve(a):\n    return P(a, a)",
+     "assert solve(2) == (2, 2)"),
+    ("def solve(a, b):\n    return complex(a, b)", "assert solve(1, 2) == (1+2j)"),
+    ("def solve(n):\n    return n * n", "assert solve(5) == sum(i for i in range(10)) - 20"),
+])
+def test_honest_answers_of_common_shapes_pass(code, test):
+    assert _reward(_answer(code), [test]) == 1.0
+
+
+@pytest.mark.parametrize("program", [
+    "import threading\ndef main():\n    print(int(input()) * 2)\nthreading.Thread(target=main).start()",
+    "import atexit, os\nv = int(input())\natexit.register(lambda: os.write(1, b'%d\\n' % (2 * v)))",
+    "import os, sys\nprint(int(input()) * 2)\nsys.stdout.flush()\nos._exit(0)",
+    "out = open(1, 'w')\nout.write(str(int(input()) * 2) + '\\n')\nout.flush()",
+    "import sys\nsys.__stdout__.write(str(int(input()) * 2) + '\\n')",
+    "import sys\nsys.stdout.buffer.write(str(int(sys.stdin.buffer.read()) * 2).encode())",
+])
+def test_honest_stdin_programs_of_common_shapes_pass(program):
+    io = [{"input": f"{i}\n", "output": f"{2 * i}\n"} for i in (1, 2, 3)]
+    assert _reward(_answer(program), io) == 1.0
