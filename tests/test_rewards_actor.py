@@ -26,9 +26,9 @@ SPECS = {"rewards": [{"name": "exact_int"}, {"name": "math", "weight": 0.5},
                      {"name": "code", "weight": 0.1, "params": {"timeout_s": 2.0, "memory_mb": 256}}]}
 COMPS = ["t</think>2", "t</think>3", r"t</think>\boxed{4}"]
 ANSWERS = [2, 3, 5]
-TESTS = [["assert 1 + 1 == 2"]] * 3
+TESTS = [["assert __name__ == '__main__'"]] * 3  # passes for any code that compiles
 # exact_int: [1, 1, 0]; math: [1, 1, 0]; flaky: batch raises -> per sample [1, error -> 0, error -> 0];
-# code: the answers run as Python: "2" and "3" pass the trivial test, "\boxed{4}" is a SyntaxError -> [1, 1, 0]
+# code: the answers run as Python: "2" and "3" pass the test (it reads the code's namespace), "\boxed{4}" is a SyntaxError -> [1, 1, 0]
 EXPECTED = [1 + 0.5 + 0.25 + 0.1, 1 + 0.5 + 0.1, 0.0]
 
 
