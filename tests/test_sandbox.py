@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from posttrain.rewards.sandbox import (SandboxLimits, bwrap_problem, decode, run_calls,
+from posttrain.rewards.sandbox import (SandboxLimits, bwrap_problem, run_calls,
                                        run_inputs, run_program)
+from posttrain.rewards.sandbox_values import decode
 
 FAST = SandboxLimits(timeout_s=1.0, memory_mb=256)
 ISOLATION = "process" if bwrap_problem() else "bwrap"

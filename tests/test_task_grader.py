@@ -55,6 +55,17 @@ def test_data_grader_resolves_and_labels_the_rm_samples(tmp_path, grader, source
     assert rc.data.grader == grader  # the recipe records what was asked; the resolution is deterministic
 
 
+def _small_run(tmp_path, model_dir, data_file: str, stages: str, max_new_tokens: int, extra: list) -> list[str]:
+    """Overrides of a few-second run on the tiny model: SFT long enough to memorise a small file, then short rm and
+    grpo stages (in this process)."""
+    return [f"run_dir={tmp_path / 'run'}", f"model.path={model_dir}", "threads=1", "data.source=file",
+            f"data.path={tmp_path / data_file}", f"stages={stages}", "sft.steps=300", "sft.batch_size=16",
+            "sft.learning_rate=3e-3", "rm.samples_per_prompt=2", "rm.budgets=[auto]",
+            f"rm.max_new_tokens={max_new_tokens}", "rm.genrm.steps=2", "grpo.steps=2", "grpo.group_size=2",
+            f"grpo.max_new_tokens={max_new_tokens}", "grpo.eval_n_per_difficulty=1",
+            f"grpo.eval_max_new_tokens={max_new_tokens}", "ray.backend=local", *extra]
+
+
 def _fraction_rows(path) -> None:
     answers = ["3/4", "0.25", "1.5", "\\frac{2}{3}", "2.75", "5/8", "0.125", "7/2", "4.5", "1/3", "0.6", "9/4"]
     names = ["three quarters", "a quarter as a decimal", "one and a half", "two thirds", "two and three quarters",
@@ -72,14 +83,10 @@ def test_whole_pipeline_on_fractions_and_decimals_rewards_right_answers(tiny_mod
     from posttrain.pipeline import run_recipe
 
     _fraction_rows(tmp_path / "d.jsonl")
-    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "threads=1", "data.source=file",
-            f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q", "data.answer_column=a",
-            "data.difficulty_column=lvl", "stages=[sft,rm,grpo,sweep,export]", "sft.steps=300", "sft.batch_size=16",
-            "sft.learning_rate=3e-3", "sft.n_examples=200", "rm.n_prompts=8", "rm.samples_per_prompt=2",
-            "rm.budgets=[auto]", "rm.max_new_tokens=12", "rm.genrm.steps=2", "grpo.steps=2", "grpo.prompts_per_step=4",
-            "grpo.group_size=2", "grpo.budgets=[4,auto]", "grpo.max_new_tokens=12", "grpo.eval_budgets=[4]",
-            "grpo.eval_n_per_difficulty=1", "grpo.eval_max_new_tokens=12", "ray.backend=local", "sweep.backend=local",
-            "sweep.budgets=[4,auto]", "sweep.n_per_difficulty=1", "sweep.max_new_tokens=12"]
+    over = _small_run(tmp_path, tiny_model_dir, "d.jsonl", "[sft,rm,grpo,sweep,export]", 12, [
+        "data.prompt_column=q", "data.answer_column=a", "data.difficulty_column=lvl", "sft.n_examples=200",
+        "rm.n_prompts=8", "grpo.prompts_per_step=4", "grpo.budgets=[4,auto]", "grpo.eval_budgets=[4]",
+        "sweep.backend=local", "sweep.budgets=[4,auto]", "sweep.n_per_difficulty=1", "sweep.max_new_tokens=12"])
     rc = load_recipe(None, over)
     assert rc.data.grader_name == "math" and rc.rm.label_reward == "math"
     info = run_recipe(rc)
@@ -135,14 +142,10 @@ def test_code_data_reaches_the_code_reward_and_grader_in_every_stage(tiny_model_
              "tests": [f"assert {name}(2, 3) == {eval(f'2 {op} 3')}", f"assert {name}(4, 1) == {eval(f'4 {op} 1')}"]}
             for i in range(8) for name, op in ops]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "threads=1", "data.source=file",
-            f"data.path={tmp_path / 'c.jsonl'}", "data.prompt_column=q", "data.answer_column=solution",
-            "data.tests_column=tests", "data.grader=code", "stages=[sft,rm,grpo]", "sft.steps=300",
-            "sft.batch_size=16", "sft.learning_rate=3e-3", "rm.n_prompts=6", "rm.samples_per_prompt=2",
-            "rm.budgets=[auto]", "rm.max_new_tokens=40", "rm.genrm.steps=2", "grpo.steps=2", "grpo.prompts_per_step=3",
-            "grpo.group_size=2", "grpo.budgets=[auto]", "grpo.max_new_tokens=40", "grpo.eval_budgets=[auto]",
-            "grpo.eval_n_per_difficulty=1", "grpo.eval_max_new_tokens=40", "ray.backend=local",
-            "grpo.rewards=[{name: code, on: all}]"]
+    over = _small_run(tmp_path, tiny_model_dir, "c.jsonl", "[sft,rm,grpo]", 40, [
+        "data.prompt_column=q", "data.answer_column=solution", "data.tests_column=tests", "data.grader=code",
+        "rm.n_prompts=6", "grpo.prompts_per_step=3", "grpo.budgets=[auto]", "grpo.eval_budgets=[auto]",
+        "grpo.rewards=[{name: code, on: all}]"])
     rc = load_recipe(None, over)
     assert rc.rm.label_reward == "code"
     run_recipe(rc)
