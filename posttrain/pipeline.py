@@ -168,6 +168,10 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
 
     setup_logging(run_dir / "run.log")
     check_unchanged(cfg, run_dir)
+    if cfg.data.source == "file" and not cfg.data.skip_bad_rows:
+        from posttrain.data import file_examples
+
+        file_examples(cfg.data)  # every bad row named at once, before any stage loads a model
     tmp = run_dir / "recipe.yaml.tmp"  # written whole or not at all: the next run compares against it
     tmp.write_text(dump_recipe(cfg))
     tmp.replace(run_dir / "recipe.yaml")

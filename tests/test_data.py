@@ -179,3 +179,22 @@ def test_split_held_out_counts_each_held_prompt_once_and_trains_on_none_of_them(
     assert [r.prompt for r in held] == ["b", "f"]  # b once, where it first comes
     assert [r.prompt for r in train] == ["a", "c", "e", "g"]
     assert split_held_out(rows, 0) == (rows, [])
+
+
+def test_a_bad_data_file_stops_the_run_before_any_model_loads(tmp_path, capsys):
+    """The data file is read before the first stage: its bad rows are named even where loading the model would have
+    failed first (here the checkpoint's config.json is broken, and the error is about the data)."""
+    import json as _json
+
+    from posttrain.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{not json")
+    rows = [{"prompt": "p1", "answer": "1"}, {"prompt": "", "answer": "2"}, {"prompt": "p3"}]
+    (tmp_path / "d.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(f"stages: [sft]\nmodel: {{path: {ckpt}}}\n"
+                                     f"data: {{source: file, path: {tmp_path / 'd.jsonl'}}}\n")
+    rc = main(["run", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "line 2" in err and "line 3" in err and "config.json" not in err and "Traceback" not in err
