@@ -38,6 +38,20 @@ class GRPORewardConfig(Section):
         return self
 
 
+class RewardCombineConfig(Section):
+    """How each kind's reward components (budgeted, autonomous) combine into one score
+    (`posttrain.rewards.combine.CombinedReward`): `sum` (weighted), or a verifier and a judge (two component keys)
+    with `gated` (HERO: right answers in [1-beta, 1], wrong ones in [0, beta], so a generative judge can never rank
+    a wrong answer above a right one), `verifiable` (the verifier alone) or `generative` (the judge alone); the other
+    components are added with their weights."""
+
+    mode: Literal["sum", "verifiable", "generative", "gated"] = Field("sum", description="How to combine.")
+    verifier: str | None = Field(None, description="Key of the verifiable component (e.g. exact_int, math, code).")
+    judge: str | None = Field(None, description="Key of the generative component (e.g. genrm).")
+    beta: float = Field(0.25, ge=0, lt=0.5, description="`gated`: the width of each band.")
+    verifier_threshold: float = Field(1.0, description="`gated`: the verifier's score that counts as right.")
+
+
 def _default_rl_rewards() -> list[GRPORewardConfig]:
     return [
         # budgeted prompts: correctness minus L1-Exact's gap to the budget (alpha per token, scaled to budgets of
@@ -110,6 +124,8 @@ class RLStageConfig(Section):
     save_every: int = Field(20, ge=0, description="Save the training state every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Saved training states kept (the newest).")
     rewards: list[GRPORewardConfig] = Field(default_factory=_default_rl_rewards, description="Reward components.")
+    reward_combine: RewardCombineConfig = Field(default_factory=RewardCombineConfig,
+                                                description="How the components combine (sum, or HERO gating).")
     eval_budgets: list[EvalBudget] = Field(
         default_factory=lambda: [8, 16, 32, "auto"],
         description="Budgets of the before/after evaluation (natural: the budget is only an instruction). "
@@ -142,6 +158,17 @@ class RLStageConfig(Section):
             raise ValueError("mini_batches must be <= prompts_per_step (mini-batches split by groups)")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
+        combine = self.reward_combine
+        for role in {"verifiable": ("verifier",), "generative": ("judge",),
+                     "gated": ("verifier", "judge")}.get(combine.mode, ()):
+            key = getattr(combine, role)
+            if key is None:
+                raise ValueError(f"reward_combine.{role}: mode {combine.mode!r} needs the key of a reward component")
+            for kind in ("budgeted", "auto"):
+                keys = [r.key or r.name for r in self.rewards if r.on in ("all", kind)]
+                if keys and key not in keys:
+                    raise ValueError(f"reward_combine.{role}: {key!r} is not among the rewards that score {kind} "
+                                     f"samples ({', '.join(keys)}); give it `on: all`")
         return self
 
 

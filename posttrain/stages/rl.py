@@ -173,7 +173,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
                       options=_options(ray_cfg.learner, stateful=True), backend=backend)
                 for i in range(ray_cfg.learner.num)]
     reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards],
-                   rc.data.grader_name, name="reward",
+                   rc.data.grader_name, cfg.reward_combine.model_dump(), name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
     reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
                       backend=backend) if cfg.kl_coef > 0 else None

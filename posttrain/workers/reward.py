@@ -24,9 +24,10 @@ def with_grader(spec: dict, grader: str) -> dict:
 class RLRewardWorker:
     """specs: dicts with name, weight, params, key, on (`all` | `budgeted` | `auto`), as in the recipe. grader: the
     task's grader (`data.grader`, `rewards.verifiable.GRADERS`): what `correct` (the accuracy metrics) is judged by,
-    and the correctness of every reward component that takes a `grader` and was not given one."""
+    and the correctness of every reward component that takes a `grader` and was not given one. combine: the
+    `CombinedReward` options (`reward_combine`: mode, verifier, judge, beta, verifier_threshold), per kind."""
 
-    def __init__(self, specs: list[dict], grader: str = "exact_int"):
+    def __init__(self, specs: list[dict], grader: str = "exact_int", combine: dict | None = None):
         self.grade = get_grader(grader)  # raises naming the known graders
         self.grader = grader
         self.rewards: dict[str, CombinedReward] = {}
@@ -34,7 +35,7 @@ class RLRewardWorker:
             chosen = [{k: s[k] for k in ("name", "weight", "params", "key")} for s in map(
                 lambda s: with_grader(s, grader), specs) if s.get("on", "all") in ("all", kind)]
             if chosen:
-                self.rewards[kind] = CombinedReward(chosen)
+                self.rewards[kind] = CombinedReward(chosen, **(combine or {}))
 
     def score(self, prompts: list[str], texts: list[str], answers: list, budgets: list[int | None], n_think: list[int],
               groups: list[int], forced: list[bool], tests: list | None = None
