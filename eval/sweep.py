@@ -141,7 +141,9 @@ def summarize(records: list[Record], budget: int | None, mode: str) -> dict:
     k = sum(r.correct for r in records)
     lo, hi = wilson_interval(k, n)
     think = [r.n_think for r in records]
-    adherent = [r.closed and not r.forced and r.n_think <= budget for r in records] if budget is not None else None
+    from posttrain.budgets import adherent as kept
+
+    adherent = [kept(r.closed, r.forced, r.n_think, budget) for r in records] if budget is not None else None
     return {
         "n": n,
         "accuracy": k / n,

@@ -64,3 +64,13 @@ def budget_label(budget: int | None, entries: Sequence) -> str:
         if not isinstance(e, (int, str)) and e.low <= budget <= e.high:
             return str(e)
     return str(budget)
+
+
+def adherent(closed: bool, forced: bool, n_think: int, budget: int) -> bool:
+    """Whether a response kept its budget: it closed `</think>` by itself (not forced) within `budget` thinking
+    tokens. The one definition the rollout metrics, the RL stage's before/after evaluation and the sweep share.
+
+    >>> adherent(True, False, 8, 8), adherent(True, True, 8, 8), adherent(True, False, 9, 8), adherent(False, False, 3, 8)
+    (True, False, False, False)
+    """
+    return bool(closed and not forced and n_think <= budget)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.budgets import budget_label
+from posttrain.budgets import adherent, budget_label
 from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _without_vectors, format_comparison,
                                        problems_fingerprint)
 from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
@@ -62,7 +62,7 @@ def rollout_metrics(batch, correct: list[bool], entries=()) -> dict[str, float]:
         m[f"budget/{label}/accuracy"] = sum(correct[i] for i in rows) / len(rows)
         m[f"budget/{label}/think_tokens"] = sum(batch.n_think[i] for i in rows) / len(rows)
         if label != "auto":
-            adh = [batch.closed[i] and not batch.forced[i] and batch.n_think[i] <= batch.budgets[i] for i in rows]
+            adh = [adherent(batch.closed[i], batch.forced[i], batch.n_think[i], batch.budgets[i]) for i in rows]
             m[f"budget/{label}/adherence"] = sum(adh) / len(adh)
             if label != "0":
                 adherent_all += adh
@@ -359,7 +359,7 @@ class RLDriver:
                 capped = grade(problems, capped_responses(
                     self.w.rollouts, prompts, responses, budget, cfg.eval_max_new_tokens, cfg.eval_batch_size))
                 row |= {"adherence": s["adherence"], "accuracy_capped": sum(r.correct for r in capped) / len(capped),
-                        "adherent": [int(r.closed and r.n_think <= budget) for r in natural],
+                        "adherent": [int(adherent(r.closed, r.forced, r.n_think, budget)) for r in natural],
                         "correct_capped": [int(r.correct) for r in capped]}
             else:
                 by = defaultdict(list)
