@@ -128,7 +128,7 @@ class _Batch(SimpleNamespace):
 
 
 def test_rl_steps_draw_from_ranges_and_pool_their_metrics():
-    from posttrain.stages.rl import rollout_metrics
+    from posttrain.stages.rl_step import rollout_metrics
     from posttrain.stages.rl_problems import sample_step_problems
 
     cfg = load_recipe(None, ["grpo.prompts_per_step=64", "grpo.budgets=[0, {low: 10, high: 20}, auto]"]).grpo

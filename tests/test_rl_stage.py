@@ -121,7 +121,7 @@ def test_grpo_advantages_mask_dropped_groups_and_forced_tokens():
     from types import SimpleNamespace
 
     from posttrain.config import GRPOStageConfig
-    from posttrain.stages.rl import compute_advantages
+    from posttrain.stages.rl_step import compute_advantages
 
     forced = torch.zeros(4, 3, dtype=torch.bool)
     forced[1, 2] = True
@@ -180,7 +180,7 @@ def test_grpo_with_routing_replay(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_verdict_pools_adherence_over_budgets_and_accuracy_over_the_middle_ones():
-    from posttrain.eval.sweep import paired_difference
+    from posttrain.eval.stats import paired_difference
     from posttrain.stages.rl_eval import _verdict
 
     def ev(adh, cor, cap):
@@ -242,7 +242,7 @@ def test_first_error_marks_land_on_the_token_that_went_wrong(tokenizer):
     from types import SimpleNamespace
 
     from posttrain.config import GRPOStageConfig
-    from posttrain.stages.rl import compute_advantages
+    from posttrain.stages.rl_step import compute_advantages
     from posttrain.stages.rl_task import first_error_marks
     from posttrain.tasks.arithmetic import parse_expression
 
@@ -293,7 +293,7 @@ def test_process_marks_join_the_token_rewards_before_gae():
 
     from posttrain.algo.advantages import masked_whiten
     from posttrain.config import PPOStageConfig
-    from posttrain.stages.rl import compute_advantages
+    from posttrain.stages.rl_step import compute_advantages
 
     cfg = PPOStageConfig(kl_coef=0.0, gamma=1.0, lam=1.0)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])

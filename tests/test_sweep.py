@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, paired_difference,
-                                  parse_budgets, parse_difficulties, quantile, resolve_model, wilson_interval)
+from posttrain.eval.stats import paired_difference, quantile, wilson_interval
+from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, parse_budgets,
+                                  parse_difficulties, resolve_model)
 from posttrain.generate import Response
 from posttrain.tasks.arithmetic import parse_expression
 

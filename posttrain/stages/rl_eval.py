@@ -39,8 +39,8 @@ def _paired(before: dict, after: dict, b: str) -> bool:
 def _compare(before: dict, after: dict) -> dict:
     """Per budget and measure (natural accuracy, capped accuracy, adherence): before, after, and the paired
     difference on the same problems with its 95% interval, McNemar p-value and whether it is measurable
-    (`eval.sweep.paired_difference`): the RL stage's claim, in the summary."""
-    from posttrain.eval.sweep import paired_difference
+    (`eval.stats.paired_difference`): the RL stage's claim, in the summary."""
+    from posttrain.eval.stats import paired_difference
 
     out = {}
     for b in after:
@@ -63,7 +63,7 @@ def _verdict(before: dict, after: dict) -> dict:
     """The stage's claim over budgets pooled (paired on the same problems): adherence over every positive eval
     budget, and accuracy (natural and capped) over the middle budgets, those strictly between the smallest and
     the largest (all of them when there are fewer than three)."""
-    from posttrain.eval.sweep import paired_difference
+    from posttrain.eval.stats import paired_difference
 
     budgets = sorted(int(b) for b in after
                      if b != "auto" and _paired(before, after, b) and int(b) > 0 and "adherent" in after[b])

@@ -12,7 +12,7 @@ def grpo_evaluation():
     """`load(run_dir)`: the grpo stage's `summary` (done.json), `verdict`, `after` (eval_after.json), `pooled(name,
     budgets, key)` (the paired difference recomputed from the per-problem lists of eval_before/after.json, asserted
     equal to the stored `verdict[name]`) and `thinking_grows()` (autonomous thinking grows with difficulty)."""
-    from posttrain.eval.sweep import paired_difference
+    from posttrain.eval.stats import paired_difference
 
     def load(run):
         stage = Path(run) / "grpo"
