@@ -368,7 +368,7 @@ def write_dir_atomically(out: str | Path, fill) -> Path:
     `runlog.SaveFailed`, naming `out`, the cause and the free space."""
     import shutil
 
-    from posttrain.runlog import human_bytes, save_failed, tree_size
+    from posttrain.runlog import human_bytes, raise_save_failed, tree_size
 
     out = Path(out)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
@@ -379,11 +379,8 @@ def write_dir_atomically(out: str | Path, fill) -> Path:
     except BaseException as e:
         written = tree_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        failed = save_failed(e, f"{out} ({human_bytes(written)} written before it failed, then removed)", out.parent,
-                             f"The previous {out} is intact" if out.exists() else f"Nothing was written to {out}")
-        if failed is None or failed is e:
-            raise
-        raise failed from e
+        raise_save_failed(e, f"{out} ({human_bytes(written)} written before it failed, then removed)", out.parent,
+                          f"The previous {out} is intact" if out.exists() else f"Nothing was written to {out}")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from posttrain.model import verify_manifest, write_manifest
-from posttrain.runlog import human_bytes, log, save_failed, tree_size
+from posttrain.runlog import human_bytes, log, raise_save_failed, tree_size
 
 _STEP = re.compile(r"^step_(\d{6,})$")
 
@@ -57,12 +57,8 @@ def save_state(state_root: Path, step: int, write: Callable[[Path], None], drive
         previous = step_dirs(state_root)
         intact, then = ((f"The previous save {previous[-1][1]} is intact", "resume from it") if previous
                         else ("There is no earlier save", "start over"))
-        failed = save_failed(e, f"the training state after step {step} to {final} ({human_bytes(written)} written "
-                                "before it failed, then removed)", state_root, intact,
-                             f"run the same command again to {then}")
-        if failed is None or failed is e:
-            raise
-        raise failed from e
+        raise_save_failed(e, f"the training state after step {step} to {final} ({human_bytes(written)} written "
+                             "before it failed, then removed)", state_root, intact, f"run the same command again to {then}")
     if final.exists():  # a save of the same step from an earlier attempt: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -108,25 +108,27 @@ def tree_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def save_failed(exc: BaseException, what: str, where: Path, intact: str,
-                then: str = "run the same command again") -> SaveFailed | None:
-    """The `SaveFailed` to raise for `exc`, or None when `exc` is not a failed write (re-raise it then): "could not
-    write {what}: {why}; {free space} on the filesystem of {where}. {intact}: {remedy} and {then}." Call it after
-    removing what was half-written, so the free space it reports is what the user has. A `SaveFailed` already in
-    `exc`'s chain (raised by an inner save, or in a Ray worker) is returned as it is."""
+def raise_save_failed(exc: BaseException, what: str, where: Path, intact: str,
+                      then: str = "run the same command again") -> None:
+    """Raise, from inside the `except` that caught `exc`, the `SaveFailed` for it ("could not write {what}: {why};
+    {free space} on the filesystem of {where}. {intact}: {remedy} and {then}."), or `exc` itself when it is not a
+    failed write. Call it after removing what was half-written, so the free space it reports is what the user has. A
+    `SaveFailed` already in `exc`'s chain (raised by an inner save, or in a Ray worker) is raised as it is."""
     for e in _chain(exc):
         if isinstance(e, SaveFailed):
-            return e
+            if e is exc:
+                raise exc
+            raise e from exc
     found = write_failure(exc)
     if found is None:
-        return None
+        raise exc
     reason, code = found
     remedy = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
               errno.EFBIG: "raise the file-size limit"}.get(code, "check the disk")
     err = SaveFailed(f"could not write {what}: {reason}; {free_space(where)} on the filesystem of {where}. "
                      f"{intact}: {remedy} and {then}.")
     err.errno = code
-    return err
+    raise err from exc
 
 
 class _RunLogHandler(logging.FileHandler):
@@ -167,18 +169,20 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, json.dumps(_finite(obj), indent=2).encode(), str(path))
+
+
+def write_bytes_atomic(path: Path, data: bytes, what: str) -> None:
+    """`path` holds `data` whole (a temporary sibling, fsynced, then renamed over it) or stays as it was."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(_finite(obj), f, indent=2)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        failed = save_failed(e, str(path), path.parent, f"{path} is as it was")
-        if failed is None or failed is e:
-            raise
-        raise failed from e
+        raise_save_failed(e, what, path.parent, f"{path} is as it was")
     os.replace(tmp, path)
 
 
@@ -224,16 +228,7 @@ class MetricsWriter:
         self._rewrite(data[:keep])
 
     def _rewrite(self, data: bytes) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            tmp.write_bytes(data)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            failed = save_failed(e, f"a shortened copy of {self.path}", self.path.parent, f"{self.path} is as it was")
-            if failed is None or failed is e:
-                raise
-            raise failed from e
-        os.replace(tmp, self.path)
+        write_bytes_atomic(self.path, data, f"a shortened copy of {self.path}")
 
     def _records(self) -> list[tuple[str, int]]:
         """(line, step) of every record. A last line that is not a JSON object is torn (a crash or a full disk
@@ -291,11 +286,8 @@ class MetricsWriter:
                 os.truncate(self.path, size)
             except OSError:
                 pass
-            failed = save_failed(e, f"step {step}'s metrics to {self.path}", self.path.parent,
-                                 "The lines before it are intact")
-            if failed is None or failed is e:
-                raise
-            raise failed from e
+            raise_save_failed(e, f"step {step}'s metrics to {self.path}", self.path.parent,
+                              "The lines before it are intact")
         if self._tb is not None:
             try:
                 for k, v in clean.items():

@@ -144,8 +144,9 @@ def bwrap_problem() -> str | None:
     return None
 
 
-def require_isolation(isolation: str) -> None:
-    """Raise `IsolationUnavailable` unless `isolation` runs here; warn what "process" leaves unprotected."""
+def require_isolation(isolation: str, warn: bool = True) -> None:
+    """Raise `IsolationUnavailable` unless `isolation` runs here; warn what "process" leaves unprotected (once, when
+    the reward is built: `warn=False` for each run)."""
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
     if isolation == "bwrap":
@@ -154,7 +155,7 @@ def require_isolation(isolation: str) -> None:
             raise IsolationUnavailable(
                 f"the code sandbox needs bubblewrap: {problem}. Install it, or opt into the weaker isolation with "
                 "isolation: process (no filesystem, PID or uid isolation: see rewards/sandbox.py)")
-    elif isolation == "process":
+    elif warn:
         warnings.warn(
             "code sandbox: isolation 'process' is NOT a security boundary against code written to escape it: the code "
             "runs as your uid, sees your whole filesystem (reads and writes are refused only by an in-process audit "
@@ -323,7 +324,7 @@ def _read_head(path: Path, limit: int) -> str:
 def _run(code: str, cfg: dict, n_tests: int, limits: SandboxLimits, *, isolation: str, read_paths=(),
          forbidden_paths=(), packages=(), network: str = "auto", audit: bool = True) -> tuple[SandboxResult, list]:
     """Run the harness once; (result without values/outputs, the decoded report lines)."""
-    _check_isolation(isolation)
+    require_isolation(isolation, warn=False)
     if network not in ("auto", "netns", "none"):
         raise ValueError(f"network must be 'auto', 'netns' or 'none', got {network!r}")
     deadline = limits.deadline(n_tests)
@@ -380,14 +381,6 @@ def _run(code: str, cfg: dict, n_tests: int, limits: SandboxLimits, *, isolation
                                stderr=_read_head(outer_path / "stderr", limits.max_output_bytes),
                                wall_s=time.monotonic() - t0)
     return result, lines
-
-
-def _check_isolation(isolation: str) -> None:
-    """`require_isolation` without the warning (given once, when the reward is built)."""
-    if isolation not in ISOLATIONS:
-        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-    if isolation == "bwrap" and bwrap_problem():
-        require_isolation(isolation)
 
 
 def _report_lines(path: Path, limit: int) -> dict[int, dict]:

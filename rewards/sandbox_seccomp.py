@@ -20,6 +20,7 @@ only be added, never removed, and survive exec: the code under test cannot undo 
 
 from __future__ import annotations
 
+import functools
 import platform
 import struct
 
@@ -79,6 +80,7 @@ def supported() -> bool:
     return platform.machine() in _ARCHES
 
 
+@functools.lru_cache(maxsize=None)  # built once per process: every sandboxed run loads the same two programs
 def build_filter(deny: tuple[str, ...], *, threads_only_clone: bool = False, machine: str | None = None) -> bytes:
     """The BPF program (packed `struct sock_filter` array) refusing `deny` with EPERM.
 

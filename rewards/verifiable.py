@@ -6,6 +6,7 @@ what an evaluation hit means. The budget rewards pick their correctness check fr
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from .parse import THINK_END, THINK_START, grade_integer, split_think
@@ -50,21 +51,16 @@ def grade_exact(completion: str, answer) -> bool:
 def grade_code(completion: str, tests) -> bool:
     """The code in the answer passes every one of `tests` (the example's tests, not a text answer: see `gold`) in
     the sandbox (`code.CodeReward`, bubblewrap isolation)."""
-    return _code_judge()(completion, tests)
+    return _code_judge().score_one(completion, tests)[0] == 1.0
 
 
-_CODE_JUDGE = []
-
-
+@functools.lru_cache(maxsize=None)
 def _code_judge():
     """One all-or-nothing `code` reward for the process (built lazily: the sandbox is probed when code is first
     graded)."""
-    if not _CODE_JUDGE:
-        from .code import CodeReward
+    from .code import CodeReward
 
-        reward = CodeReward(partial=False, num_workers=1)
-        _CODE_JUDGE.append(lambda completion, tests: reward.score_one(completion, tests)[0] == 1.0)
-    return _CODE_JUDGE[0]
+    return CodeReward(partial=False, num_workers=1)
 
 
 GRADERS: dict[str, Callable[[str, object], bool]] = {"exact_int": grade_integer, "math": _grade_math,

@@ -32,8 +32,8 @@ class RLRewardWorker:
         self.grader = grader
         self.rewards: dict[str, CombinedReward] = {}
         for kind in ("budgeted", "auto"):
-            chosen = [{k: s[k] for k in ("name", "weight", "params", "key")} for s in map(
-                lambda s: with_grader(s, grader), specs) if s.get("on", "all") in ("all", kind)]
+            chosen = [{k: s[k] for k in ("name", "weight", "params", "key")} for s in
+                      (with_grader(s, grader) for s in specs) if s.get("on", "all") in ("all", kind)]
             if chosen:
                 self.rewards[kind] = CombinedReward(chosen, **(combine or {}))
 
