@@ -90,6 +90,12 @@ class RLStageConfig(Section):
     clip_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range of the ratio.")
     clip_high: float = Field(0.28, ge=0, description="Upper clip range (> clip_low: DAPO clip-higher).")
     dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip constant for negative advantages (null: off).")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling (Yao et al. 2025): the learner recomputes the old "
+        "policy's log-probs itself before each step (one extra forward, no grad) and weights each token's policy "
+        "loss by min(pi_learner / pi_rollout, tis_cap), correcting for the rollout's numerics differing from the "
+        "learner's (verl's rollout_is_threshold, TRL's vllm_importance_sampling_cap; 2 is usual). null: off, the "
+        "rollout's log-probs are the old policy's.")
     mini_batches: int = Field(2, ge=1, description="Optimizer updates per rollout batch (split by groups).")
     kl_coef: float = Field(0.05, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
     kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")

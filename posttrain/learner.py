@@ -5,25 +5,33 @@ response token, the logits that predicted it (so `gather_logp` gives the log-pro
 now with grad) and, on request, the router logits of every MoE layer. `Learner.step` turns a `RolloutBatch` and
 advantages into one AdamW update per mini-batch:
 
-    loss = policy_loss(logp, old_logp, A; mask)              clipped, token or sequence level (algo.losses)
+    loss = policy_loss(logp, old_logp, A; mask [, w])        clipped, token or sequence level (algo.losses)
          + kl_coef * KL(pi || pi_ref; mask)                   when the caller passes ref_logp (k1/k2/k3)
          - entropy_coef * H(pi; mask)                         optional bonus
          + router_aux_coef * load_balancing_loss              Switch-Transformer loss over the MoE routers
          + ptx_coef * NLL(demonstrations)                     InstructGPT's PPO-ptx, when the caller passes demos
 
 `mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
-rows of dropped groups. A step whose advantages, loss or gradients are not finite is skipped and counted, never
-applied. So is an update that breaks the model (a learning rate far too high): after each optimizer step the
-weights must be finite and so must the logits on a few padded rows of the mini-batch (what the next rollout will
-sample from). A step is applied whole or not at all: on any skip, the weights and the AdamW state go back to what
-they were before the step's first update, bit for bit. That takes a copy of the trainable weights and their
-optimizer state during each step (3x the trainable parameters: small for LoRA; for full fine-tuning, the price of
-never sampling from a broken model).
+rows of dropped groups. `old_logp` is the rollout's recorded log-probs; with `tis_cap` it is the learner's own
+recomputation before the step's first update, and the policy-gradient term of each token is weighted by
+w = min(exp(old_logp - rollout logp), tis_cap) (truncated importance sampling, Yao et al. 2025, "Your efficient
+RL framework secretly brings you off-policy RL training": the rollout engine's numerics are not the learner's).
+
+A step whose advantages, loss or gradients are not finite is skipped and counted, never applied. So is an update
+that breaks the model (a learning rate far too high): after each optimizer step the weights must be finite and so
+must the logits on a few padded rows of the mini-batch (what the next rollout will sample from). A step is applied
+whole or not at all: on any skip, the weights and the AdamW state go back to what they were before the step's first
+update, bit for bit. That takes a copy of the trainable weights and their optimizer state during each step (3x the
+trainable parameters: small for LoRA; for full fine-tuning, the price of never sampling from a broken model).
 
 Data parallel (torch.distributed, gloo on CPU / nccl on GPU): each rank gets whole groups of the batch; every rank
-scales its loss by its share of the global count (tokens for `token_mean`, sequences otherwise) and the gradients
-are summed across ranks, so N ranks take exactly the step one rank would take on the whole batch. Skips are agreed
-collectively, so the ranks' weights never diverge.
+scales each loss term by its share of the global count that term averages over, and the gradients are summed
+across ranks, so N ranks take exactly the step one rank would take on the whole batch (values and gradients):
+policy loss and KL by the loss_agg's count (loss tokens for `token_mean`, sequences with a loss token for the
+sequence modes, as `algo.losses.agg_loss` counts them), the entropy bonus by loss tokens, ptx by demonstration
+tokens. The router load-balancing loss is a product of token means, not a mean: ranks weight theirs by their share
+of the attended tokens, which is close to, not exactly, the one-learner value. Skips are agreed collectively, so
+the ranks' weights never diverge.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algo.kl import kl_loss
-from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or_skip, masked_mean
+from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or_skip, masked_mean, tis_weights
 from posttrain.algo.registry import get_policy_loss
 from posttrain.rlbatch import compact
 
@@ -114,7 +122,9 @@ class Learner:
                  policy_loss: str = "vanilla", kl_coef: float = 0.0, kl_kind: str = "k3",
                  entropy_coef: float = 0.0, router_aux_coef: float = 0.0, max_grad_norm: float = 1.0,
                  max_len: int | None = None, router_metrics: bool = True, routing_replay: bool = False,
-                 ptx_coef: float = 0.0):
+                 ptx_coef: float = 0.0, tis_cap: float | None = None):
+        if tis_cap is not None and not tis_cap > 0:
+            raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -125,6 +135,7 @@ class Learner:
         self.kl_coef, self.kl_kind, self.max_grad_norm = kl_coef, kl_kind, max_grad_norm
         self.entropy_coef, self.router_aux_coef, self.ptx_coef = entropy_coef, router_aux_coef, ptx_coef
         self.router_metrics, self.routing_replay = router_metrics, routing_replay
+        self.tis_cap = tis_cap
         self.top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
         self.skipped_steps = 0
         self.updates = 0
@@ -145,25 +156,35 @@ class Learner:
         return gather_logp(logits, batch.response_ids[rows]), logits, router_logits
 
     def loss(self, batch, advantages: torch.Tensor, mask: torch.Tensor, rows: slice,
-             ref_logp: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
-        """Scalar loss (with grad, times `scale`) and metrics for `rows`.
+             ref_logp: torch.Tensor | None = None, *, shares: tuple[float, float, float] = (1.0, 1.0, 1.0),
+             old_logp: torch.Tensor | None = None, is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Scalar loss (with grad) and metrics (unscaled, over `rows`) for `rows`.
 
         advantages: (B,) or (B, T); mask: (B, T) token weights; ref_logp: (B, T) or None (no KL term).
+        shares: this part's share of the mini-batch's (loss_agg count, loss tokens, attended tokens) over all ranks;
+        each term is scaled by its own (policy loss and KL, entropy, router loss), so that the ranks' losses sum to
+        the one-learner loss (see the module docstring). old_logp: (B, T), default the rollout's `batch.logp`.
+        is_weights: (B, T) TIS weights on the policy-gradient term, or None.
         """
         want_router = self.router_aux_coef > 0 or self.router_metrics
         logp, logits, router_logits = self.forward(batch, rows, router=want_router and self.top_k > 0)
         m = mask[rows]
-        old_logp = batch.logp[rows]  # the behaviour policy's log-probs, recorded by the rollout at temperature 1
-        loss, metrics = self.policy_loss(logp, old_logp, advantages[rows], m, **self.loss_kwargs)
+        rollout_logp = batch.logp[rows]  # the behaviour policy's log-probs, recorded by the rollout at temperature 1
+        old_logp = rollout_logp if old_logp is None else old_logp[rows]
+        extra = {} if is_weights is None else {"is_weights": is_weights[rows]}
+        agg_share, token_share, attended_share = shares
+        loss, metrics = self.policy_loss(logp, old_logp, advantages[rows], m, **self.loss_kwargs, **extra)
+        total = loss * agg_share
         entropy = entropy_from_logits(logits)
         metrics["actor/entropy"] = float(masked_mean(entropy.detach(), m))
-        metrics["actor/logp_mismatch"] = float(masked_mean((logp.detach() - old_logp).abs(), m))
+        metrics["actor/logp_mismatch"] = float(masked_mean((logp.detach() - rollout_logp).abs(), m))
         if self.entropy_coef > 0:
-            loss = loss - self.entropy_coef * masked_mean(entropy, m)
+            bonus = self.entropy_coef * masked_mean(entropy, m)
+            loss, total = loss - bonus, total - bonus * token_share
         if ref_logp is not None and self.kl_coef > 0:
             kl, kl_metrics = kl_loss(logp, ref_logp[rows], m, kind=self.kl_kind, agg=self.loss_kwargs["agg"],
                                      max_len=self.loss_kwargs["max_len"])
-            loss = loss + self.kl_coef * kl
+            loss, total = loss + self.kl_coef * kl, total + self.kl_coef * kl * agg_share
             metrics |= kl_metrics
         if router_logits is not None:
             from posttrain.moe import load_balancing_loss, router_metrics
@@ -171,21 +192,38 @@ class Learner:
             seq_mask = torch.cat([batch.prompt_mask[rows], batch.response_mask[rows]], dim=1)
             if self.router_aux_coef > 0:
                 aux = load_balancing_loss(router_logits, self.top_k, seq_mask)
-                loss = loss + self.router_aux_coef * aux
+                loss, total = loss + self.router_aux_coef * aux, total + self.router_aux_coef * aux * attended_share
                 metrics["actor/router_aux_loss"] = float(aux.detach())
             if self.router_metrics:
                 with torch.no_grad():
                     metrics |= router_metrics(router_logits, self.top_k, seq_mask)
         metrics["actor/loss"] = float(loss.detach())
-        return loss * scale, metrics
+        return total, metrics
+
+    @torch.no_grad()
+    def old_logp(self, batch, bounds: Sequence[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) the current policy's log-probs of the batch's response tokens (0 off each part's columns), computed
+        part by part (`bounds`, the mini-batches; parts without a loss token are skipped) exactly as the update's
+        forward computes them: TIS's pi_old."""
+        out = torch.zeros_like(batch.logp)
+        for lo, hi in bounds:
+            if hi > lo and bool(mask[lo:hi].any()):
+                part, cols = compact(batch, lo, hi)
+                out[lo:hi, cols] = self.forward(part, slice(None))[0].to(out.dtype)
+        return out
 
     # ---------------------------------------------------------------------------------------------- update
-    def _count(self, mask: torch.Tensor) -> float:
-        """What the loss averages over: tokens for token_mean, sequences (with any token) otherwise."""
-        if self.loss_kwargs["agg"] == "token_mean":
-            return float(mask.sum())
-        return float((mask.sum(-1) > 0).sum()) if self.loss_kwargs["agg"] == "seq_mean_token_mean" \
-            else float(mask.shape[0])
+    def _counts(self, batch, mask: torch.Tensor, lo: int, hi: int) -> list[float]:
+        """What rows lo..hi add to the counts the loss terms average over: [the loss_agg's count (loss tokens for
+        token_mean, sequences with a loss token otherwise, as `agg_loss` counts them), loss tokens, attended
+        (prompt + response) tokens]; all 0 for a part without a loss token (it computes nothing)."""
+        m = mask[lo:hi]
+        tokens = float(m.sum())
+        if tokens == 0:
+            return [0.0, 0.0, 0.0]
+        seqs = float((m.sum(-1) > 0).sum())
+        attended = float(batch.prompt_mask[lo:hi].sum() + batch.response_mask[lo:hi].sum())
+        return [tokens if self.loss_kwargs["agg"] == "token_mean" else seqs, tokens, attended]
 
     def step(self, batch, advantages: torch.Tensor, mask: torch.Tensor | None = None, *, mini_batches: int = 1,
              group_size: int = 1, ref_logp: torch.Tensor | None = None,
@@ -212,20 +250,27 @@ class Learner:
         # the demonstrations are divided among the mini-batches as the groups are (one per group, in group order,
         # as the RL driver passes them: each update imitates the demonstrations of its own problems)
         demo_parts = group_bounds(len(demos), 1, mini_batches) if ptx else [(0, 0)] * mini_batches
-        for (lo, hi), (d0, d1) in zip(group_bounds(len(batch), group_size, mini_batches), demo_parts):
+        bounds = group_bounds(len(batch), group_size, mini_batches)
+        old, weights, tis_metrics = None, None, {}
+        if self.tis_cap is not None:  # pi_old from this learner, before the first update; w from it and the rollout's
+            old = self.old_logp(batch, bounds, mask)
+            weights, tis_metrics = tis_weights(batch.logp, old, mask, self.tis_cap)
+        for (lo, hi), (d0, d1) in zip(bounds, demo_parts):
             rows = slice(lo, hi)
-            local = self._count(mask[rows]) if hi > lo else 0.0
+            local = self._counts(batch, mask, lo, hi)
             mine = demos.rows(d0, d1) if d1 > d0 else None
             local_demo = float(mine.response_mask.sum()) if mine is not None else 0.0
-            total, demo_tokens = _all_reduce_sum(torch.tensor([local, local_demo], dtype=torch.float64)).tolist()
-            if total == 0:
+            *totals, demo_tokens = _all_reduce_sum(torch.tensor(local + [local_demo], dtype=torch.float64)).tolist()
+            if totals[0] == 0:
                 continue  # no token to learn from on any rank
             self.optimizer.zero_grad(set_to_none=True)
-            if local > 0:
+            if local[0] > 0:
                 part, cols = compact(batch, lo, hi)  # no padding-only columns: no compute spent on them
                 adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, cols]
                 ref = None if ref_logp is None else ref_logp[rows, cols]
-                loss, metrics = self.loss(part, adv, mask[rows, cols], slice(None), ref, scale=local / total)
+                shares = tuple(mine_ / all_ for mine_, all_ in zip(local, totals))
+                tis = {} if old is None else {"old_logp": old[rows, cols], "is_weights": weights[rows, cols]}
+                loss, metrics = self.loss(part, adv, mask[rows, cols], slice(None), ref, shares=shares, **tis)
                 loss.backward()
             else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce
                 loss, metrics = torch.zeros(()), {}
@@ -233,7 +278,7 @@ class Learner:
                 nll = demo_nll_sum(self.model, mine)
                 (self.ptx_coef * nll / demo_tokens).backward()
                 metrics["actor/ptx_nll"] = float(nll.detach()) / local_demo
-            self._probe = self._probe_rows(batch, lo, hi) if local > 0 else None
+            self._probe = self._probe_rows(batch, lo, hi) if local[0] > 0 else None
             try:
                 metrics |= self._apply(loss)
             finally:
@@ -253,8 +298,8 @@ class Learner:
             self.skipped_steps += 1
         else:
             self.updates += len(collected)
-        return _average(collected) | {"actor/updates": 0.0 if skipped else float(len(collected)),
-                                      "actor/skipped_steps": float(self.skipped_steps)}
+        return _average(collected) | tis_metrics | {"actor/updates": 0.0 if skipped else float(len(collected)),
+                                                    "actor/skipped_steps": float(self.skipped_steps)}
 
     def _apply(self, loss: torch.Tensor) -> dict:
         """All-reduce gradients, clip, check finiteness (collectively), step and check the updated model; returns

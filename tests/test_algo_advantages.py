@@ -62,6 +62,77 @@ def test_grpo_singleton_and_equal_groups_are_zero():
     assert got.tolist() == [0.0, 0.0, 0.0]
 
 
+def _grpo_exact(rewards, ids, norm_by_std, eps):
+    """Reference: one group at a time, the mean and the squared deviations in exact rational arithmetic."""
+    from fractions import Fraction
+
+    out = []
+    for i, r in enumerate(rewards):
+        group = [Fraction(rewards[j]) for j in range(len(rewards)) if ids[j] == ids[i]]
+        if len(group) == 1:
+            out.append(0.0)
+            continue
+        mean = sum(group) / len(group)
+        a = Fraction(r) - mean
+        if norm_by_std:
+            std = math.sqrt(sum((x - mean) ** 2 for x in group) / (len(group) - 1))
+            out.append(float(a) / (std + eps))
+        else:
+            out.append(float(a))
+    return out
+
+
+@pytest.mark.parametrize("value,size", [(0.895, 16), (100.1, 8), (0.895, 6), (-3.7, 5), (1e6 + 0.1, 3)])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo"])
+def test_all_equal_group_gets_exactly_zero_advantage(value, size, estimator):
+    """A float32 group mean is one ulp off (16 x 0.895 summed gives 0.89500022), and the std division turned that
+    into advantages of 0.19 (0.895 at group 16) and 0.83 (100.1 at group 8). Now exact zeros, beside a varied
+    group, in either layout, and whatever dynamic sampling does with the group afterwards."""
+    from types import SimpleNamespace
+
+    from posttrain.stages.rl_step import compute_advantages
+
+    r = torch.tensor([value] * size + [0.0, 1.0] * (size // 2) + [0.5] * (size % 2))
+    est = get_adv_estimator(estimator)
+    assert torch.equal(est(r, group_size=size)[:size], torch.zeros(size))
+    ids = [1] * size + [0] * size
+    assert torch.equal(est(r, ids)[:size], torch.zeros(size))
+    assert est(r, group_size=size)[size:].abs().max() > 0.1
+    for dynamic in (False, True):
+        cfg = SimpleNamespace(kl_in_reward=False, kl_coef=0.0, adv_estimator=estimator, dynamic_sampling=dynamic)
+        batch = SimpleNamespace(loss_mask=torch.ones(2 * size, 3, dtype=torch.long), group_index=ids)
+        adv, mask, _, _ = compute_advantages(cfg, batch, r.tolist())
+        assert torch.equal(adv[:size], torch.zeros(size))
+        assert bool(mask[:size].any()) is not dynamic
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_grpo_matches_exact_per_group_loop_on_random_rewards(seed, norm_by_std):
+    """Random float32 rewards of any scale, shuffled ids, some groups all equal: equal to a per-group loop in exact
+    arithmetic to float32 precision, and exactly 0 on the all-equal groups."""
+    rng = random.Random(seed)
+    groups = []
+    for k in range(rng.randint(2, 7)):
+        size, scale = rng.randint(2, 9), 10 ** rng.uniform(-3, 4)
+        if k == 0 or rng.random() < 0.4:
+            groups.append([rng.uniform(-scale, scale)] * size)
+        else:
+            groups.append([rng.choice([rng.uniform(-scale, scale), 0.1 * k]) for _ in range(size)])
+    ids = [k for k, g in enumerate(groups) for _ in g]
+    order = list(range(len(ids)))
+    rng.shuffle(order)
+    ids = [ids[i] for i in order]
+    r = torch.tensor([x for g in groups for x in g])[order]  # float32, as the RL stage builds them
+    rewards = r.tolist()
+    got = compute_grpo_advantages(r, ids, norm_by_std=norm_by_std)
+    want = _grpo_exact(rewards, ids, norm_by_std, 1e-6)
+    assert got.tolist() == pytest.approx(want, rel=1e-6, abs=1e-6)
+    equal = [len({rewards[j] for j in range(len(ids)) if ids[j] == ids[i]}) == 1 for i in range(len(ids))]
+    assert any(equal)
+    assert all(got[i].item() == 0.0 for i in range(len(ids)) if equal[i])
+
+
 def test_group_index_errors():
     with pytest.raises(ValueError):
         group_index(4)

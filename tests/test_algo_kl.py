@@ -9,11 +9,17 @@ from posttrain.algo.kl import kl_estimate, kl_loss, kl_penalty_rewards
 
 torch.set_num_threads(1)
 
+def _k3(lp, ref):
+    """verl's k3: log(ref / policy) clamped to [-20, 20], the estimate to [-10, 10]."""
+    lr = min(max(ref - lp, -20.0), 20.0)
+    return min(max(math.exp(lr) - lr - 1, -10.0), 10.0)
+
+
 FORMULAS = {
     "k1": lambda lp, ref: lp - ref,
     "k2": lambda lp, ref: 0.5 * (lp - ref) ** 2,
-    "k3": lambda lp, ref: math.exp(ref - lp) - (ref - lp) - 1,
-    "low_var_kl": lambda lp, ref: math.exp(ref - lp) - (ref - lp) - 1,
+    "k3": _k3,
+    "low_var_kl": _k3,
 }
 
 
@@ -40,6 +46,31 @@ def test_k3_nonnegative_and_zero_at_equality():
     logp, ref, _ = _batch(3, 4, 6)
     assert (kl_estimate(logp, ref, "k3") >= 0).all()
     assert torch.equal(kl_estimate(logp, logp, "k3"), torch.zeros_like(logp))
+
+
+def test_k3_clamps_hand_worked():
+    """log_r = ref - logp: 2 -> e^2 - 3 (inside every bound); 3 -> e^3 - 4 = 16.1, clamped to 10; -30 -> log_r
+    clamped to -20, e^-20 + 19, clamped to 10; 500 -> 10 (exp(500) would overflow)."""
+    ref = torch.zeros(1, 4, dtype=torch.float64)
+    logp = torch.tensor([[-2.0, -3.0, 30.0, -500.0]], dtype=torch.float64)
+    assert kl_estimate(logp, ref, "k3")[0].tolist() == pytest.approx([math.exp(2) - 3, 10.0, 10.0, 10.0], rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["k3", "k1", "k2"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_huge_log_ratio_gives_finite_kl_loss_and_gradients(kind, agg):
+    """A policy that gives sampled tokens e^-1000 of the reference's probability, or e^+1000, and -inf in a masked
+    position: the KL loss and its gradients are finite (k3 clamped as verl does; k1 and k2 need no clamp), and the
+    clamped tokens pass no gradient."""
+    logp = torch.tensor([[-1000.0, -1.0, float("-inf")], [1000.0, -0.5, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.2, -1.0], [-1.0, -0.7, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, metrics = kl_loss(logp, ref, mask, kind=kind, agg=agg)
+    loss.backward()
+    assert math.isfinite(loss.item()) and math.isfinite(metrics["actor/kl_loss"])
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    if kind == "k3":
+        assert logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0 and logp.grad[0, 1] != 0
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -50,11 +50,12 @@ def _loss_loop(logp, old, adv, mask, *, clip_low, clip_high, dual, level, agg, m
                 loss = min(loss, -dual * a)
             per_tok[i][j] = loss
     n_tok = sum(int(mask[i, j]) for i in range(b) for j in range(t))
+    n_seq = max(sum(1 for i in range(b) if mask[i].any()), 1)  # rows with no token are not in the batch (verl)
     if agg == "token_mean":
         return sum(map(sum, per_tok)) / max(n_tok, 1)
     if agg == "seq_mean_token_mean":
-        return sum(sum(per_tok[i]) / max(int(mask[i].sum()), 1) for i in range(b)) / b
-    return sum(map(sum, per_tok)) / (b * max_len)
+        return sum(sum(per_tok[i]) / max(int(mask[i].sum()), 1) for i in range(b)) / n_seq
+    return sum(map(sum, per_tok)) / (n_seq * max_len)
 
 
 CASES = [
@@ -166,6 +167,49 @@ def test_agg_errors():
     assert agg_loss(x, m, "token_mean", num_tokens=12).item() == 0.5
 
 
+def test_rows_without_tokens_are_not_in_the_sequence_count():
+    """A row whose mask is all zero (a dropped group) adds nothing to either sequence mode's count, as it adds no
+    token to token_mean (verl's agg_loss); TRL divides by every row, which only differs when a row is empty."""
+    x = torch.tensor([[1.0, 3.0], [5.0, 5.0], [2.0, 0.0]])
+    m = torch.tensor([[1, 1], [0, 0], [1, 0]])
+    assert agg_loss(x, m, "seq_mean_token_mean").item() == pytest.approx((2.0 + 2.0) / 2)
+    assert agg_loss(x, m, "seq_mean_token_sum_norm", max_len=4).item() == pytest.approx(6.0 / (2 * 4))
+    assert agg_loss(x, m, "token_mean").item() == pytest.approx(6.0 / 3)
+    assert agg_loss(x, torch.zeros_like(m), "seq_mean_token_mean").item() == 0.0
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("adv", [1.0, -1.0])
+@pytest.mark.parametrize("dual", [None, 3.0])
+def test_huge_log_ratio_gives_finite_loss_and_gradients(level, adv, dual):
+    """A policy far from the one that sampled (log-ratios of +-500, which overflow exp in any float type), with
+    garbage (inf, NaN) in padding: the loss and every gradient are finite (verl's clamps: token log-ratio to
+    [-20, 20], GSPO's sequence log-ratio to at most 10)."""
+    logp = torch.tensor([[0.0, -1.0, float("inf")], [-600.0, -2.0, float("nan")]], requires_grad=True)
+    old = torch.tensor([[-500.0, -500.0, 0.0], [-100.0, -1.0, float("-inf")]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    loss, metrics = compute_policy_loss(logp, old, torch.tensor([adv, adv]), mask, level=level, dual_clip_c=dual)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert logp.grad[:, 2].tolist() == [0.0, 0.0]
+
+
+def test_log_ratio_bounds_hand_worked():
+    # token level, A = -1, log-ratio 30: the ratio is e^20 (clamped), the loss e^20, and no gradient past the bound
+    loss, grad, _ = _one_token(math.exp(30.0), -1.0)
+    assert (loss, grad) == (pytest.approx(math.exp(20.0), rel=1e-9), 0.0)
+    # inside the bound, unchanged: log-ratio 19, loss e^19, gradient -A * r
+    loss, grad, _ = _one_token(math.exp(19.0), -1.0)
+    assert (loss, grad) == (pytest.approx(math.exp(19.0), rel=1e-9), pytest.approx(math.exp(19.0), rel=1e-9))
+    # GSPO: a mean log-ratio of 12 is clamped to 10; of 9, kept
+    mask = torch.ones(1, 2)
+    for mean_lr, want in ((12.0, math.exp(10.0)), (9.0, math.exp(9.0))):
+        logp = torch.tensor([[mean_lr - 1.0, mean_lr + 1.0]], dtype=torch.float64)
+        out, _ = get_policy_loss("gspo")(logp, torch.zeros(1, 2, dtype=torch.float64), torch.tensor([-1.0]), mask)
+        assert out.item() == pytest.approx(want, rel=1e-9)
+
+
 def test_is_weights_scale_per_token_and_are_detached():
     logp, old, adv, mask = _batch(7, 3, 5)
     w = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
@@ -203,6 +247,8 @@ def test_tis_weights_loop(seed):
                 n += 1
                 capped += raw > 2.0
     assert m["rollout/tis_clipfrac"] == pytest.approx(capped / n)
+    assert m["rollout/tis_weight_max"] == pytest.approx(max(w[i, j].item() for i in range(3) for j in range(6)
+                                                            if mask[i, j]))
     assert not w.requires_grad
 
 

@@ -48,13 +48,23 @@ def group_index(
 
 
 def _group_stats(rewards: torch.Tensor, index: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, ...]:
-    """Per-sample group count, mean and unbiased std (0 for singleton groups), each (N,)."""
+    """Per-sample group count, mean and unbiased std (0 for singleton groups), each (N,), in `rewards`' dtype."""
     zeros = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device)
     count = zeros.index_add(0, index, torch.ones_like(rewards))
     mean = zeros.index_add(0, index, rewards) / count.clamp(min=1)
     sq = zeros.index_add(0, index, (rewards - mean[index]).square())
     std = torch.sqrt(sq / (count - 1).clamp(min=1))  # Bessel-corrected, like torch.std, verl and TRL's nanstd
     return count[index], mean[index], std[index]
+
+
+def _shift_by_group_first(rewards: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(N,) rewards minus the first reward of their group: the same advantages, and an all-equal group becomes
+    exact zeros, so its mean is exactly 0 (a float sum of 16 x 0.895 divided by 16 is not 0.895, and
+    ``(r - mean) / (std + eps)`` turns that ulp into advantages of 0.19)."""
+    n = rewards.shape[0]
+    pos = torch.arange(n, device=rewards.device)
+    first = torch.full((n_groups,), n, dtype=pos.dtype, device=pos.device).scatter_reduce(0, index, pos, "amin")
+    return rewards - rewards[first[index]]
 
 
 def compute_grpo_advantages(
@@ -82,16 +92,21 @@ def compute_grpo_advantages(
         (N,) advantages, no grad.
 
     Differences: a singleton group gets advantage 0 (it has no baseline but itself); verl instead uses mean 0 and
-    std 1 there (advantage = raw reward) and TRL yields NaN. Groups with equal rewards get exactly 0.
+    std 1 there (advantage = raw reward) and TRL yields NaN. A group whose rewards are all equal gets exactly 0,
+    whatever the values (0.895 x 16, 100.1 x 8): the statistics are computed in float64 on the rewards minus
+    their group's first reward, so such a group is all zeros before any rounding (verl and TRL take a float32
+    mean, one ulp off, which the std division blows up to advantages of 0.2-0.8). A NaN or inf reward makes its
+    whole group non-finite (the learner then skips the step).
     """
     with torch.no_grad():
-        rewards = rewards.detach().float()
-        index, n_groups = group_index(rewards.shape[0], group_ids, group_size, device=rewards.device)
-        _, mean, std = _group_stats(rewards, index, n_groups)
-        adv = rewards - mean
+        r = rewards.detach().double()
+        index, n_groups = group_index(r.shape[0], group_ids, group_size, device=r.device)
+        r = _shift_by_group_first(r, index, n_groups)
+        _, mean, std = _group_stats(r, index, n_groups)
+        adv = r - mean
         if norm_by_std:
             adv = adv / (std + eps)
-    return adv
+    return adv.float()
 
 
 @register_adv_est("grpo")

@@ -8,8 +8,13 @@ policy and ``log_r = ref_logp - logp`` (the log of ref/policy), the estimators o
 * ``k3`` (``low_var_kl``) = ``exp(log_r) - log_r - 1``: unbiased, low variance, non-negative (GRPO's KL term,
   Shao et al. 2024, and TRL's ``beta`` term).
 
-Differences from upstream: verl clamps ``log_r`` to [-20, 20] and k3 to [-10, 10]; TRL and this module do not
-clamp, so a diverged policy shows up as a large KL instead of a silently capped one.
+k3 is clamped as verl clamps it: ``log_r`` to [-20, 20] before the exp and k3 to [-10, 10] after. Unclamped (TRL),
+``exp(log_r)`` overflows float32 once the policy gives a sampled token e^-88 of the reference's probability, and
+the inf/NaN (in the loss, or in the gradient even of a masked token: ``torch.where`` sends 0 * inf = NaN back)
+skips the whole step. With the clamps the loss and its gradients are always finite; the price is that a token
+whose k3 passes 10 (log_r > ~2.6: the reference ~13x likelier than the policy; or log_r < -11) adds 10 and no
+gradient, as the clip range does to the policy ratio. A diverged policy still shows: `actor/kl_loss` sits near
+10. k1 and k2 stay unclamped (finite wherever their inputs are), as in verl.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import torch
 
 from posttrain.algo.losses import agg_loss, masked_mean
 from posttrain.algo.registry import get_kl_estimator, register_kl
+
+K3_LOG_RATIO_BOUND = 20.0  # verl's clamp of log(ref / policy) before the exp
+K3_BOUND = 10.0  # verl's clamp of the k3 estimate
 
 
 @register_kl("k1")
@@ -34,9 +42,10 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 @register_kl("k3")
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1, per token; shapes (B, T) -> (B, T)."""
-    log_r = ref_logp - logp
-    return torch.exp(log_r) - log_r - 1
+    """k3 = exp(log_r) - log_r - 1 with log_r = ref_logp - logp clamped to [-20, 20], then clamped to [-10, 10]
+    (verl's bounds; see the module docstring); shapes (B, T) -> (B, T)."""
+    log_r = (ref_logp - logp).clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+    return (torch.exp(log_r) - log_r - 1).clamp(-K3_BOUND, K3_BOUND)
 
 
 register_kl("low_var_kl")(kl_k3)  # verl's name for k3
@@ -67,9 +76,14 @@ def kl_loss(
             ``pg_loss + beta * kl_loss`` equals aggregating ``per_token_pg + beta * per_token_kl`` (TRL's order).
 
     Returns:
-        (scalar loss, ``{"actor/kl_loss": masked token mean of the estimate}``).
+        (scalar loss, ``{"actor/kl_loss": masked token mean of the estimate}``); finite, with finite gradients,
+        whatever the log-probs off the mask hold.
     """
-    kl = kl_estimate(logp, ref_logp, kind)
+    keep = mask.to(torch.bool)
+    zero = torch.zeros_like(logp)
+    # off the mask both log-probs are 0 before the estimate: garbage there (inf, NaN) would otherwise send NaN
+    # gradients back through agg_loss's where (0 * inf)
+    kl = kl_estimate(torch.where(keep, logp, zero), torch.where(keep, ref_logp, zero), kind)
     loss = agg_loss(kl, mask, agg=agg, max_len=max_len, num_tokens=num_tokens)
     return loss, {"actor/kl_loss": float(masked_mean(kl.detach(), mask))}
 

@@ -28,6 +28,10 @@ from posttrain.algo.registry import register_policy_loss
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 LEVELS = ("token", "sequence")
+# bounds on log importance ratios before exp (verl's): the token log-ratio to [-20, 20] (vanilla PPO loss), GSPO's
+# sequence log-ratio to at most 10; exp stays finite in float32/bfloat16 and so do the gradients
+LOG_RATIO_BOUND = 20.0
+SEQ_LOG_RATIO_MAX = 10.0
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -53,11 +57,16 @@ def agg_loss(
       count of the whole (global) batch, when one batch is split into micro-batches or ranks so that the summed
       gradients equal one global token mean (TRL's ``dapo`` normaliser, ``num_items_in_batch``).
     * ``seq_mean_token_mean``: per-sequence token mean, then mean over the B sequences (GRPO, Shao et al. 2024).
-      A sequence with no response token contributes 0 (it still counts in B, as in TRL).
     * ``seq_mean_token_sum_norm``: sum over tokens / (B * max_len) (Dr. GRPO, Liu et al. 2025: a constant normaliser
       so that long and short answers are weighted alike). `max_len` is the maximum completion length, required;
       unlike verl it is not taken from the padded width T, which depends on the batch, and B is divided out as TRL
       and the paper's 1/G do (verl divides only by the length).
+
+    B counts the sequences with at least one masked-in token: a row whose mask is all zero (a group dropped by
+    dynamic sampling) is not in the batch, as it adds no token to ``token_mean``. This is verl's `agg_loss`
+    (``seq_mask = loss_mask.sum(-1) > 0``); TRL divides by every row, which is the same value whenever no row is
+    empty (TRL never has one). It makes the loss a sum of per-row terms over one count, so data-parallel ranks
+    that scale by their share of that count take exactly the one-learner step (`posttrain.learner`).
 
     Masked positions are dropped with `torch.where`, so NaN/Inf in padding never leak into the loss.
     """
@@ -66,24 +75,27 @@ def agg_loss(
     if agg == "token_mean":
         denom = keep.sum().clamp(min=1) if num_tokens is None else num_tokens
         return masked.sum() / denom
+    n_seqs = keep.any(-1).sum().clamp(min=1)  # sequences with a token in the loss
     if agg == "seq_mean_token_mean":
-        return (masked.sum(-1) / keep.sum(-1).clamp(min=1)).mean()
+        return (masked.sum(-1) / keep.sum(-1).clamp(min=1)).sum() / n_seqs
     if agg == "seq_mean_token_sum_norm":
         if max_len is None:
             raise ValueError("agg='seq_mean_token_sum_norm' needs max_len (the maximum completion length)")
-        return masked.sum() / (loss_mat.shape[0] * max_len)
+        return masked.sum() / (n_seqs * max_len)
     raise ValueError(f"unknown agg {agg!r}. Known: {', '.join(AGG_MODES)}")
 
 
 def _importance_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """log of the importance ratio, (B, T): per token, or the masked mean over each sequence broadcast (GSPO)."""
+    """log of the importance ratio, (B, T): per token, clamped to +-`LOG_RATIO_BOUND`, or the masked mean over each
+    sequence (GSPO), clamped to at most `SEQ_LOG_RATIO_MAX` and broadcast. The clamps are verl's; beyond them the
+    ratio is constant (no gradient), as it is once clipped."""
     keep = mask.to(torch.bool)
     log_ratio = torch.where(keep, logp - old_logp, torch.zeros_like(logp))  # padding may hold garbage log-probs
     if level == "token":
-        return log_ratio
+        return log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     if level == "sequence":
         seq = log_ratio.sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
-        return seq.expand_as(logp)
+        return seq.clamp(max=SEQ_LOG_RATIO_MAX).expand_as(logp)
     raise ValueError(f"unknown importance-sampling level {level!r}. Known: {', '.join(LEVELS)}")
 
 
@@ -120,7 +132,8 @@ def compute_policy_loss(
         level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO, Zheng et al. 2025: r = exp(mean over the sequence's
             tokens of logp - old_logp), one ratio per sequence, clipped as a whole).
         agg, max_len, num_tokens: see `agg_loss`.
-        is_weights: optional (B, T) per-token weights (e.g. `tis_weights`), applied detached after clipping.
+        is_weights: optional (B, T) per-token weights (e.g. `tis_weights`), applied detached after clipping, to the
+            policy-gradient term only (verl's ``rollout_is_weights``, TRL's ``importance_sampling_ratio``).
 
     Returns:
         (scalar loss, metrics) with ``actor/pg_loss``, ``actor/clipfrac_low`` (r < 1 - clip_low, A < 0),
@@ -128,10 +141,14 @@ def compute_policy_loss(
         ``actor/approx_kl`` (token-level k3 estimate of KL(old || new)) and ``actor/ratio_mean``.
         Fractions are token means over `mask`, for both levels.
 
+    Numerical bounds (verl's): the token log-ratio is clamped to [-20, 20] and GSPO's sequence log-ratio to at most
+    10 before exp, so a diverged policy (or a stale old_logp) gives a finite loss and finite gradients instead of
+    inf/NaN and a skipped step; past a bound the ratio has no gradient, as a clipped one has none. TRL does not
+    clamp (the same values inside the bounds).
+
     Differences from upstream: GSPO's ratio is exp of the mean log-ratio as in TRL; verl writes it per token as
-    ``sg[s_i] * pi / sg[pi]``, which has the same value and, summed over a sequence, the same gradient. verl clamps
-    the log-ratio to [-20, 20]; here only padding positions are zeroed. TRL's ``delta`` (an upper cap on r for any
-    sign of A, INTELLECT-2) is not the dual clip and is not implemented.
+    ``sg[s_i] * pi / sg[pi]``, which has the same value and, summed over a sequence, the same gradient. TRL's
+    ``delta`` (an upper cap on r for any sign of A, INTELLECT-2) is not the dual clip and is not implemented.
     """
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
@@ -151,7 +168,7 @@ def compute_policy_loss(
 
     with torch.no_grad():
         r, a = ratio.detach(), advantages.detach()
-        token_lr = _importance_log_ratio(logp.detach(), old_logp, mask, "token")
+        token_lr = _importance_log_ratio(logp.detach(), old_logp, mask, "token")  # clamped: a finite metric
         metrics = {
             "actor/pg_loss": float(loss.detach()),
             "actor/clipfrac_low": float(masked_mean(((r < 1 - clip_low) & (a < 0)).float(), mask)),
@@ -203,8 +220,9 @@ def tis_weights(
         floor: optional lower clamp (TRL ``vllm_importance_sampling_clip_min``); the paper has none.
 
     Returns:
-        ((B, T) detached weights, ``rollout/tis_weight_mean``, ``rollout/tis_clipfrac`` (tokens capped),
-        ``rollout/logp_diff_abs_mean``, ``rollout/logp_diff_abs_max`` over the mask).
+        ((B, T) detached weights, ``rollout/tis_weight_mean``, ``rollout/tis_weight_max``, ``rollout/tis_clipfrac``
+        (tokens capped), ``rollout/logp_diff_abs_mean``, ``rollout/logp_diff_abs_max`` over the mask; the max are 0
+        on an empty mask).
         Equals TRL's ``vllm_importance_sampling_mode="token_truncate"``, NaN rollout log-probs included (weight 1).
     """
     with torch.no_grad():
@@ -214,8 +232,10 @@ def tis_weights(
         raw = torch.exp(diff)
         weights = torch.clamp(raw, min=floor, max=cap)
         abs_diff = diff.abs()[keep]
+        kept_w = weights[keep]
         metrics = {
             "rollout/tis_weight_mean": float(masked_mean(weights, keep)),
+            "rollout/tis_weight_max": float(kept_w.max()) if kept_w.numel() else 0.0,
             "rollout/tis_clipfrac": float(masked_mean((raw > cap).float(), keep)),
             "rollout/logp_diff_abs_mean": float(abs_diff.mean()) if abs_diff.numel() else 0.0,
             "rollout/logp_diff_abs_max": float(abs_diff.max()) if abs_diff.numel() else 0.0,

@@ -97,7 +97,8 @@ def freeze_except(model, patterns: list[str]) -> int:
 
 
 class LearnerWorker:
-    """The trained policy and its optimizer. `learner_kwargs` go to `Learner` (lr, clip ranges, kl_coef, ...)."""
+    """The trained policy and its optimizer. `learner_kwargs` go to `Learner` (lr, clip ranges, loss_agg, kl_coef,
+    tis_cap, ...: the recipe's `grpo`/`ppo` keys of the same meaning)."""
 
     def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32",
                  experts_implementation: str = "grouped_mm", lora: dict | None = None, load_options: dict | None = None,
