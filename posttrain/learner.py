@@ -8,7 +8,7 @@ advantages into one AdamW update per mini-batch:
     loss = policy_loss(logp, old_logp, A; mask [, w])        clipped, token or sequence level (algo.losses)
          + kl_coef * KL(pi || pi_ref; mask)                   when the caller passes ref_logp (k1/k2/k3)
          - entropy_coef * H(pi; mask)                         optional bonus
-         + router_aux_coef * load_balancing_loss              Switch-Transformer loss over the MoE routers
+         + router_aux_coef * aux_loss                         the family's load balancing (`moe.aux_loss`)
          + ptx_coef * NLL(demonstrations)                     InstructGPT's PPO-ptx, when the caller passes demos
 
 `mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
@@ -187,16 +187,16 @@ class Learner:
             loss, total = loss + self.kl_coef * kl, total + self.kl_coef * kl * agg_share
             metrics |= kl_metrics
         if router_logits is not None:
-            from posttrain.moe import load_balancing_loss, router_metrics
+            from posttrain.moe import aux_loss, model_router_metrics
 
             seq_mask = torch.cat([batch.prompt_mask[rows], batch.response_mask[rows]], dim=1)
             if self.router_aux_coef > 0:
-                aux = load_balancing_loss(router_logits, self.top_k, seq_mask)
+                aux = aux_loss(self.model, router_logits, seq_mask)  # the objective of the model's family
                 loss, total = loss + self.router_aux_coef * aux, total + self.router_aux_coef * aux * attended_share
                 metrics["actor/router_aux_loss"] = float(aux.detach())
             if self.router_metrics:
                 with torch.no_grad():
-                    metrics |= router_metrics(router_logits, self.top_k, seq_mask)
+                    metrics |= model_router_metrics(self.model, router_logits, seq_mask)
         metrics["actor/loss"] = float(loss.detach())
         return total, metrics
 

@@ -188,21 +188,53 @@ def saves_tied_embedding(model, modules_to_save) -> bool:
     return any(n == m or n.endswith("." + m) for n in ends for m in modules_to_save)
 
 
+def lora_targets(lora, model, key: str = "sft.lora") -> tuple[list[str], list[str]]:
+    """The (target_modules, target_parameters) a recipe's `lora` section asks of `model`. A list left at its default
+    (`LoraConfig`'s) stands for the family's targets (`family_lora_targets`); an explicit entry that matches no
+    module (no parameter) of the model, or that PEFT would silently rewrite to the fused experts
+    (`moe_lora.peft_remapped`), is a ValueError naming `{key}.target_modules` (`.target_parameters`)."""
+    from posttrain.config_common import LoraConfig as RecipeLora
+    from posttrain.moe_lora import family_lora_targets, peft_matches, peft_remapped
+
+    family = family_lora_targets(model)
+    names = ([n for n, _ in model.named_modules()], [n for n, _ in model.named_parameters()])
+    out = []
+    for field, fam, have in zip(("target_modules", "target_parameters"), family, names):
+        asked = list(getattr(lora, field))
+        if asked == RecipeLora.model_fields[field].default_factory():
+            out.append(fam)
+            continue
+        missing = [t for t in asked if not any(peft_matches(n, t) for n in have)]
+        if missing:
+            raise ValueError(f"{key}.{field}: {missing} match{'es' if len(missing) == 1 else ''} nothing in "
+                             f"{type(model).__name__} (a name or dotted suffix of a "
+                             f"{'module' if field == 'target_modules' else 'parameter'}); this family's are "
+                             f"{fam}, or leave {key}.{field} at its default for them")
+        remapped = peft_remapped(model, asked) if field == "target_modules" else []
+        if remapped:
+            raise ValueError(f"{key}.target_modules: {remapped}: for {model.config.model_type} PEFT rewrites these "
+                             "names to the fused expert parameters (transformers v4 compatibility), so no Linear "
+                             f"layer of that name would be adapted; adapt the experts with {key}.target_parameters "
+                             f"and train shared experts or dense MLP layers whole with {key}.modules_to_save (e.g. "
+                             "[shared_experts])")
+        out.append(asked)
+    return out[0], out[1]
+
+
 def peft_config(lora, model, key: str = "sft.lora"):
+    """PEFT `LoraConfig` for a recipe `lora` section on `model`, with targets from `lora_targets`."""
     from peft import LoraConfig
 
-    names = {n for n, _ in model.named_parameters()}
-    targets = [t for t in lora.target_parameters if any(n.endswith(t) for n in names)]
-    if lora.target_parameters and not targets:
-        raise ValueError(f"{key}.target_parameters: none of {lora.target_parameters} is a parameter of this "
-                         "model (MoE experts are usually `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`)")
+    target_modules, targets = lora_targets(lora, model, key)
+    if not target_modules and not targets:
+        raise ValueError(f"{key}: no target_modules nor target_parameters: the adapter would train nothing")
     modules = [n for n, _ in model.named_modules()]
     missing = [m for m in lora.modules_to_save if not any(n == m or n.endswith("." + m) for n in modules)]
     if missing:
         raise ValueError(f"{key}.modules_to_save: {missing} names no module of this model (module names end in "
                          f"e.g. {sorted({n.rsplit('.', 1)[-1] for n in modules if n and not n[-1].isdigit()})[:8]})")
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                      target_modules=list(lora.target_modules) or None, target_parameters=targets or None,
+                      target_modules=target_modules or None, target_parameters=targets or None,
                       modules_to_save=list(lora.modules_to_save) or None,
                       ensure_weight_tying=saves_tied_embedding(model, lora.modules_to_save))
 

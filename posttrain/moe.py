@@ -1,24 +1,31 @@
-"""Router tooling for training a Mixture-of-Experts policy with RL: load-balancing loss, routing metrics, and
-routing capture/replay (R3).
+"""Router tooling for training a Mixture-of-Experts policy with RL: load-balancing objectives, routing metrics,
+routing capture/replay (R3), and which of these a checkpoint supports.
 
-- `load_balancing_loss`: the auxiliary loss of the Switch Transformer (Fedus et al. 2021, eqs. 4-6) in the form
-  transformers computes it (`load_balancing_loss_func`): with top-k routing, f_e counts *all* top-k assignments
-  to expert e and P_e averages the full softmax; counts and probabilities are pooled over layers before the
-  product (not a mean of per-layer losses), and padding tokens are left out of both.
-- `router_metrics`: per-layer expert-load entropy and largest expert share, for logging.
+Each family routes its own way (`posttrain.moe_routers`: softmax top-k for Mixtral/OLMoE/Qwen2-MoE/Qwen3-MoE,
+sigmoid + correction bias with expert groups for DeepSeek-V3/GLM4-MoE, top-k-then-softmax with a router bias for
+GPT-OSS); the functions here pick the adapter of each router module by its class.
+
+- `aux_loss(model, router_logits, mask)`: the load-balancing objective the model's family trains with (the
+  Switch-Transformer loss, `load_balancing_loss`, or DeepSeek-V3's sequence-wise loss, `sequence_balance_loss`);
+  an unknown router is refused.
+- `router_metrics`: per-layer expert-load entropy and largest expert share, for logging; `model_router_metrics`
+  takes the experts each router really picks from its logits (bias and groups included).
+- `moe_features` / `check_moe_features`: what a checkpoint supports, from its config.json alone, and the recipe
+  keys (`grpo.routing_replay`, `grpo.router_aux_coef`, same for `ppo`) it cannot honour.
 - `record_routing` / `replay_routing`: Rollout Routing Replay (R3, Ma et al. 2025, arXiv 2510.11370). The
   rollout engine records which top-k experts every token went to; the learner's forward then uses those experts
   instead of its own top-k, so a tiny numerical or weight difference between the two engines cannot flip an
   expert choice and turn the importance ratio into noise. As in the paper, the *gate weights* are still computed
-  from the learner's own router logits (softmax over all experts, gathered at the replayed experts, renormalised
-  when the model normalises its top-k), so the router keeps getting gradients. Unlike the paper, which replays
-  the inference engine's (vLLM/SGLang) routing, here the rollout is our own KV-cache decoding loop
+  from the learner's own router logits as the family's router computes them for those experts (softmax over all
+  experts gathered and optionally renormalised; DeepSeek's sigmoid scores without the bias, normalised and
+  scaled; GPT-OSS's softmax over the k chosen logits), so the router keeps getting gradients. Unlike the paper,
+  which replays the inference engine's (vLLM/SGLang) routing, here the rollout is our own KV-cache decoding loop
   (`posttrain.workers.rollout`), and a token whose routing was not recorded (marked -1) falls back to the
   router's own choice.
 
 The patching uses forward hooks on the router modules of transformers 5.x (`<Model>TopKRouter`, whose forward
 returns `(router_logits (N, E), routing_weights (N, k), selected_experts (N, k))` for the N = batch * seq tokens
-of one call); hooks are removed on leaving the context. Pure torch: no Ray, IO or config objects.
+of one call); hooks are removed on leaving the context. Torch only (`check_moe_features` reads a config.json).
 
 What the learner does with a `RolloutBatch` that has `routing` (L, B, P + T, k), for mini-batch `rows`:
 
@@ -32,64 +39,60 @@ row order); slice the routing's sequence axis the same way if the learner trims 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-# Router classes whose forward is softmax -> top-k -> (optional) renormalisation, identical to Qwen3-MoE's;
-# value: whether the class always renormalises (True) or follows its `norm_topk_prob` attribute (None).
-_ROUTERS = {
-    "Qwen3MoeTopKRouter": None,
-    "Qwen2MoeTopKRouter": None,
-    "OlmoeTopKRouter": None,
-    "FlexOlmoTopKRouter": None,
-    "Qwen3NextTopKRouter": None,
-    "MixtralTopKRouter": True,
-}
+from posttrain.moe_routers import MODEL_TYPES, ROUTER_CLASSES, RouterAdapter, adapter_of
+from posttrain.moe_routers import load_balancing_loss, sequence_balance_loss  # noqa: F401 (re-exported)
 
 UNRECORDED = -1  # expert id of a token whose routing was not recorded: replay leaves it to the router
 
 
 def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The router modules of `model`, one per MoE layer, in layer order. Raises when none is recognised."""
-    routers = [m for m in model.modules() if type(m).__name__ in _ROUTERS]
+    routers = [m for m in model.modules() if type(m).__name__ in ROUTER_CLASSES]
     if not routers:
-        raise TypeError(f"{type(model).__name__}: no supported MoE router found (routing replay and metrics know "
-                        f"{', '.join(sorted(_ROUTERS))})")
+        raise TypeError(f"{type(model).__name__}: no supported MoE router found (routing replay, router metrics and "
+                        f"the load-balancing objective know {', '.join(sorted(ROUTER_CLASSES))})")
     return routers
 
 
-def _normalises(router) -> bool:
-    always = _ROUTERS[type(router).__name__]
-    return bool(always if always is not None else router.norm_topk_prob)
+def _adapter(routers: Sequence[torch.nn.Module]) -> RouterAdapter:
+    kinds = {id(adapter_of(r)): adapter_of(r) for r in routers}
+    if len(kinds) != 1:
+        raise TypeError(f"routers of several kinds in one model: {sorted({type(r).__name__ for r in routers})}")
+    return next(iter(kinds.values()))
 
 
 # ---------------------------------------------------------------------------------------------- load balancing
 
 
-def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss, equal to transformers' `load_balancing_loss_func`.
+def aux_loss(model: torch.nn.Module, router_logits: Sequence[torch.Tensor],
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The load-balancing objective of `model`'s family, scalar with grad (see `posttrain.moe_routers`).
 
-    router_logits: one (N, E) tensor per MoE layer, N = B * S tokens in the row-major order of `mask`
-    (what `model(..., output_router_logits=True).router_logits` or `record_routing(model, logits=True)` gives).
-    mask: (B, S) or (N,), 1 on real tokens; None counts every token.
-    Returns the scalar E * sum_e f_e * P_e, with f_e = top-k assignments to e / tokens and P_e = mean router
-    probability of e, both pooled over layers (a perfectly balanced router gives top_k).
+    router_logits: one (N, E) tensor per MoE layer (`model(..., output_router_logits=True).router_logits`, or
+    `record_routing(model, logits=True).logits[c]`), N = B * S in the row-major order of mask (B, S), 1 on real
+    tokens. Softmax routers and GPT-OSS: the Switch loss (`load_balancing_loss`, balanced = top_k);
+    DeepSeek-V3 / GLM4-MoE: the sequence-wise balance loss over the experts the router picks with its bias
+    (`sequence_balance_loss`, balanced = 1). A model without a known router raises TypeError.
     """
-    logits = torch.stack([x.float() for x in router_logits])  # (L, N, E)
-    n_experts = logits.shape[-1]
-    probs = torch.softmax(logits, dim=-1)
-    chosen = torch.topk(probs, top_k, dim=-1).indices  # (L, N, k)
-    counts = torch.nn.functional.one_hot(chosen, n_experts).sum(2).float()  # (L, N, E)
-    w = (torch.ones(logits.shape[1], device=logits.device) if mask is None
-         else mask.reshape(-1).to(device=logits.device, dtype=torch.float32))  # (N,)
-    total = w.sum() * logits.shape[0]
-    f = (counts * w[:, None]).sum((0, 1)) / total  # (E,)
-    p = (probs * w[:, None]).sum((0, 1)) / total  # (E,)
-    return n_experts * (f * p).sum()
+    routers = moe_routers(model)
+    if len(router_logits) != len(routers):
+        raise ValueError(f"aux_loss: {len(router_logits)} layers of router logits for {len(routers)} MoE layers")
+    return _adapter(routers).aux_loss(routers, router_logits, routers[0].top_k, mask)
+
+
+def routed_experts(model: torch.nn.Module, router_logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The (N, k) experts each router picks from its (N, E) logits, as its forward does (bias, groups included)."""
+    routers = moe_routers(model)
+    with torch.no_grad():
+        return [adapter_of(r).select(r, x.detach()) for r, x in zip(routers, router_logits)]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -100,8 +103,10 @@ def router_metrics(routing: Sequence[torch.Tensor] | torch.Tensor, top_k: int | 
     """Per-layer expert-load statistics of one batch, for logging.
 
     routing: per MoE layer (a sequence, or the first axis of a tensor) either float router logits (N, E), of which
-    the top `top_k` are taken, or long selected experts (..., k) (e.g. `RolloutBatch.routing` (L, B, S, k) with
-    `num_experts` given); ids of -1 (unrecorded) are left out. mask: 1 on real tokens, N elements (e.g. (B, S)).
+    the top `top_k` are taken (the choice of softmax routers and GPT-OSS; `model_router_metrics` follows any known
+    router, DeepSeek's bias and groups included), or long selected experts (..., k) (e.g. `RolloutBatch.routing`
+    (L, B, S, k) with `num_experts` given); ids of -1 (unrecorded) are left out. mask: 1 on real tokens, N elements
+    (e.g. (B, S)).
     Returns `router/layer{i}/load_entropy`: entropy of the experts' shares of the top-k assignments over log E
     (1 = perfectly balanced, 0 = one expert takes everything), `router/layer{i}/max_share`: the largest share
     (1/E at best), and their means over layers `router/load_entropy`, `router/max_share`.
@@ -129,6 +134,14 @@ def router_metrics(routing: Sequence[torch.Tensor] | torch.Tensor, top_k: int | 
     for name in ("load_entropy", "max_share"):
         out[f"router/{name}"] = sum(out[f"router/layer{i}/{name}"] for i in range(layers)) / max(layers, 1)
     return out
+
+
+def model_router_metrics(model: torch.nn.Module, router_logits: Sequence[torch.Tensor],
+                         mask: torch.Tensor | None = None) -> dict[str, float]:
+    """`router_metrics` of the experts `model`'s routers pick from `router_logits` (one (N, E) per MoE layer; mask
+    (B, S) or (N,)): right for every known family, where `router_metrics(logits, top_k)` assumes softmax top-k."""
+    experts = routed_experts(model, router_logits)
+    return router_metrics(experts, mask=mask, num_experts=router_logits[0].shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- record / replay
@@ -187,6 +200,8 @@ def record_routing(model: torch.nn.Module, logits: bool = False):
 
 
 def _replayed(router, experts: torch.Tensor):
+    adapter = adapter_of(router)
+
     def hook(module, args, output):
         logits, weights, own = output
         if experts.shape != own.shape:
@@ -195,11 +210,7 @@ def _replayed(router, experts: torch.Tensor):
                              "have exactly the layout of this forward's input_ids")
         recorded = (experts >= 0).all(-1, keepdim=True)  # (N, 1)
         chosen = torch.where(recorded, experts, own)  # (N, k)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E), as the router computes it
-        top = probs.gather(-1, chosen)
-        if _normalises(module):
-            top = top / top.sum(-1, keepdim=True)
-        return logits, top.to(weights.dtype), chosen
+        return logits, adapter.weights(module, logits, chosen).to(weights.dtype), chosen
     return hook
 
 
@@ -210,8 +221,9 @@ def replay_routing(model: torch.nn.Module, routing: Sequence[torch.Tensor]):
     routing: one (N, k) long tensor per MoE layer (`replay_tensors` builds it from (L, B, S, k)); N must be the
     batch * seq of every forward run inside (all of them replay the same routing; a gradient-checkpointing
     recompute does too). A token whose k ids are -1 keeps the router's own top-k. The gate weights come from the
-    current router logits (softmax over all E experts, gathered at the replayed experts, renormalised when the
-    model normalises top-k probs), so the router weight still gets gradients.
+    current router logits as the family's router computes them for the replayed experts (`RouterAdapter.weights`:
+    softmax gathered and renormalised, sigmoid normalised and scaled without the bias, or softmax over the k
+    logits), so the router weight still gets gradients and replaying a forward's own routing changes nothing.
     """
     routers = moe_routers(model)
     if len(routing) != len(routers):
@@ -232,3 +244,89 @@ def replay_tensors(routing: torch.Tensor) -> list[torch.Tensor]:
     """(L, B, S, k) per-sequence routing (e.g. `RolloutBatch.routing[:, rows]`) -> L tensors (B * S, k), the
     row-major token order a router sees for a (B, S) forward."""
     return [layer.reshape(-1, layer.shape[-1]) for layer in routing]
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+def _config_dict(model_config) -> dict | None:
+    """config.json as a dict from a dict, a `PretrainedConfig`, or a checkpoint directory / config.json path
+    (None when unreadable: the checkpoint loader names that problem)."""
+    if model_config is None or isinstance(model_config, dict):
+        return model_config
+    if isinstance(model_config, (str, Path)):
+        f = Path(model_config).expanduser()
+        f = f / "config.json" if f.is_dir() else f
+        try:
+            data = json.loads(f.read_bytes().decode("utf-8-sig"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+    return model_config.to_dict()
+
+
+def moe_features(model_config) -> dict:
+    """Which MoE features posttrain supports for a checkpoint, from its config alone (no weights are read).
+
+    model_config: a `PretrainedConfig`, a config.json dict, a checkpoint directory, or a loaded model (its routers
+    are then looked at directly). Returns {"model_type", "moe" (has experts), "router" (the routing rule, or why it is
+    unknown), "shared_experts", "router_metrics", "aux_objective" (its name, or None), "routing_replay"} and, when a
+    feature is missing, "why".
+    """
+    if isinstance(model_config, torch.nn.Module):
+        names = {type(m).__name__ for m in model_config.modules() if type(m).__name__ in ROUTER_CLASSES}
+        cfg = model_config.config.to_dict()
+        router = next(iter(names)) if len(names) == 1 else None
+    else:
+        cfg = _config_dict(model_config) or {}
+        router = MODEL_TYPES.get(cfg.get("model_type"))
+    moe = any(cfg.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    out = {"model_type": cfg.get("model_type"), "moe": bool(moe),
+           "shared_experts": bool(cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts")),
+           "router_metrics": False, "aux_objective": None, "routing_replay": False}
+    if router is None:
+        out["router"] = None
+        out["why"] = (f"{out['model_type'] or 'this model'} has no experts" if not moe else
+                      f"the router of model_type {out['model_type']!r} is not one posttrain.moe knows (it knows "
+                      f"{', '.join(sorted(MODEL_TYPES))})")
+        return out
+    adapter = ROUTER_CLASSES[router]
+    return out | {"router": adapter.describe(cfg), "router_metrics": True, "aux_objective": adapter.aux_objective,
+                  "routing_replay": True}
+
+
+def format_moe_features(features: dict) -> str:
+    """A few lines for `posttrain prepare` and logs."""
+    yes = lambda v: "yes" if v else "no"  # noqa: E731
+    lines = [f"MoE features of {features['model_type']}: router "
+             f"{features['router'] or 'unknown'}{' + shared experts' if features['shared_experts'] else ''}",
+             f"  router metrics: {yes(features['router_metrics'])}; routing replay (routing_replay): "
+             f"{yes(features['routing_replay'])}; load-balancing objective (router_aux_coef): "
+             f"{features['aux_objective'] or 'none'}"]
+    if features.get("why"):
+        lines.append(f"  ({features['why']})")
+    return "\n".join(lines)
+
+
+def check_moe_features(model_config, rc) -> list[str]:
+    """Problems (empty: none) with the MoE keys of recipe `rc` for the checkpoint of `model_config` (see
+    `moe_features`; None: the `base` stage's embedded Qwen3-MoE, which supports everything), each naming its key:
+    `{grpo,ppo}.routing_replay: true` on a model without a replayable router, and `{grpo,ppo}.router_aux_coef > 0`
+    on a model with experts whose router posttrain cannot balance. Only stages in `rc.stages` are checked; a dense
+    model ignores `router_aux_coef` (nothing to balance). Reads config.json only, so a recipe can be refused
+    before any stage runs."""
+    if model_config is None:
+        return []
+    f = moe_features(model_config)
+    problems = []
+    for algo in ("grpo", "ppo"):
+        if algo not in rc.stages:
+            continue
+        section = getattr(rc, algo)
+        if section.routing_replay and not f["routing_replay"]:
+            problems.append(f"{algo}.routing_replay: routing replay (R3) needs a known MoE router and "
+                            f"{f['why']}; set {algo}.routing_replay: false")
+        if section.router_aux_coef > 0 and f["moe"] and not f["aux_objective"]:
+            problems.append(f"{algo}.router_aux_coef: {section.router_aux_coef} asks for a load-balancing loss and "
+                            f"{f['why']}; set {algo}.router_aux_coef: 0")
+    return problems

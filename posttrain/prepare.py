@@ -8,7 +8,9 @@ copy of SRC with posttrain's template (`posttrain/chat_template.jinja`) and, whe
 the mean of the existing rows (the usual initialisation for added tokens); the embeddings grow only when the
 matrix has no spare rows for them. Pickled weights (with `allow_pickle`) are converted to safetensors; other
 pickles (training_args.bin, ...) are left behind. SRC is never changed; DST is written atomically with a checksum
-manifest and a `prepare.json` that records what changed.
+manifest and a `prepare.json` that records what changed. It also prints which MoE features posttrain supports
+for the checkpoint's router (`posttrain.moe.moe_features`: router metrics, `routing_replay`, `router_aux_coef`),
+read from config.json alone, and records them in prepare.json.
 """
 
 from __future__ import annotations
@@ -59,14 +61,25 @@ def set_mean_rows(weight, new_ids: list[int], n_old: int) -> None:
         weight[new_ids] = weight[:n_old].float().mean(0, keepdim=True).to(weight.dtype)
 
 
+def report_moe_features(path: str | Path) -> dict:
+    """Print which MoE features posttrain supports for checkpoint `path` (config.json only) and return them."""
+    from posttrain.moe import format_moe_features, moe_features
+
+    features = moe_features(Path(path))
+    print(format_moe_features(features))
+    return features
+
+
 def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool = False,
                        allow_pickle: bool = False) -> dict | None:
     """Write `src` with posttrain's chat template and think tokens to `out`; returns the report written to
-    `out/prepare.json`, or None (nothing written) when `src` is ready as it is."""
+    `out/prepare.json`, or None (nothing written) when `src` is ready as it is. Prints the checkpoint's MoE
+    features either way (`report_moe_features`)."""
     from transformers import AddedToken
 
     src, out = check_checkpoint_dir(src, allow_pickle), Path(out)  # a damaged source stops here: nothing written
     check_out_dir(out, src)
+    features = report_moe_features(src)
     # not `load_tokenizer`: its pad default (pad = eos) would be saved into the copy as if the source had it
     tok = open_tokenizer(src, trust_remote_code)
     pickled = not (any(src.glob("*.safetensors")) or (src / "model.safetensors.index.json").is_file())
@@ -91,7 +104,7 @@ def prepare_checkpoint(src: str | Path, out: str | Path, trust_remote_code: bool
               # ids past the old vocabulary get fresh rows (the mean of the others); an id the vocabulary already
               # had (a token it knew but split when reading text) keeps its row
               "initialised_token_ids": sorted(i for i in ids.values() if i >= n_old),
-              "weights": "converted to safetensors" if pickled else "unchanged"}
+              "weights": "converted to safetensors" if pickled else "unchanged", "moe_features": features}
     if report["initialised_token_ids"]:
         report["weights"] += ", new embedding rows"
 

@@ -254,3 +254,22 @@ def test_replay_of_a_minibatch_slice(worker, rollout):
                                    b.response_mask[rows])
     mask = b.response_mask[rows].bool()
     torch.testing.assert_close(part[mask], full[rows][mask], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ sigmoid routers
+
+
+def test_sequence_balance_loss_hand_made():
+    """DeepSeek-V3 eqs. 17-20: 1 when balanced, E/k * the chosen experts' share of normalised score when one pair
+    of experts takes every token; padding tokens and all-padding sequences are left out."""
+    even = torch.tensor([[1.0, 1.0, 1.0, 1.0]] * 2)  # (N=2, E=4), normalised: 1/4 each
+    split = torch.tensor([[0, 1], [2, 3]])  # each expert once over the 2 tokens, k = 2
+    assert moe.sequence_balance_loss([even], [split]).item() == pytest.approx(1.0)
+    peaked = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 2)
+    pair = torch.tensor([[0, 1], [0, 1]])
+    assert moe.sequence_balance_loss([peaked], [pair]).item() == pytest.approx(2.0)  # f = (2, 2, 0, 0), P = (.5, .5)
+    # B=3, S=3: row 0 the balanced pair then padding, row 1 the collapsed pair then padding, row 2 all padding
+    scores = torch.cat([even, torch.rand(1, 4), peaked, torch.rand(1, 4), torch.rand(3, 4)])
+    experts = torch.cat([split, torch.tensor([[3, 2]]), pair, torch.tensor([[2, 3]]), torch.tensor([[0, 1]] * 3)])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    assert moe.sequence_balance_loss([scores] * 2, [experts] * 2, mask).item() == pytest.approx(1.5)
