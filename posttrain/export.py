@@ -7,23 +7,44 @@
   checked, not assumed: every module's delta is read back through PEFT's own `get_delta_weight` and compared
   with the true difference, which is the reported relative Frobenius error.
 
-The report also gives the mean per-token KL(fine-tuned || base + adapter) on held-out prompts and lists changed
-parameters the adapter does not cover (embeddings, norms, routers), whose change it cannot carry.
+The embedding and output-head rows training changed (above all those of the tokens `posttrain prepare` added, which
+start at the mean of the others) are carried by default (`carry_embeddings`): only the changed rows, as PEFT's
+`trainable_token_indices`, while they are at most `ROWS_LIMIT` of the vocabulary, else the module whole
+(`modules_to_save`); a head tied to the embedding follows it (PEFT re-ties it on loading). The changed small tensors
+a low-rank delta cannot express (norm weights, biases, a router's bias) are carried too (`carry_small_tensors`):
+their modules stored whole, under names that match exactly those modules (`posttrain.export_carry`).
+
+The adapter is then checked as a user gets it (`posttrain.export_check`): saved, loaded by plain
+`PeftModel.from_pretrained` on a fresh copy of the base, and compared with the fine-tuned model by the mean per-token
+KL(fine-tuned || base + adapter) on held-out prompts. Above `max_kl` (nats per token, `DEFAULT_MAX_KL`) the export
+raises `LossyExport` and writes nothing, unless `allow_lossy`. The report lists changed parameters the adapter does
+not cover (attention sinks, fused experts' biases, ...).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from posttrain.export_carry import small_tensor_carriers
+from posttrain.export_check import check_reloaded, heldout_batch, lossy_message
 from posttrain.runlog import log, write_json_atomic
+
+
+DEFAULT_MAX_KL = 0.1  # nats/token: good adapters measure 0.002-0.06, one that drops the added tokens' rows 3.9
+ROWS_LIMIT = 0.25  # changed rows carried one by one up to this share of the vocabulary; above it, the module whole
 
 
 class ExportError(ValueError):
     """Bad export input; the message names the path and what was looked for."""
+
+
+class LossyExport(ExportError):
+    """The adapter, loaded in plain PEFT, is further from the fine-tuned model than `max_kl` allows."""
 
 
 def resolve_run(model: str | Path) -> tuple[Path, Path | None, Path | None]:
@@ -33,7 +54,8 @@ def resolve_run(model: str | Path) -> tuple[Path, Path | None, Path | None]:
       with a checkpoint (grpo/ppo after sft; the `export` stage and `posttrain sweep` pick the same one);
     - a checkpoint (config.json), inside a run directory or not (inside one, the run gives the base);
     - a PEFT adapter directory (adapter_config.json), e.g. an earlier export: re-shipped as it is.
-    A stage trained with LoRA gives its trained adapter (`<stage>/adapter`) beside its checkpoint."""
+    A stage trained with LoRA gives its trained adapter (`<stage>/adapter`) beside its checkpoint
+    (`trained_adapter`); an export written there is never taken for it."""
     from posttrain.runlog import latest_checkpoint
 
     path = Path(model).expanduser()
@@ -57,8 +79,7 @@ def resolve_run(model: str | Path) -> tuple[Path, Path | None, Path | None]:
     else:
         raise ExportError(f"--model {path}: neither a run directory (recipe.yaml), a checkpoint (config.json) nor "
                           "a PEFT adapter (adapter_config.json)")
-    adapter = ckpt.parent / "adapter"
-    adapter = adapter if (adapter / "adapter_config.json").is_file() else None
+    adapter = trained_adapter(ckpt)
     if run is None:
         return ckpt, None, adapter
     base = run / "base" / "checkpoint"
@@ -68,6 +89,20 @@ def resolve_run(model: str | Path) -> tuple[Path, Path | None, Path | None]:
         base_path = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("model", {}).get("path")
         base = Path(base_path).expanduser() if base_path else None
     return ckpt, base, adapter
+
+
+def trained_adapter(ckpt: Path) -> Path | None:
+    """The adapter LoRA training saved beside `ckpt` (`<stage>/adapter`, which the stage's done.json records as
+    `adapter`), or None. Export output (its export.json), wherever written, is not one, and neither is an `adapter`
+    folder of a stage whose done.json records none (a full fine-tune)."""
+    from posttrain.runlog import read_json
+
+    adapter, done = ckpt.parent / "adapter", ckpt.parent / "done.json"
+    if not (adapter / "adapter_config.json").is_file() or (adapter / "export.json").is_file():
+        return None
+    if done.is_file() and not read_json(done, f"that stage {ckpt.parent.name} finished").get("adapter"):
+        return None
+    return adapter
 
 
 def check_out_dir(out: Path, *keep: Path | None) -> None:
@@ -118,11 +153,67 @@ def _fill_experts(layer, adapter: str, delta: torch.Tensor, rank: int) -> None:
         wb.data[:, torch.arange(k) * n_exp + e] = b / scale
 
 
+def changed_embeddings(base_model, tuned_model, modules_to_save=()) -> tuple[dict[str, list[int]], list[str]]:
+    """What carries the rows training changed in the input embedding and (unless tied to it) the output head:
+    ({short name: changed row ids} for PEFT `trainable_token_indices`, [short names to store whole]). A layer is
+    stored whole when more than `ROWS_LIMIT` of its rows changed (full SFT moves every row of a head) or when it is
+    not a plain bias-free Embedding/Linear; a layer `modules_to_save` already names is left to it."""
+    from torch import nn
+
+    inp, out = base_model.get_input_embeddings(), base_model.get_output_embeddings()
+    names = {id(m): n for n, m in base_model.named_modules()}
+    tuned = tuned_model.state_dict()
+    rows, whole = {}, []
+    tied = out is not None and out.weight is inp.weight
+    for layer in [inp] + ([out] if out is not None and not tied else []):
+        full = names[id(layer)]
+        short = full.rsplit(".", 1)[-1]
+        sharing = [full] + ([names[id(out)]] if tied else [])  # a tied head is the embedding
+        if any(n.endswith(m) for n in sharing for m in modules_to_save):  # PEFT's suffix match
+            continue
+        new = tuned[f"{full}.weight"].detach()
+        if new.shape != layer.weight.shape:
+            raise ExportError(f"{full}.weight: {tuple(new.shape)} in the fine-tuned model, {tuple(layer.weight.shape)} "
+                              "in the base; export against the checkpoint training started from (--base)")
+        changed = (new.to(layer.weight.dtype) != layer.weight).any(-1).nonzero().flatten().tolist()
+        if not changed:
+            continue
+        plain = isinstance(layer, (nn.Embedding, nn.Linear)) and getattr(layer, "bias", None) is None
+        if plain and len(changed) <= ROWS_LIMIT * new.shape[0]:
+            rows[short] = changed
+        else:
+            whole.append(short)
+    return rows, whole
+
+
+def _fill_token_rows(peft_model, tuned_state) -> set[str]:
+    """Set every `trainable_token_indices` layer's rows to the fine-tuned ones; returns the parameters covered (a
+    head tied to the embedding shares its rows, so its name is covered too)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    covered = set()
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, TrainableTokensWrapper):
+            continue
+        adapter = module.token_adapter
+        pname = f"{name.removeprefix('base_model.model.')}.weight"
+        covered.add(pname)
+        if adapter.tied_adapter is not None or "default" not in adapter.trainable_tokens_delta:
+            continue
+        delta = adapter.trainable_tokens_delta["default"]
+        with torch.no_grad():
+            delta.copy_(tuned_state[pname][adapter.token_indices["default"]].to(delta.dtype))
+    return covered
+
+
 def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str], target_parameters: list[str],
-                    modules_to_save: list[str] = ()):
+                    modules_to_save: list[str] = (), token_rows: dict[str, list[int]] | None = None,
+                    lora_bias: bool = False):
     """A PeftModel on `base_model` whose LoRA deltas approximate tuned - base; returns (peft_model, errors,
     uncovered). Modules named by `modules_to_save` (name suffixes, PEFT's `modules_to_save`: norms, the embedding)
-    are stored whole, with the tuned weights, so their change is carried exactly."""
+    are stored whole, with the tuned weights, so their change is carried exactly; `token_rows` ({embedding or head
+    short name: row ids}, PEFT's `trainable_token_indices`) carries those rows with their tuned values; with
+    `lora_bias` the LoRA-targeted linear layers' biases go with the adapter (PEFT `bias="lora_only"`), tuned."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
@@ -133,10 +224,11 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
     base_params = {n: p.detach().clone() for n, p in base_model.named_parameters()}
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules or None,
                      target_parameters=target_parameters or None, init_lora_weights=False, task_type="CAUSAL_LM",
-                     modules_to_save=list(modules_to_save) or None,
-                     ensure_weight_tying=saves_tied_embedding(base_model, modules_to_save))
+                     modules_to_save=list(modules_to_save) or None, trainable_token_indices=token_rows or None,
+                     ensure_weight_tying=saves_tied_embedding(base_model, modules_to_save),
+                     bias="lora_only" if lora_bias else "none")
     peft_model = get_peft_model(base_model, cfg)
-    errors, covered = {}, set()
+    errors, covered = {}, _fill_token_rows(peft_model, tuned_state)
     for name, module in peft_model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and "default" in module.modules_to_save:
             prefix = name.removeprefix("base_model.model.")
@@ -153,6 +245,11 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
             pname = pname.replace(".base_layer", "")
             fill = _fill_experts if base_params[pname].ndim == 3 else _fill_linear
         else:
+            bias = getattr(module.get_base_layer(), "bias", None)
+            if lora_bias and bias is not None:  # saved with the adapter: the tuned bias, changed or not
+                with torch.no_grad():
+                    bias.copy_(tuned_state[f"{pname}.bias"].detach().to(bias.dtype))
+                covered.add(f"{pname}.bias")
             pname = f"{pname}.weight"
             fill = _fill_linear
         delta = (tuned[pname].detach().float() - base_params[pname].float())
@@ -173,36 +270,15 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
     return peft_model, errors, uncovered
 
 
-@torch.no_grad()
-def mean_token_kl(p_model, q_model, input_ids: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over masked positions of KL(p || q) between next-token distributions. input_ids/mask (B, T)."""
-    lp = torch.log_softmax(p_model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
-    lq = torch.log_softmax(q_model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    return float((kl * mask).sum() / mask.sum())
-
-
-def heldout_batch(tokenizer, tuned_model, n: int = 32, seed: int = 4242):
-    """Held-out chat prompts (autonomous and budgeted) with the fine-tuned model's own greedy responses."""
-    from posttrain.generate import generate, render_prompts
-    from posttrain.tasks.arithmetic import generate_problems
-
-    problems = [p.expression for p in generate_problems(n, seed)]
-    budgets = [None if i % 2 else 32 for i in range(n)]
-    responses = generate(tuned_model, tokenizer, problems, budgets, max_new_tokens=64)
-    texts = [p + r.text for p, r in zip(render_prompts(tokenizer, problems, budgets), responses)]
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    tokenizer.padding_side = side
-    return enc["input_ids"], enc["attention_mask"]
-
-
 def export(model: str | Path, out: str | Path, merged: bool = False, rank: int = 16, base: str | Path | None = None,
            target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
            target_parameters: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
            modules_to_save: tuple[str, ...] = (), trust_remote_code: bool = False, allow_pickle: bool = False,
-           ) -> dict:
-    """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json)."""
+           carry_embeddings: bool = True, carry_small_tensors: bool = True, max_kl: float = DEFAULT_MAX_KL,
+           allow_lossy: bool = False) -> dict:
+    """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json).
+    An extracted adapter further than `max_kl` from the fine-tuned model raises `LossyExport` (nothing written)
+    unless `allow_lossy`."""
     from posttrain.model import load_model, save_model_files, write_dir_atomically
 
     load = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}  # the recipe's model.* flags
@@ -255,29 +331,46 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
             raise ExportError(f"modules_to_save: no module of the model is named {', '.join(map(repr, unknown))} "
                               f"(module names end in one of: {', '.join(near)})")
         save = list(modules_to_save)
+        rows, whole = changed_embeddings(base_model, tuned, save) if carry_embeddings else ({}, [])
+        if rows or whole:
+            log.info("export: carrying the embedding rows training changed: %s",
+                     ", ".join([f"{k} ({len(v)} rows)" for k, v in rows.items()] + [f"{k} (whole)" for k in whole]))
+        small, lora_bias = (small_tensor_carriers(base_model, tuned.state_dict(), mods, params, save + whole)
+                            if carry_small_tensors else ([], False))
+        if small or lora_bias:
+            log.info("export: carrying the small tensors training changed: %s",
+                     ", ".join([f"{m} (whole)" for m in small] + ["the LoRA layers' biases"] * lora_bias))
         largest = max([min(p.shape[-2:]) for n, p in base_model.named_parameters()
                        if any(n.endswith(f"{m}.weight") for m in mods) or any(n.endswith(q) for q in params)] or [rank])
         if rank > largest:
             log.warning("export: rank %d exceeds the largest target matrix's rank %d; using %d", rank, largest, largest)
         requested, rank = rank, min(rank, largest)
-        peft_model, errors, uncovered = extract_adapter(base_model, tuned, rank, mods, params, save)
+        peft_model, errors, uncovered = extract_adapter(base_model, tuned, rank, mods, params, save + whole + small,
+                                                        rows, lora_bias)
         peft_model.peft_config["default"].base_model_name_or_path = str(base.resolve())
         ids, mask = heldout_batch(tok, tuned)
-        kl = mean_token_kl(tuned, peft_model, ids, mask)
-        with peft_model.disable_adapter():  # the same KL without the adapter: what the adapter has to recover
-            kl_base = mean_token_kl(tuned, peft_model, ids, mask)
-
         worst = max(errors.values()) if errors else 0.0
         report = {"kind": "lora (extracted by SVD)", "source": str(ckpt), "base": str(base.resolve()), "rank": rank,
                   "relative_frobenius_error": errors, "max_relative_frobenius_error": worst,
-                  "kl_tuned_vs_adapted": kl, "kl_tuned_vs_base": kl_base, "modules_to_save": save,
-                  "uncovered_changed_params": uncovered}
+                  "modules_to_save": save + whole + small, "lora_bias": lora_bias,
+                  "trainable_token_rows": {k: len(v) for k, v in rows.items()}, "uncovered_changed_params": uncovered,
+                  "max_kl": max_kl}
         if requested != rank:
             report["rank_requested"] = requested
+        held = [peft_model]  # the only reference once saved: freed before the base is loaded again
+        del peft_model, base_model
 
         def fill(tmp: Path) -> None:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
+            held.pop().save_pretrained(tmp, safe_serialization=True)
+            gc.collect()  # PEFT's wrappers hold cycles: free the first base before check_reloaded loads another
             tok.save_pretrained(tmp)
+            report["kl_tuned_vs_adapted"], report["kl_tuned_vs_base"] = check_reloaded(tmp, base, tuned, ids, mask,
+                                                                                       load)
+            report["lossy"] = report["kl_tuned_vs_adapted"] > max_kl
+            if report["lossy"] and not allow_lossy:
+                raise LossyExport(f"{lossy_message(report, max_kl)}. Nothing was written to {out}")
+            if report["lossy"]:
+                log.warning("export: %s (written: export.allow_lossy / --allow-lossy)", lossy_message(report, max_kl))
             write_json_atomic(tmp / "export.json", report)  # inside: an interrupted export leaves no stray dir
 
         write_dir_atomically(out, fill)

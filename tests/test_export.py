@@ -82,23 +82,46 @@ def test_full_finetune_adapter_is_extracted_by_svd(runs):
     for name, p in merged.named_parameters():  # every adapted matrix, fused experts included, is reproduced
         if any(t in name for t in ("experts.gate_up_proj", "experts.down_proj", "q_proj", "o_proj", "mlp.gate")):
             torch.testing.assert_close(p, tuned_params[name], rtol=1e-4, atol=1e-5)
-    # norms and the (tied) embedding are not low-rank targets: their change is reported as not carried, unless the
-    # adapter stores those modules whole; then base + adapter is the tuned model itself
-    assert any("norm" in n for n in report["uncovered_changed_params"]), report["uncovered_changed_params"]
+    # norms and the (tied) embedding are not low-rank targets: by default the adapter stores them whole (full SFT
+    # changed every norm and every row), each norm under a name PEFT matches to changed norms only (`norm`: all of
+    # them changed); base + adapter is then the tuned model itself
+    assert report["uncovered_changed_params"] == {} and "not carried" not in proc.stdout
+    assert report["modules_to_save"] == ["embed_tokens", "norm"]
     ids = torch.randint(0, 400, (2, 12))
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), out)
-    assert not torch.allclose(logits(adapted.eval(), ids), logits(tuned.eval(), ids), atol=1e-4)
+    torch.testing.assert_close(logits(adapted.eval(), ids), logits(tuned.eval(), ids), rtol=1e-4, atol=1e-4)
+    # an explicit --modules-to-save is used as given
     whole = root / "full_export_whole"
     proc = cli("export", "--model", str(run["full"]), "--out", str(whole), "--rank", "64",
                "--modules-to-save", "norm,embed_tokens", env=env)
     assert "not carried" not in proc.stdout
-    assert json.loads((whole / "export.json").read_text())["uncovered_changed_params"] == {}
+    report = json.loads((whole / "export.json").read_text())
+    assert report["uncovered_changed_params"] == {} and report["modules_to_save"] == ["norm", "embed_tokens"]
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]), whole)
     torch.testing.assert_close(logits(adapted.eval(), ids), logits(tuned, ids), rtol=1e-4, atol=1e-4)
-    # and a low-rank export reports the larger error it makes
+    # and a low-rank export reports the larger error it makes (written, over export.max_kl, with --allow-lossy)
     low = root / "full_export_r1"
-    cli("export", "--model", str(run["full"]), "--out", str(low), "--rank", "1", env=env)
+    cli("export", "--model", str(run["full"]), "--out", str(low), "--rank", "1", "--allow-lossy", env=env)
     assert json.loads((low / "export.json").read_text())["max_relative_frobenius_error"] > 1e-3
+
+
+def test_an_export_beside_a_checkpoint_is_not_taken_for_its_trained_adapter(runs):
+    """LoRA training saves its adapter as <stage>/adapter (and records it in the stage's done.json); an export
+    written to that place for a full fine-tune is output: exporting the checkpoint again extracts an adapter from
+    it rather than re-ship the earlier export."""
+    import shutil
+
+    root, env, run = runs
+    ckpt = run["full"] / "sft" / "checkpoint"
+    beside = ckpt.parent / "adapter"
+    try:
+        cli("export", "--model", str(ckpt), "--out", str(beside), "--rank", "64", env=env)
+        again = root / "full_again"
+        cli("export", "--model", str(ckpt), "--out", str(again), "--rank", "64", env=env)
+        report = json.loads((again / "export.json").read_text())
+        assert report["kind"] == "lora (extracted by SVD)" and report["source"] == str(ckpt)
+    finally:
+        shutil.rmtree(beside, ignore_errors=True)
 
 
 def test_merged_export_is_a_plain_checkpoint(runs):

@@ -1,6 +1,9 @@
 """`export` stage: the run's latest model as a standard PEFT LoRA adapter in RUN/export/adapter (`posttrain.export`:
 the trained adapter of a LoRA run, or one extracted by per-matrix SVD from a full fine-tune, with its errors), or
-with `export.merged` a full HF checkpoint in RUN/export/merged. The tokenizer and its chat template go beside it."""
+with `export.merged` a full HF checkpoint in RUN/export/merged. The tokenizer and its chat template go beside it.
+An extracted adapter carries the embedding rows training changed (`export.carry_embeddings`) and its changed norms and
+biases (`export.carry_small_tensors`), and fails the stage when, loaded in plain PEFT, its KL to the trained model
+exceeds `export.max_kl`, unless `export.allow_lossy`."""
 
 from __future__ import annotations
 
@@ -23,14 +26,15 @@ def run(ctx) -> dict:
     report = export(ctx.model_path, out, merged=cfg.merged, rank=cfg.rank,
                     target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
                     modules_to_save=save, trust_remote_code=ctx.cfg.model.trust_remote_code,
-                    allow_pickle=ctx.cfg.model.allow_pickle)
+                    allow_pickle=ctx.cfg.model.allow_pickle, carry_embeddings=cfg.carry_embeddings,
+                    carry_small_tensors=cfg.carry_small_tensors, max_kl=cfg.max_kl, allow_lossy=cfg.allow_lossy)
     if report.get("uncovered_changed_params"):
         log.warning("export: training changed %d parameter tensors the adapter does not carry (e.g. %s); to ship "
-                    "them, add linear layers to export.target_modules and norms or embeddings to "
+                    "them, add matrices to export.target_modules / export.target_parameters and other modules to "
                     "export.modules_to_save", len(report["uncovered_changed_params"]),
                     list(report["uncovered_changed_params"])[:3])
     keys = ("kind", "source", "base", "rank", "max_relative_frobenius_error", "kl_tuned_vs_adapted",
-            "kl_tuned_vs_base")
+            "kl_tuned_vs_base", "trainable_token_rows", "lossy")
     info = {k: report[k] for k in keys if k in report}
     log.info("export: %s", ", ".join(f"{k} {v}" for k, v in info.items()))
     return {**info, "merged" if cfg.merged else "adapter": str(out), "report": str(out / "export.json"),
