@@ -1,15 +1,18 @@
 """Plots of a budget sweep's rows (see `eval/sweep.py`), drawn with matplotlib's Agg backend (no display).
 
 The autonomous budget (`auto`) has no x position of its own: it is drawn at its mean thinking tokens with a star.
+Each mode has its line style (`STYLE`): natural solid, capped dashed, forced (no budget in the prompt, `</think>`
+forced at the budget) dash-dotted.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.eval.sweep import short_labels
+from posttrain.eval.report import short_labels
+from posttrain.eval.sweep import MODES
 
-STYLE = {"natural": "-", "capped": "--"}
+STYLE = {"natural": "-", "capped": "--", "forced": "-."}
 
 
 def _plt():
@@ -31,7 +34,7 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     for i, model in enumerate(models):
         color = f"C{i}"
-        for mode in ("natural", "capped"):
+        for mode in MODES:
             rs = _all_rows(rows, model, mode)
             num = sorted((r for r in rs if r["budget"] != "auto"), key=lambda r: r["budget"])
             if num:
@@ -54,7 +57,7 @@ def plot_accuracy_vs_budget(rows: list[dict], path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("accuracy vs thinking budget (solid: natural, dashed: capped)")
+    ax.set_title("accuracy vs thinking budget (solid: natural, dashed: capped, dash-dot: forced)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -74,7 +77,7 @@ def plot_think_vs_budget(rows: list[dict], path: Path):
     models = list(dict.fromkeys(r["model"] for r in rows))
     right = 1
     for i, model in enumerate(models):
-        for mode in ("natural", "capped"):
+        for mode in MODES:
             num = sorted((r for r in _all_rows(rows, model, mode) if r["budget"] != "auto"),
                          key=lambda r: r["budget"])
             if num:

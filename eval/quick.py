@@ -1,7 +1,9 @@
 """Quick evaluation: accuracy and thinking length by difficulty for a few budgets on held-out problems.
 
 Graded with the task's grader (`grade_responses`: the function the RL rewards and the RM labels use); grading and
-aggregation are `posttrain.eval.sweep`'s (this is a sweep's subset: no intervals, one mode).
+aggregation are `posttrain.eval.sweep`'s (this is a sweep's subset: no intervals, one mode). Decoded by
+`posttrain.generate.generate`, the sweep's own decoding loop (`posttrain.decode.Decoder`), so the responses, thinking
+counts and forcing are the ones the sweep gets for the same model.
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
 """Budget sweep: accuracy (with 95% Wilson intervals), thinking length and budget adherence, by model, budget,
 mode and difficulty, on the embedded arithmetic task.
 
-Two modes per budget: `natural` (the budget is only an instruction in the prompt) and `capped` (a hard cap forces
-`</think>` once thinking reaches the budget: budget-forcing, Muennighoff et al. 2025). Decoding is greedy, so a
-capped response differs from the natural one only where the natural one overran: capped mode reuses the natural
-responses that kept the budget and generates the others again (`capped_responses`). Budget `auto` (None) has no
-cap and budget 0 is a pre-closed think block: their capped rows repeat the natural responses.
+Three modes per budget: `natural` (the budget is only an instruction in the prompt), `capped` (the budget in the
+prompt and a hard cap forcing `</think>` once thinking reaches it) and `forced` (no budget in the prompt, the same
+cap: budget forcing of the autonomous mode, Muennighoff et al. 2025, the baseline any thinking model gets without
+training for budgets). Decoding is greedy, so a capped response differs from the uncapped one of the same prompt
+only where that one overran: capped mode reuses the natural responses that kept the budget and generates the
+others again, forced mode the same from the autonomous responses (`capped_responses`, the one decoding loop of
+`RolloutWorker` either way). Budget `auto` (None) has no cap: its capped and forced rows repeat the natural
+responses; budget 0 is a pre-closed think block with the budget in the prompt, and `</think>` forced as the first
+token without. `eval/forcing.py` compares capped with forced on the same problems (`SweepResult.forcing`).
 
 `rel_length_error` is L1's length measure (Aggarwal & Welleck 2025): mean |n_think - budget| / budget.
 
@@ -14,33 +18,27 @@ Ray actors or objects in this process, started once and reused for every model (
 response's `n_think` is every token generated before `</think>` (the count the cap uses).
 
 The pure parts (`grade_responses`, `aggregate`; the statistics in `eval/stats.py`) know nothing of models or files;
-`run_sweep` generates, `write_outputs` writes, `eval/plots.py` draws.
+`run_sweep` generates, `eval/report.py` writes and prints, `eval/plots.py` draws.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posttrain.eval.stats import quantile, wilson_interval
+from posttrain.eval.sweep_options import MODES, SweepError, _unique, check_options
 
 if TYPE_CHECKING:
     from posttrain.generate import Response
 
-MODES = ("natural", "capped")
 ROW_KEYS = (
     "model", "budget", "mode", "difficulty", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
     "think_tokens_mean", "think_tokens_median", "think_tokens_p90", "adherence", "rel_length_error", "forced_share",
 )
-
-
-class SweepError(ValueError):
-    """A model path that cannot be swept (the message says what was looked for) or a sweep option out of range (the
-    message names the option and the value)."""
 
 
 # ---------------------------------------------------------------------------------------------------- pure parts
@@ -61,28 +59,17 @@ def grade_responses(problems, responses, grader: str = "exact_int") -> list[Reco
     """Grade each response against its problem's answer with the task's grader (`rewards.verifiable.get_grader`:
     "exact_int" for the embedded task, "math" equivalence or "exact" text for a data file's answers): the function
     the RL rewards' correctness and the RM labels use too."""
-    from posttrain.rewards.verifiable import get_grader, gold
+    from posttrain.rewards.verifiable import judge
 
-    grade = get_grader(grader)
-    return [Record(p.difficulty, bool(grade(r.text, gold(grader, p.answer, getattr(p, "tests", None)))), r.n_think,
-                   r.closed, r.forced) for p, r in zip(problems, responses)]
-
-
-def first_per_difficulty(problems: list, n: int) -> list:
-    """The first `n` problems of each difficulty, in their order (a data file's rows)."""
-    seen: dict[int, int] = defaultdict(int)
-    out = []
-    for p in problems:
-        if seen[p.difficulty] < n:
-            seen[p.difficulty] += 1
-            out.append(p)
-    return out
+    return [Record(p.difficulty, judge(grader, r.text, p.answer, getattr(p, "tests", None)), r.n_think, r.closed,
+                   r.forced) for p, r in zip(problems, responses)]
 
 
 def file_problems(data, n_per_difficulty: int) -> list:
     """Up to `n_per_difficulty` rows of each difficulty (`data.difficulty_column`; one group without it) of the data
     file `data` (a `DataConfig`), as problems with `expression`, `answer` and `difficulty`."""
     from posttrain.data import text_problems
+    from posttrain.tasks.files import first_per_difficulty
 
     return first_per_difficulty(text_problems(data), n_per_difficulty)
 
@@ -106,7 +93,7 @@ def summarize(records: list[Record], budget: int | None, mode: str) -> dict:
         "think_tokens_p90": quantile(think, 0.9),
         "adherence": sum(adherent) / n if adherent is not None else None,
         "rel_length_error": (sum(abs(t - budget) / budget for t in think) / n) if budget else None,
-        "forced_share": sum(r.forced for r in records) / n if mode == "capped" else None,
+        "forced_share": sum(r.forced for r in records) / n if mode in ("capped", "forced") else None,
     }
 
 
@@ -120,52 +107,6 @@ def aggregate(records: list[Record], model: str, budget: int | None, mode: str) 
     rows = [{**head, "difficulty": d, **summarize(groups[d], budget, mode)} for d in sorted(groups)]
     rows.append({**head, "difficulty": "all", **summarize(records, budget, mode)})
     return rows
-
-
-def _unique(xs: list) -> list:
-    """`xs` without repeats, in the order of their first appearance."""
-    return list(dict.fromkeys(xs))
-
-
-def parse_budgets(spec: str) -> list[int | None]:
-    """"0,16,auto" -> [0, 16, None]. A budget named twice (`8,08`, `auto,auto`) is kept once, where it first
-    appears. Only ASCII digits make a budget (`str.isdigit` would also take "²")."""
-    out: list[int | None] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part == "auto":
-            out.append(None)
-        elif part and part.isascii() and part.isdigit():
-            out.append(int(part))
-        else:
-            raise SweepError(f"--budgets {spec!r}: {part!r} is neither a non-negative integer nor 'auto'")
-    return _unique(out)
-
-
-def parse_difficulties(spec: str) -> list[int]:
-    """"1-8" or "1,3,5" -> list of ints, each in the embedded task's MIN_DIFFICULTY..MAX_DIFFICULTY (a difficulty
-    named twice is kept once, where it first appears)."""
-    from posttrain.tasks.arithmetic import MAX_DIFFICULTY, MIN_DIFFICULTY
-
-    def number(x: str) -> int:
-        x = x.strip()
-        if not (x.isascii() and x.isdigit()):
-            raise SweepError(f"--difficulties {spec!r}: {x!r} is not an integer; expected a range like "
-                             f"'{MIN_DIFFICULTY}-{MAX_DIFFICULTY}' or a list like '1,3,5'")
-        return int(x)
-
-    if "-" in spec:
-        a, b = (number(x) for x in spec.split("-", 1))
-        if a > b:
-            raise SweepError(f"--difficulties {spec!r}: the range is empty ({a} > {b})")
-        out = list(range(a, b + 1))
-    else:
-        out = [number(x) for x in spec.split(",")]
-    bad = [d for d in out if not MIN_DIFFICULTY <= d <= MAX_DIFFICULTY]
-    if bad:
-        raise SweepError(f"--difficulties {spec!r}: difficulty {bad[0]} is outside the task's "
-                         f"{MIN_DIFFICULTY}..{MAX_DIFFICULTY}")
-    return _unique(out)
 
 
 # -------------------------------------------------------------------------------------------- model resolution
@@ -218,68 +159,101 @@ def resolve_model(path: str) -> ModelSpec:
 # ------------------------------------------------------------------------------------------------- generation
 
 
-def _responses(batch, budget: int | None) -> list[Response]:
-    """A RolloutBatch (one sample per prompt) as `Response`s, in prompt order."""
-    from posttrain.generate import Response
-
-    lengths = batch.response_mask.sum(1).tolist()
-    return [Response(batch.texts[i], batch.response_ids[i, : lengths[i]].tolist(), batch.n_think[i],
-                     batch.closed[i], batch.forced[i], budget) for i in range(len(batch))]
-
-
 def generate_responses(workers: list, prompts: list[str], budget: int | None, cap: bool, max_new_tokens: int,
-                       batch_size: int) -> list[Response]:
+                       batch_size: int, budget_in_prompt: bool = True) -> list[Response]:
     """One greedy response per prompt from `workers` (proxies of `RolloutWorker`), in parallel.
 
     Prompts are sorted by length and cut into batches of `batch_size`, handed out round-robin: the batches, and so
-    the tokens, do not depend on the number of workers. `cap=False` is natural mode (the budget only in the prompt).
+    the tokens, do not depend on the number of workers. `cap=False` is natural mode (the budget only in the prompt);
+    `budget_in_prompt=False` with `cap=True` is forced mode (no budget in the prompt, `</think>` forced at it).
     """
+    from posttrain.generate import batch_responses
     from posttrain.workers.rollout import RolloutWorker
 
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     chunks = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
     pending = [workers[k % len(workers)].submit(RolloutWorker.generate, [prompts[i] for i in idx],
-                                                [budget] * len(idx), 1, max_new_tokens, greedy=True, cap=cap)
+                                                [budget] * len(idx), 1, max_new_tokens, greedy=True, cap=cap,
+                                                budget_in_prompt=budget_in_prompt)
                for k, idx in enumerate(chunks)]
     out: list[Response | None] = [None] * len(prompts)
     for idx, p in zip(chunks, pending):
-        for i, r in zip(idx, _responses(p.result(), budget)):
+        for i, r in zip(idx, batch_responses(p.result())):
             out[i] = r
     return out  # type: ignore[return-value]
 
 
 def capped_responses(workers: list, prompts: list[str], natural: list[Response], budget: int | None,
-                     max_new_tokens: int, batch_size: int) -> list[Response]:
-    """Capped mode's greedy responses, given natural mode's (`natural[i]` answers `prompts[i]` at `budget`).
+                     max_new_tokens: int, batch_size: int, budget_in_prompt: bool = True) -> list[Response]:
+    """Capped mode's greedy responses, given the uncapped ones of the same prompts (`natural[i]` answers
+    `prompts[i]`): natural mode's at `budget`, or with `budget_in_prompt=False` (forced mode) the autonomous
+    responses (budget None), whichever budget they were generated for.
 
-    The cap forces `</think>` only on a row still thinking after `budget` tokens, so a natural response that
+    The cap forces `</think>` only on a row still thinking after `budget` tokens, so an uncapped response that
     closed its think block within the budget is what the cap gives too (at exactly `budget` tokens the forced
     token is its own choice: not counted as forced). Only the others are generated again, with the cap: at a
     budget the model keeps, capped mode costs almost nothing. (The regenerated rows are batched apart from the
-    rest, which can move a float32 logit in the last bit; not a different decoding.)
+    rest, which can move a float32 logit in the last bit; not a different decoding.) Every response returned
+    carries `budget`.
     """
-    if budget is None or budget == 0:
-        return list(natural)  # nothing to cap: auto has no cap, budget 0 is pre-closed
+    if budget is None or (budget == 0 and budget_in_prompt):
+        return list(natural)  # nothing to cap: auto has no cap, budget 0 in the prompt is pre-closed
     redo = [i for i, r in enumerate(natural) if not (r.closed and r.n_think <= budget)]
-    out = list(natural)
+    out = [replace(r, budget=budget) for r in natural]
     for i, r in zip(redo, generate_responses(workers, [prompts[i] for i in redo], budget, True, max_new_tokens,
-                                             batch_size)):
+                                             batch_size, budget_in_prompt)):
         out[i] = r
     return out
 
 
+@dataclass
+class SweepResult:
+    """What `run_sweep` measured: `rows` (`aggregate`'s, every model x budget x mode x difficulty) and `forcing`
+    (`eval.forcing.forcing_comparison`'s, each row with its `model`; empty unless both capped and forced ran)."""
+
+    rows: list[dict]
+    forcing: list[dict] = field(default_factory=list)
+
+
 def sweep_model(workers: list, label: str, problems, budgets: list[int | None], max_new_tokens: int = 160,
-                batch_size: int = 64, grader: str = "exact_int") -> list[dict]:
-    """Rows for the model the workers hold over `budgets` x MODES on fixed `problems` (greedy decoding), each
-    response graded by `grade_responses(problems, responses, grader)`."""
+                batch_size: int = 64, grader: str = "exact_int", modes=MODES) -> SweepResult:
+    """Rows for the model the workers hold over `budgets` x `modes` on fixed `problems` (greedy decoding), each
+    response graded by `grade_responses(problems, responses, grader)`; with capped and forced among `modes`, their
+    paired comparison on these problems. The autonomous responses are generated once (those of budget `auto`
+    when it is swept) and reused by forced mode at every budget."""
+    from posttrain.eval.forcing import forcing_comparison
+
     prompts = [p.expression for p in problems]
-    rows = []
+    result, paired = SweepResult([]), {}
+    autonomous: list[Response] | None = None
+
+    def generate(budget):
+        nonlocal autonomous
+        if budget is None and autonomous is not None:
+            return autonomous
+        responses = generate_responses(workers, prompts, budget, False, max_new_tokens, batch_size)
+        if budget is None:
+            autonomous = responses
+        return responses
+
     for budget in budgets:
-        natural = generate_responses(workers, prompts, budget, False, max_new_tokens, batch_size)
-        capped = capped_responses(workers, prompts, natural, budget, max_new_tokens, batch_size)
-        rows += aggregate(grade_responses(problems, natural, grader), label, budget, "natural")
-        rows += aggregate(grade_responses(problems, capped, grader), label, budget, "capped")
-    return rows
+        by_mode = {}
+        if "natural" in modes or "capped" in modes:
+            by_mode["natural"] = generate(budget)
+        if "capped" in modes:
+            by_mode["capped"] = capped_responses(workers, prompts, by_mode["natural"], budget, max_new_tokens,
+                                                 batch_size)
+        if "forced" in modes:
+            by_mode["forced"] = capped_responses(workers, prompts, generate(None), budget, max_new_tokens, batch_size,
+                                                 budget_in_prompt=False)
+        records = {m: grade_responses(problems, by_mode[m], grader) for m in modes}
+        for m in modes:
+            result.rows += aggregate(records[m], label, budget, m)
+        if budget is not None and "capped" in modes and "forced" in modes:
+            paired[budget] = ([r.difficulty for r in records["capped"]], [r.correct for r in records["capped"]],
+                              [r.correct for r in records["forced"]])
+    result.forcing = [{"model": label, **r} for r in forcing_comparison(paired)]
+    return result
 
 
 def start_workers(checkpoint: Path, n: int, backend: str, device, cpus_per_worker: int = 1,
@@ -358,35 +332,10 @@ def _sweep_device(device):
     return d
 
 
-def check_options(budgets: list, n_per_difficulty: int, difficulties: list[int] | None, max_new_tokens: int,
-                  batch_size: int, workers: int, backend: str, cpus_per_worker: int) -> None:
-    """The sweep's settings, checked before anything loads; the message names the option and its value
-    (`difficulties` None: problems of a data file, which carry their own)."""
-    from posttrain.tasks.arithmetic import MAX_DIFFICULTY, MIN_DIFFICULTY
-
-    for b in budgets:
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
-            raise SweepError(f"--budgets: {b!r} is neither a non-negative integer nor 'auto' (None)")
-    if not budgets:
-        raise SweepError("--budgets: no budget given")
-    for name, value in (("--n", n_per_difficulty), ("--max-new-tokens", max_new_tokens),
-                        ("--batch-size", batch_size), ("--workers", workers), ("cpus_per_worker", cpus_per_worker)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SweepError(f"{name} must be an integer >= 1, got {value!r}")
-    if difficulties is not None and not difficulties:
-        raise SweepError("--difficulties: no difficulty given")
-    for d in difficulties or []:
-        if isinstance(d, bool) or not isinstance(d, int) or not MIN_DIFFICULTY <= d <= MAX_DIFFICULTY:
-            raise SweepError(f"--difficulties: {d!r} is outside the task's {MIN_DIFFICULTY}..{MAX_DIFFICULTY}")
-    if backend not in ("ray", "local"):
-        raise SweepError(f"--backend {backend!r}: expected 'ray' or 'local'")
-
-
 def distinct_models(specs: list[ModelSpec]) -> list[ModelSpec]:
     """`specs` with each model once (the same checkpoint and adapter, however its path was written: the first one
     is kept) and with distinct labels: two different models that would share a label get their path appended."""
     from collections import Counter
-    from dataclasses import replace
 
     seen, out = set(), []
     for s in specs:
@@ -408,8 +357,9 @@ def distinct_models(specs: list[ModelSpec]) -> list[ModelSpec]:
 def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 40, seed: int = 12345,
               difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
               device: str = "auto", workers: int = 1, backend: str = "local", cpus_per_worker: int = 1,
-              ray_init: dict | None = None, problems: list | None = None, grader: str | None = None) -> list[dict]:
-    """Rows for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems: the
+              ray_init: dict | None = None, problems: list | None = None, grader: str | None = None,
+              modes=MODES) -> SweepResult:
+    """Rows (and the forcing comparison: `sweep_model`) in `modes` for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems: the
     embedded task's (`n_per_difficulty` of each of `difficulties`, from `seed`), or the given `problems` (a data
     file's, e.g. `file_problems`; `n_per_difficulty`, `seed` and `difficulties` then unused), graded by `grader`
     (`grade_responses`; None: "exact_int" for the embedded task, "math" for given problems).
@@ -424,7 +374,8 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
 
     budgets, difficulties = _unique(list(budgets)), _unique(list(difficulties))
     check_options(budgets, n_per_difficulty, difficulties if problems is None else None, max_new_tokens, batch_size,
-                  workers, backend, cpus_per_worker)  # a data file's problems carry their own difficulties
+                  workers, backend, cpus_per_worker, modes)  # a data file's problems carry their own difficulties
+    modes = [m for m in MODES if m in modes]
     if problems is not None and not problems:
         raise SweepError("--data: no problems to sweep")
     dev = _sweep_device(device)
@@ -439,58 +390,17 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
     if problems is None:
         problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
     pool = start_workers(specs[0].checkpoint, workers, backend, dev, cpus_per_worker, ray_init)
-    rows = []
+    result = SweepResult([])
     try:
         for k, spec in enumerate(specs):
             if k or spec.adapter is not None:
                 adapter = None if spec.adapter is None else str(spec.adapter)
                 for pending in [w.submit(RolloutWorker.load, str(spec.checkpoint), adapter) for w in pool]:
                     pending.result()
-            rows += sweep_model(pool, spec.label, problems, budgets, max_new_tokens, batch_size, grader)
+            one = sweep_model(pool, spec.label, problems, budgets, max_new_tokens, batch_size, grader, modes)
+            result.rows += one.rows
+            result.forcing += one.forcing
     finally:
         for w in pool:
             w.kill()
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------- outputs
-
-
-def write_outputs(rows: list[dict], out: str | Path) -> Path:
-    """DIR/sweep.json (list of rows) and DIR/sweep.csv (same rows, empty cells for None)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in ROW_KEYS})
-    return out
-
-
-def short_labels(labels, width: int) -> dict[str, str]:
-    """label -> how a table column or plot title `width` characters wide shows it: the label, or "..." and its last
-    `width - 3` characters when longer. Two labels that would read the same are both shown whole."""
-    from collections import Counter
-
-    short = {label: label if len(label) <= width else "..." + label[-(width - 3):] for label in dict.fromkeys(labels)}
-    counts = Counter(short.values())
-    return {label: s if counts[s] == 1 else label for label, s in short.items()}
-
-
-def format_sweep_table(rows: list[dict]) -> str:
-    """Difficulty "all": model, budget, mode, accuracy ± 95% CI, mean thinking tokens, adherence."""
-    head = f"{'model':<32} {'budget':>6} {'mode':<8} {'accuracy [95% CI]':>22} {'think':>6} {'adher.':>7} " \
-           f"{'forced':>7}"
-    lines = [head, "-" * len(head)]
-    names = short_labels((r["model"] for r in rows), 32)
-    for r in rows:
-        if r["difficulty"] != "all":
-            continue
-        acc = f"{100 * r['accuracy']:5.1f}% [{100 * r['accuracy_ci_low']:4.1f},{100 * r['accuracy_ci_high']:5.1f}]"
-        adh = "-" if r["adherence"] is None else f"{100 * r['adherence']:5.1f}%"
-        forced = "-" if r["forced_share"] is None else f"{100 * r['forced_share']:5.1f}%"
-        lines.append(f"{names[r['model']]:<32} {str(r['budget']):>6} {r['mode']:<8} {acc:>22} "
-                     f"{r['think_tokens_mean']:6.1f} {adh:>7} {forced:>7}")
-    return "\n".join(lines)
+    return result

@@ -4,6 +4,7 @@ The command-line front of `tasks.trace_lines`: it samples a checkpoint's greedy 
 (or, with `--teacher-forced`, measures its folding skill on gold traces) and prints each reading as JSON:
 
     python -m posttrain.eval.traces CHECKPOINT --budgets 16,24,32 --n 25
+    python -m posttrain.eval.traces CHECKPOINT --budgets 16,24,32 --forced   # no budget in the prompt, cut at it
     python -m posttrain.eval.traces CHECKPOINT --teacher-forced 700   # folding skill on gold traces
 """
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="16,24,32", help="comma-separated budgets (capped, greedy)")
     ap.add_argument("--n", type=int, default=25, help="problems per difficulty")
     ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--forced", action="store_true", help="no budget in the prompt, </think> still forced at each "
+                    "budget (the sweep's forced mode: budget forcing of the autonomous traces)")
     ap.add_argument("--teacher-forced", type=int, default=0, metavar="N",
                     help="instead: line-value accuracy by operators folded on N gold traces (teacher_forced_lines)")
     args = ap.parse_args(argv)
@@ -39,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     problems = generate_problems(8 * args.n, seed=args.seed)
     for budget in (int(b) for b in args.budgets.split(",")):
         batch = worker.generate([p.expression for p in problems], [budget] * len(problems), 1, 160, greedy=True,
-                                cap=True)
-        print(json.dumps({"budget": budget, **summarize(problems, batch.texts, list(batch.forced))}))
+                                cap=True, budget_in_prompt=not args.forced)
+        mode = "forced" if args.forced else "capped"
+        print(json.dumps({"budget": budget, "mode": mode, **summarize(problems, batch.texts, list(batch.forced))}))
     return 0
 
 

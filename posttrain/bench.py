@@ -16,7 +16,8 @@ What is measured, in order (every figure on the same model and the recipe's `grp
 - `trl`: TRL 1.16's `GRPOTrainer` in this process at the bench's thread count (the same total as ours) and at
   1 thread (see `bench_trl`). Both the median and the fastest step are reported: on a shared machine other work
   only ever slows a step down, and a second thread suffers most (its partner is descheduled at every barrier);
-- `rollout`: `RolloutWorker.generate` against HF `model.generate` (+ the same `ThinkCap` budget forcing) on the
+- `rollout`: `RolloutWorker.generate` (the project's one decoder, `posttrain.decode.Decoder`) against HF
+  `model.generate` (+ the same `ThinkCap` budget forcing: `posttrain.generate`'s reference implementation) on the
   same model object, batch (the step's prompts, each repeated group_size times), sampling and max_new_tokens,
   in this process at 1 thread (our rollout actor's) and at the bench's thread count, alternating run by run;
   new tokens (up to and including EOS) per second;
@@ -259,15 +260,16 @@ def bench_rollout(rc, device, dtype, *, threads: int, reps: int, warmup: int) ->
     import torch
     from transformers import LogitsProcessorList
 
-    from posttrain.generate import ThinkCap, render_prompts
-    from posttrain.stages.rl_problems import sample_step_problems
+    from posttrain.decode import render_prompts
+    from posttrain.generate import ThinkCap  # the reference's logits processor: HF generate as the peer
+    from posttrain.tasks.task import build_task
     from posttrain.workers.rollout import RolloutWorker
 
     cfg = rc.grpo
     old = torch.get_num_threads()
     worker = RolloutWorker(rc.model.path, device=device, dtype=dtype, threads=threads,
                            experts_implementation=rc.model.experts_implementation)
-    problems, budgets = sample_step_problems(cfg, rc.task, rc.seed, 0)
+    problems, budgets = build_task(rc).step_problems(cfg, 0)
     prompts = [p.expression for p in problems]
     tok, model = worker.tokenizer, worker.model
     side = tok.padding_side
@@ -328,12 +330,12 @@ def bench_scaling(rc, *, reps: int, warmup: int) -> dict:
     import dataclasses
     from posttrain.model import load_tokenizer
     from posttrain.stages.rl import RLDriver, Workers, _options
-    from posttrain.stages.rl_problems import sample_step_problems
+    from posttrain.tasks.task import build_task
     from posttrain.workers.actors import spawn
     from posttrain.workers.rollout import RolloutWorker
 
     cfg = rc.grpo
-    problems, budgets = sample_step_problems(cfg, rc.task, rc.seed, 0)
+    problems, budgets = build_task(rc).step_problems(cfg, 0)
     out = {}
     for n in (1, 2):
         driver = RLDriver(_Ctx(rc), "grpo")

@@ -1,9 +1,19 @@
-"""Batched generation through the chat template, with an optional hard cap on thinking.
+"""Batched generation in process, one response per prompt, with an optional hard cap on thinking.
+
+`generate` wraps the project's one decoder, `posttrain.decode.Decoder` (the rollout worker's loop), around an
+in-process model: the eval stage, the RM stage's samples and the export check use it, and the sweep and the RL
+stage decode with the same loop on their `RolloutWorker`s, so a model gets the same tokens, thinking counts and
+forcing everywhere.
 
 `budget` per prompt: an int N renders the budget instruction (0 = empty think block pre-filled) and `None` is
 autonomous thinking. With `cap=True`, a row that has spent N thinking tokens without closing its think block
 gets `</think>` forced as its next token (and is marked `forced`): the "hard cap" of budget-forcing
-(Muennighoff et al. 2025, s1), used by sweeps for capped accuracy and by rollouts.
+(Muennighoff et al. 2025, s1), used by sweeps for capped accuracy and by rollouts. With `budget_in_prompt=False` the
+prompt states no budget (autonomous) and the cap still forces `</think>` after N thinking tokens: s1's own setting,
+the sweep's `forced` mode.
+
+`reference_generate` (HF `model.generate` + the `ThinkCap` logits processor) is an independent implementation kept
+only as the tests' check of the decoder and as `posttrain bench`'s peer; no stage uses it.
 """
 
 from __future__ import annotations
@@ -12,29 +22,94 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.decode import Decoder, RolloutBatch, render_prompts
 from posttrain.rewards.parse import count_think_tokens_ids
 from posttrain.tokenizer import think_token_ids
+
+__all__ = ["Response", "generate", "batch_responses", "render_prompts", "reference_generate", "ThinkCap"]
 
 
 @dataclass
 class Response:
-    text: str  # decoded completion (starts inside the think block unless budget 0)
+    text: str  # decoded completion: starts inside the think block, or "</think>\n\n..." for budget 0 in the prompt
     ids: list[int]  # completion ids, up to and including EOS
-    n_think: int  # thinking tokens (strictly between <think> and </think>)
+    n_think: int  # thinking tokens: generated before </think> (all when unclosed; 0 for budget 0 in the prompt)
     closed: bool  # </think> was written (by the model or forced)
     forced: bool  # </think> was forced by the cap
     budget: int | None
 
 
-class ThinkCap:
-    """LogitsProcessor: force `</think>` for rows whose thinking reached their cap (None = no cap)."""
+def batch_responses(batch: RolloutBatch) -> list[Response]:
+    """A `RolloutBatch`'s B rows as `Response`s, in row order (ids cut after EOS, budgets the rows' own)."""
+    lengths = batch.response_mask.sum(1).tolist()
+    return [Response(batch.texts[i], batch.response_ids[i, : lengths[i]].tolist(), batch.n_think[i],
+                     batch.closed[i], batch.forced[i], batch.budgets[i]) for i in range(len(batch))]
 
-    def __init__(self, think_end_id: int, caps: list[int | None], prompt_len: int, device):
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    budgets: list[int | None],
+    max_new_tokens: int = 160,
+    batch_size: int = 64,
+    cap: bool = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    budget_in_prompt: bool = True,
+) -> list[Response]:
+    """One response per prompt from `Decoder(model, tokenizer)`, in prompt order: greedy, or sampled at
+    `temperature` (no top-p) with `do_sample`. Prompts are sorted by rendered length into batches of `batch_size`
+    to waste little padding; when sampling, one generator seeded by `seed` (None: drawn from torch's global RNG)
+    runs through all batches. `cap=False` never forces (the budget is only the prompt's instruction);
+    `budget_in_prompt=False`: no budget in the prompt; with `cap`, `</think>` is still forced at `budgets[i]`.
+    The model is put in eval mode and back in training mode afterwards if it was."""
+    if len(prompts) != len(budgets):
+        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
+    if not prompts:
+        return []
+    decoder = Decoder(model, tokenizer)
+    shown = budgets if budget_in_prompt else [None] * len(budgets)
+    texts = render_prompts(tokenizer, prompts, shown)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    gen = None
+    if do_sample:
+        gen = torch.Generator(device=decoder.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
+    results: list[Response | None] = [None] * len(prompts)
+    was_training = model.training
+    try:
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            batch = decoder.generate([prompts[i] for i in idx], [budgets[i] for i in idx], 1, max_new_tokens,
+                                     temperature=temperature if do_sample else 1.0, greedy=not do_sample, cap=cap,
+                                     budget_in_prompt=budget_in_prompt, generator=gen)
+            for i, r in zip(idx, batch_responses(batch)):
+                results[i] = r
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------- the reference (tests, bench)
+
+
+class ThinkCap:
+    """LogitsProcessor of `reference_generate` and the bench's HF peer: force `</think>` for rows whose thinking
+    reached their cap (None = no cap). `preclosed`: the rows whose prompt closed the think block already (default:
+    those of cap 0, budget 0 in the prompt). `__call__`: (B, prompt_len + t) ids, (B, V) scores -> (B, V) scores."""
+
+    def __init__(self, think_end_id: int, caps: list[int | None], prompt_len: int, device,
+                 preclosed: list[bool] | None = None):
         self.end_id = think_end_id
         self.prompt_len = prompt_len
         big = 10**9
         self.caps = torch.tensor([big if c is None else c for c in caps], device=device)
-        self.closed = torch.tensor([c is not None and c == 0 for c in caps], device=device)  # budget 0: pre-closed
+        if preclosed is None:
+            preclosed = [c is not None and c == 0 for c in caps]
+        self.closed = torch.tensor(preclosed, dtype=torch.bool, device=device)
         self.forced = torch.zeros(len(caps), dtype=torch.bool, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -52,17 +127,8 @@ class ThinkCap:
         return scores
 
 
-def render_prompts(tokenizer, prompts: list[str], budgets: list[int | None]) -> list[str]:
-    out = []
-    for p, b in zip(prompts, budgets):
-        kw = {} if b is None else {"thinking_budget": int(b)}
-        out.append(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False, **kw))
-    return out
-
-
 @torch.no_grad()
-def generate(
+def reference_generate(
     model,
     tokenizer,
     prompts: list[str],
@@ -73,12 +139,20 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int | None = None,
+    budget_in_prompt: bool = True,
 ) -> list[Response]:
-    """Generate one response per prompt. Prompts are sorted by length into batches to waste little padding."""
+    """The reference: `generate`'s contract on HF `model.generate` + `ThinkCap`, for the tests and the bench only.
+
+    Differs from `generate` in two conventions: `n_think` is `count_think_tokens_ids`'s (a second `<think>` restarts
+    the count) and a row counts as forced when its argmax was not `</think>`; when sampling, HF's own sampler
+    (global torch RNG, seeded by `seed`) draws the tokens. Greedy, on responses that write no second `<think>`, the
+    two agree token for token."""
     from transformers import LogitsProcessorList
 
     start_id, end_id = think_token_ids(tokenizer)
-    texts = render_prompts(tokenizer, prompts, budgets)
+    shown = budgets if budget_in_prompt else [None] * len(budgets)
+    preclosed = [b == 0 for b in shown]  # budget 0 in the prompt pre-fills an empty think block
+    texts = render_prompts(tokenizer, prompts, shown)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     results: list[Response | None] = [None] * len(texts)
     device = next(model.parameters()).device
@@ -91,8 +165,8 @@ def generate(
         idx = order[lo : lo + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         plen = enc["input_ids"].shape[1]
-        caps = [budgets[i] if cap else (0 if budgets[i] == 0 else None) for i in idx]
-        proc = ThinkCap(end_id, caps, plen, device)
+        caps = [budgets[i] if cap else (0 if preclosed[i] else None) for i in idx]
+        proc = ThinkCap(end_id, caps, plen, device, [preclosed[i] for i in idx])
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -108,12 +182,12 @@ def generate(
             ids = out[row, plen:].tolist()
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-            if budgets[i] == 0:  # the prompt already closed the think block
+            if preclosed[i]:  # the prompt already closed the think block
                 n_think, closed = 0, True
             else:
                 n_think, closed = count_think_tokens_ids(ids, start_id, end_id)
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            if budgets[i] == 0:
+            if preclosed[i]:
                 text = "</think>\n\n" + text
             results[i] = Response(text, ids, n_think, closed, bool(proc.forced[row]), budgets[i])
     if was_training:

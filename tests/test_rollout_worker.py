@@ -1,4 +1,5 @@
-"""RolloutWorker: its own KV-cache decoding loop against HF `generate` and a teacher-forced forward pass."""
+"""RolloutWorker: the decoding loop (`posttrain.decode.Decoder`) against HF `generate` and a teacher-forced forward
+pass."""
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def worker(tiny_model_dir):
 
 def _hf_greedy(worker, prompts, budgets, max_new_tokens, eos_id):
     """Reference: HF generate, greedy, left padding; returns the completion ids (B, T) padded with pad id."""
-    from posttrain.generate import render_prompts
+    from posttrain.decode import render_prompts
 
     tok = worker.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
@@ -82,15 +83,15 @@ def test_logp_matches_teacher_forced_forward(worker):
 
 
 def test_budget_forcing(worker, monkeypatch):
-    from posttrain.workers import rollout
+    from posttrain import decode
 
     end = worker.think_end_id
-    sample = rollout._sample
+    sample = decode._sample
 
     def never_close(logits, *args):  # a model that would not close its think block by itself
         return sample(logits.masked_fill(torch.arange(logits.shape[1]) == end, float("-inf")), *args)
 
-    monkeypatch.setattr(rollout, "_sample", never_close)
+    monkeypatch.setattr(decode, "_sample", never_close)
     batch = worker.generate(PROMPTS, [3, 0, None], group_size=2, max_new_tokens=6, temperature=1.0, seed=1)
     for r in (0, 1):  # budget 3: </think> forced at thinking position 3
         assert batch.response_ids[r, 3] == end and not (batch.response_ids[r, :3] == end).any()
@@ -103,7 +104,7 @@ def test_budget_forcing(worker, monkeypatch):
     for r in (4, 5):  # no budget: never forced
         assert not batch.forced_mask[r].any() and not batch.closed[r] and batch.n_think[r] == 6
     assert torch.equal(batch.loss_mask, batch.response_mask * (~batch.forced_mask).long())
-    monkeypatch.setattr(rollout, "_sample", sample)
+    monkeypatch.setattr(decode, "_sample", sample)
 
     # the model's own choice of </think> at the budget is not forcing: call the greedy 4th token "</think>"
     free = worker.generate(PROMPTS[:1], [3], group_size=1, max_new_tokens=3, greedy=True)  # stops before the cap

@@ -61,11 +61,17 @@ def test_sweep_stage_writes_outputs_and_summary(run):
         assert (out / name).stat().st_size > 0, name
     rows = json.loads((out / "sweep.json").read_text())
     assert {r["model"] for r in rows} == {"sft"}  # by default the recipe's model-producing stages, by name
-    assert len(rows) == 3 * 2 * 3  # budgets x modes x (2 difficulties + all)
+    assert len(rows) == 3 * 3 * 3  # budgets x modes (natural, capped, forced) x (2 difficulties + all)
     done = json.loads((out / "done.json").read_text())
     assert done["produces_model"] is False and "checkpoint" not in done
     assert done["models"] == {"sft": str(run_dir / "sft" / "checkpoint")}
-    assert len(done["summary"]) == 3 * 2 and {"accuracy", "think_tokens_mean", "adherence"} <= set(done["summary"][0])
+    assert len(done["summary"]) == 3 * 3 and {"accuracy", "think_tokens_mean", "adherence"} <= set(done["summary"][0])
+    # capped against forced at budgets 0 and 4, pooled over 4, overall and on the hard half (difficulty >= 1.5)
+    forcing = json.loads((out / "forcing.json").read_text())
+    assert forcing == done["forcing"] and {(r["budget"], r["subset"]) for r in forcing} == {
+        (b, s) for b in (0, 4, "pooled") for s in ("all", "hard")}
+    assert all(r["model"] == "sft" and r["hard_from"] == 1.5 for r in forcing)
+    assert "capped - forced [95% CI]" in proc.stdout and "capped - forced" in (out / "table.txt").read_text()
     assert "accuracy [95% CI]" in proc.stdout and "accuracy [95% CI]" in (run_dir / "run.log").read_text()
 
 
@@ -143,6 +149,18 @@ def test_export_of_a_run_takes_its_latest_model(run, tmp_path):
     adapter = copy / "export" / "adapter"
     ckpt, base, found = resolve_run(adapter)
     assert ckpt == found == adapter and (base / "config.json").is_file()
+    # only LoRA training's own adapter counts: an export written beside a checkpoint is output (export.json)...
+    loose = tmp_path / "loose"
+    shutil.copytree(sft, loose / "checkpoint")
+    shutil.copytree(adapter, loose / "adapter")
+    assert resolve_run(loose / "checkpoint") == (loose / "checkpoint", None, None)
+    shutil.rmtree(loose / "adapter")
+    shutil.copytree(copy / "sft" / "adapter", loose / "adapter")  # the trained adapter, copied with its checkpoint
+    assert resolve_run(loose / "checkpoint")[2] == loose / "adapter"
+    # ...and a stage that records no adapter (trained in full) has none, whatever its `adapter` folder holds
+    done = json.loads((copy / "sft" / "done.json").read_text())
+    (copy / "sft" / "done.json").write_text(json.dumps({k: v for k, v in done.items() if k != "adapter"}))
+    assert resolve_run(sft) == (sft, copy / "base" / "checkpoint", None)
     (copy / "grpo" / "done.json").unlink()
     (copy / "sft" / "done.json").unlink()
     with pytest.raises(ExportError, match="no finished stage with a trained checkpoint"):

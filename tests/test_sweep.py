@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.eval.stats import paired_difference, quantile, wilson_interval
-from posttrain.eval.sweep import (MODES, ROW_KEYS, SweepError, aggregate, grade_responses, parse_budgets,
-                                  parse_difficulties, resolve_model)
+from posttrain.eval.sweep import MODES, ROW_KEYS, SweepError, aggregate, grade_responses, resolve_model
+from posttrain.eval.sweep_options import parse_budgets, parse_difficulties
 from posttrain.generate import Response
 from posttrain.tasks.arithmetic import parse_expression
 
@@ -296,7 +296,7 @@ def test_distinct_models_drops_repeats_and_keeps_labels_distinct(tmp_path):
 def test_table_and_plot_titles_keep_long_labels_apart():
     """Two long labels with the same last 29 characters: the table (and the plot titles) must not show both as one
     "...<tail>"."""
-    from posttrain.eval.sweep import format_sweep_table, short_labels
+    from posttrain.eval.report import format_sweep_table, short_labels
 
     problems, responses = _hand_graded()
     records = grade_responses(problems, responses)
@@ -345,7 +345,7 @@ def test_rollout_path_matches_hf_generate_with_thinkcap(talkative_model_dir, cap
     import torch
 
     from posttrain.eval.sweep import generate_responses, start_workers
-    from posttrain.generate import generate
+    from posttrain.generate import reference_generate as generate
     from posttrain.model import load_model, load_tokenizer
     from posttrain.tasks.arithmetic import generate_problems
 
@@ -422,8 +422,8 @@ def test_workers_load_an_adapter_merged_and_are_reused(tmp_path, tiny_model_dir,
         torch.testing.assert_close(worker.model(input_ids=ids).logits, ref(input_ids=ids).logits)
 
     models = [str(talkative_model_dir), str(tmp_path / "adapter")]
-    rows = run_sweep(models, [2], n_per_difficulty=1, difficulties=[1, 2], max_new_tokens=3, workers=2)
-    assert [r["model"] for r in rows if r["difficulty"] == "all"] == [models[0]] * 2 + [models[1]] * 2
+    rows = run_sweep(models, [2], n_per_difficulty=1, difficulties=[1, 2], max_new_tokens=3, workers=2).rows
+    assert [r["model"] for r in rows if r["difficulty"] == "all"] == [models[0]] * 3 + [models[1]] * 3
     assert {(r["mode"], r["difficulty"]) for r in rows} == {(m, d) for m in MODES for d in (1, 2, "all")}
 
 
@@ -431,20 +431,23 @@ def test_run_sweep_is_deterministic_and_independent_of_worker_count(tmp_path, ta
     import torch
 
     from posttrain.eval.plots import plot_all
-    from posttrain.eval.sweep import run_sweep, write_outputs
+    from posttrain.eval.report import write_outputs
+    from posttrain.eval.sweep import run_sweep
 
     torch.set_num_threads(1)
     kw = dict(n_per_difficulty=3, difficulties=[1, 4], max_new_tokens=8, batch_size=2, backend="local")
-    rows = run_sweep([str(talkative_model_dir)], [0, 2, None], workers=1, **kw)
-    assert run_sweep([str(talkative_model_dir)], [0, 2, None], workers=3, **kw) == rows
+    result = run_sweep([str(talkative_model_dir)], [0, 2, None], workers=1, **kw)
+    assert run_sweep([str(talkative_model_dir)], [0, 2, None], workers=3, **kw) == result  # rows and forcing
+    rows = result.rows
     assert any(r["think_tokens_mean"] > 0 for r in rows) and any(r["forced_share"] for r in rows)
+    assert {r["budget"] for r in result.forcing} == {0, 2, "pooled"}
     out = write_outputs(rows, tmp_path / "out")
     plot_all(rows, out)
     for name in ("sweep.json", "sweep.csv", "accuracy_vs_budget.png", "think_tokens_vs_budget.png",
                  "accuracy_vs_difficulty.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "sweep.json").read_text())
-    assert len(saved) == 3 * 2 * 3 and all(set(ROW_KEYS) <= set(r) for r in saved)
+    assert len(saved) == 3 * 3 * 3 and all(set(ROW_KEYS) <= set(r) for r in saved)
     assert {r["budget"] for r in saved} == {0, 2, "auto"} and {r["difficulty"] for r in saved} == {1, 4, "all"}
 
 
@@ -452,16 +455,17 @@ def test_run_sweep_sweeps_a_repeated_budget_difficulty_or_model_once(tmp_path, t
     import torch
 
     from posttrain.eval.plots import plot_all
-    from posttrain.eval.sweep import format_sweep_table, run_sweep
+    from posttrain.eval.report import format_sweep_table
+    from posttrain.eval.sweep import run_sweep
 
     torch.set_num_threads(1)
     same = [str(tiny_model_dir), str(tiny_model_dir) + "/", str(Path(tiny_model_dir).parent / "." / "model")]
     rows = run_sweep(same, [2, 2, None, 2, None], n_per_difficulty=1, difficulties=[1, 1], max_new_tokens=2,
-                     backend="local")
+                     backend="local").rows
     head = [(r["model"], r["budget"], r["mode"]) for r in rows if r["difficulty"] == "all"]
     assert head == [(same[0], b, m) for b in (2, "auto") for m in MODES]
-    assert len(rows) == 2 * 2 * 2 and all(r["n"] == 1 for r in rows)  # difficulty 1 once: one problem, not two
-    assert len(format_sweep_table(rows).splitlines()) == 2 + 4
+    assert len(rows) == 2 * 3 * 2 and all(r["n"] == 1 for r in rows)  # difficulty 1 once: one problem, not two
+    assert len(format_sweep_table(rows).splitlines()) == 2 + 6
     plot_all(rows, tmp_path)
 
 
@@ -483,14 +487,18 @@ def test_sweep_command_end_to_end(tmp_path, tiny_model_dir):
                  "accuracy_vs_difficulty.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = json.loads((out / "sweep.json").read_text())
-    # 3 budgets x 2 modes x (8 difficulties + "all")
-    assert len(rows) == 3 * 2 * 9 and all(set(ROW_KEYS) <= set(r) for r in rows)
-    assert {r["budget"] for r in rows} == {0, 4, "auto"} and {r["mode"] for r in rows} == {"natural", "capped"}
+    # 3 budgets x 3 modes x (8 difficulties + "all")
+    assert len(rows) == 3 * 3 * 9 and all(set(ROW_KEYS) <= set(r) for r in rows)
+    assert {r["budget"] for r in rows} == {0, 4, "auto"} and {r["mode"] for r in rows} == set(MODES)
     assert {r["difficulty"] for r in rows} == set(range(1, 9)) | {"all"} and {r["model"] for r in rows} == {
         str(tiny_model_dir)}
     with open(out / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert "accuracy [95% CI]" in proc.stdout and "auto" in proc.stdout
+    # forced mode's paired comparison with capped: in the table printed and beside sweep.json
+    forcing = json.loads((out / "forcing.json").read_text())
+    assert {(r["budget"], r["subset"]) for r in forcing} == {(b, s) for b in (0, 4, "pooled") for s in ("all", "hard")}
+    assert "capped - forced [95% CI]" in proc.stdout and "forcing.json" in proc.stdout
     again = posttrain(*args, "--workers", "2", "--out", str(tmp_path / "b"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "b" / "sweep.json").read_text() == (out / "sweep.json").read_text()
@@ -529,7 +537,7 @@ def test_sweep_command_on_a_data_file(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((tmp_path / "a" / "sweep.json").read_text())
     assert {r["difficulty"] for r in saved} == {1, 2, 3, "all"}  # the file's difficulties, 2 rows each
-    assert all(r["n"] == (6 if r["difficulty"] == "all" else 2) for r in saved) and len(saved) == 3 * 2 * 4
+    assert all(r["n"] == (6 if r["difficulty"] == "all" else 2) for r in saved) and len(saved) == 3 * 3 * 4
     proc = posttrain(*args, "--out", str(tmp_path / "b"))  # no difficulty column: one group of the first 2 rows
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {r["difficulty"] for r in json.loads((tmp_path / "b" / "sweep.json").read_text())} == {0, "all"}
@@ -566,6 +574,7 @@ def test_sweep_command_bad_model_path(tmp_path):
     (["--difficulties", "3-1"], "--difficulties '3-1'"),
     (["--budgets", "8,²"], "--budgets '8,²'"),
     (["--device", "bogus"], "--device 'bogus'"),
+    (["--modes", "natural,bogus"], "--modes 'natural,bogus': 'bogus' is not a mode"),
 ])
 def test_sweep_command_bad_options_are_errors_not_tracebacks(tmp_path, tiny_model_dir, args, shown):
     proc = posttrain("sweep", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--threads", "1",
@@ -616,7 +625,7 @@ def test_sweep_of_a_file_run_sweeps_exactly_the_rows_it_held_out(tmp_path, tiny_
     run = _file_run(tmp_path, tiny_model_dir)
     rc = load_recipe(run / "recipe.yaml")
     source = ProblemSource(rc, rc.grpo)  # what the grpo stage itself trains on and holds out
-    held = {p.expression for rows in source.held_out.values() for p in rows}
+    held = {p.expression for rows in source.task.stage_split(rc.grpo)[1].values() for p in rows}
     trained = {p.expression for p in source.train}
     assert held and not held & trained
     common = ["--n", "40", "--budgets", "0", "--max-new-tokens", "4", "--threads", "1", "--backend", "local"]
@@ -626,7 +635,7 @@ def test_sweep_of_a_file_run_sweeps_exactly_the_rows_it_held_out(tmp_path, tiny_
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"the {len(held)} rows {run} held out" in proc.stderr
         saved = json.loads((out / "sweep.json").read_text())
-        assert [r["n"] for r in saved if r["difficulty"] == "all"] == [len(held)] * 2  # natural and capped
+        assert [r["n"] for r in saved if r["difficulty"] == "all"] == [len(held)] * 3  # natural, capped, forced
     # a file the run did not train on is swept as before (its first rows); a run that held nothing out is refused
     other = tmp_path / "other.jsonl"
     other.write_text((tmp_path / "d.jsonl").read_text())

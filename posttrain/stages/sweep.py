@@ -6,6 +6,8 @@ unless `sweep.backend` is `local`) serves them all; the run's threads are split 
 Problems: the embedded task's, or with `data.source: file`/`hub` the rows the RL stages hold out for evaluation
 (`rl_problems.evaluation_rows`, `n_per_difficulty` of each `data.difficulty_column` value), graded by the data's
 grader (`data.grader`).
+Modes: natural, capped and forced (`eval.sweep.MODES`); the paired comparison of capped against forced
+(`eval/forcing.py`) goes to RUN/sweep/forcing.json and .csv, the table and done.json's `forcing`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def run(ctx) -> dict:
     from posttrain.eval.plots import plot_all
-    from posttrain.eval.sweep import format_sweep_table, run_sweep, write_outputs
+    from posttrain.eval.report import format_sweep_table, write_outputs
+    from posttrain.eval.sweep import run_sweep
 
     cfg, rc = ctx.cfg.sweep, ctx.cfg
     specs = sweep_models(ctx)
@@ -62,15 +65,16 @@ def run(ctx) -> dict:
              cfg.backend, cfg.budgets)
     from posttrain.stages.rl_problems import stage_problems
 
-    problems = stage_problems(rc, cfg.n_per_difficulty)  # with a data file: rows no stage trained on
+    problems = stage_problems(rc, cfg.n_per_difficulty, cfg.seed)  # with a data file: rows no stage trained on
     if problems is not None:
         log.info("sweep: %d held-out rows of %s", len(problems), rc.data.path)
-    rows = run_sweep(specs, budgets, cfg.n_per_difficulty, cfg.seed, diffs, cfg.max_new_tokens, cfg.batch_size,
-                     str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems,
-                     rc.data.grader_name)
-    out = write_outputs(rows, ctx.stage.path)
+    result = run_sweep(specs, budgets, cfg.n_per_difficulty, cfg.seed, diffs, cfg.max_new_tokens, cfg.batch_size,
+                       str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems,
+                       rc.data.grader_name)
+    rows = result.rows
+    out = write_outputs(rows, ctx.stage.path, result.forcing)
     plots = plot_all(rows, out)
-    table = format_sweep_table(rows)
+    table = format_sweep_table(rows, result.forcing)
     (out / "table.txt").write_text(table + "\n")
     for r in summary(rows):
         key = f"{r['model']}/budget_{r['budget']}/{r['mode']}"
@@ -78,5 +82,5 @@ def run(ctx) -> dict:
                             f"sweep/think_tokens/{key}": r["think_tokens_mean"]})
     log.info("sweep: %s\n%s", out, table)
     return {"models": {s.label: str(s.adapter or s.checkpoint) for s in specs}, "sweep": str(out / "sweep.json"),
-            "plots": [str(p) for p in plots], "summary": summary(rows), "table": table,
+            "plots": [str(p) for p in plots], "summary": summary(rows), "forcing": result.forcing, "table": table,
             "produces_model": False}
