@@ -2,18 +2,19 @@
 #   make quickstart   run the quickstart recipe end to end on the embedded tiny MoE
 #   make test         run the test suite
 #   make budget-blind recipes/budget_blind.yaml: GRPO teaching budgets that half the SFT data ignored
+#   make reasoning-gym recipes/reasoning_gym.yaml: the pipeline on reasoning-gym's chain_sum
 #   make bench        our GRPO step against TRL's GRPOTrainer and the other benchmarks (runs/bench/bench.json)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart budget-blind test bench clean
+.PHONY: install quickstart budget-blind reasoning-gym test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install -q -c constraints.txt -e . 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import posttrain, torch, transformers, trl, peft, ray, datasets"
+	$(BIN)/pip install -q -c constraints.txt -e '.[reasoning-gym]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import posttrain, torch, transformers, trl, peft, ray, datasets, reasoning_gym"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +24,9 @@ quickstart: install
 
 budget-blind: install
 	$(BIN)/posttrain run recipes/budget_blind.yaml
+
+reasoning-gym: install
+	$(BIN)/posttrain run recipes/reasoning_gym.yaml
 
 test: install
 	$(BIN)/pytest -q

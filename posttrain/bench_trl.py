@@ -67,11 +67,11 @@ def grpo_config_kwargs(cfg, *, max_steps: int, seed: int, use_cpu: bool, bf16: b
 def step_prompts(rc, tokenizer, n_steps: int) -> list[dict]:
     """The rows {prompt, answer} our driver's steps 0..n_steps-1 use, rendered with the same chat template."""
     from posttrain.generate import render_prompts
-    from posttrain.stages.rl_problems import sample_step_problems
+    from posttrain.tasks.task import build_task
 
     rows = []
     for step in range(n_steps):
-        problems, budgets = sample_step_problems(rc.grpo, rc.task, rc.seed, step)
+        problems, budgets = build_task(rc).step_problems(rc.grpo, step)
         texts = render_prompts(tokenizer, [p.expression for p in problems], budgets)
         rows += [{"prompt": t, "answer": str(p.answer)} for t, p in zip(texts, problems)]
     return rows

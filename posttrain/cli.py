@@ -98,7 +98,7 @@ def _run_held_out_problems(args, columns: dict) -> tuple[list, str] | None:
     never rows it trained on, and the run's grader (`data.grader`). None when no such run is among the models."""
     from posttrain.eval.sweep import SweepError
     from posttrain.recipe import RecipeError, load_recipe
-    from posttrain.stages.rl_problems import stage_problems
+    from posttrain.tasks.task import build_task
 
     chosen = None
     for model in args.model:
@@ -110,23 +110,25 @@ def _run_held_out_problems(args, columns: dict) -> tuple[list, str] | None:
         except RecipeError as e:
             raise SweepError(f"--model {model}: its recipe.yaml no longer loads, so the rows it held out are "
                              f"unknown ({e})") from None
-        if rc.data.source == "arithmetic" or (
-                args.data is not None and Path(args.data).resolve() != Path(rc.data.path).resolve()):
-            continue  # the embedded task, or another file than the run trained on
+        task = build_task(rc)
+        if not task.holds_out_rows or args.data is not None and (
+                rc.data.path is None or Path(args.data).resolve() != Path(rc.data.path).resolve()):
+            continue  # the embedded task (fresh problems from a seed), or other rows than the run trained on
         if columns:
             raise SweepError(f"--{next(iter(columns)).replace('_', '-')}: --model {model} trained on "
-                             f"{rc.data.path}, and its recipe names the file's columns")
+                             f"{task.where}, and its recipe names the rows' columns")
         if not any(a in rc.stages and getattr(rc, a).eval_n_per_difficulty > 0 for a in ("grpo", "ppo")):
-            raise SweepError(f"--model {model} trained on every row of {rc.data.path} (no grpo/ppo stage held rows "
+            raise SweepError(f"--model {model} trained on every row of {task.where} (no grpo/ppo stage held rows "
                              "out): sweeping them would measure its training data; sweep another file with --data")
-        problems = stage_problems(rc, args.n)
+        task.check_recorded(run)
+        problems = task.held_out(args.n, 0)
         if chosen is not None and [(p.expression, p.answer) for p in chosen[1]] != [
                 (p.expression, p.answer) for p in problems]:
             raise SweepError(f"--model {chosen[0]} and --model {model} hold out different rows of "
-                             f"{rc.data.path}: sweep them separately")
-        chosen = (model, problems, rc.data.grader_name)
-        print(f"sweep: the {len(problems)} rows {model} held out of {rc.data.path}, graded by "
-              f"{rc.data.grader_name}", file=sys.stderr)
+                             f"{task.where}: sweep them separately")
+        chosen = (model, problems, task.grader)
+        print(f"sweep: the {len(problems)} rows {model} held out of {task.where}, graded by {task.grader}",
+              file=sys.stderr)
     return None if chosen is None else chosen[1:]
 
 
@@ -179,49 +181,62 @@ def _cmd_sweep(args) -> int:
 
     import torch
 
-    from posttrain.eval.sweep import (format_sweep_table, parse_budgets, parse_difficulties, run_sweep,
-                                      write_outputs)
+    from posttrain.eval.report import format_sweep_table, write_outputs
+    from posttrain.eval.sweep import run_sweep
+    from posttrain.eval.sweep_options import parse_budgets, parse_difficulties, parse_modes
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    budgets = parse_budgets(args.budgets)
+    budgets, modes = parse_budgets(args.budgets), parse_modes(args.modes)
     problems, grader = _sweep_file_problems(args)
     difficulties = parse_difficulties("1-8" if args.difficulties is None else args.difficulties) if problems is None else []
     try:
-        rows = run_sweep(args.model, budgets, args.n, args.seed, difficulties,
-                         args.max_new_tokens, args.batch_size, args.device, args.workers, args.backend,
-                         cpus_per_worker=max(1, threads // max(1, args.workers)), problems=problems,
-                         grader=grader)
+        result = run_sweep(args.model, budgets, args.n, args.seed, difficulties,
+                           args.max_new_tokens, args.batch_size, args.device, args.workers, args.backend,
+                           cpus_per_worker=max(1, threads // max(1, args.workers)), problems=problems,
+                           grader=grader, modes=modes)
     finally:
         if args.backend == "ray":
             from posttrain.workers.actors import shutdown_ray
 
             shutdown_ray()
-    out = write_outputs(rows, args.out)
+    out = write_outputs(result.rows, args.out, result.forcing)
     from posttrain.eval.plots import plot_all
 
-    plot_all(rows, out)
-    print(format_sweep_table(rows))
-    print(f"\nwrote {out}/sweep.json, sweep.csv, accuracy_vs_budget.png, think_tokens_vs_budget.png, "
-          "accuracy_vs_difficulty.png")
+    plot_all(result.rows, out)
+    print(format_sweep_table(result.rows, result.forcing))
+    print(f"\nwrote {out}/sweep.json, sweep.csv, " + ("forcing.json, forcing.csv, " if result.forcing else "")
+          + "accuracy_vs_budget.png, think_tokens_vs_budget.png, accuracy_vs_difficulty.png")
     return 0
 
 
 def _cmd_export(args) -> int:
+    """Exit 0 when written, 1 when the extracted adapter measured further than --max-kl from the trained model (a
+    quality failure, as a run's stopped training is; nothing written), 2 for bad input (via main)."""
     import torch
 
-    from posttrain.export import export
+    from posttrain.export import ExportError, LossyExport, export
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.max_kl is not None and not args.max_kl > 0:
+        raise ExportError(f"--max-kl {args.max_kl}: must be positive (nats per token, export.max_kl)")
     save = tuple(m.strip() for m in (args.modules_to_save or "").split(",") if m.strip())
-    report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base, modules_to_save=save,
-                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    kl = {} if args.max_kl is None else {"max_kl": args.max_kl}
+    try:
+        report = export(args.model, args.out, merged=args.merged, rank=args.rank, base=args.base,
+                        modules_to_save=save, trust_remote_code=args.trust_remote_code,
+                        allow_pickle=args.allow_pickle, allow_lossy=args.allow_lossy, **kl)
+    except LossyExport as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{report['kind']} -> {args.out}")
     if "max_relative_frobenius_error" in report:
         print(f"  rank {report['rank']}: max relative Frobenius error {report['max_relative_frobenius_error']:.3g}, "
               f"KL(tuned || base+adapter) {report['kl_tuned_vs_adapted']:.4g} "
-              f"(without the adapter {report['kl_tuned_vs_base']:.4g})")
+              f"(without the adapter {report['kl_tuned_vs_base']:.4g})"
+              + (f"; LOSSY: over --max-kl {report['max_kl']:g}, written because of --allow-lossy"
+                 if report.get("lossy") else ""))
         if report["uncovered_changed_params"]:
             print(f"  {len(report['uncovered_changed_params'])} changed parameters are not carried by the adapter "
                   "(see export.json; --modules-to-save stores such modules whole)")
@@ -276,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", help="base checkpoint (default: the run's base stage or recipe model.path)")
     e.add_argument("--modules-to-save", default="", help="comma-separated module name suffixes an extracted adapter "
                    "stores whole (PEFT modules_to_save), e.g. norm,embed_tokens")
+    e.add_argument("--max-kl", type=float, default=None, help="largest mean per-token KL(trained || base + adapter), "
+                   "in nats, of an extracted adapter loaded in plain PEFT, as export.max_kl (default 0.1); above it "
+                   "nothing is written and the command exits 1")
+    e.add_argument("--allow-lossy", action="store_true", help="write an adapter over --max-kl anyway, with a "
+                   "warning and \"lossy\": true in export.json, as export.allow_lossy: true")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--allow-pickle", action="store_true", help="load checkpoints that hold only pickled weights "
                    "(pytorch_model.bin), as model.allow_pickle does in a recipe; runs code from the file")
@@ -290,11 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_prepare)
     s = sub.add_parser("schema", help="print every recipe key with its default and documentation")
     s.set_defaults(func=_cmd_schema)
-    w = sub.add_parser("sweep", help="accuracy, thinking length and adherence over budgets, natural and capped")
+    w = sub.add_parser("sweep", help="accuracy, thinking length and adherence over budgets: natural, capped and "
+                       "forced (no budget in the prompt), with capped against forced paired on the same problems")
     w.add_argument("--model", action="append", required=True,
                    help="run directory, checkpoint directory or PEFT adapter directory (repeatable)")
     w.add_argument("--budgets", default="0,16,32,64,128,auto", help="comma-separated ints and/or 'auto'")
-    w.add_argument("--out", required=True, help="output directory (sweep.json, sweep.csv, plots)")
+    w.add_argument("--modes", default="natural,capped,forced", help="comma-separated modes: natural (budget in the "
+                   "prompt), capped (budget in the prompt, </think> forced at it), forced (no budget in the prompt, "
+                   "</think> forced at the budget: the budget-forcing baseline); capped and forced together add their "
+                   "paired comparison (forcing.json, forcing.csv)")
+    w.add_argument("--out", required=True, help="output directory (sweep.json, sweep.csv, forcing.json/.csv, plots)")
     w.add_argument("--n", type=int, default=40, help="problems per difficulty (with --data: the file's first N "
                    "rows of each difficulty; for a run directory trained on a file: the first N of the rows it held "
                    "out, with or without --data)")
@@ -348,7 +373,7 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     from posttrain.data import DataError
     from posttrain.eval.sweep import SweepError
-    from posttrain.export import ExportError
+    from posttrain.export import ExportError, LossyExport
     from posttrain.model import CheckpointError
     from posttrain.recipe import RecipeError
     from posttrain.runlock import RunDirLocked
@@ -363,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: locks released, finished stages kept
     try:
         return args.func(args)
+    except LossyExport as e:  # the inputs were fine; the result measured too poor to ship (export.max_kl)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (RecipeError, DataError, CheckpointError, RunDirLocked, SweepError, ExportError, ConnectionError,
             RunFileError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from posttrain.config_common import (MAX_TOKENS, TOKENS_BOUND, Budget, BudgetRange, EvalBudget,  # noqa: F401
                                      LoraConfig, PositiveBudget, Section, StageName, check_budgets)
+from posttrain.config_data import DataConfig  # noqa: F401 - part of the schema's public names
 from posttrain.config_rl import (ActorGroupConfig, CriticGroupConfig, GRPORewardConfig,  # noqa: F401
                                  GRPOStageConfig, LearnerGroupConfig, PPOStageConfig, RayConfig,
                                  ReferenceGroupConfig, RewardGroupConfig, RLStageConfig, RolloutGroupConfig)
@@ -42,65 +43,6 @@ class ModelConfig(Section):
         if v is not None and not Path(v).expanduser().exists():
             raise ValueError(f"directory {v!r} does not exist")
         return v
-
-
-class DataConfig(Section):
-    source: Literal["arithmetic", "file", "hub"] = Field(
-        "arithmetic", description="`arithmetic`: the embedded task; `file`: local JSONL/Parquet; `hub`: a "
-        "`datasets` name (needs a reachable hub). `file` and `hub` feed sft, rm, grpo, ppo, eval and sweep: the "
-        "first four train on them, except the rows the RL stages hold out (spread evenly through the file) for "
-        "their evaluation, which the eval and sweep stages evaluate."
-    )
-    path: str | None = Field(None, description="File (.jsonl/.json/.parquet) for source=file; dataset name for hub.")
-    split: str = Field("train", description="Split for source=hub.")
-    prompt_column: str = Field("prompt", description="Column holding the user prompt.")
-    answer_column: str = Field("answer", description="Column holding the reference answer.")
-    reasoning_column: str | None = Field(None, description="Optional column with a reference reasoning trace.")
-    answer_delimiter: str | None = Field(
-        None, description="If set (GSM8K uses '####'), the answer column is 'reasoning DELIM final answer'."
-    )
-    difficulty_column: str | None = Field(None, description="Optional integer column: every row must carry it, "
-                                          "and it is kept with each example (`Example.difficulty`): the RL "
-                                          "stages' autonomous thinking and the sweep are grouped by it.")
-    max_prompt_chars: int = Field(2000, gt=0, description="Longer prompts are bad rows.")
-    skip_bad_rows: bool = Field(
-        False, description="Skip (and list in the run directory) rows with missing/wrong/empty fields instead of "
-        "stopping before training."
-    )
-    tests_column: str | None = Field(
-        None, description="Optional column of tests for code answers (assert strings, or {input, output} pairs, or "
-        "{inputs, outputs}; a JSON string of one of these): read by `grader: code` and the `code` reward.")
-    grader: Literal["auto", "exact_int", "math", "exact", "code"] = Field(
-        "auto", description="How an answer is judged right, by every stage alike (the RL rewards' correctness, the "
-        "RM labels, the eval and RL evaluations, the sweep): `exact_int` (the integer after `</think>`), `math` "
-        "(math-verify equivalence of the answer after `</think>`, or of its last \\boxed{}: fractions, decimals, "
-        "expressions), `exact` (the answer as text, case and spacing ignored: words, letters, lists), `code` (the "
-        "answer's code passes every test of `tests_column`, run in the sandbox; the answer column is then the "
-        "reference solution SFT imitates). `auto`: `exact_int` on the embedded task, `math` on a data file.")
-
-    @property
-    def grader_name(self) -> str:
-        """The grader `grader` resolves to (`posttrain.rewards.verifiable.GRADERS`)."""
-        if self.grader != "auto":
-            return self.grader
-        return "exact_int" if self.source == "arithmetic" else "math"
-
-    @model_validator(mode="after")
-    def _check_source(self) -> "DataConfig":
-        if self.source in ("file", "hub") and not self.path:
-            raise ValueError(f"`path` is required when source is {self.source!r}")
-        if self.source == "file" and not Path(self.path).expanduser().is_file():
-            raise ValueError(f"path: file {self.path!r} does not exist")
-        if self.grader == "code":
-            if not self.tests_column:
-                raise ValueError("grader: `code` runs each row's tests: set data.tests_column")
-            from posttrain.rewards.code import CodeReward
-
-            try:  # the sandbox must run here, before any model is loaded
-                CodeReward.check_params({})
-            except RuntimeError as e:
-                raise ValueError(f"grader: code: {e}") from None
-        return self
 
 
 class TaskConfig(Section):
@@ -339,8 +281,21 @@ class ExportStageConfig(Section):
         default_factory=list,
         description="Modules (name suffixes) an extracted adapter stores whole with their tuned weights (PEFT "
         "`modules_to_save`), for changes a low-rank delta does not carry: `norm` matches every RMSNorm, "
-        "`embed_tokens` the embedding (and a tied output layer). Costs their full size in the adapter.",
+        "`embed_tokens` the embedding (and a tied output layer). Costs their full size in the adapter. Used as "
+        "given; `carry_embeddings` and `carry_small_tensors` add what training changed that it leaves out.",
     )
+    carry_embeddings: bool = Field(True, description="Carry the embedding and output-head rows training changed "
+                                   "(the tokens `posttrain prepare` added): only those rows (PEFT "
+                                   "`trainable_token_indices`) while at most a quarter of the vocabulary changed, else "
+                                   "the module whole; a tied head follows the embedding.")
+    carry_small_tensors: bool = Field(True, description="Carry the changed norms and biases a low-rank delta cannot: "
+                                      "small non-target modules whole (`modules_to_save`, names matching exactly "
+                                      "them), LoRA layers' biases as PEFT `bias: lora_only` (docs/export.md).")
+    max_kl: float = Field(0.1, gt=0, description="Largest mean per-token KL(trained || base + adapter), in nats, on "
+                          "held-out prompts, of an extracted adapter loaded in plain PEFT; above it the export fails "
+                          "(`posttrain export --max-kl`).")
+    allow_lossy: bool = Field(False, description="Write an extracted adapter further than `max_kl` from the trained "
+                              "model anyway, with a warning (`posttrain export --allow-lossy`).")
 
 
 class RecipeConfig(Section):
@@ -379,8 +334,12 @@ class RecipeConfig(Section):
         grader = (source.get("grader", "auto") if isinstance(source, dict) else getattr(source, "grader", "auto"))
         source = (source.get("source", "arithmetic") if isinstance(source, dict)
                   else getattr(source, "source", "arithmetic"))
-        label = grader if grader in ("exact_int", "math", "exact", "code") else (
-            "exact_int" if source == "arithmetic" else "math")  # the data's grader (DataConfig.grader_name)
+        if grader != "auto":
+            label = grader
+        else:  # the task's own grader (DataConfig.grader_name)
+            from posttrain.tasks.task import TASKS
+
+            label = TASKS.get(source).default_grader if source in TASKS else "math"
         if rm is None or isinstance(rm, dict) and rm.get("label_reward") is None:
             return {**data, "rm": {**(rm or {}), "label_reward": label}}
         if isinstance(rm, RMStageConfig) and rm.label_reward is None:
@@ -394,6 +353,35 @@ class RecipeConfig(Section):
                 raise ValueError(f"sweep.models: {m!r} is neither a stage of this recipe ({', '.join(self.stages)}) "
                                  "nor an existing directory")
         return self
+
+    @model_validator(mode="after")
+    def _moe_features(self) -> "RecipeConfig":
+        """`grpo`/`ppo` `routing_replay` and `router_aux_coef` against what model.path's router supports (its
+        config.json alone, `posttrain.moe.check_moe_features`), so a recipe is refused before any stage runs."""
+        if self.model.path is not None and any(a in self.stages for a in ("grpo", "ppo")):
+            from posttrain.moe import check_moe_features
+
+            problems = check_moe_features(Path(self.model.path).expanduser(), self)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
+
+    def _check_rm_rewards(self, algo: str) -> None:
+        """A reward that reads this run's `rm` stage output (`genrm`, `scalar_rm` without `params.path`) needs that
+        stage before `algo`, and `scalar_rm` needs `rm.scalar.enabled`."""
+        from posttrain.rewards.registry import get_reward_cls
+
+        for i, r in enumerate(getattr(self, algo).rewards):
+            sub = getattr(get_reward_cls(r.name), "run_output", None)
+            if sub is None or (r.params or {}).get("path") is not None:
+                continue
+            key = f"{algo}.rewards.{i}.params.path"
+            if "rm" not in self.stages or self.stages.index("rm") > self.stages.index(algo):
+                raise ValueError(f"{key}: reward {r.name!r} without a path reads this run's rm stage output "
+                                 f"(rm/{sub}); run the rm stage before {algo}, or give the checkpoint's path")
+            if sub == "scalar" and not self.rm.scalar.enabled:
+                raise ValueError(f"{key}: reward 'scalar_rm' reads the rm stage's scalar RM; set "
+                                 "rm.scalar.enabled: true, or give the checkpoint's path")
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "RecipeConfig":
@@ -413,11 +401,15 @@ class RecipeConfig(Section):
                              "this recipe has no such stage; add one, or sweep a file of held-out problems with "
                              "`posttrain sweep --data FILE`")
         for algo in ("grpo", "ppo"):
+            if algo in self.stages:
+                self._check_rm_rewards(algo)
+        from posttrain.tasks.task import missing_hooks
+
+        hooks = missing_hooks(self)
+        if hooks:
+            raise ValueError("; ".join(hooks))
+        for algo in ("grpo", "ppo"):
             section = getattr(self, algo)
-            if algo in self.stages and self.data.source != "arithmetic" and (
-                    section.process_penalty > 0 or section.ptx_coef > 0):
-                raise ValueError(f"{algo}.process_penalty and {algo}.ptx_coef read the embedded task's traces; set "
-                                 f"them to 0 with data.source: {self.data.source}")
             traces = self.sft.budget_traces
             blind = sorted(set(traces if isinstance(traces, list) else [traces]) & {"full", "full_read_back"})
             if algo in self.stages and section.ptx_coef > 0 and section.ptx_traces == "fitting" and blind:

@@ -1,6 +1,7 @@
-"""Datasets: the embedded arithmetic task, local JSONL/Parquet files, or `datasets` hub names.
+"""Reading the user's rows: local JSONL/JSON/Parquet files, or `datasets` names (the `file` / `hub` tasks,
+`tasks.files`, build on this).
 
-Every source yields `Example`s. File rows are validated: a line that is not JSON or not UTF-8, a missing field, a
+Every row becomes an `Example`. File rows are validated: a line that is not JSON or not UTF-8, a missing field, a
 wrong type, an empty prompt or an over-long prompt stops the run before training with the file and every bad row's
 line (or row number) and field, or with `data.skip_bad_rows` the row is skipped, counted and listed in
 `RUN_DIR/bad_rows.jsonl`.
@@ -13,8 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.config import DataConfig, TaskConfig
-from posttrain.tasks.arithmetic import generate_problems
+from posttrain.config import DataConfig
 from posttrain.runlog import log
 
 
@@ -25,16 +25,13 @@ class Example:
     difficulty: int | None = None
     reasoning: str | None = None
     source: str = "arithmetic"
-    tests: object = field(default=None, compare=False)  # data.tests_column: what the `code` grader runs
+    # what the grader compares with besides the answer: data.tests_column (the `code` grader runs them), or a
+    # reasoning-gym entry (its `score_answer` reads it)
+    tests: object = field(default=None, compare=False)
 
 
 class DataError(ValueError):
     """Bad dataset input; the message names the file, row and field."""
-
-
-def arithmetic_examples(n: int, seed: int, task: TaskConfig) -> list[Example]:
-    diffs = list(range(task.min_difficulty, task.max_difficulty + 1))
-    return [Example(p.expression, str(p.answer), p.difficulty) for p in generate_problems(n, seed, diffs)]
 
 
 def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
@@ -49,6 +46,8 @@ def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
             raise DataError(f"data.path: could not load dataset {cfg.path!r} split {cfg.split!r}: {e}") from None
         return [(f"row {i}", dict(r)) for i, r in enumerate(ds, 1)], f"{cfg.path}[{cfg.split}]"
     path = Path(cfg.path).expanduser()
+    if path.is_dir():  # a `datasets` Dataset / DatasetDict written by `save_to_disk`
+        return _saved_dataset_rows(path, cfg.split), f"{path}[{cfg.split}]"
     if path.suffix == ".parquet":
         return [(f"row {i}", r) for i, r in enumerate(_parquet_rows(path), 1)], str(path)
     if path.suffix in (".jsonl", ".json"):
@@ -76,6 +75,21 @@ def _read_rows(cfg: DataConfig) -> tuple[list[tuple[str, object]], str]:
                 rows.append((at, {"__error__": f"not valid JSON ({e.msg}, column {e.colno})"}))
         return rows, str(path)
     raise DataError(f"data.path: {path} has an unsupported extension (use .jsonl, .json or .parquet)")
+
+
+def _saved_dataset_rows(path: Path, split: str) -> list[tuple[str, object]]:
+    """The rows of a dataset saved with `save_to_disk` (a DatasetDict: its `split`), as `row N`."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"data.path: {path} is a directory but not a dataset saved with `save_to_disk` ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"data.split: {path} has no split {split!r} (it has: {', '.join(ds)})")
+        ds = ds[split]
+    return [(f"row {i}", dict(r)) for i, r in enumerate(ds, 1)]
 
 
 def _not_utf8(data: bytes, e: UnicodeDecodeError, offset: int) -> str:
@@ -249,17 +263,18 @@ def file_examples(cfg: DataConfig, bad_rows_file: Path | None = None) -> list[Ex
 
 @dataclass(frozen=True)
 class TextProblem:
-    """A data-file row as a problem, read like the embedded task's `Problem` (RL stages, the sweep, rm)."""
+    """A row as a problem, read like the embedded task's `Problem` (RL stages, the sweep, rm)."""
 
     expression: str  # the user prompt (named as the embedded task's Problem, which the driver reads)
     answer: str
     difficulty: int = 0
-    tests: object = field(default=None, compare=False)  # data.tests_column, for the `code` grader
+    tests: object = field(default=None, compare=False)  # what the grader reads besides the answer (`Example.tests`)
+    reasoning: str | None = field(default=None, compare=False)  # a reference trace (PPO-ptx imitates it)
 
 
 def text_problems(data) -> list[TextProblem]:
     """The rows of the data file `data` (a `DataConfig`) as problems (difficulty 0 without a difficulty column)."""
-    return [TextProblem(e.prompt, e.answer, e.difficulty or 0, e.tests) for e in file_examples(data)]
+    return [TextProblem(e.prompt, e.answer, e.difficulty or 0, e.tests, e.reasoning) for e in file_examples(data)]
 
 
 def bad_rows_message(where: str, bad: list[dict], n_rows: int, shown: int = 20) -> str:
@@ -272,21 +287,6 @@ def bad_rows_message(where: str, bad: list[dict], n_rows: int, shown: int = 20) 
     if len(bad) > shown:
         lines.append(f"  ... and {len(bad) - shown} more")
     return f"{first}; {len(bad) - 1} more bad rows of {n_rows}:\n" + "\n".join(lines)
-
-
-def load_examples(data: DataConfig, task: TaskConfig, n: int, seed: int, bad_rows_file: Path | None = None,
-                  held_out=None) -> list[Example]:
-    """`n` training examples from the configured source (files: the first `n` rows, all if fewer). `held_out(rows)`
-    gives how many of a file's rows to leave out (spread through it: those the RL stages evaluate on)."""
-    if data.source == "arithmetic":
-        return arithmetic_examples(n, seed, task)
-    rows = file_examples(data, bad_rows_file)
-    k = held_out(len(rows)) if held_out is not None else 0
-    train, _ = split_held_out(rows, k)
-    if k:
-        log.info("data: %d rows spread through the file are held out for the RL stages' evaluation; %d remain", k,
-                 len(train))
-    return train[:n]
 
 
 def spread(n: int, k: int) -> list[int]:

@@ -81,7 +81,9 @@ def stage_settings(recipe: dict, stage: str) -> dict:
     flat = {}
     for section in SHARED_SECTIONS + (stage,):
         flat.update(_flatten(recipe.get(section), f"{section}."))
-    embedded = flat.get("data.source") == "arithmetic"
+    from posttrain.tasks.task import task_class
+
+    embedded = not task_class(flat.get("data.source") or "arithmetic").holds_out_rows  # reads no data.* key
     if not embedded and stage not in ("base", "export"):
         # a data file's rows that the RL stages hold out: what sft, rm and RL leave out, what eval and sweep
         # evaluate; rm also samples first the rows sft does not train on
@@ -168,10 +170,9 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
 
     setup_logging(run_dir / "run.log")
     check_unchanged(cfg, run_dir)
-    if cfg.data.source == "file" and not cfg.data.skip_bad_rows:
-        from posttrain.data import file_examples
+    from posttrain.tasks.task import build_task
 
-        file_examples(cfg.data)  # every bad row named at once, before any stage loads a model
+    build_task(cfg).record(run_dir)  # every bad row named at once, before any stage loads a model
     tmp = run_dir / "recipe.yaml.tmp"  # written whole or not at all: the next run compares against it
     tmp.write_text(dump_recipe(cfg))
     tmp.replace(run_dir / "recipe.yaml")

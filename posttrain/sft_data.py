@@ -22,8 +22,6 @@ import random
 from posttrain.budgets import draw_budget
 from posttrain.config import BudgetMix
 from posttrain.data import Example
-from posttrain.tasks.arithmetic import (fit_trace, make_trace, most_lines_trace, parse_expression, read_back_trace,
-                                       sample_fitting_trace)
 from posttrain.tokenizer import THINK_END, count_tokens
 
 
@@ -41,68 +39,33 @@ def tokenize_example(tokenizer, prompt: str, budget: int | None, thinking: str, 
     return {"input_ids": list(prompt_ids) + completion_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
 
-def full_or_empty(full: str, budget: int, count_tokens) -> str:
-    """The whole reasoning when it fits the budget, else none: never cut mid-thought."""
-    return full if count_tokens(full) <= budget else ""
-
-
-def budget_trace(p, budget: int, count_tokens, rng: random.Random, budget_traces: str | list[str] = "most_explicit",
-                 full_trace_share: float = 1.0, truncate_share: float = 0.0) -> str:
-    """The thinking a budgeted example of arithmetic problem `p` demonstrates (`sft.budget_traces`; a list: one of
-    its demonstrators drawn uniformly per example)."""
-    if isinstance(budget_traces, (list, tuple)):
-        if not budget_traces:
-            raise ValueError("budget_traces: an empty list names no demonstrator")
-        budget_traces = rng.choice(list(budget_traces))
-    if budget_traces == "most_explicit":
-        return fit_trace(p, budget, count_tokens)
-    if budget_traces == "most_lines":
-        return most_lines_trace(p, budget, count_tokens)
-    if budget_traces == "sampled":
-        return sample_fitting_trace(p, budget, count_tokens, rng, full_trace_share, truncate_share)
-    if budget_traces == "full_or_empty":
-        return full_or_empty(make_trace(p, "verbose", 1), budget, count_tokens)
-    if budget_traces == "full":
-        return make_trace(p, "verbose", 1)
-    if budget_traces == "full_read_back":
-        return read_back_trace(p)
-    raise ValueError("budget_traces must be most_explicit, most_lines, sampled, full_or_empty, full or "
-                     f"full_read_back, "
-                     f"got {budget_traces!r}")
-
-
-def teaches_read_back(budget_traces: str | list[str]) -> bool:
-    """Whether SFT demonstrates reading the problem back first (`full_read_back`), so that such a first line is no
-    error to blame (`first_error_offset`'s `read_back`)."""
-    return "full_read_back" in (budget_traces if isinstance(budget_traces, (list, tuple)) else [budget_traces])
-
-
-def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: BudgetMix,
-                       autonomous_style: str, seed: int, max_length: int,
-                       budget_traces: str | list[str] = "most_explicit", full_trace_share: float = 1.0,
-                       truncate_share: float = 0.0) -> list[dict]:
+def build_sft_examples(tokenizer, examples: list[Example], budgets: list, mix: BudgetMix, seed: int,
+                       max_length: int, fit=None) -> list[dict]:
+    """Tokenized SFT rows of `examples`, each in a mode drawn from `mix`: autonomous (no budget, the example's full
+    reasoning `Example.reasoning`), zero (budget 0, no thinking) or budgeted (a budget drawn from `budgets`, and the
+    thinking `fit(example, budget, count_tokens, rng)` gives: the task's `budget_demonstration`; by default the
+    full reasoning when it fits, none otherwise). Rows longer than `max_length` tokens are left out."""
     rng = random.Random(seed)
     count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
     out = []
     for ex in examples:
         mode = sample_mode(rng, mix)
-        arithmetic = ex.source == "arithmetic"
-        p = parse_expression(ex.prompt) if arithmetic else None
-        full = make_trace(p, autonomous_style, 1) if arithmetic else (ex.reasoning or "")
+        full = ex.reasoning or ""
         if mode == "zero":
             budget, thinking = 0, ""
         elif mode == "autonomous":
             budget, thinking = None, full
         else:
             budget = draw_budget(rng, budgets)
-            if arithmetic:
-                thinking = budget_trace(p, budget, count, rng, budget_traces,
-                                        full_trace_share, truncate_share)
-            else:  # real data: keep the reference reasoning only when it fits
-                thinking = full_or_empty(full, budget, count)
+            thinking = fit(ex, budget, count, rng) if fit is not None else full_or_empty(full, budget, count)
         row = tokenize_example(tokenizer, ex.prompt, budget, thinking, ex.answer)
         if len(row["input_ids"]) > max_length:
             continue
         row.update(mode=mode, budget=-1 if budget is None else budget, n_think=count(thinking))
         out.append(row)
     return out
+
+
+def full_or_empty(full: str, budget: int, count_tokens) -> str:
+    """The whole reasoning when it fits the budget, else none: never cut mid-thought."""
+    return full if count_tokens(full) <= budget else ""

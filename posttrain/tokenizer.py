@@ -48,8 +48,9 @@ def _training_corpus(seed: int, n_problems: int) -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
-    """Train the tokenizer on a synthetic corpus; returns a `PreTrainedTokenizerFast` with the chat template."""
+def build_tokenizer(vocab_size: int = 512, seed: int = 0, extra_texts=()):
+    """Train the tokenizer on a synthetic corpus (and `extra_texts`: a task's own text, `Task.tokenizer_texts`);
+    returns a `PreTrainedTokenizerFast` with the chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AddedToken, PreTrainedTokenizerFast
 
@@ -67,7 +68,7 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(seed, 4000), trainer=trainer)
+    tok.train_from_iterator(_training_corpus(seed, 4000) + list(extra_texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS,

@@ -168,3 +168,28 @@ def accuracy(scores: Sequence[float], labels: Sequence[bool | int], threshold: f
     if not scores:
         return float("nan")
     return sum((s >= threshold) == bool(y) for s, y in zip(scores, labels)) / len(scores)
+
+
+# The scalar Bradley-Terry RM (`rm.scalar`, the `scalar_rm` reward) scores the whole conversation, no verifier prompt.
+def conversation_ids(tok, problem: str, response: str) -> list[int]:
+    """The problem and response as one chat (no budget line): what the scalar RM scores."""
+    msgs = [{"role": "user", "content": problem}, {"role": "assistant", "content": response}]
+    return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+
+
+def scalar_scores(model, tok, recs: list[dict], batch_size: int) -> list[float]:
+    """The scalar (Bradley-Terry) RM's reward per record (`problem`, `response`): right-padded; the
+    sequence-classification head reads the last non-pad token."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(recs), batch_size):
+            rows = [conversation_ids(tok, r["problem"], r["response"]) for r in recs[lo:lo + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            out += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+    return out

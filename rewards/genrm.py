@@ -13,16 +13,19 @@ from .registry import RewardOutput, mean, register_reward
 class GenRMReward:
     """P(Yes) from a GenRM verifier checkpoint, in [0, 1] per sample.
 
-    path: the verifier's HF checkpoint directory (the `rm` stage writes ``RUN_DIR/rm/genrm``).
-    batch_size: verifier prompts per forward pass. device: where the verifier runs ("cpu", "cuda", "cuda:N").
+    path: the verifier's HF checkpoint directory; unset, the `rm` stage's of this run (``RUN_DIR/rm/genrm``: the
+    recipe must run `rm` before the RL stage). batch_size: verifier prompts per forward pass. device: where the
+    verifier runs ("cpu", "cuda", "cuda:N").
 
     `prompts` are the raw problems (the user messages), `completions` the generated texts as
     `posttrain.generate` returns them. Needs no fields. The verifier loads once, lazily on the first call, and is
     dropped when the object is pickled, so an instance can be shipped to a Ray actor before or after use.
     """
 
-    def __init__(self, path: str, batch_size: int = 32, device: str = "cpu"):
-        self.path = str(path)
+    run_output = "genrm"  # the rm stage's output directory this reward reads when `path` is unset
+
+    def __init__(self, path: str | None = None, batch_size: int = 32, device: str = "cpu"):
+        self.path = None if path is None else str(path)
         self.batch_size = int(batch_size)
         self.device = device
         self._model = None
@@ -35,6 +38,9 @@ class GenRMReward:
         if self._model is None:
             from posttrain.model import load_model, load_tokenizer
 
+            if self.path is None:
+                raise ValueError("reward 'genrm': no verifier path (set params.path, or run the rm stage before the "
+                                 "RL stage)")
             self._tokenizer = load_tokenizer(self.path)
             self._model = load_model(self.path, self.device)
             self._model.eval()

@@ -17,22 +17,18 @@ per-sample retries and sharded batches aggregate the same way.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from posttrain.algo.registry import Registry, UnknownAlgoError
 
 # Metrics that are counts of samples, summed when batches are merged (all other metrics are means).
 COUNT_METRICS = frozenset({"errors", "timeout", "memory", "violation", "output_limit", "crash", "sandbox_error"})
 
 # Modules that register the built-in rewards; imported on first registry lookup so importing the package stays
-# cheap (math-verify/sympy and Ray are only imported by the rewards that need them, when they are called).
-_BUILTIN_MODULES = ("verifiable", "math", "code", "budget")
-# Modules that may or may not exist yet (the generative judge `genrm` lives in its own module).
-_OPTIONAL_MODULES = ("genrm",)
-
-_REGISTRY: dict[str, type] = {}
-_builtins_loaded = False
+# cheap (math-verify/sympy, torch and Ray are only imported by the rewards that need them, when they are called).
+_BUILTIN_MODULES = ("verifiable", "math", "code", "budget", "genrm", "scalar_rm")
 
 
 @dataclass
@@ -43,11 +39,11 @@ class RewardOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class UnknownRewardError(ValueError, KeyError):
+class UnknownRewardError(UnknownAlgoError):
     """An unknown reward name. Both a ValueError and a KeyError, so either `except` catches it."""
 
-    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable.
-        return str(self.args[0]) if self.args else ""
+
+REWARDS = Registry("reward", _BUILTIN_MODULES, package=__package__, error=UnknownRewardError)
 
 
 class UnknownParamError(TypeError, ValueError):
@@ -68,55 +64,21 @@ def register_reward(name: str):
     """
 
     def decorator(cls):
-        existing = _REGISTRY.get(name)
-        if existing is not None and _qualname(existing) != _qualname(cls):
-            raise ValueError(f"reward name {name!r} is already registered to {_qualname(existing)}")
-        _REGISTRY[name] = cls
+        REWARDS.register(name)(cls)
         cls.reward_name = name
         return cls
 
     return decorator
 
 
-def _qualname(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True  # first, so a module that looks a reward up while importing does not recurse
-    try:
-        for mod in _BUILTIN_MODULES:
-            importlib.import_module(f"{__package__}.{mod}")
-        for mod in _OPTIONAL_MODULES:
-            full = f"{__package__}.{mod}"
-            try:
-                importlib.import_module(full)
-            except ModuleNotFoundError as e:
-                if e.name != full:  # the module exists but one of *its* imports is missing: say so
-                    raise
-    except BaseException:
-        _builtins_loaded = False
-        raise
-
-
 def list_rewards() -> list[str]:
     """All registered reward names, sorted."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return REWARDS.names()
 
 
 def get_reward_cls(name: str) -> type:
     """The class registered under `name`; an unknown name raises `UnknownRewardError` listing the known ones."""
-    _load_builtins()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    known = sorted(_REGISTRY)
-    close = difflib.get_close_matches(str(name), known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise UnknownRewardError(f"unknown reward {name!r}.{hint} Known rewards: {', '.join(known)}")
+    return REWARDS.get(name)
 
 
 def reward_params(cls: type) -> list[str]:

@@ -10,7 +10,13 @@ import functools
 from typing import Callable
 
 from .parse import THINK_END, THINK_START, grade_integer, split_think
+from posttrain.algo.registry import Registry, UnknownAlgoError
+
 from .registry import RewardOutput, get_field, mean, register_reward
+
+
+class UnknownGraderError(UnknownAlgoError):
+    """An unknown grader name (a ValueError and a KeyError)."""
 
 
 def _grade_math(completion: str, answer) -> bool:
@@ -19,7 +25,6 @@ def _grade_math(completion: str, answer) -> bool:
     return math_equal_completion(completion, answer)
 
 
-# Correctness graders by name: (completion, gold answer) -> bool.
 def normalize_text_answer(text: str) -> str:
     """An answer as `grade_exact` compares it: the last ``\\boxed{}``'s content if any, whitespace collapsed,
     surrounding quotes and one trailing period dropped, case folded.
@@ -63,26 +68,59 @@ def _code_judge():
     return CodeReward(partial=False, num_workers=1)
 
 
-GRADERS: dict[str, Callable[[str, object], bool]] = {"exact_int": grade_integer, "math": _grade_math,
-                                                     "exact": grade_exact, "code": grade_code}
+def grade_reasoning_gym(completion: str, entry: dict) -> bool:
+    """The answer after ``</think>`` gets the full score of the entry's reasoning-gym dataset (its own
+    `score_answer`, which reads the whole entry: answer and metadata). No credit without ``</think>``."""
+    parsed = split_think(completion)
+    if not parsed.closed:
+        return False
+    return _gym_scorer(entry["metadata"]["source_dataset"])(parsed.answer.strip(), entry) >= 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def _gym_scorer(dataset: str):
+    import reasoning_gym  # the optional extra: only reasoning-gym tasks carry such entries
+
+    return reasoning_gym.get_score_answer_fn(dataset)
+
+
+# (completion, gold) -> bool by name: the `data.grader` strings
+GRADERS = Registry("grader", error=UnknownGraderError)
+for _name, _fn in (("exact_int", grade_integer), ("math", _grade_math), ("exact", grade_exact), ("code", grade_code),
+                   ("reasoning_gym", grade_reasoning_gym)):
+    GRADERS.register(_name)(_fn)
+# graders that read the example's `tests` field (code: its tests; reasoning_gym: its entry), not its answer
+GRADES_TESTS = frozenset({"code", "reasoning_gym"})
+
+
+def gold_field(grader: str) -> str:
+    """The per-example field `grader` compares a completion with: `tests` or `answer` (`gold`)."""
+    return "tests" if grader in GRADES_TESTS else "answer"
 
 
 def gold(grader: str, answer, tests=None):
-    """What `grader` compares a completion with: the example's tests for "code", its answer otherwise."""
-    if grader == "code":
+    """What `grader` compares a completion with: the example's tests for "code" (its reasoning-gym entry for
+    "reasoning_gym"), its answer otherwise."""
+    if grader in GRADES_TESTS:
         if tests is None:
-            raise ValueError("the code grader needs the example's tests (data.tests_column)")
+            raise ValueError(f"the {grader} grader needs the example's tests or entry (data.tests_column, or a "
+                             "reasoning-gym task)")
         return tests
     return answer
 
 
+def judge(grader: str, completion: str, answer, tests=None) -> bool:
+    """Whether `completion` answers a problem (its `answer`, and its `tests`: a code task's tests or a reasoning-gym
+    entry) by the grader named `grader`: the one verdict of the RL rewards' correctness, the RM labels and every
+    evaluation."""
+    return bool(get_grader(grader)(completion, gold(grader, answer, tests)))
+
+
 def get_grader(name: str) -> Callable[[str, object], bool]:
-    """The grader registered under `name` ("exact_int", "math", "exact" or "code"): the one function by which the
-    RL reward's correctness, the RM labels and every evaluation judge an answer to a task; it takes the completion
-    and `gold(name, answer, tests)`."""
-    if name not in GRADERS:
-        raise ValueError(f"unknown grader {name!r}; known graders: {', '.join(sorted(GRADERS))}")
-    return GRADERS[name]
+    """The grader registered under `name` (`GRADERS`: "exact_int", "math", "exact", "code", "reasoning_gym"): the
+    one function by which the RL reward's correctness, the RM labels and every evaluation judge an answer to a
+    task; it takes the completion and `gold(name, answer, tests)`."""
+    return GRADERS.get(name)
 
 
 @register_reward("exact_int")
@@ -98,6 +136,17 @@ class ExactIntReward:
     def __call__(self, prompts, completions, **fields) -> RewardOutput:
         answers = get_field(fields, "answer", len(completions), reward="exact_int")
         scores = [1.0 if grade_integer(c, a) else 0.0 for c, a in zip(completions, answers)]
+        return RewardOutput(scores, {"accuracy": mean(scores)})
+
+
+@register_reward("reasoning_gym")
+class ReasoningGymReward:
+    """1.0 when the answer after ``</think>`` gets the full score of its reasoning-gym dataset
+    (`grade_reasoning_gym`), else 0.0. Fields: ``tests`` (B,) the examples' reasoning-gym entries."""
+
+    def __call__(self, prompts, completions, **fields) -> RewardOutput:
+        entries = get_field(fields, "tests", len(completions), reward="reasoning_gym")
+        scores = [1.0 if grade_reasoning_gym(c, e) else 0.0 for c, e in zip(completions, entries)]
         return RewardOutput(scores, {"accuracy": mean(scores)})
 
 

@@ -24,6 +24,27 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def arithmetic_sft(tokenizer):
+    """`make(n, seed, budgets, budget_traces)` -> (examples, SFT rows) of the embedded task as the sft stage builds
+    them (`Task.train_examples`, the task's `budget_demonstration` for budgeted rows), every row budgeted."""
+    from types import SimpleNamespace
+
+    from posttrain.config import BudgetMix, TaskConfig
+    from posttrain.sft_data import build_sft_examples
+    from posttrain.tasks.embedded import ArithmeticTask
+
+    def make(n, seed, budgets, budget_traces="most_explicit"):
+        sft = SimpleNamespace(budget_traces=budget_traces, full_trace_share=1.0, truncate_share=0.0,
+                              autonomous_style="verbose")
+        task = ArithmeticTask(SimpleNamespace(sft=sft, task=TaskConfig()))
+        ex = task.train_examples(n, seed)
+        return ex, build_sft_examples(tokenizer, ex, budgets, BudgetMix(budgeted=1, autonomous=0, zero=0), 0, 512,
+                                      fit=task.budget_demonstration)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A randomly initialised, very small Qwen3-MoE saved as an HF checkpoint (no training)."""
     import torch

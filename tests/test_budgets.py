@@ -101,16 +101,11 @@ def test_unknown_keys_in_list_sections_list_the_valid_ones():
         ei.value)
 
 
-def test_sft_rows_draw_budgets_from_ranges_and_fit_them(tokenizer):
-    from posttrain.config import BudgetMix
-    from posttrain.data import arithmetic_examples
-    from posttrain.sft_data import build_sft_examples
+def test_sft_rows_draw_budgets_from_ranges_and_fit_them(tokenizer, arithmetic_sft):
     from posttrain.tasks.arithmetic import fit_trace, parse_expression
     from posttrain.tokenizer import THINK_END, count_tokens
 
-    ex = arithmetic_examples(300, 0, TaskConfig())
-    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=3, high=40)], BudgetMix(budgeted=1, autonomous=0, zero=0),
-                              "verbose", 0, 512)
+    ex, rows = arithmetic_sft(300, 0, [BudgetRange(low=3, high=40)])
     budgets = [r["budget"] for r in rows]
     assert min(budgets) >= 3 and max(budgets) <= 40 and len(set(budgets)) >= 30
     count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
@@ -129,11 +124,12 @@ class _Batch(SimpleNamespace):
 
 def test_rl_steps_draw_from_ranges_and_pool_their_metrics():
     from posttrain.stages.rl_step import rollout_metrics
-    from posttrain.stages.rl_problems import sample_step_problems
+    from posttrain.tasks.task import build_task
 
-    cfg = load_recipe(None, ["grpo.prompts_per_step=64", "grpo.budgets=[0, {low: 10, high: 20}, auto]"]).grpo
-    _, budgets = sample_step_problems(cfg, TaskConfig(), 0, 5)
-    assert sample_step_problems(cfg, TaskConfig(), 0, 5)[1] == budgets  # deterministic in (seed, step)
+    rc = load_recipe(None, ["grpo.prompts_per_step=64", "grpo.budgets=[0, {low: 10, high: 20}, auto]"])
+    cfg = rc.grpo
+    _, budgets = build_task(rc).step_problems(cfg, 5)
+    assert build_task(rc).step_problems(cfg, 5)[1] == budgets  # deterministic in (seed, step)
     ranged = [b for b in budgets if b not in (0, None)]
     assert ranged and all(10 <= b <= 20 for b in ranged) and len(set(ranged)) > 3
     n = len(budgets)
@@ -146,16 +142,11 @@ def test_rl_steps_draw_from_ranges_and_pool_their_metrics():
     assert not any(k.startswith(f"budget/{b}/") for b in ranged for k in m)
 
 
-def test_full_or_empty_demonstrates_the_full_trace_or_nothing(tokenizer):
-    from posttrain.config import BudgetMix
-    from posttrain.data import arithmetic_examples
-    from posttrain.sft_data import build_sft_examples
+def test_full_or_empty_demonstrates_the_full_trace_or_nothing(tokenizer, arithmetic_sft):
     from posttrain.tasks.arithmetic import make_trace, parse_expression
     from posttrain.tokenizer import THINK_END, count_tokens
 
-    ex = arithmetic_examples(200, 1, TaskConfig())
-    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=1, high=40)], BudgetMix(budgeted=1, autonomous=0, zero=0),
-                              "verbose", 0, 512, budget_traces="full_or_empty")
+    ex, rows = arithmetic_sft(200, 1, [BudgetRange(low=1, high=40)], "full_or_empty")
     kinds = set()
     for e, row in zip(ex, rows):
         think = tokenizer.decode([t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]).split(THINK_END)[0]
@@ -166,18 +157,13 @@ def test_full_or_empty_demonstrates_the_full_trace_or_nothing(tokenizer):
     assert kinds == {True, False}
 
 
-def test_full_demonstrator_ignores_the_budget_and_mixes_per_example(tokenizer):
+def test_full_demonstrator_ignores_the_budget_and_mixes_per_example(tokenizer, arithmetic_sft):
     """`full` shows the whole verbose trace past a budget it does not fit; in a list with `most_explicit` each
     example takes one of the two, so some overrun and none of the others do."""
-    from posttrain.config import BudgetMix
-    from posttrain.data import arithmetic_examples
-    from posttrain.sft_data import build_sft_examples
     from posttrain.tasks.arithmetic import fit_trace, make_trace, parse_expression
     from posttrain.tokenizer import THINK_END, count_tokens
 
-    ex = arithmetic_examples(300, 1, TaskConfig())
-    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=4, high=16)], BudgetMix(budgeted=1, autonomous=0, zero=0),
-                              "verbose", 0, 512, budget_traces=["most_explicit", "full"])
+    ex, rows = arithmetic_sft(300, 1, [BudgetRange(low=4, high=16)], ["most_explicit", "full"])
     count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
     past, fitted = 0, 0
     for e, row in zip(ex, rows):
@@ -190,20 +176,14 @@ def test_full_demonstrator_ignores_the_budget_and_mixes_per_example(tokenizer):
             fitted += think == fit
     assert past > 20 and fitted > 20
     with pytest.raises(ValueError, match="full_or_empty, full or full_read_back"):
-        build_sft_examples(tokenizer, ex[:1], [8], BudgetMix(budgeted=1, autonomous=0, zero=0), "verbose", 0, 512,
-                           budget_traces="bogus")
+        arithmetic_sft(1, 1, [8], "bogus")
 
 
-def test_read_back_demonstrator_reads_the_problem_back_then_writes_the_full_trace_whatever_the_budget(tokenizer):
-    from posttrain.config import BudgetMix
-    from posttrain.data import arithmetic_examples
-    from posttrain.sft_data import build_sft_examples
+def test_read_back_demonstrator_reads_the_problem_back_then_writes_the_full_trace_whatever_the_budget(tokenizer, arithmetic_sft):
     from posttrain.tasks.arithmetic import make_trace, parse_expression
     from posttrain.tokenizer import THINK_END, count_tokens
 
-    ex = arithmetic_examples(60, 1, TaskConfig())
-    rows = build_sft_examples(tokenizer, ex, [BudgetRange(low=4, high=16)], BudgetMix(budgeted=1, autonomous=0, zero=0),
-                              "verbose", 0, 512, budget_traces="full_read_back")
+    ex, rows = arithmetic_sft(60, 1, [BudgetRange(low=4, high=16)], "full_read_back")
     assert len(rows) == len(ex)
     over = 0
     for e, row in zip(ex, rows):
@@ -214,7 +194,7 @@ def test_read_back_demonstrator_reads_the_problem_back_then_writes_the_full_trac
         assert count_tokens(tokenizer, think) == count_tokens(tokenizer, make_trace(p)) + p.difficulty + 2
         over += row["n_think"] > row["budget"]
     assert over > 30
-    from posttrain.sft_data import teaches_read_back  # what tells the process reward a read-back is no error
+    from posttrain.tasks.embedded import teaches_read_back  # what tells the process reward a read-back is no error
 
     assert teaches_read_back("full_read_back") and teaches_read_back(["most_explicit", "full_read_back"])
     assert not teaches_read_back("most_explicit") and not teaches_read_back(["most_explicit", "full"])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from posttrain.config import DataConfig, TaskConfig
-from posttrain.data import DataError, load_examples
+from posttrain.config import DataConfig
+from posttrain.data import DataError, file_examples
 
 GSM8K = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -29,7 +29,7 @@ def gsm8k_cfg(path, **kw):
 
 
 def test_gsm8k_jsonl_with_column_mapping(tmp_path):
-    ex = load_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)), TaskConfig(), 10, 0)
+    ex = file_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)))
     assert [e.answer for e in ex] == ["72", "10", "7"]
     assert ex[0].reasoning.startswith("Natalia sold 48/2 = 24") and "####" not in ex[0].reasoning
     assert ex[0].prompt.startswith("Natalia sold clips") and ex[0].source == "file"
@@ -40,8 +40,8 @@ def test_parquet_matches_jsonl(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(GSM8K), tmp_path / "gsm.parquet")
-    a = load_examples(gsm8k_cfg(tmp_path / "gsm.parquet"), TaskConfig(), 10, 0)
-    b = load_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)), TaskConfig(), 10, 0)
+    a = file_examples(gsm8k_cfg(tmp_path / "gsm.parquet"))
+    b = file_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)))
     assert a == b
 
 
@@ -55,7 +55,7 @@ def test_parquet_matches_jsonl(tmp_path):
 def test_bad_row_stops_with_file_row_and_field(tmp_path, row, field, why):
     path = write_jsonl(tmp_path / "bad.jsonl", GSM8K[:2] + [row])
     with pytest.raises(DataError) as ei:
-        load_examples(gsm8k_cfg(path), TaskConfig(), 10, 0)
+        file_examples(gsm8k_cfg(path))
     msg = str(ei.value)
     assert str(path) in msg and "line 3:" in msg and f"'{field}'" in msg and why in msg
 
@@ -64,14 +64,17 @@ def test_bad_rows_skipped_counted_and_listed(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps(GSM8K[0]) + "\n{not json\n" + json.dumps({"question": ""}) + "\n" + json.dumps(GSM8K[2]) + "\n")
     listed = tmp_path / "bad_rows.jsonl"
-    ex = load_examples(gsm8k_cfg(path, skip_bad_rows=True), TaskConfig(), 10, 0, listed)
+    ex = file_examples(gsm8k_cfg(path, skip_bad_rows=True), listed)
     assert [e.answer for e in ex] == ["72", "7"]
     bad = [json.loads(line) for line in listed.read_text().splitlines()]
     assert [b["at"] for b in bad] == ["line 2", "line 3"] and "not valid JSON" in bad[0]["error"]
 
 
 def test_arithmetic_source_respects_difficulty_range():
-    ex = load_examples(DataConfig(), TaskConfig(min_difficulty=3, max_difficulty=4), 50, 0)
+    from posttrain.recipe import load_recipe
+    from posttrain.tasks.task import build_task
+
+    ex = build_task(load_recipe(None, ["task.min_difficulty=3", "task.max_difficulty=4"])).train_examples(50, 0)
     assert len(ex) == 50 and {e.difficulty for e in ex} == {3, 4}
     assert all(int(e.answer) == eval(_nest(e.prompt)) for e in ex)
 
@@ -87,24 +90,19 @@ def test_sft_examples_from_file(tmp_path, tokenizer):
     from posttrain.config import BudgetMix
     from posttrain.sft_data import build_sft_examples
 
-    ex = load_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)), TaskConfig(), 10, 0)
-    rows = build_sft_examples(tokenizer, ex, [4096], BudgetMix(budgeted=0, autonomous=1, zero=0), "verbose", 0, 512)
+    ex = file_examples(gsm8k_cfg(write_jsonl(tmp_path / "gsm.jsonl", GSM8K)))
+    rows = build_sft_examples(tokenizer, ex, [4096], BudgetMix(budgeted=0, autonomous=1, zero=0), 0, 512)
     assert len(rows) == 3
     text = tokenizer.decode([t for t, m in zip(rows[0]["input_ids"], rows[0]["completion_mask"]) if m])
     assert text.startswith("Natalia sold 48/2 = 24") and text.endswith("</think>\n\n72<|im_end|>")
 
 
 @pytest.mark.parametrize("budget_traces", ["most_explicit", "most_lines", "sampled", ["most_explicit", "most_lines"]])
-def test_sft_budgeted_examples_fit_and_follow_budget_traces(tokenizer, budget_traces):
-    from posttrain.config import BudgetMix
-    from posttrain.data import arithmetic_examples
-    from posttrain.sft_data import build_sft_examples
+def test_sft_budgeted_examples_fit_and_follow_budget_traces(tokenizer, arithmetic_sft, budget_traces):
     from posttrain.tasks.arithmetic import fit_trace, most_lines_trace, parse_expression
     from posttrain.tokenizer import THINK_END, count_tokens
 
-    ex = arithmetic_examples(200, 0, TaskConfig())
-    rows = build_sft_examples(tokenizer, ex, [16, 24], BudgetMix(budgeted=1, autonomous=0, zero=0), "verbose", 0, 512,
-                              budget_traces=budget_traces)
+    ex, rows = arithmetic_sft(200, 0, [16, 24], budget_traces)
     count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
     differs, took = 0, {"most_explicit": 0, "most_lines": 0}
     for e, row in zip(ex, rows):
@@ -141,23 +139,23 @@ def test_file_rows_are_named_by_their_line_and_edge_values_are_checked(tmp_path)
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + json.dumps(GSM8K[0]) + "\n\n" + json.dumps({"question": "q?", "answer": "r #### "}) + "\n")
     with pytest.raises(DataError, match=r"d.jsonl, line 4: field 'answer' has an empty answer"):
-        load_examples(gsm8k_cfg(path), TaskConfig(), 10, 0)
+        file_examples(gsm8k_cfg(path))
     floats = tmp_path / "f.jsonl"
     floats.write_text(json.dumps({"prompt": "3*9?", "answer": 27.0}) + "\n" + json.dumps({"prompt": "x", "answer": 0.5}) + "\n")
-    ex = load_examples(DataConfig(source="file", path=str(floats)), TaskConfig(), 10, 0)
+    ex = file_examples(DataConfig(source="file", path=str(floats)))
     assert [e.answer for e in ex] == ["27", "0.5"]
     broken = tmp_path / "a.json"
     broken.write_text('[{"prompt": "a", "answer": "1"},\n {prompt: "b"}]')
     with pytest.raises(DataError, match=r"a.json: not valid JSON at line 2, column 3"):
-        load_examples(DataConfig(source="file", path=str(broken)), TaskConfig(), 10, 0)
+        file_examples(DataConfig(source="file", path=str(broken)))
 
 
 def test_reasoning_column_named_nowhere_is_an_error_and_a_missing_one_keeps_the_delimiters(tmp_path):
     path = write_jsonl(tmp_path / "g.jsonl", GSM8K[:2])
     with pytest.raises(DataError, match=r"data.reasoning_column 'whyy' is in no row \(fields: answer, question\)"):
-        load_examples(gsm8k_cfg(path, reasoning_column="whyy"), TaskConfig(), 10, 0)
+        file_examples(gsm8k_cfg(path, reasoning_column="whyy"))
     path = write_jsonl(tmp_path / "h.jsonl", [{**GSM8K[0], "why": "because"}, GSM8K[1]])
-    ex = load_examples(gsm8k_cfg(path, reasoning_column="why"), TaskConfig(), 10, 0)
+    ex = file_examples(gsm8k_cfg(path, reasoning_column="why"))
     assert ex[0].reasoning == "because" and ex[1].reasoning and "####" not in ex[1].reasoning
 
 
@@ -198,3 +196,24 @@ def test_a_bad_data_file_stops_the_run_before_any_model_loads(tmp_path, capsys):
     rc = main(["run", str(tmp_path / "r.yaml"), "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "line 2" in err and "line 3" in err and "config.json" not in err and "Traceback" not in err
+
+
+def test_a_dataset_saved_to_disk_is_read_like_a_file(tmp_path):
+    """`data.path` may be a directory written by `datasets`' save_to_disk: a Dataset, or a DatasetDict whose
+    `data.split` is read; its rows are validated like a file's."""
+    import datasets
+
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in GSM8K]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2]),
+                          "test": datasets.Dataset.from_list(rows[2:])}).save_to_disk(str(tmp_path / "dict"))
+    assert [e.answer for e in file_examples(gsm8k_cfg(tmp_path / "one"))] == ["72", "10", "7"]
+    assert [e.answer for e in file_examples(gsm8k_cfg(tmp_path / "dict", split="test"))] == ["7"]
+    with pytest.raises(DataError, match=r"data.split: .*dict has no split 'dev' \(it has: train, test\)"):
+        file_examples(gsm8k_cfg(tmp_path / "dict", split="dev"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is a directory but not a dataset saved with `save_to_disk`"):
+        file_examples(gsm8k_cfg(tmp_path / "empty"))
+    datasets.Dataset.from_list([{"question": "q", "answer": "no delimiter"}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad\[train\], row 1: field 'answer' has no '####' delimiter"):
+        file_examples(gsm8k_cfg(tmp_path / "bad"))

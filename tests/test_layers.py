@@ -6,9 +6,11 @@ its modules, and each layer imports only the layers below it (`MAY_IMPORT`):
 - `posttrain.algo`: pure torch; imports nothing of posttrain but algo.
 - base: every module of `posttrain/` outside the subpackages and the tools (config, data, model, tokenizer,
   generate, learner, ...); imports algo, base, tasks and rewards.
-- `posttrain.tasks`: tasks, rewards (the grader the reward and the evaluation share) and `posttrain.tokenizer` (its
-  special-token strings) only; code that loads or samples a model (`eval.traces`) stands above them.
-- `posttrain.rewards` (`rewards/`): rewards and base modules, never tasks or above. Base and rewards import each
+- `posttrain.tasks`: tasks, rewards (the grader the reward and the evaluation share), algo (the registry type) and
+  the base modules `posttrain.tokenizer` (its special-token strings), `posttrain.data` (the row reader),
+  `posttrain.budgets` and `posttrain.runlog` only; code that loads or samples a model (`eval.traces`) stands above
+  them.
+- `posttrain.rewards` (`rewards/`): rewards, base modules and algo (the registry type), never tasks or above. Base and rewards import each
   other (the recipe schema checks reward names against the reward registry; GenRM loads its model), so between
   those two only the cycle check keeps the order.
 - `posttrain.workers`: base and below, never eval, stages or the tools.
@@ -34,8 +36,9 @@ SUBPACKAGES = ("algo", "rewards", "tasks", "workers", "eval", "stages")
 BASE_AND_BELOW = {"algo", "rewards", "tasks", "base"}
 MAY_IMPORT = {  # layer -> the layers (or single modules) its modules may import
     "algo": {"algo"},
-    "rewards": {"rewards", "base"},
-    "tasks": {"tasks", "rewards", "posttrain.tokenizer"},
+    "rewards": {"rewards", "base", "algo"},
+    "tasks": {"tasks", "rewards", "algo", "posttrain.tokenizer", "posttrain.data", "posttrain.budgets",
+              "posttrain.runlog"},
     "base": BASE_AND_BELOW,
     "workers": BASE_AND_BELOW | {"workers"},
     "eval": BASE_AND_BELOW | {"workers", "eval"},

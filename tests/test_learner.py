@@ -241,10 +241,16 @@ def test_demo_batch_renders_prompts_as_rollouts_do_and_fits_the_budget(tokenizer
 def test_ptx_demonstrations_follow_the_sft_stages_budget_traces(tokenizer):
     import random
 
-    from posttrain.config import SFTStageConfig
-    from posttrain.sft_data import budget_trace
-    from posttrain.stages.rl_task import demo_batch, sft_demonstrator
+    from types import SimpleNamespace
+
+    from posttrain.config import SFTStageConfig, TaskConfig
+    from posttrain.stages.rl_task import demo_batch
     from posttrain.tasks.arithmetic import parse_expression
+    from posttrain.tasks.embedded import ArithmeticTask, budget_trace
+
+    def sft_demonstrator(sft, rng):  # as the RL stage draws the SFT stage's demonstrations
+        task = ArithmeticTask(SimpleNamespace(sft=sft, task=TaskConfig()))
+        return lambda p, b, count: task.budget_demonstration(p, b, count, rng)
     from posttrain.tokenizer import THINK_END, count_tokens
 
     p = parse_expression("7+3*2-5*3")  # the full trace (19 tokens) does not fit 16: three lines (15) do

@@ -70,7 +70,7 @@ def test_missing_files(tmp_path):
     msg = error_of(tmp_path, overrides=["stages=[sft]", "model.path=/no/such/dir"])
     assert "model.path: directory '/no/such/dir' does not exist" in msg
     msg = error_of(tmp_path, overrides=["data.source=file", "data.path=/no/file.jsonl"])
-    assert "data.path: file '/no/file.jsonl' does not exist" in msg
+    assert "data.path: path '/no/file.jsonl' does not exist" in msg
     with pytest.raises(RecipeError, match="recipe file .* does not exist"):
         load_recipe(tmp_path / "missing.yaml")
 
@@ -99,15 +99,22 @@ def test_file_data_is_refused_where_a_stage_needs_the_embedded_task(tmp_path):
     assert "eval and sweep evaluate the rows a grpo or ppo stage holds out" in msg
     msg = error_of(tmp_path, overrides=["stages=[grpo]", f"model.path={tmp_path}", "data.source=file",
                                         f"data.path={data}", "grpo.ptx_coef=1"])
-    assert "grpo.process_penalty and grpo.ptx_coef read the embedded task's traces" in msg
+    assert "grpo.ptx_coef: 1.0 imitates demonstrations of the step's problems (PPO-ptx), and the task of " \
+           "data.source: file has no `demonstrations` hook; set it to 0" in msg
+    msg = error_of(tmp_path, overrides=["stages=[grpo]", f"model.path={tmp_path}", "data.source=file",
+                                        f"data.path={data}", "grpo.process_penalty=0.5"])
+    assert "grpo.process_penalty: 0.5 blames the first wrong step" in msg and "no `first_error` hook" in msg
+    # a file with a reasoning column demonstrates its rows: PPO-ptx can imitate them
+    load_recipe(None, [f"run_dir={tmp_path / 'p'}", "stages=[grpo]", f"model.path={tmp_path}", "data.source=file",
+                       f"data.path={data}", "data.reasoning_column=why", "grpo.ptx_coef=1"])
     ok = load_recipe(None, [f"run_dir={tmp_path / 'r'}", "stages=[sft,rm,eval,grpo,sweep,export]", f"model.path={tmp_path}",
                             "data.source=file", f"data.path={data}"])
     assert ok.data.source == "file"
 
 
 def test_reward_params_are_checked_when_the_recipe_loads(tmp_path):
-    msg = error_of(tmp_path, overrides=["grpo.rewards=[{name: genrm, on: all}]"])
-    assert "grpo.rewards.0: reward 'genrm' needs the parameter path" in msg
+    msg = error_of(tmp_path, overrides=["stages=[base,sft,grpo]", "grpo.rewards=[{name: genrm, on: all}]"])
+    assert "grpo.rewards.0.params.path: reward 'genrm' without a path reads this run's rm stage output" in msg
     msg = error_of(tmp_path, overrides=["ppo.rewards=[{name: math, params: {tolerence: 1}}]"])
     assert "ppo.rewards.0: reward 'math' got an unknown parameter 'tolerence'" in msg
 

@@ -67,7 +67,7 @@ def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch, caps
     s = info["summary"]
     assert s["skipped_steps"] == 0
     assert set(s["before"]) == set(s["after"]) == {"4", "auto"}
-    assert set(s["comparison"]["4"]) == {"accuracy", "accuracy_capped", "adherence"}
+    assert set(s["comparison"]["4"]) == {"accuracy", "accuracy_capped", "accuracy_forced", "adherence"}
     for r in s["comparison"]["4"].values():  # paired on the same problems: the interval holds the difference
         assert r["ci95"][0] <= r["diff"] <= r["ci95"][1] and r["measurably"] in ("above", "below", "unchanged")
         assert r["diff"] == pytest.approx(r["after"] - r["before"])
@@ -223,17 +223,21 @@ def test_each_eval_budget_has_problems_of_its_own():
     """The before/after evaluation draws each budget's problems from the eval seed and the budget: reproducible,
     different between budgets (so the verdict's pooled budgets are independent problems), cycling the difficulties,
     and a budget's problems do not depend on which other budgets are evaluated."""
-    from posttrain.stages.rl_eval import eval_problems
+    from posttrain.tasks.task import build_task
+
+    def eval_problems(n, seed, budget):
+        rc = load_recipe(None, [f"eval.seed={seed}", f"grpo.eval_n_per_difficulty={n}"])
+        return build_task(rc).rl_eval_problems(rc.grpo, budget)
 
     diffs = [1, 2, 3, 4, 5, 6, 7, 8]
-    sets = {b: [p.expression for p in eval_problems(25, 12345, diffs, b)] for b in (8, 12, 16, "auto")}
+    sets = {b: [p.expression for p in eval_problems(25, 12345, b)] for b in (8, 12, 16, "auto")}
     assert all(len(v) == 200 for v in sets.values())
-    assert sets[12] == [p.expression for p in eval_problems(25, 12345, diffs, 12)]
-    assert [p.difficulty for p in eval_problems(25, 12345, diffs, 12)] == diffs * 25
+    assert sets[12] == [p.expression for p in eval_problems(25, 12345, 12)]
+    assert [p.difficulty for p in eval_problems(25, 12345, 12)] == diffs * 25
     for a, b in [(8, 12), (12, 16), (16, "auto"), (8, "auto")]:
-        long_a = {e for e, p in zip(sets[a], eval_problems(25, 12345, diffs, a)) if p.difficulty >= 4}
+        long_a = {e for e, p in zip(sets[a], eval_problems(25, 12345, a)) if p.difficulty >= 4}
         assert len(long_a & set(sets[b])) <= 2, (a, b)  # long problems hardly ever repeat by chance
-    assert sets[12] != [p.expression for p in eval_problems(25, 54321, diffs, 12)]
+    assert sets[12] != [p.expression for p in eval_problems(25, 54321, 12)]
 
 
 def test_first_error_marks_land_on_the_token_that_went_wrong(tokenizer):
@@ -365,7 +369,7 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
 def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(tiny_model_dir, tmp_path, monkeypatch):
     from posttrain.eval.sweep import first_per_difficulty
     from posttrain.pipeline import run_recipe
-    from posttrain.stages.rl_problems import evaluation_rows
+    from posttrain.tasks.task import build_task
 
     _noisy_rewards(monkeypatch)
     rows = _word_problems(tmp_path / "d.jsonl")
@@ -393,12 +397,12 @@ def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(ti
     quick = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())  # the held-out rows, 1 per difficulty
     assert {(r["budget"], r["difficulty"], r["n"]) for r in quick} == {
         (b, d, 2 if d == "all" else 1) for b in ("0", "auto") for d in (1, 2, "all")}
-    swept = first_per_difficulty(evaluation_rows(rc), 2)
+    swept = first_per_difficulty(build_task(rc).evaluation_rows(), 2)
     held = {rows[i]["q"] for i in (1, 5, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38)}  # 6 per eval budget, 2 budgets
     assert {p.expression for p in swept} <= held and [p.difficulty for p in swept].count(1) == 2
     assert graded and all(set(g) <= held for g in graded)  # eval, grpo's before/after and sweep: held-out rows only
     assert [p.expression for p in swept] in graded  # the sweep's 2 per difficulty
-    assert [p.expression for p in first_per_difficulty(evaluation_rows(rc), 1)] in graded  # the eval stage's 1
+    assert [p.expression for p in first_per_difficulty(build_task(rc).evaluation_rows(), 1)] in graded  # the eval stage's 1
     saved = json.loads((tmp_path / "run" / "sweep" / "sweep.json").read_text())
     assert {r["model"] for r in saved} == {"grpo"} and {r["difficulty"] for r in saved} == {1, 2, "all"}
     assert all(r["n"] == (4 if r["difficulty"] == "all" else 2) for r in saved)
@@ -407,7 +411,8 @@ def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(ti
 
 def test_no_rl_stage_trains_on_rows_another_holds_out(tmp_path):
     """grpo holds out 12 rows, ppo 4: ppo trains on none of grpo's 12 either (eval and sweep evaluate all 12)."""
-    from posttrain.stages.rl_problems import ProblemSource, evaluation_rows
+    from posttrain.stages.rl_problems import ProblemSource
+    from posttrain.tasks.task import build_task
 
     rows = _word_problems(tmp_path / "d.jsonl", n=34)  # no repeated prompts
     rc = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[grpo,ppo]",
@@ -416,15 +421,16 @@ def test_no_rl_stage_trains_on_rows_another_holds_out(tmp_path):
                             "grpo.eval_n_per_difficulty=3", "ppo.eval_budgets=[4,auto]", "ppo.eval_n_per_difficulty=1"])
     ppo = ProblemSource(rc, rc.ppo)
     grpo_rows = [1, 4, 7, 9, 12, 15, 18, 21, 24, 26, 29, 32]  # 12 spread through the 34
-    assert [p.expression for p in ppo.train] == [r["q"] for i, r in enumerate(rows) if i not in grpo_rows]
+    assert [p.expression for p in ppo.task.stage_split(rc.ppo)[0]] == [r["q"] for i, r in enumerate(rows) if i not in grpo_rows]
     # ppo's own 4 are spread among grpo's 12 (its 2nd, 5th, 8th and 11th), every other one to each budget
     assert [p.expression for p in ppo.eval("4")] == [rows[4]["q"], rows[21]["q"]]
     assert [p.expression for p in ppo.eval("auto")] == [rows[12]["q"], rows[29]["q"]]
-    assert [p.expression for p in evaluation_rows(rc)] == [rows[i]["q"] for i in grpo_rows]
+    assert [p.expression for p in build_task(rc).evaluation_rows()] == [rows[i]["q"] for i in grpo_rows]
 
 
 def test_eval_rows_sets_the_held_out_rows_per_budget_of_a_data_file(tmp_path):
-    from posttrain.stages.rl_problems import ProblemSource, rl_held_out_rows
+    from posttrain.stages.rl_problems import ProblemSource
+    from posttrain.tasks.files import rl_held_out_rows
 
     rows = _word_problems(tmp_path / "d.jsonl", n=34)
     base = [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path}", "stages=[grpo]", "data.source=file",
@@ -452,13 +458,14 @@ def test_repeated_held_out_prompts_shrink_every_eval_slice_alike(tmp_path):
     src = ProblemSource(rc, rc.grpo)
     slices = [[p.expression for p in src.eval(b)] for b in ("4", "auto")]
     assert slices == [["q1", "q8", "q19"], ["q5", "q15", "h2"]]
-    assert not {p.expression for p in src.train} & {"q1", "q5", "q8", "q12", "q15", "q19", "h2"}
-    assert sum(p.expression.startswith("h") for p in src.train) == 6  # h0, h1, h3 twice each
+    assert not {p.expression for p in src.task.stage_split(rc.grpo)[0]} & {"q1", "q5", "q8", "q12", "q15", "q19", "h2"}
+    assert sum(p.expression.startswith("h") for p in src.task.stage_split(rc.grpo)[0]) == 6  # h0, h1, h3 twice each
 
 
 def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_graded_as_text(tmp_path):
-    from posttrain.data import load_examples
-    from posttrain.stages.rl_problems import ProblemSource, rl_held_out_rows
+    from posttrain.stages.rl_problems import ProblemSource
+    from posttrain.tasks.files import rl_held_out_rows
+    from posttrain.tasks.task import build_task
     from posttrain.workers.reward import RLRewardWorker
 
     rows = _word_problems(tmp_path / "d.jsonl")
@@ -467,7 +474,7 @@ def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_grade
                             "data.answer_column=a", "task.max_difficulty=2", "grpo.eval_budgets=[4,4,auto]",
                             "grpo.eval_n_per_difficulty=3"])
     assert rl_held_out_rows(rc, len(rows)) == 12  # 6 rows for each of 2 distinct budgets
-    sft = load_examples(rc.data, rc.task, 1000, 0, held_out=lambda n: rl_held_out_rows(rc, n))
+    sft = build_task(rc).train_examples(1000, 0)
     held_rows = [1, 5, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38]  # 12 spread through the 40
     held_q = {rows[i]["q"] for i in held_rows}
     # the prompts repeat every 35 rows: rows 0, 3 and 36 ask what held-out rows 35, 38 and 1 ask, so no stage trains
@@ -476,7 +483,7 @@ def test_sft_leaves_out_the_rows_the_rl_stages_evaluate_on_and_answers_are_grade
     assert not held_q & {e.prompt for e in sft}
     src = ProblemSource(rc, rc.grpo)
     assert {p.expression for b in ("4", "auto") for p in src.eval(b)} == held_q
-    assert [p.expression for p in src.train] == [e.prompt for e in sft]
+    assert [p.expression for p in src.task.stage_split(rc.grpo)[0]] == [e.prompt for e in sft]
     # the training accuracy is judged as the evaluation judges it: math equivalence of text answers
     spec = {"weight": 1.0, "params": {}, "key": None, "on": "all"}
     worker = RLRewardWorker([{**spec, "name": "math"}, {**spec, "name": "exact_int"}], "math")

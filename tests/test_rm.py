@@ -167,8 +167,8 @@ def test_rm_stage_on_a_data_file_samples_rows_no_rl_stage_holds_out(tmp_path, ti
     from posttrain.data import DataError
     from posttrain.pipeline import run_recipe
     from posttrain.recipe import load_recipe
-    from posttrain.stages.rl_problems import evaluation_rows
     from posttrain.stages.rm import rm_problems
+    from posttrain.tasks.task import build_task
 
     rows = [{"q": f"What is {i} halved?", "a": f"\\frac{{{i}}}{{2}}"} for i in range(40)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -178,7 +178,7 @@ def test_rm_stage_on_a_data_file_samples_rows_no_rl_stage_holds_out(tmp_path, ti
             "sft.n_examples=20", "rm.n_prompts=12", "rm.samples_per_prompt=2", "rm.budgets=[0,auto]",
             "rm.max_new_tokens=6", "rm.holdout_fraction=0.5", "rm.genrm.steps=2", "rm.genrm.batch_size=4"]
     rc = load_recipe(None, over)
-    held = {p.expression for p in evaluation_rows(rc)}
+    held = {p.expression for p in build_task(rc).evaluation_rows()}
     problems = rm_problems(rc, seed=7)
     asked = [p.expression for p in problems]
     assert len(held) == 12 and len(set(asked)) == 12 and not set(asked) & held

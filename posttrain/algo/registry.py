@@ -1,9 +1,11 @@
-"""Registries for the RL algorithm core: the registered names are the strings recipes use.
+"""The project's one registry type (`Registry`): the registered names are the strings recipes use.
 
-Three registries, one type: advantage estimators (``register_adv_est("grpo")``), policy losses
-(``register_policy_loss("vanilla")``) and KL estimators (``register_kl("k3")``). Lookups load the built-in modules
-on first use, so ``import posttrain.algo`` does not import torch. An unknown name fails with the nearest spelling and
-the list of known names.
+It lives in the lowest layer so that every package can build on it: the algorithm core's advantage estimators
+(``register_adv_est("grpo")``), policy losses (``register_policy_loss("vanilla")``) and KL estimators
+(``register_kl("k3")``) here; the rewards and graders (`posttrain.rewards.registry`, `.verifiable`), the tasks
+(`posttrain.tasks.task`) and the stages (`posttrain.stages`). Lookups load the built-in modules on first use, so
+``import posttrain.algo`` does not import torch. An unknown name fails with the nearest spelling and the list of
+known names.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ class UnknownAlgoError(ValueError, KeyError):
 
 
 class Registry:
-    """A name -> function table. `kind` names it in errors; `modules` (under `posttrain.algo`) register built-ins."""
+    """A name -> object table (functions, classes, module paths), the one registry type of the project: algo's
+    estimators and losses, the rewards, the graders and the tasks. `kind` names it in errors; `modules` (under
+    `package`) register the built-ins when a name is first looked up."""
 
-    def __init__(self, kind: str, modules: tuple[str, ...]):
+    def __init__(self, kind: str, modules: tuple[str, ...] = (), package: str = "posttrain.algo",
+                 error: type[Exception] | None = None, plural: str | None = None):
         self.kind = kind
         self._modules = modules
+        self._package = package
+        self._error = error or UnknownAlgoError  # what an unknown name raises (a ValueError and a KeyError)
+        self._plural = plural or f"{kind}s"
         self._fns: dict[str, Callable] = {}
         self._loaded = False
 
@@ -41,13 +49,17 @@ class Registry:
 
         return decorator
 
+    def __contains__(self, name: str) -> bool:
+        self._load_builtins()
+        return name in self._fns
+
     def _load_builtins(self) -> None:
         if self._loaded:
             return
         self._loaded = True  # first, so a module that looks a name up while importing does not recurse
         try:
             for mod in self._modules:
-                importlib.import_module(f"{__package__}.{mod}")
+                importlib.import_module(f"{self._package}.{mod}")
         except BaseException:
             self._loaded = False
             raise
@@ -65,7 +77,7 @@ class Registry:
         known = sorted(self._fns)
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownAlgoError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(known)}")
+        raise self._error(f"unknown {self.kind} {name!r}.{hint} Known {self._plural}: {', '.join(known)}")
 
 
 def _qualname(fn: Callable) -> str:

@@ -1,15 +1,16 @@
-"""Stage registry: the names are the strings recipes list under `stages`."""
+"""Stage registry: the names are the strings recipes list under `stages` (each stage's module, imported when run)."""
 
 from __future__ import annotations
 
 import importlib
 
-STAGES = {"base": "posttrain.stages.base", "sft": "posttrain.stages.sft", "rm": "posttrain.stages.rm",
-          "grpo": "posttrain.stages.grpo", "ppo": "posttrain.stages.ppo", "eval": "posttrain.stages.eval",
-          "sweep": "posttrain.stages.sweep", "export": "posttrain.stages.export"}
+from posttrain.algo.registry import Registry
+
+STAGES = Registry("stage")
+for _name in ("base", "sft", "rm", "grpo", "ppo", "eval", "sweep", "export"):
+    STAGES.register(_name)(f"posttrain.stages.{_name}")
 
 
 def get_stage(name: str):
-    if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[name]).run
+    """The `run(ctx)` function of stage `name`; an unknown name lists the known ones."""
+    return importlib.import_module(STAGES.get(name)).run

@@ -4,7 +4,9 @@ Stands in for the pretrained MoE checkpoint a user would bring (no model hub is 
 a problem with a thinking trace in one of the styles of the task (verbose, terse) and the answer; or the problem
 and its answer directly; or the problem copied verbatim (which trains the lookup of the next operand that every
 trace step needs); one document per row, framed as plain text, with a preamble, or as a chat turn (see
-`_FRAMES`): like the instruction data in real pretraining corpora, and so the model finds operands by content.
+`tasks.corpus.FRAMES`): like the instruction data in real pretraining corpora, and so the model finds operands by
+content. A task with its own `corpus` hook (reasoning-gym) supplies the documents, and its texts join the
+tokenizer's training corpus; the cache key then names the task's corpus.
 Budgets in the framing are not tied to trace length: following them is SFT's and RL's job. The router
 load-balancing loss (Switch/Mixtral style, `router_aux_loss_coef`) is included so experts stay in use.
 
@@ -27,51 +29,25 @@ import torch
 
 from posttrain.config import BaseStageConfig
 from posttrain.runlog import log
-from posttrain.tasks.arithmetic import generate_problems, make_trace, sample_problem, trace_ladder
+from posttrain.tasks.embedded import ArithmeticTask
+from posttrain.tasks.task import build_task
 
 CORPUS_VERSION = 2  # bump when the corpus or tokenizer changes, so stale caches are not reused
 
 
-def cache_key(cfg: BaseStageConfig, seed: int) -> str:
+def cache_key(cfg: BaseStageConfig, seed: int, task_corpus: dict | None = None) -> str:
+    """The cached base model's name: its settings, seed and corpus (`task_corpus`: the task's `corpus_key`, None
+    for the embedded task's corpus)."""
     settings = cfg.model_dump(exclude={"cache_dir"})
-    blob = json.dumps({"settings": settings, "seed": seed, "corpus": CORPUS_VERSION}, sort_keys=True)
+    key = {"settings": settings, "seed": seed, "corpus": CORPUS_VERSION}
+    if task_corpus is not None:
+        key["task"] = task_corpus
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cache_root(cfg: BaseStageConfig) -> Path:
     return Path(os.environ.get("POSTTRAIN_CACHE") or cfg.cache_dir).expanduser()
-
-
-# Where a problem sits in a document varies (plain text, a chat turn, a preamble), so the model learns to find
-# operands by content rather than by their distance from the start of the document: a model that has only seen
-# the problem first cannot find it after a chat header, and SFT alone does not repair that.
-_FRAMES = (
-    ("", "\n", "\n=", ""),
-    ("Problem: ", "\nWork: ", "\nAnswer: ", ""),
-    ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n<think>", "</think>\n\n", "<|im_end|>"),
-    ("<|im_start|>system\nThinking budget: {b} tokens.<|im_end|>\n<|im_start|>user\n",
-     "<|im_end|>\n<|im_start|>assistant\n<think>", "</think>\n\n", "<|im_end|>"),
-)
-
-
-def corpus_document(rng: random.Random, difficulty: int, direct_share: float = 0.1, copy_share: float = 0.3) -> str:
-    p = sample_problem(rng, difficulty)
-    pre, mid, end, post = rng.choice(_FRAMES)
-    r = rng.random()
-    if r < direct_share:
-        body = ""
-    elif r < direct_share + copy_share:
-        # the problem copied verbatim: every token is "the one after the token just written", the lookup (an
-        # induction head) each trace line needs to find its next operand, trained without the arithmetic around it
-        return f"{pre}{p.expression}{mid}{p.expression}".replace("{b}", str(rng.choice((16, 32, 64))))
-    else:
-        ladder = trace_ladder(p)
-        # favour the verbose style: it carries the per-step facts the model must learn
-        weights = [3.0] + [2.0 / max(1, len(ladder) - 1)] * (len(ladder) - 1)
-        style, group = rng.choices(ladder, weights=weights)[0]
-        body = make_trace(p, style, group)
-    doc = f"{pre}{p.expression}{mid}{body}{end}{p.answer}{post}"
-    return doc.replace("{b}", str(rng.choice((16, 32, 64, 128))))
 
 
 class DocumentBatches:
@@ -85,15 +61,17 @@ class DocumentBatches:
     Yields (input_ids, attention_mask, labels), each (batch_size, T); labels are -100 on padding.
     """
 
-    def __init__(self, tokenizer, max_len: int, batch_size: int, seed: int, direct_share: float = 0.1):
+    def __init__(self, tokenizer, max_len: int, batch_size: int, seed: int, direct_share: float = 0.1,
+                 document=None):
         self.tok, self.max_len, self.batch_size = tokenizer, max_len, batch_size
         self.rng = random.Random(seed)
         self.direct_share = direct_share
+        self.document = document or ArithmeticTask.corpus_document_of  # (rng, direct_share) -> one document
         self.sep = tokenizer.pad_token_id  # <|endoftext|>
         self.ready: list[list[list[int]]] = []
 
     def _refill(self) -> None:
-        docs = [corpus_document(self.rng, self.rng.randint(1, 8), self.direct_share) for _ in range(8 * self.batch_size)]
+        docs = [self.document(self.rng, self.direct_share) for _ in range(8 * self.batch_size)]
         rows = [[self.sep] + ids[: self.max_len - 2] + [self.sep] for ids in self.tok(docs, add_special_tokens=False)["input_ids"]]
         rows.sort(key=len)
         batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
@@ -122,8 +100,9 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, device="cpu") -> Path:
-    """Build tokenizer + model, pretrain, and save an HF checkpoint to `out_dir` (atomically)."""
+def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, device="cpu", task=None) -> Path:
+    """Build tokenizer + model, pretrain on the corpus of `task` (its `corpus` hook; None: the embedded task's),
+    and save an HF checkpoint to `out_dir` (atomically)."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +110,7 @@ def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, devic
     from posttrain.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
-    tok = build_tokenizer(cfg.vocab_size, seed)
+    tok = build_tokenizer(cfg.vocab_size, seed, task.tokenizer_texts(seed) if task is not None else ())
     mcfg = tiny_moe_config(
         len(tok),
         tok.pad_token_id,
@@ -157,7 +136,8 @@ def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, devic
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(0.9, 0.95),
     )
-    corpus = DocumentBatches(tok, cfg.seq_len, cfg.batch_size, seed)
+    corpus = DocumentBatches(tok, cfg.seq_len, cfg.batch_size, seed,
+                             document=task.corpus_document if task is not None else None)
     model.train()
     bar = tqdm(range(cfg.steps), desc="base pretrain", dynamic_ncols=True, mininterval=2.0)
     t0 = time.time()
@@ -186,7 +166,11 @@ def pretrain(cfg: BaseStageConfig, seed: int, out_dir: Path, metrics=None, devic
 def run(ctx) -> dict:
     """Stage entry: reuse the cached base model for these settings, or build it; copy it into the run dir."""
     cfg: BaseStageConfig = ctx.cfg.base
-    key = cache_key(cfg, ctx.cfg.seed)
+    task = build_task(ctx.cfg)
+    if "corpus" not in task.hooks_for(ctx.cfg):
+        log.info("base: the task %s has no corpus; pretraining on the embedded task's", task.name)
+        task = None
+    key = cache_key(cfg, ctx.cfg.seed, task.corpus_key() if task is not None else None)
     cached = cache_root(cfg) / key
     if (cached / "config.json").is_file():
         log.info("base: reusing cached model %s", cached)
@@ -194,7 +178,7 @@ def run(ctx) -> dict:
     else:
         cached.parent.mkdir(parents=True, exist_ok=True)
         log.info("base: building and pretraining the tiny MoE (cache key %s)", key)
-        pretrain(cfg, ctx.cfg.seed, cached, ctx.metrics, ctx.device)
+        pretrain(cfg, ctx.cfg.seed, cached, ctx.metrics, ctx.device, task)
         reused = False
     if ctx.stage.checkpoint.exists():
         shutil.rmtree(ctx.stage.checkpoint)

@@ -22,7 +22,7 @@ def run(ctx) -> dict:
     diffs = list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1))
     from posttrain.stages.rl_problems import stage_problems
 
-    problems = stage_problems(rc, cfg.n_per_difficulty)  # with a data file: rows no stage trains on
+    problems = stage_problems(rc, cfg.n_per_difficulty, cfg.seed)  # with a data file: rows no stage trains on
     rows = evaluate_budgets(model, tok, list(cfg.budgets), cfg.n_per_difficulty, cfg.seed, diffs,
                             cfg.max_new_tokens, cfg.batch_size, problems=problems, grader=rc.data.grader_name)
     for r in rows:

@@ -26,20 +26,17 @@ import math
 import random
 import signal
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from posttrain.budgets import adherent
-from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _without_vectors, format_comparison,
-                                       problems_fingerprint)
+from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _without_vectors, evaluate_budget,
+                                       format_comparison)
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
-from posttrain.stages.rl_task import demo_batch, first_error_marks, sft_demonstrator
+from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
-from posttrain.sft_data import teaches_read_back
 from posttrain.workers.actors import ActorOptions, Proxy, WorkerFailed, gather, init_ray, spawn
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
-from posttrain.workers.reward import RLRewardWorker
+from posttrain.workers.reward import RLRewardWorker, with_run_output
 from posttrain.workers.rollout import RolloutWorker
 
 
@@ -91,7 +88,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
         dual_clip_c=cfg.dual_clip_c, loss_agg=cfg.loss_agg, policy_loss=cfg.policy_loss,
         kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
         router_aux_coef=cfg.router_aux_coef, max_grad_norm=cfg.max_grad_norm, max_len=cfg.max_new_tokens,
-        routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef,
+        routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef, tis_cap=cfg.tis_cap,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
     rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
@@ -102,7 +99,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
                       **learner_kwargs, name=f"learner{i}",
                       options=_options(ray_cfg.learner, stateful=True), backend=backend)
                 for i in range(ray_cfg.learner.num)]
-    reward = spawn(RLRewardWorker, [s.model_dump() for s in cfg.rewards],
+    reward = spawn(RLRewardWorker, [with_run_output(s.model_dump(), rc.run_dir) for s in cfg.rewards],
                    rc.data.grader_name, cfg.reward_combine.model_dump(), name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
     reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
@@ -217,14 +214,16 @@ class RLDriver:
         ref_logp = self.w.reference.call(ReferenceWorker.logp, batch) if self.w.reference else None
         t["reference"] = time.perf_counter()
         values = self.w.critic.call(CriticWorker.values, batch) if self.w.critic else None
-        marks = (first_error_marks(self._tokenizer, batch, problems, cfg.process_penalty,
-                                   read_back=teaches_read_back(self.rc.sft.budget_traces))
+        task = self.problems.task
+        marks = (first_error_marks(self._tokenizer, batch, problems, cfg.process_penalty, task.first_error)
                  if cfg.process_penalty > 0 else None)
         adv, mask, returns, adv_metrics = compute_advantages(cfg, batch, scores, values, ref_logp, marks)
         metrics |= adv_metrics
         t["critic_values"] = time.perf_counter()
+        rng = random.Random(rc.seed + step)  # the SFT stage's demonstrator, drawn per step
         demos = (demo_batch(self._tokenizer, problems, budgets, self._pad_id, cfg.ptx_traces,
-                            sft_demonstrator(rc.sft, random.Random(rc.seed + step))) if cfg.ptx_coef > 0 else None)
+                            lambda p, b, count: task.budget_demonstration(p, b, count, rng), task.demonstration)
+                 if cfg.ptx_coef > 0 else None)
         metrics |= self.learn(batch, adv, mask, None if cfg.kl_in_reward else ref_logp, demos)
         t["learner"] = time.perf_counter()
         if self.w.critic is not None:
@@ -255,48 +254,21 @@ class RLDriver:
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        """Held-out problems, greedy, per eval budget (`eval.sweep`'s generation and grading):
+        """Held-out problems, greedy, per eval budget: natural, capped and forced (`rl_eval.evaluate_budget`, which
+        lists the measures), per problem for paired comparisons.
 
-        - natural (the budget only in the prompt): `accuracy`, `think_tokens`, `adherence` (closed within the
-          budget by itself) and, for `auto`, `think_tokens_by_difficulty`;
-        - capped (`</think>` forced at the budget, what a caller who sets a budget gets): `accuracy_capped`;
-        - per problem, in problem order, for paired comparisons: `correct`, `correct_capped`, `adherent`, and
-          `problems`, a fingerprint of the problem list (only evaluations of the same problems are paired).
-
-        Each budget has its own problems (`rl_problems.ProblemSource.eval`: generated for the embedded task, a slice
-        of the data file's held-out rows otherwise), the same for every model, so that budgets pooled in the verdict
-        count each problem once.
+        Each budget has its own problems (`rl_problems.ProblemSource.eval`: the task's `rl_eval_problems`), the
+        same for every model, so that budgets pooled in the verdict count each problem once.
         """
-        from posttrain.eval.sweep import capped_responses, generate_responses, summarize
-
-        cfg, grade = self.cfg, self.problems.grade
+        cfg = self.cfg
         if cfg.eval_n_per_difficulty == 0:
             return {}
         out = {}
         for b in cfg.eval_budgets:
-            budget = None if b == "auto" else int(b)
             problems = self.problems.eval(b)
-            if not problems:
-                continue
-            prompts = [p.expression for p in problems]
-            responses = generate_responses(self.w.rollouts, prompts, budget, False, cfg.eval_max_new_tokens,
-                                           cfg.eval_batch_size)
-            natural = grade(problems, responses)
-            s = summarize(natural, budget, "natural")
-            row = {"accuracy": s["accuracy"], "think_tokens": s["think_tokens_mean"],
-                   "correct": [int(r.correct) for r in natural], "problems": problems_fingerprint(prompts)}
-            if budget is not None:
-                capped = grade(problems, capped_responses(
-                    self.w.rollouts, prompts, responses, budget, cfg.eval_max_new_tokens, cfg.eval_batch_size))
-                row |= {"adherence": s["adherence"], "accuracy_capped": sum(r.correct for r in capped) / len(capped),
-                        "adherent": [int(adherent(r.closed, r.forced, r.n_think, budget)) for r in natural],
-                        "correct_capped": [int(r.correct) for r in capped]}
-            else:
-                by = defaultdict(list)
-                for r in natural:
-                    by[r.difficulty].append(r.n_think)
-                row["think_tokens_by_difficulty"] = {d: sum(v) / len(v) for d, v in sorted(by.items())}
-            out[str(b)] = row
+            if problems:
+                out[str(b)] = evaluate_budget(self.w.rollouts, problems, None if b == "auto" else int(b),
+                                              self.problems.grade, cfg.eval_max_new_tokens, cfg.eval_batch_size)
         return out
 
     # ----------------------------------------------------------------------------------------- checkpoints

@@ -44,33 +44,12 @@ def _metrics_callback(metrics, prefix: str):
 
 
 def rm_problems(rc, seed: int) -> list:
-    """`rm.n_prompts` problems to sample: fresh ones of the embedded task, or rows of the data file that no RL stage
-    holds out for evaluation, first those the SFT stage does not train on (it takes the first `sft.n_examples`
-    training rows), so that the samples' labels are not those of memorised answers where the file allows."""
-    from posttrain.stages.rl_problems import rl_held_out_rows
+    """`rm.n_prompts` problems to sample, from the recipe's task (`Task.rm_problems`): fresh ones of the embedded
+    task, or rows no RL stage holds out for evaluation, first those the SFT stage does not train on, so that the
+    samples' labels are not those of memorised answers where the rows allow."""
+    from posttrain.tasks.task import build_task
 
-    n = rc.rm.n_prompts
-    if rc.data.source == "arithmetic":
-        from posttrain.tasks.arithmetic import generate_problems
-
-        return generate_problems(n, seed, list(range(rc.task.min_difficulty, rc.task.max_difficulty + 1)))
-    from posttrain.data import DataError, TextProblem, file_examples, split_held_out
-
-    train, _ = split_held_out(rows := file_examples(rc.data), rl_held_out_rows(rc, len(rows)))
-    first = list({e.prompt: i for i, e in reversed(list(enumerate(train)))}.values())  # each prompt's first row
-    unseen = sorted(i for i in first if i >= rc.sft.n_examples)
-    seen = sorted(i for i in first if i < rc.sft.n_examples)
-    rng = random.Random(seed)
-    picked = rng.sample(unseen, min(n, len(unseen)))
-    n_seen = min(n - len(picked), len(seen))
-    picked += rng.sample(seen, n_seen)
-    if len(picked) < 2:
-        raise DataError(f"{rc.data.path}: rm needs at least 2 distinct prompts that no RL stage holds out, found "
-                        f"{len(picked)}")
-    if n_seen or len(picked) < n:
-        log.info("rm: %d problems from %s (%d of them rows the sft stage trains on)", len(picked), rc.data.path, n_seen)
-    picked = [train[i] for i in picked]
-    return [TextProblem(e.prompt, e.answer, e.difficulty or 0, e.tests) for e in picked]
+    return build_task(rc).rm_problems(rc.rm.n_prompts, seed)
 
 
 def _tests_field(problems: list) -> dict:
@@ -227,27 +206,6 @@ def pairwise_accuracy(pairs: list[tuple[dict, dict]], key: str) -> float:
     return sum(c[key] > w[key] for c, w in pairs) / len(pairs) if pairs else float("nan")
 
 
-def conversation_ids(tok, problem: str, response: str) -> list[int]:
-    """The problem and response as one chat (no budget line): what the scalar RM scores."""
-    msgs = [{"role": "user", "content": problem}, {"role": "assistant", "content": response}]
-    return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
-
-
-def scalar_scores(model, tok, recs: list[dict], batch_size: int) -> list[float]:
-    """The scalar RM's reward per record (right-padded; the head reads the last non-pad token)."""
-    device = next(model.parameters()).device
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for lo in range(0, len(recs), batch_size):
-            rows = [conversation_ids(tok, r["problem"], r["response"]) for r in recs[lo:lo + batch_size]]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-            out += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
-    return out
-
-
 def train_scalar(ctx, tok, train: list[dict], holdout: list[dict]) -> dict:
     """Bradley-Terry RM (TRL RewardTrainer) on correct-vs-incorrect pairs; returns its held-out metrics."""
     from datasets import Dataset
@@ -256,6 +214,7 @@ def train_scalar(ctx, tok, train: list[dict], holdout: list[dict]) -> dict:
 
     from posttrain import verifier
     from posttrain.model import load_model, save_model
+    from posttrain.verifier import conversation_ids, scalar_scores
 
     cfg, rc = ctx.cfg.rm.scalar, ctx.cfg
     pairs = preference_pairs(train, rc.seed)

@@ -30,10 +30,10 @@ def run(ctx) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.data import load_examples
     from posttrain.model import check_chat_template, load_model, load_tokenizer, peft_config, save_model
     from posttrain.prepare import check_added_tokens
     from posttrain.sft_data import build_sft_examples
+    from posttrain.tasks.task import build_task
 
     cfg, rc = ctx.cfg.sft, ctx.cfg
     tok = load_tokenizer(ctx.model_path, rc.model.trust_remote_code)
@@ -41,12 +41,10 @@ def run(ctx) -> dict:
     check_added_tokens(ctx.model_path, cfg.lora, "sft.lora", rc.model.trust_remote_code)
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
-    from posttrain.stages.rl_problems import rl_held_out_rows
-
-    examples = load_examples(rc.data, rc.task, cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl",
-                             held_out=lambda n_rows: rl_held_out_rows(rc, n_rows))
-    rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, cfg.autonomous_style, rc.seed + 2, cfg.max_length,
-                              cfg.budget_traces, cfg.full_trace_share, cfg.truncate_share)
+    task = build_task(rc)
+    examples = task.train_examples(cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
+    rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, rc.seed + 2, cfg.max_length,
+                              fit=task.budget_demonstration)
     if not rows:
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.max_length} tokens")
     modes = Counter(r["mode"] for r in rows)

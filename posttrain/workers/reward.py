@@ -6,9 +6,11 @@ budget, 0 included) and autonomous rows (no budget) are scored by the components
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from posttrain.rewards.combine import CombinedReward
 from posttrain.rewards.registry import get_reward_cls, reward_params
-from posttrain.rewards.verifiable import get_grader, gold
+from posttrain.rewards.verifiable import get_grader, judge
 
 
 def with_grader(spec: dict, grader: str) -> dict:
@@ -21,6 +23,16 @@ def with_grader(spec: dict, grader: str) -> dict:
     return {**spec, "params": params}
 
 
+def with_run_output(spec: dict, run_dir) -> dict:
+    """`spec` with `params.path` set to this run's `rm` stage output when its reward reads one (`genrm`,
+    `scalar_rm`: a `run_output` class attribute) and the recipe gave no path."""
+    sub = getattr(get_reward_cls(spec["name"]), "run_output", None)
+    params = dict(spec.get("params") or {})
+    if sub is None or params.get("path") is not None:
+        return spec
+    return {**spec, "params": {**params, "path": str(Path(run_dir) / "rm" / sub)}}
+
+
 class RLRewardWorker:
     """specs: dicts with name, weight, params, key, on (`all` | `budgeted` | `auto`), as in the recipe. grader: the
     task's grader (`data.grader`, `rewards.verifiable.GRADERS`): what `correct` (the accuracy metrics) is judged by,
@@ -28,7 +40,7 @@ class RLRewardWorker:
     `CombinedReward` options (`reward_combine`: mode, verifier, judge, beta, verifier_threshold), per kind."""
 
     def __init__(self, specs: list[dict], grader: str = "exact_int", combine: dict | None = None):
-        self.grade = get_grader(grader)  # raises naming the known graders
+        get_grader(grader)  # raises naming the known graders
         self.grader = grader
         self.rewards: dict[str, CombinedReward] = {}
         for kind in ("budgeted", "auto"):
@@ -63,5 +75,5 @@ class RLRewardWorker:
             metrics |= {k.replace("reward/", f"reward/{kind}/", 1): v for k, v in out.metrics.items()}
         metrics["reward/mean"] = sum(total) / n if n else 0.0
         tests = tests if tests is not None else [None] * n
-        correct = [bool(self.grade(t, gold(self.grader, a, x))) for t, a, x in zip(texts, answers, tests)]
+        correct = [judge(self.grader, t, a, x) for t, a, x in zip(texts, answers, tests)]
         return total, correct, metrics
