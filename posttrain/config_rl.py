@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from posttrain.config_common import MAX_TOKENS, TOKENS_BOUND, Budget, EvalBudget, LoraConfig, Section, check_budgets
 
@@ -64,7 +64,63 @@ def _default_rl_rewards() -> list[GRPORewardConfig]:
     ]
 
 
-class RLStageConfig(Section):
+class AsyncConfig(Section):
+    """`grpo.async` / `ppo.async`: rollouts ahead of the learner (bounded staleness) and the off-policy correction
+    (`posttrain.stages.rl_async`, `posttrain.algo.offpolicy`)."""
+
+    max_staleness: int = Field(
+        0, ge=0, description="K: the rollout workers generate the batches of the next K steps while the learner "
+        "trains on the current one, so a batch is trained on by a policy up to K versions newer than the one that "
+        "sampled it (a row older than K versions is dropped and counted, `async/dropped_stale`). 0: the synchronous "
+        "step (rollout, then learner). With the HF rollout engine the weights reach the rollout workers between "
+        "their batches, after each update.")
+    correction: str = Field(
+        "none", description="Off-policy correction (`posttrain.algo.offpolicy`) on the ratio of the learner's "
+        "old-policy log-probs (recomputed by the learner before its update: one extra forward, no grad) to the "
+        "rollout's: `tis` (token truncated IS: w = min(ratio, cap); `tis_cap` is this), `seq_tis` (sequence "
+        "truncated IS), `mis` (tokens outside [lower, cap] masked out of the loss; IcePop), `seq_mis` (rows, by the "
+        "product of their token ratios), `geo_mis` (rows, by its geometric mean), `decoupled` (AReaL: weight = "
+        "ratio, 0 above cap). `none`: the rollout's log-probs are the PPO ratio's old policy.")
+    cap: float = Field(2.0, gt=0, description="The correction's upper threshold C (truncation or mask).")
+    lower: float | None = Field(
+        None, gt=0, description="The lower threshold: for the masking corrections the kept interval's lower end "
+        "(default 1/cap), for tis/seq_tis a floor on the weights (default none); must be < cap.")
+    partial: bool = Field(
+        False, description="Partial rollouts (a row in generation continues under new weights): not supported by "
+        "the HF rollout engine, which cannot pause a row; true is an error.")
+
+    @field_validator("correction")
+    @classmethod
+    def _known_correction(cls, v: str) -> str:
+        from posttrain.algo.registry import OFF_POLICY_CORRECTIONS
+
+        if v != "none" and v not in OFF_POLICY_CORRECTIONS:
+            raise ValueError(f"unknown off-policy correction {v!r}; known: none, "
+                             + ", ".join(OFF_POLICY_CORRECTIONS.names()))
+        return v
+
+    @field_validator("partial")
+    @classmethod
+    def _no_partial(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("partial rollouts are not supported by the HF rollout engine (posttrain.decode's "
+                             "Decoder generates a batch to the end under one set of weights; it cannot pause a row "
+                             "and continue it under new ones); set it to false")
+        return v
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "AsyncConfig":
+        if self.correction != "none":
+            from posttrain.algo.offpolicy import check_thresholds
+
+            check_thresholds(self.correction, self.cap, self.lower)  # "cap: ..." / "lower: ...": the key is named
+        elif self.lower is not None:
+            raise ValueError("lower: sets a threshold of a correction, and `correction` is none; name one (tis, "
+                             "seq_tis, mis, ...) or leave it out")
+        return self
+
+
+class _RLStageFields(Section):
     """GRPO / PPO on the embedded arithmetic task, with per-prompt thinking budgets (controllable thinking) and
     budget-free prompts (autonomous thinking). Roles are Ray actors (see the `ray` section)."""
 
@@ -95,7 +151,7 @@ class RLStageConfig(Section):
         "policy's log-probs itself before each step (one extra forward, no grad) and weights each token's policy "
         "loss by min(pi_learner / pi_rollout, tis_cap), correcting for the rollout's numerics differing from the "
         "learner's (verl's rollout_is_threshold, TRL's vllm_importance_sampling_cap; 2 is usual). null: off, the "
-        "rollout's log-probs are the old policy's.")
+        "rollout's log-probs are the old policy's. The same as `async: {correction: tis, cap: ...}`.")
     mini_batches: int = Field(2, ge=1, description="Optimizer updates per rollout batch (split by groups).")
     kl_coef: float = Field(0.05, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
     kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")
@@ -160,6 +216,11 @@ class RLStageConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RLStageConfig":
+        a = getattr(self, "async")
+        if self.tis_cap is not None and a.correction != "none":
+            raise ValueError(f"tis_cap: is the `tis` correction with cap {self.tis_cap:g} (`async: {{correction: tis, "
+                             f"cap: {self.tis_cap:g}}}`); it cannot be combined with async.correction: {a.correction}; "
+                             f"keep one of the two")
         if self.mini_batches > self.prompts_per_step:
             raise ValueError("mini_batches must be <= prompts_per_step (mini-batches split by groups)")
         if not self.rewards:
@@ -176,6 +237,24 @@ class RLStageConfig(Section):
                     raise ValueError(f"reward_combine.{role}: {key!r} is not among the rewards that score {kind} "
                                      f"samples ({', '.join(keys)}); give it `on: all`")
         return self
+
+
+RLStageConfig = create_model(  # `async` is a Python keyword: the field can only be added this way
+    "RLStageConfig", __base__=_RLStageFields, __module__=__name__, __doc__=_RLStageFields.__doc__,
+    **{"async": (AsyncConfig, Field(default_factory=AsyncConfig, description="Rollouts ahead of the learner "
+                                    "(bounded staleness) and the off-policy correction."))})
+
+
+def off_policy(cfg) -> tuple[str, float, float | None]:
+    """(correction name, cap, lower) of a `grpo`/`ppo` section: `tis_cap` is the `tis` correction; ("none", ...)
+    when off."""
+    a = getattr(cfg, "async")
+    return ("tis", cfg.tis_cap, None) if cfg.tis_cap is not None else (a.correction, a.cap, a.lower)
+
+
+def max_staleness(cfg) -> int:
+    """`grpo.async.max_staleness` / `ppo.async.max_staleness`."""
+    return getattr(cfg, "async").max_staleness
 
 
 class GRPOStageConfig(RLStageConfig):

@@ -67,6 +67,9 @@ class RolloutBatch:
     # cat([prompt_ids, response_ids], 1) in each MoE layer, -1 where not recorded (response padding and each
     # row's last token, never fed forward); replay it with `posttrain.moe.replay_routing` (R3)
     routing: torch.Tensor | None = None
+    # the policy version (learner updates applied) of the weights that sampled each row, stamped by the RL stage's
+    # `RolloutWorker`; None from a bare Decoder. The async RL driver drops rows too old for the learner
+    versions: list[int] | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -12,10 +12,13 @@ advantages into one AdamW update per mini-batch:
          + ptx_coef * NLL(demonstrations)                     InstructGPT's PPO-ptx, when the caller passes demos
 
 `mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
-rows of dropped groups. `old_logp` is the rollout's recorded log-probs; with `tis_cap` it is the learner's own
-recomputation before the step's first update, and the policy-gradient term of each token is weighted by
-w = min(exp(old_logp - rollout logp), tis_cap) (truncated importance sampling, Yao et al. 2025, "Your efficient
-RL framework secretly brings you off-policy RL training": the rollout engine's numerics are not the learner's).
+rows of dropped groups. `old_logp` is the rollout's recorded log-probs; with an off-policy correction
+(`correction`, `posttrain.algo.offpolicy`; `tis_cap` is the `tis` one) it is the learner's own recomputation before
+the step's first update, and the correction, computed from the ratio exp(old_logp - rollout logp), weights each
+token's policy-gradient term (`tis`: w = min(ratio, cap), truncated importance sampling, Yao et al. 2025, "Your
+efficient RL framework secretly brings you off-policy RL training": the rollout engine's numerics are not the
+learner's, and with `max_staleness` its policy is an older one) and/or takes tokens or rows out of the loss mask
+(masked IS).
 
 A step whose advantages, loss or gradients are not finite is skipped and counted, never applied. So is an update
 that breaks the model (a learning rate far too high): after each optimizer step the weights must be finite and so
@@ -36,6 +39,7 @@ the ranks' weights never diverge.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,8 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algo.kl import kl_loss
-from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or_skip, masked_mean, tis_weights
-from posttrain.algo.registry import get_policy_loss
+from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or_skip, masked_mean
+from posttrain.algo.registry import get_correction, get_policy_loss
 from posttrain.rlbatch import compact
 
 
@@ -122,9 +126,15 @@ class Learner:
                  policy_loss: str = "vanilla", kl_coef: float = 0.0, kl_kind: str = "k3",
                  entropy_coef: float = 0.0, router_aux_coef: float = 0.0, max_grad_norm: float = 1.0,
                  max_len: int | None = None, router_metrics: bool = True, routing_replay: bool = False,
-                 ptx_coef: float = 0.0, tis_cap: float | None = None):
-        if tis_cap is not None and not tis_cap > 0:
-            raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
+                 ptx_coef: float = 0.0, tis_cap: float | None = None, correction: str = "none",
+                 correction_cap: float = 2.0, correction_lower: float | None = None):
+        if tis_cap is not None:  # the `tis` correction under its older name
+            if not tis_cap > 0:
+                raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
+            if correction not in ("none", "tis"):
+                raise ValueError(f"tis_cap is the `tis` correction; it cannot be combined with "
+                                 f"correction={correction!r}")
+            correction, correction_cap = "tis", tis_cap
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -135,7 +145,13 @@ class Learner:
         self.kl_coef, self.kl_kind, self.max_grad_norm = kl_coef, kl_kind, max_grad_norm
         self.entropy_coef, self.router_aux_coef, self.ptx_coef = entropy_coef, router_aux_coef, ptx_coef
         self.router_metrics, self.routing_replay = router_metrics, routing_replay
-        self.tis_cap = tis_cap
+        # (rollout_logp, old_logp, mask) -> algo.offpolicy.Correction, or None: the rollout's log-probs are pi_old
+        self.correction = None
+        if correction != "none":
+            from posttrain.algo.offpolicy import check_thresholds
+
+            check_thresholds(correction, correction_cap, correction_lower)
+            self.correction = functools.partial(get_correction(correction), cap=correction_cap, lower=correction_lower)
         self.top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
         self.skipped_steps = 0
         self.updates = 0
@@ -252,9 +268,12 @@ class Learner:
         demo_parts = group_bounds(len(demos), 1, mini_batches) if ptx else [(0, 0)] * mini_batches
         bounds = group_bounds(len(batch), group_size, mini_batches)
         old, weights, tis_metrics = None, None, {}
-        if self.tis_cap is not None:  # pi_old from this learner, before the first update; w from it and the rollout's
-            old = self.old_logp(batch, bounds, mask)
-            weights, tis_metrics = tis_weights(batch.logp, old, mask, self.tis_cap)
+        if self.correction is not None:  # pi_old from this learner, before the first update; the correction from
+            old = self.old_logp(batch, bounds, mask)  # its ratio to the rollout's log-probs
+            corr = self.correction(batch.logp, old, mask)
+            weights, tis_metrics = corr.weights, corr.metrics
+            if corr.keep is not None:  # masked IS: those tokens (rows) leave the loss and its counts
+                mask = mask * corr.keep.to(mask.dtype)
         for (lo, hi), (d0, d1) in zip(bounds, demo_parts):
             rows = slice(lo, hi)
             local = self._counts(batch, mask, lo, hi)
@@ -269,7 +288,9 @@ class Learner:
                 adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, cols]
                 ref = None if ref_logp is None else ref_logp[rows, cols]
                 shares = tuple(mine_ / all_ for mine_, all_ in zip(local, totals))
-                tis = {} if old is None else {"old_logp": old[rows, cols], "is_weights": weights[rows, cols]}
+                tis = {} if old is None else {"old_logp": old[rows, cols]}
+                if weights is not None:
+                    tis["is_weights"] = weights[rows, cols]
                 loss, metrics = self.loss(part, adv, mask[rows, cols], slice(None), ref, shares=shares, **tis)
                 loss.backward()
             else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce

@@ -58,6 +58,9 @@ def concat_batches(batches: list, pad_id: int):
         groups += [g + offset for g in b.group_index]
         offset += (max(b.group_index) + 1) if b.group_index else 0
     out["group_index"] = groups
+    if "versions" in {f.name for f in dataclasses.fields(batches[0])}:
+        vs = [b.versions for b in batches]
+        out["versions"] = None if any(v is None for v in vs) else [x for v in vs for x in v]
     names = {f.name for f in dataclasses.fields(batches[0])}
     if "routing" in names:
         rs = [b.routing for b in batches]

@@ -146,9 +146,9 @@ def test_grpo_with_lora_syncs_only_the_adapter(tiny_model_dir, tmp_path, monkeyp
     real = RolloutWorker.update_weights
 
     @functools.wraps(real)
-    def spy(self, named):
+    def spy(self, named, *args, **kwargs):  # the policy version after the tensors
         sent.append(sorted(dict(named)))
-        return real(self, named)
+        return real(self, named, *args, **kwargs)
 
     monkeypatch.setattr(RolloutWorker, "update_weights", spy)
     info, _ = _run(tmp_path, tiny_model_dir, "grpo", ["ray.backend=local", "grpo.lora.enabled=true",
@@ -367,7 +367,7 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
 
 
 def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(tiny_model_dir, tmp_path, monkeypatch):
-    from posttrain.eval.sweep import first_per_difficulty
+    from posttrain.tasks.files import first_per_difficulty
     from posttrain.pipeline import run_recipe
     from posttrain.tasks.task import build_task
 

@@ -1,9 +1,10 @@
 """The project's one registry type (`Registry`): the registered names are the strings recipes use.
 
 It lives in the lowest layer so that every package can build on it: the algorithm core's advantage estimators
-(``register_adv_est("grpo")``), policy losses (``register_policy_loss("vanilla")``) and KL estimators
-(``register_kl("k3")``) here; the rewards and graders (`posttrain.rewards.registry`, `.verifiable`), the tasks
-(`posttrain.tasks.task`) and the stages (`posttrain.stages`). Lookups load the built-in modules on first use, so
+(``register_adv_est("grpo")``), policy losses (``register_policy_loss("vanilla")``), KL estimators
+(``register_kl("k3")``) and off-policy corrections (``register_correction("tis")``) here; the rewards and graders
+(`posttrain.rewards.registry`, `.verifiable`), the tasks (`posttrain.tasks.task`) and the stages
+(`posttrain.stages`). Lookups load the built-in modules on first use, so
 ``import posttrain.algo`` does not import torch. An unknown name fails with the nearest spelling and the list of
 known names.
 """
@@ -87,10 +88,12 @@ def _qualname(fn: Callable) -> str:
 ADV_ESTIMATORS = Registry("advantage estimator", ("advantages",))
 POLICY_LOSSES = Registry("policy loss", ("losses",))
 KL_ESTIMATORS = Registry("KL estimator", ("kl",))
+OFF_POLICY_CORRECTIONS = Registry("off-policy correction", ("offpolicy",))
 
 register_adv_est = ADV_ESTIMATORS.register
 register_policy_loss = POLICY_LOSSES.register
 register_kl = KL_ESTIMATORS.register
+register_correction = OFF_POLICY_CORRECTIONS.register
 
 
 def get_adv_estimator(name: str) -> Callable:
@@ -106,3 +109,9 @@ def get_policy_loss(name: str) -> Callable:
 def get_kl_estimator(name: str) -> Callable:
     """The per-token KL estimator registered under `name` (``k1``, ``k2``, ``k3``/``low_var_kl``)."""
     return KL_ESTIMATORS.get(name)
+
+
+def get_correction(name: str) -> Callable:
+    """The off-policy correction registered under `name` (``tis``, ``seq_tis``, ``mis``, ``seq_mis``, ``geo_mis``;
+    see `posttrain.algo.offpolicy`)."""
+    return OFF_POLICY_CORRECTIONS.get(name)

@@ -12,12 +12,16 @@ Per step (`RLDriver.train_step`), the paper's pseudocode:
     update  <- learner actors (data parallel over whole groups): clipped policy loss on the loss mask
                (forced tokens excluded) + KL + router load balancing (+ ptx_coef * the NLL of demonstrations
                of the step's problems: InstructGPT's PPO-ptx); critic: clipped value loss
-    sync    <- the learner's trainable weights to every rollout worker
+    sync    <- the learner's trainable weights to every rollout worker (the policy version: steps done)
 
 Every `save_every` steps the training state is saved atomically (`posttrain.rlstate`); a stage started on a run
 directory with a saved state resumes from it. SIGINT/SIGTERM stop the loop at the next step boundary after a save.
+With `async.max_staleness` K >= 1 the rollouts of the next K steps are submitted before the learner's update and
+collected after it (`stages/rl_async.py`: bounded staleness, rows older than K versions dropped); 0 is the
+synchronous step above, unchanged.
 Differences from the papers: dynamic sampling drops groups but does not refill the batch; the old policy is the
-rollout's own recorded log-probs (one rollout, `mini_batches` updates on it).
+rollout's own recorded log-probs (one rollout, `mini_batches` updates on it) unless an off-policy correction
+(`async.correction`, `tis_cap`) has the learner recompute it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 
 from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _without_vectors, evaluate_budget,
                                        format_comparison)
+from posttrain.stages.rl_async import RolloutPipeline
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
 from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
@@ -66,6 +71,8 @@ def _options(group, stateful: bool = False) -> ActorOptions:
 
 def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     """Spawn every role (Ray actors unless `ray.backend` is local); DP learners join one process group."""
+    from posttrain.config_rl import off_policy
+
     ray_cfg = rc.ray
     backend = ray_cfg.backend
     with_critic = algo == "ppo" or cfg.adv_estimator == "gae"
@@ -83,12 +90,14 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     load = {"trust_remote_code": rc.model.trust_remote_code, "allow_pickle": rc.model.allow_pickle}
     common = {"device": dev, "dtype": dt, "experts_implementation": rc.model.experts_implementation, "load_options": load}
     path = str(model_path)
+    correction, correction_cap, correction_lower = off_policy(cfg)  # `tis_cap` is the `tis` correction
     learner_kwargs = dict(
         lr=cfg.learning_rate, weight_decay=cfg.weight_decay, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
         dual_clip_c=cfg.dual_clip_c, loss_agg=cfg.loss_agg, policy_loss=cfg.policy_loss,
         kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
         router_aux_coef=cfg.router_aux_coef, max_grad_norm=cfg.max_grad_norm, max_len=cfg.max_new_tokens,
-        routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef, tis_cap=cfg.tis_cap,
+        routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef, correction=correction,
+        correction_cap=correction_cap, correction_lower=correction_lower,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
     rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
@@ -138,6 +147,9 @@ class RLDriver:
         self.cfg = getattr(ctx.cfg, algo)
         self.w: Workers | None = None
         self.weights: dict | None = None  # the latest weights pushed to the rollout workers
+        self.version = 0  # the learner's policy version: the steps it has trained (what `sync_weights` pushes)
+        self.weights_version = 0  # the version of `self.weights`
+        self.pipeline: RolloutPipeline | None = None  # async.max_staleness >= 1: the batches in flight
         self.stop_requested = False
         self.consecutive_skips = 0
         self._saved: tuple | None = None  # the newest saved state, verified by `start`, loaded by `resume`
@@ -146,8 +158,14 @@ class RLDriver:
     def rollout(self, prompts: list[str], budgets: list, *, seed: int, greedy: bool = False, cap: bool = True,
                 max_new_tokens: int | None = None, group_size: int | None = None, record_routing: bool = False):
         """Generate over all rollout workers (prompts split evenly) and join the results in prompt order."""
-        from posttrain.rlbatch import concat_batches
+        return self.join_rollout(self.submit_rollout(prompts, budgets, seed=seed, greedy=greedy, cap=cap,
+                                                     max_new_tokens=max_new_tokens, group_size=group_size,
+                                                     record_routing=record_routing))
 
+    def submit_rollout(self, prompts: list[str], budgets: list, *, seed: int, greedy: bool = False, cap: bool = True,
+                       max_new_tokens: int | None = None, group_size: int | None = None,
+                       record_routing: bool = False) -> list:
+        """`rollout`'s calls, submitted (one per rollout worker with prompts); `join_rollout` collects them."""
         parts = [(lo, hi) for lo, hi in _split(len(prompts), len(self.w.rollouts)) if hi > lo]
         kwargs = dict(temperature=self.cfg.temperature, top_p=self.cfg.top_p, greedy=greedy, cap=cap)
         if record_routing:
@@ -156,8 +174,13 @@ class RLDriver:
                             group_size or self.cfg.group_size, max_new_tokens or self.cfg.max_new_tokens,
                             seed=seed + 7919 * i, **kwargs)
                    for i, (w, (lo, hi)) in enumerate(zip(self.w.rollouts, parts))]
-        batches = gather(pending)
-        return concat_batches(batches, self._pad_id)
+        return pending
+
+    def join_rollout(self, pending: list):
+        """The batch of `submit_rollout`'s calls, joined in prompt order."""
+        from posttrain.rlbatch import concat_batches
+
+        return concat_batches(gather(pending), self._pad_id)
 
     def learn(self, batch, adv, mask, ref_logp, demos=None) -> dict[str, float]:
         """The update on every learner, each on its share of whole groups (and of the demonstrations of those
@@ -183,8 +206,9 @@ class RLDriver:
         return out
 
     def sync_weights(self) -> None:
-        self.weights = self.w.learners[0].call(LearnerWorker.weights)
-        gather([w.submit(RolloutWorker.update_weights, self.weights) for w in self.w.rollouts])
+        """The learner's weights (policy version `self.version`) to every rollout worker."""
+        self.weights, self.weights_version = self.w.learners[0].call(LearnerWorker.weights), self.version
+        gather([w.submit(RolloutWorker.update_weights, self.weights, self.version) for w in self.w.rollouts])
 
     def _restore_rollout(self, proxy) -> None:
         """on_restart hook: a restarted rollout worker reloads the input model; give it the LoRA wrapper (the
@@ -192,15 +216,19 @@ class RLDriver:
         if self.cfg.lora.enabled:
             proxy.call(RolloutWorker.enable_lora, self.cfg.lora.model_dump(), f"{self.algo}.lora")
         if self.weights is not None:
-            proxy.call(RolloutWorker.update_weights, self.weights)
+            proxy.call(RolloutWorker.update_weights, self.weights, self.weights_version)
 
     # --------------------------------------------------------------------------------------------- a step
     def train_step(self, step: int) -> dict[str, float]:
         cfg, rc = self.cfg, self.rc
         t = {"start": time.perf_counter()}
-        problems, budgets = self.problems.step(step)
-        batch = self.rollout([p.expression for p in problems], budgets, seed=rc.seed + step,
-                             record_routing=cfg.routing_replay)
+        self.version = step  # the learner's policy: `step` updates
+        if self.pipeline is None:
+            problems, budgets = self.problems.step(step)
+            batch = self.rollout([p.expression for p in problems], budgets, seed=rc.seed + step,
+                                 record_routing=cfg.routing_replay)
+        else:  # sampled up to K versions ago; the next steps' rollouts are submitted
+            problems, budgets, batch = self.pipeline.take(step)
         t["rollout"] = time.perf_counter()
         answers = [problems[g].answer for g in batch.group_index]
         questions = [problems[g].expression for g in batch.group_index]
@@ -219,6 +247,12 @@ class RLDriver:
                  if cfg.process_penalty > 0 else None)
         adv, mask, returns, adv_metrics = compute_advantages(cfg, batch, scores, values, ref_logp, marks)
         metrics |= adv_metrics
+        critic_mask = batch.response_mask
+        if self.pipeline is not None:  # rows older than K versions leave the loss (the critic's too)
+            keep, stale_metrics = self.pipeline.drop_stale(batch, step)
+            metrics |= stale_metrics
+            if keep is not None:
+                mask, critic_mask = mask * keep[:, None].to(mask.dtype), critic_mask * keep[:, None].to(mask.dtype)
         t["critic_values"] = time.perf_counter()
         rng = random.Random(rc.seed + step)  # the SFT stage's demonstrator, drawn per step
         demos = (demo_batch(self._tokenizer, problems, budgets, self._pad_id, cfg.ptx_traces,
@@ -227,9 +261,14 @@ class RLDriver:
         metrics |= self.learn(batch, adv, mask, None if cfg.kl_in_reward else ref_logp, demos)
         t["learner"] = time.perf_counter()
         if self.w.critic is not None:
-            metrics |= self.w.critic.call(CriticWorker.step, batch, returns, values, batch.response_mask,
+            metrics |= self.w.critic.call(CriticWorker.step, batch, returns, values, critic_mask,
                                           mini_batches=cfg.mini_batches, group_size=cfg.group_size)
         t["critic"] = time.perf_counter()
+        if self.pipeline is not None:
+            self.pipeline.collect()  # the batches generated while the learner trained
+            t["rollout_wait"] = time.perf_counter()
+            metrics |= self.pipeline.step_metrics()
+        self.version = step + 1
         self.sync_weights()
         t["sync"] = time.perf_counter()
         metrics |= rollout_metrics(batch, correct, cfg.budgets)
@@ -290,9 +329,12 @@ class RLDriver:
 
         found = self._saved if self._saved is not None else latest(self.ctx.stage.path / "state")
         self._saved = None
+        if self.pipeline is not None:
+            self.pipeline.reset()  # batches in flight are not saved: generated anew (module rl_async)
         if found is None:
             self.ctx.metrics.resume_at(0)  # what a run killed before its first save logged
             self.weights, self.consecutive_skips = None, 0  # nothing of a failed attempt carries over
+            self.version = self.weights_version = 0
             return 0
         d, driver = found
         self._check_saved_steps(d, driver)
@@ -300,6 +342,7 @@ class RLDriver:
         if self.w.critic is not None:
             self.w.critic.call(CriticWorker.load_state, str(d))
         self.consecutive_skips = int(driver.get("consecutive_skips", 0))
+        self.version = int(driver["step"])
         self.sync_weights()
         self.ctx.metrics.resume_at(int(driver["step"]))
         log.info("%s: resuming from %s (step %d of %d)", self.algo, d, driver["step"], self.cfg.steps)
@@ -369,6 +412,7 @@ class RLDriver:
     def start(self) -> Workers:
         """Spawn the workers (`start_workers`) and hook the rollout workers' restarts; `fit` calls it first, and
         `train_step` can be driven by hand after it (the benchmark does). The caller kills the workers."""
+        from posttrain.config_rl import max_staleness
         from posttrain.model import check_chat_template, load_tokenizer
         from posttrain.prepare import check_added_tokens
         from posttrain.rlstate import latest
@@ -386,6 +430,8 @@ class RLDriver:
         self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
         for r in self.w.rollouts:
             r.on_restart = self._restore_rollout
+        k = max_staleness(self.cfg)
+        self.pipeline = RolloutPipeline(self, k) if k > 0 else None
         return self.w
 
     def fit(self) -> dict:

@@ -96,8 +96,12 @@ class Pending(Generic[R]):
 
     def __init__(self, proxy: "Proxy", name: str, args: tuple, kwargs: dict):
         self.proxy, self.name, self.args, self.kwargs = proxy, name, args, kwargs
+        t0 = time.perf_counter()
         self._ref = proxy._start(name, args, kwargs)
         self.started = time.monotonic()  # after a new actor's start: what `timeout_s` counts from
+        # seconds the call ran inside the worker: known at once in process (it ran in `_start`), once the result is
+        # in for an actor (the driver's overlap metrics compare it with the time it waited)
+        self.busy: float | None = time.perf_counter() - t0 if proxy.local is not None else None
 
     def result(self, timeout_s: float | None = None) -> R:
         """Wait for the result (`timeout_s` for this first wait instead of the proxy's own), retrying on failure."""
@@ -164,6 +168,7 @@ class Proxy(Generic[W]):
             try:
                 value, busy, incarnation = ray.get(pending._ref, timeout=timeout)
                 self.busy += busy
+                pending.busy = busy
                 if self.incarnation in (None, incarnation):
                     self.incarnation = incarnation
                     return value

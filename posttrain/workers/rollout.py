@@ -4,7 +4,9 @@ A plain class (no Ray; a thin actor wrapper lives elsewhere). The decoding itsel
 responses with per-token log-probs, budget forcing and routing recording, returned as a `RolloutBatch`) is the
 `Decoder`'s, the project's one decoding loop, described in `posttrain.decode`; this worker adds what a long-lived
 copy of the policy needs: loading a checkpoint (with a PEFT adapter merged), taking new weights from the learner,
-and wrapping the policy in the learner's LoRA adapter.
+and wrapping the policy in the learner's LoRA adapter. It knows the policy version of its weights (the learner
+updates they include, given with each `update_weights`; 0 for the model it loaded) and stamps every row it
+generates with it (`RolloutBatch.versions`), which the asynchronous RL driver checks against its staleness bound.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ class RolloutWorker(Decoder):
         self.dtype, self.experts_implementation = dtype, experts_implementation
         self.load_options = load_options or {}  # model.trust_remote_code / model.allow_pickle of the recipe
         self.load(model_path)  # no Decoder.__init__: `load` binds the model and tokenizer
+        self.version = 0  # the policy version of the weights held: learner updates they include
+
+    def generate(self, *args, **kwargs) -> RolloutBatch:
+        """`Decoder.generate`, every row stamped with the version of the weights that sampled it."""
+        batch = super().generate(*args, **kwargs)
+        batch.versions = [self.version] * len(batch)
+        return batch
 
     def load(self, checkpoint, adapter=None) -> None:
         """Serve another model: a checkpoint directory, or `checkpoint` with a PEFT adapter directory merged into
@@ -46,11 +55,14 @@ class RolloutWorker(Decoder):
             if (Path(adapter) / "tokenizer_config.json").is_file():
                 tokenizer_dir = adapter
         self.bind(model.eval(), load_tokenizer(tokenizer_dir))
+        self.version = 0
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy the given tensors into the model (a subset of its state dict is fine); returns how many.
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       version: int | None = None) -> int:
+        """Copy the given tensors into the model (a subset of its state dict is fine); returns how many. `version`:
+        the policy version they are (the rows generated from now on carry it); None keeps the current one.
 
         Every name and shape is checked before anything is copied, so a bad update leaves the model unchanged.
         """
@@ -67,6 +79,8 @@ class RolloutWorker(Decoder):
         with torch.no_grad():
             for name, value in items:
                 state[name].copy_(value)
+        if version is not None:
+            self.version = int(version)
         return len(items)
 
     def enable_lora(self, lora: dict, key: str = "lora") -> None:
