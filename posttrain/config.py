@@ -2,7 +2,8 @@
 
 Every model forbids extra keys, so a misspelt key is an error (see `posttrain.recipe` for the messages), never
 silently ignored. The shared pieces (`Section`, budget entries, LoRA) live in `config_common`, the RL sections
-(`grpo`/`ppo`, rewards, `ray`) in `config_rl`; both are re-exported here.
+(`grpo`/`ppo`, rewards, `ray`) in `config_rl`; both are re-exported here. The `distill` section and its checks
+against the stages live in `config_distill`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from posttrain.config_common import (MAX_TOKENS, TOKENS_BOUND, Budget, BudgetRange, EvalBudget,  # noqa: F401
                                      LoraConfig, PositiveBudget, Section, StageName, check_budgets)
 from posttrain.config_data import DataConfig  # noqa: F401 - part of the schema's public names
+from posttrain.config_distill import DistillStageConfig, check_distill
 from posttrain.config_rl import (ActorGroupConfig, CriticGroupConfig, GRPORewardConfig,  # noqa: F401
                                  GRPOStageConfig, LearnerGroupConfig, PPOStageConfig, RayConfig,
                                  ReferenceGroupConfig, RewardGroupConfig, RLStageConfig, RolloutGroupConfig)
@@ -239,8 +241,9 @@ class SweepStageConfig(Section):
 
     models: list[str] = Field(
         default_factory=list,
-        description="Stage names of this run (sft, grpo, ppo) or model paths (checkpoint, run directory, PEFT "
-        "adapter). Empty: every sft/grpo/ppo stage listed before `sweep`, or the latest model if there is none.",
+        description="Stage names of this run (sft, grpo, ppo, distill) or model paths (checkpoint, run directory, "
+        "PEFT adapter). Empty: every sft/grpo/ppo/distill stage listed before `sweep`, or the latest model if there "
+        "is none.",
     )
     budgets: list[EvalBudget] = Field(
         default_factory=lambda: [0, 8, 16, 32, 64, "auto"], description="Budgets; `auto` = no budget (autonomous). "
@@ -320,6 +323,7 @@ class RecipeConfig(Section):
     ppo: PPOStageConfig = Field(default_factory=PPOStageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
+    distill: DistillStageConfig = Field(default_factory=DistillStageConfig)
     sweep: SweepStageConfig = Field(default_factory=SweepStageConfig)
     export: ExportStageConfig = Field(default_factory=ExportStageConfig)
 
@@ -405,9 +409,9 @@ class RecipeConfig(Section):
                 self._check_rm_rewards(algo)
         from posttrain.tasks.task import missing_hooks
 
-        hooks = missing_hooks(self)
-        if hooks:
-            raise ValueError("; ".join(hooks))
+        problems = missing_hooks(self) + check_distill(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         for algo in ("grpo", "ppo"):
             section = getattr(self, algo)
             traces = self.sft.budget_traces

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationInfo, field_validator,
                       model_validator)
 
-StageName = Literal["base", "sft", "rm", "grpo", "ppo", "eval", "sweep", "export"]
+StageName = Literal["base", "sft", "rm", "grpo", "ppo", "distill", "eval", "sweep", "export"]
 
 # The most tokens a budget, a generation cap or a sequence length may name: 2^20 = 1,048,576, more than one
 # response of a model trained here can usefully hold (the embedded model has 512 positions, common MoE checkpoints

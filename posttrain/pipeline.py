@@ -77,10 +77,14 @@ def _flatten(d, prefix: str = "") -> dict:
 def stage_settings(recipe: dict, stage: str) -> dict:
     """The recipe keys a stage's result depends on (flattened `key.path: value`): its own section and the shared
     ones, without what only changes how it runs; `data.*` besides `data.source` only when a data file is read,
-    and then also which rows the RL stages hold out (`held_out.grpo`/`.ppo`: their eval budgets and size)."""
+    and then also which rows the RL stages hold out (`held_out.grpo`/`.ppo`: their eval budgets and size); `distill`
+    also depends on `sft.budgets` and `sft.mix` (its teacher samples under them)."""
     flat = {}
     for section in SHARED_SECTIONS + (stage,):
         flat.update(_flatten(recipe.get(section), f"{section}."))
+    if stage == "distill":  # the teacher samples under the SFT stage's budget mix
+        sft = recipe.get("sft") or {}
+        flat.update(_flatten({"budgets": sft.get("budgets"), "mix": sft.get("mix")}, "sft."))
     from posttrain.tasks.task import task_class
 
     embedded = not task_class(flat.get("data.source") or "arithmetic").holds_out_rows  # reads no data.* key

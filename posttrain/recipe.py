@@ -92,8 +92,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {path}: {e['msg']} (got {e['input']!r}){hint}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            m = re.match(r"^(\w+): ", msg)
-            if m and m.group(1) in (_fields_at(RecipeConfig, loc) or []):
+            m = re.match(r"^([\w.]+): ", msg)  # a message that names its key (`distill.teacher: ...`)
+            if m and m.group(1).split(".")[0] in (_fields_at(RecipeConfig, loc) or []):
                 path, msg = f"{path}.{m.group(1)}" if loc else m.group(1), msg[m.end():]
             got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
             lines.append(f"  {path}: {msg}{got}")

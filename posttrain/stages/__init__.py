@@ -7,7 +7,7 @@ import importlib
 from posttrain.algo.registry import Registry
 
 STAGES = Registry("stage")
-for _name in ("base", "sft", "rm", "grpo", "ppo", "eval", "sweep", "export"):
+for _name in ("base", "sft", "rm", "grpo", "ppo", "distill", "eval", "sweep", "export"):
     STAGES.register(_name)(f"posttrain.stages.{_name}")
 
 

@@ -1,7 +1,7 @@
 """`sweep` stage: the budget-vs-accuracy sweep (`posttrain.eval.sweep`) of this run's models, into RUN/sweep/.
 
-Models: `sweep.models` (stage names or paths), by default every sft/grpo/ppo stage listed before this one (the SFT
-checkpoint and the RL checkpoints side by side), labelled by stage name. One set of rollout workers (Ray actors
+Models: `sweep.models` (stage names or paths), by default every sft/grpo/ppo/distill stage listed before this one
+(the SFT checkpoint, the RL checkpoints and the distilled student side by side), labelled by stage name. One set of rollout workers (Ray actors
 unless `sweep.backend` is `local`) serves them all; the run's threads are split across the workers.
 Problems: the embedded task's, or with `data.source: file`/`hub` the rows the RL stages hold out for evaluation
 (`rl_problems.evaluation_rows`, `n_per_difficulty` of each `data.difficulty_column` value), graded by the data's
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from posttrain.runlog import log
 
-MODEL_STAGES = ("sft", "grpo", "ppo")
+MODEL_STAGES = ("sft", "grpo", "ppo", "distill")
 
 
 def sweep_models(ctx) -> list:
@@ -63,11 +63,11 @@ def run(ctx) -> dict:
     ray_init = {"address": ray.address, "num_cpus": ray.num_cpus} if ray is not None else None
     log.info("sweep: %s on %d %s worker(s), budgets %s", ", ".join(s.label for s in specs), cfg.workers,
              cfg.backend, cfg.budgets)
-    from posttrain.stages.rl_problems import stage_problems
+    from posttrain.tasks.task import build_task
 
-    problems = stage_problems(rc, cfg.n_per_difficulty, cfg.seed)  # with a data file: rows no stage trained on
-    if problems is not None:
-        log.info("sweep: %d held-out rows of %s", len(problems), rc.data.path)
+    task = build_task(rc)
+    problems = task.held_out(cfg.n_per_difficulty, cfg.seed)  # rows no stage trained on, or fresh problems
+    log.info("sweep: %d held-out problems of %s", len(problems), task.where)
     result = run_sweep(specs, budgets, cfg.n_per_difficulty, cfg.seed, diffs, cfg.max_new_tokens, cfg.batch_size,
                        str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems,
                        rc.data.grader_name)
