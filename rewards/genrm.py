@@ -6,11 +6,12 @@ transformers are imported on the first call, not when the registry imports this 
 
 from __future__ import annotations
 
+from .checkpoint import CheckpointReward
 from .registry import RewardOutput, mean, register_reward
 
 
 @register_reward("genrm")
-class GenRMReward:
+class GenRMReward(CheckpointReward):
     """P(Yes) from a GenRM verifier checkpoint, in [0, 1] per sample.
 
     path: the verifier's HF checkpoint directory; unset, the `rm` stage's of this run (``RUN_DIR/rm/genrm``: the
@@ -23,28 +24,6 @@ class GenRMReward:
     """
 
     run_output = "genrm"  # the rm stage's output directory this reward reads when `path` is unset
-
-    def __init__(self, path: str | None = None, batch_size: int = 32, device: str = "cpu"):
-        self.path = None if path is None else str(path)
-        self.batch_size = int(batch_size)
-        self.device = device
-        self._model = None
-        self._tokenizer = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_model": None, "_tokenizer": None}
-
-    def _load(self):
-        if self._model is None:
-            from posttrain.model import load_model, load_tokenizer
-
-            if self.path is None:
-                raise ValueError("reward 'genrm': no verifier path (set params.path, or run the rm stage before the "
-                                 "RL stage)")
-            self._tokenizer = load_tokenizer(self.path)
-            self._model = load_model(self.path, self.device)
-            self._model.eval()
-        return self._model, self._tokenizer
 
     def __call__(self, prompts, completions, **fields) -> RewardOutput:
         from posttrain.verifier import score

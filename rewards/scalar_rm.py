@@ -3,16 +3,17 @@ reward: its score of the problem and response as one conversation (`posttrain.ve
 
 A Bradley-Terry score is a logit, unbounded and centred wherever training left it: in a sum with verifiable
 rewards give it a small `weight`, or use it as the judge behind a verifier (`reward_combine: gated`, HERO).
-torch and transformers are imported on the first call.
+torch and transformers are imported on the first call (`checkpoint.CheckpointReward`).
 """
 
 from __future__ import annotations
 
+from .checkpoint import CheckpointReward
 from .registry import RewardOutput, mean, register_reward
 
 
 @register_reward("scalar_rm")
-class ScalarRMReward:
+class ScalarRMReward(CheckpointReward):
     """The scalar RM's score per sample.
 
     path: the RM's checkpoint directory; unset, the `rm` stage's of this run (``RUN_DIR/rm/scalar``, which the
@@ -21,32 +22,7 @@ class ScalarRMReward:
     """
 
     run_output = "scalar"  # the rm stage's output directory this reward reads when `path` is unset
-
-    def __init__(self, path: str | None = None, batch_size: int = 32, device: str = "cpu"):
-        self.path = None if path is None else str(path)
-        self.batch_size = int(batch_size)
-        self.device = device
-        self._model = None
-        self._tokenizer = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_model": None, "_tokenizer": None}
-
-    def _load(self):
-        if self._model is None:
-            from transformers import AutoModelForSequenceClassification
-
-            from posttrain.model import load_model, load_tokenizer
-
-            if self.path is None:
-                raise ValueError("reward 'scalar_rm': no checkpoint path (set params.path, or run the rm stage with "
-                                 "rm.scalar.enabled before the RL stage)")
-            self._tokenizer = load_tokenizer(self.path)
-            self._model = load_model(self.path, self.device, auto_class=AutoModelForSequenceClassification,
-                                     num_labels=1)
-            self._model.config.pad_token_id = self._tokenizer.pad_token_id
-            self._model.eval()
-        return self._model, self._tokenizer
+    auto_class = "AutoModelForSequenceClassification"
 
     def __call__(self, prompts, completions, **fields) -> RewardOutput:
         from posttrain.verifier import scalar_scores

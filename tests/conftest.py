@@ -24,6 +24,27 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def foreign_tokenizer():
+    """`make()` -> a small byte-level BPE tokenizer with a chat template of its own and no think or ChatML tokens, as
+    most foreign checkpoints have (what `posttrain prepare` adds them to)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def make():
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(["1+2*3 = 9, the answer is 9 tokens"] * 20, trainer=trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
+        fast.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        return fast
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def arithmetic_sft(tokenizer):
     """`make(n, seed, budgets, budget_traces)` -> (examples, SFT rows) of the embedded task as the sft stage builds
     them (`Task.train_examples`, the task's `budget_demonstration` for budgeted rows), every row budgeted."""

@@ -21,20 +21,11 @@ from posttrain.prepare import prepare_checkpoint
 ADDED = ["<think>", "</think>", "<|im_start|>", "<|im_end|>"]
 
 
-def _foreign(path, tied: bool, family: str = "qwen3_moe"):
-    """A tiny random-init MoE whose tokenizer lacks the think and ChatML tokens (as most foreign checkpoints do)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _foreign(path, fast, tied: bool, family: str = "qwen3_moe"):
+    """A tiny random-init MoE whose tokenizer (`fast`, the `foreign_tokenizer` fixture's) lacks the think and ChatML
+    tokens (as most foreign checkpoints do)."""
     from transformers import GptOssConfig
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["1+2*3 = 9, the answer is 9 tokens"] * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
-    fast.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
     torch.manual_seed(0)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                  tie_word_embeddings=tied, pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)
@@ -77,10 +68,10 @@ def _logits(model, ids):
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def prepared(request, tmp_path_factory):
+def prepared(request, tmp_path_factory, foreign_tokenizer):
     root = tmp_path_factory.mktemp("tied" if request.param else "untied")
     ready = root / "ready"
-    prepare_checkpoint(_foreign(root / "src", request.param), ready)
+    prepare_checkpoint(_foreign(root / "src", foreign_tokenizer(), request.param), ready)
     tuned, ids = _train(ready, root / "tuned")
     return root, ready, tuned, ids, request.param
 
@@ -205,12 +196,12 @@ def test_carried_names_match_exactly_the_changed_modules_under_peft(prepared):
             assert wrapped == {n.removesuffix(".weight") for n in changed}
 
 
-def test_gpt_oss_router_biases_and_norms_travel_and_sinks_are_reported(tmp_path):
+def test_gpt_oss_router_biases_and_norms_travel_and_sinks_are_reported(tmp_path, foreign_tokenizer):
     """GPT-OSS: a changed router (its bias and weight, no LoRA target) is stored whole, changed attention biases go
     as PEFT `bias: lora_only`, a changed norm whole; plain PEFT then gives the trained logits. Sinks (beside the
     LoRA-targeted projections) and the fused experts' biases cannot be carried by name: they are left out."""
     ready = tmp_path / "ready"
-    prepare_checkpoint(_foreign(tmp_path / "src", False, "gpt_oss"), ready)
+    prepare_checkpoint(_foreign(tmp_path / "src", foreign_tokenizer(), False, "gpt_oss"), ready)
     model, tok = load_model(ready), load_tokenizer(ready)
     g = torch.Generator().manual_seed(1)
     layer = model.model.layers[0]

@@ -17,22 +17,14 @@ def _files(d):
 
 
 @pytest.fixture(scope="module")
-def foreign_dir(tmp_path_factory):
+def foreign_dir(tmp_path_factory, foreign_tokenizer):
     """A tiny MoE whose tokenizer has no think or ChatML tokens and a template of its own, with two spare
     embedding rows (as checkpoints pad their vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     from posttrain.model import tiny_moe_config
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["1+2*3 = 9, the answer is 9 tokens"] * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
-    fast.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    fast = foreign_tokenizer()
     torch.manual_seed(0)
     cfg = tiny_moe_config(len(fast) + 2, fast.pad_token_id, fast.eos_token_id, hidden_size=32, num_hidden_layers=2,
                           num_experts=4, moe_intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
