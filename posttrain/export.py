@@ -275,8 +275,9 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
            target_parameters: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
            modules_to_save: tuple[str, ...] = (), trust_remote_code: bool = False, allow_pickle: bool = False,
            carry_embeddings: bool = True, carry_small_tensors: bool = True, max_kl: float = DEFAULT_MAX_KL,
-           allow_lossy: bool = False) -> dict:
+           allow_lossy: bool = False, probe_prompts: list[str] | None = None) -> dict:
     """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json).
+    `probe_prompts`: the prompts the KL check is measured on (default: embedded-task problems).
     An extracted adapter further than `max_kl` from the fine-tuned model raises `LossyExport` (nothing written)
     unless `allow_lossy`."""
     from posttrain.model import load_model, save_model_files, write_dir_atomically
@@ -348,7 +349,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         peft_model, errors, uncovered = extract_adapter(base_model, tuned, rank, mods, params, save + whole + small,
                                                         rows, lora_bias)
         peft_model.peft_config["default"].base_model_name_or_path = str(base.resolve())
-        ids, mask = heldout_batch(tok, tuned)
+        ids, mask = heldout_batch(tok, tuned, prompts=probe_prompts)
         worst = max(errors.values()) if errors else 0.0
         report = {"kind": "lora (extracted by SVD)", "source": str(ckpt), "base": str(base.resolve()), "rank": rank,
                   "relative_frobenius_error": errors, "max_relative_frobenius_error": worst,

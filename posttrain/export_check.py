@@ -51,12 +51,14 @@ def lossy_message(report: dict, max_kl: float) -> str:
             "export.max_kl (--max-kl); export.merged: true (posttrain export --merged) writes the trained model whole")
 
 
-def heldout_batch(tokenizer, tuned_model, n: int = 32, seed: int = 4242):
-    """Held-out chat prompts (autonomous and budgeted) with the fine-tuned model's own greedy responses."""
+def heldout_batch(tokenizer, tuned_model, n: int = 32, seed: int = 4242, prompts: list[str] | None = None):
+    """Held-out chat prompts (autonomous and budgeted) with the fine-tuned model's own greedy responses: the first
+    `n` of `prompts` (the export stage gives its task's held-out problems), else `n` embedded-task problems."""
     from posttrain.generate import generate, render_prompts
     from posttrain.tasks.arithmetic import generate_problems
 
-    problems = [p.expression for p in generate_problems(n, seed)]
+    problems = list(prompts)[:n] if prompts else [p.expression for p in generate_problems(n, seed)]
+    n = len(problems)
     budgets = [None if i % 2 else 32 for i in range(n)]
     responses = generate(tuned_model, tokenizer, problems, budgets, max_new_tokens=64)
     texts = [p + r.text for p, r in zip(render_prompts(tokenizer, problems, budgets), responses)]

@@ -27,7 +27,8 @@ def run(ctx) -> dict:
                     target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
                     modules_to_save=save, trust_remote_code=ctx.cfg.model.trust_remote_code,
                     allow_pickle=ctx.cfg.model.allow_pickle, carry_embeddings=cfg.carry_embeddings,
-                    carry_small_tensors=cfg.carry_small_tensors, max_kl=cfg.max_kl, allow_lossy=cfg.allow_lossy)
+                    carry_small_tensors=cfg.carry_small_tensors, max_kl=cfg.max_kl, allow_lossy=cfg.allow_lossy,
+                    probe_prompts=_probe_prompts(ctx.cfg))
     if report.get("uncovered_changed_params"):
         log.warning("export: training changed %d parameter tensors the adapter does not carry (e.g. %s); to ship "
                     "them, add matrices to export.target_modules / export.target_parameters and other modules to "
@@ -39,3 +40,17 @@ def run(ctx) -> dict:
     log.info("export: %s", ", ".join(f"{k} {v}" for k, v in info.items()))
     return {**info, "merged" if cfg.merged else "adapter": str(out), "report": str(out / "export.json"),
             "produces_model": False}
+
+
+def _probe_prompts(rc) -> list[str] | None:
+    """The KL check's prompts: the recipe's task's held-out problems (a few of each difficulty), so an adapter is
+    judged on the task it was trained for; None (embedded-task problems) where the task has none to give."""
+    from posttrain.data import DataError
+    from posttrain.tasks.task import build_task
+
+    task = build_task(rc)
+    try:
+        problems = task.held_out(max(1, 32 // max(1, len(task.difficulties))), rc.eval.seed)
+    except DataError:  # a file too small to hold rows out: the embedded task's problems
+        return None
+    return [p.expression for p in problems] or None
