@@ -89,3 +89,20 @@ def ray_session():
     init_ray(num_cpus=4)  # logical CPUs: lets the fault tests and 2 DP learners be scheduled side by side
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def talkative_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny random model with larger random weights (at its init, greedy decoding just repeats the last prompt
+    token, which would make token comparisons vacuous)."""
+    import torch
+
+    from posttrain.model import load_model, load_tokenizer, save_model
+
+    model = load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if "norm" in k or "proj" in k:
+                v.copy_(torch.randn(v.shape, generator=g) * (1.0 if "norm" in k else 0.3))
+    return save_model(model, load_tokenizer(tiny_model_dir), tmp_path_factory.mktemp("talkative") / "model")

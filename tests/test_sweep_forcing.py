@@ -6,13 +6,11 @@ import csv
 import json
 
 import pytest
-import test_sweep
 import torch
 
 from posttrain.eval.forcing import forcing_comparison, format_forcing, hard_from
 from posttrain.eval.sweep import MODES, SweepError, grade_responses
 
-talkative_model_dir = test_sweep.talkative_model_dir  # the fixture: the tiny model with larger random weights
 
 # --------------------------------------------------------------------------------------- on the tiny model
 
