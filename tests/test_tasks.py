@@ -144,3 +144,37 @@ def test_reasoning_gym_holds_rows_out_and_never_trains_or_pretrains_on_them():
     assert key["dataset"] == "chain_sum" and key["held_out"] == 30
     ex = task.train_examples(1, 0)[0]
     assert ex.reasoning.splitlines()[-1].endswith(f"= {ex.answer}")  # the running sum ends at the answer
+
+
+def test_chain_sum_budget_demonstrations_fold_terms_to_fit_and_end_at_the_answer(tokenizer):
+    """The `budget_demonstrations` hook: the most explicit running sum that fits (terms folded per line), every
+    line's value right, the last one the answer; none when not even one line fits; SFT's budgeted rows use it."""
+    from posttrain.config import BudgetMix
+    from posttrain.sft_data import build_sft_examples
+    from posttrain.tokenizer import THINK_END, count_tokens
+
+    rc = gym_recipe("chain_sum", "{min_terms: 5, max_terms: 6, max_digits: 1}")
+    task = build_task(rc)
+    assert "budget_demonstrations" in task.hooks_for(rc)
+    count = lambda t: count_tokens(tokenizer, t)  # noqa: E731
+    folded = 0
+    for ex in task.train_examples(40, 0):
+        full = ex.reasoning
+        for budget in (4, 12, 24, 64):
+            got = task.budget_demonstration(ex, budget, count, random.Random(0))
+            assert count(got) <= budget
+            if got:
+                assert got.splitlines()[-1].endswith(f"= {ex.answer}")
+                for line in got.splitlines():
+                    lhs, rhs = line.split(" = ")
+                    assert eval(lhs) == int(rhs)  # noqa: S307 - sums of integers written by the task
+                folded += len(got.splitlines()) < len(full.splitlines())
+            if count(full) <= budget:
+                assert got == full  # the full trace whenever it fits
+    assert folded > 10
+    ex = task.train_examples(30, 0)
+    rows = build_sft_examples(tokenizer, ex, [24], BudgetMix(budgeted=1, autonomous=0, zero=0), 0, 512,
+                              fit=task.budget_demonstration)
+    shown = [tokenizer.decode([t for t, m in zip(r["input_ids"], r["completion_mask"]) if m]).split(THINK_END)[0]
+             for r in rows]
+    assert any(s and s != e.reasoning for s, e in zip(shown, ex)) and all(r["n_think"] <= 24 for r in rows)

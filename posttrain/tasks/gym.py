@@ -11,8 +11,9 @@ difficulty parameters that vary (`metadata["difficulty"]` names them and their r
 picks others), placed in their ranges (`entry_difficulty`).
 
 Hooks: `corpus` for every dataset (the base model pretrains on the training entries' text), `demonstrations` for
-the datasets whose reasoning we can write (`TRACES`: `chain_sum`'s running sum); without one SFT teaches the format
-and the budgets on empty thinking, and RL must find the reasoning.
+the datasets whose reasoning we can write (`TRACES`: `chain_sum`'s running sum) and `budget_demonstrations` where it
+can be folded to fit a budget (`FITTING_TRACES`: several terms a line); without them SFT teaches the format and the
+budgets on empty thinking, and RL must find the reasoning.
 """
 
 from __future__ import annotations
@@ -38,8 +39,29 @@ def chain_sum_trace(entry: dict) -> str:
     return "\n".join(lines)
 
 
-# dataset name -> the full reasoning of an entry (the `demonstrations` hook)
+def chain_sum_fitting_trace(entry: dict, budget: int, count) -> str:
+    """The most explicit running sum that fits `budget` tokens (`count(text)` counts them): `group` terms folded
+    per line, the smallest group that fits (`4 - 1 - 7 = -4` folds two); empty when not even one line fits. As the
+    embedded task's `fit_trace`: a budget buys fewer, harder steps rather than a cut-off trace."""
+    tokens = entry["metadata"]["expression"].split()
+    pairs = list(zip(tokens[1::2], tokens[2::2]))
+    for group in range(1, len(pairs) + 1):
+        acc, lines = int(tokens[0]), []
+        for lo in range(0, len(pairs), group):
+            chunk = pairs[lo:lo + group]
+            new = acc + sum(int(t) if op == "+" else -int(t) for op, t in chunk)
+            lines.append(f"{acc} " + " ".join(f"{op} {t}" for op, t in chunk) + f" = {new}")
+            acc = new
+        text = "\n".join(lines)
+        if count(text) <= budget:
+            return text
+    return ""
+
+
+# dataset name -> the full reasoning of an entry (the `demonstrations` hook), and the reasoning that fits a budget
+# (`budget_demonstrations`; a dataset without one shows its full reasoning when it fits, none otherwise)
 TRACES = {"chain_sum": chain_sum_trace}
+FITTING_TRACES = {"chain_sum": chain_sum_fitting_trace}
 
 
 @functools.lru_cache(maxsize=4)
@@ -79,7 +101,15 @@ class ReasoningGymTask(FileTask):
 
     @classmethod
     def hooks_for(cls, rc) -> frozenset[str]:
-        return frozenset({"corpus"} | ({"demonstrations"} if rc.data.dataset in TRACES else set()))
+        name = rc.data.dataset
+        return frozenset({"corpus"} | ({"demonstrations"} if name in TRACES else set())
+                         | ({"budget_demonstrations"} if name in FITTING_TRACES else set()))
+
+    def budget_demonstration(self, problem, budget: int, count, rng: random.Random) -> str:
+        fit = FITTING_TRACES.get(self.rc.data.dataset)
+        if fit is None or getattr(problem, "tests", None) is None:
+            return super().budget_demonstration(problem, budget, count, rng)
+        return fit(problem.tests, budget, count)
 
     @property
     def where(self) -> str:
