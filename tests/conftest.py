@@ -106,3 +106,22 @@ def talkative_model_dir(tmp_path_factory, tiny_model_dir):
             if "norm" in k or "proj" in k:
                 v.copy_(torch.randn(v.shape, generator=g) * (1.0 if "norm" in k else 0.3))
     return save_model(model, load_tokenizer(tiny_model_dir), tmp_path_factory.mktemp("talkative") / "model")
+
+
+@pytest.fixture
+def noisy_rewards(monkeypatch):
+    """Per-row noise on the RL reward worker's real scores: the random tiny model never answers correctly, so every
+    reward would be 0, every group dropped and nothing learnt; with the noise advantages (and the update) are
+    non-zero. Correctness and the metrics stay the real ones."""
+    import functools
+
+    from posttrain.workers.reward import RLRewardWorker
+
+    real = RLRewardWorker.score
+
+    @functools.wraps(real)
+    def noisy(self, *args, **kwargs):
+        scores, correct, metrics = real(self, *args, **kwargs)
+        return [s + 0.1 * (i % 3) for i, s in enumerate(scores)], correct, metrics
+
+    monkeypatch.setattr(RLRewardWorker, "score", noisy)

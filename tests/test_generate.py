@@ -3,12 +3,10 @@ RL stage's and the sweep's RolloutWorkers run, so both paths give one model the 
 `ThinkCap` (`reference_generate`) is the independent check; and the cap forces `</think>` exactly at the budget."""
 
 import pytest
-import test_sweep
 import torch
 
 from posttrain.generate import ThinkCap
 
-talkative_model_dir = test_sweep.talkative_model_dir  # the fixture: the tiny model with larger random weights
 
 N, MAX_NEW = 8, 14
 MODES = {"natural": dict(cap=False), "capped": dict(cap=True), "forced": dict(cap=True, budget_in_prompt=False)}

@@ -225,20 +225,6 @@ def test_stale_rows_are_dropped_past_the_bound():
     assert (m["async/staleness_0_share"], m["async/staleness_1_share"]) == (0.4, 0.4)
 
 
-def _noisy_rewards(monkeypatch):
-    """Per-row noise on the real scores (the random tiny model never answers correctly): non-zero advantages."""
-    from posttrain.workers.reward import RLRewardWorker
-
-    real = RLRewardWorker.score
-
-    @functools.wraps(real)
-    def noisy(self, *args, **kwargs):
-        scores, correct, metrics = real(self, *args, **kwargs)
-        return [s + 0.1 * (i % 3) for i, s in enumerate(scores)], correct, metrics
-
-    monkeypatch.setattr(RLRewardWorker, "score", noisy)
-
-
 def _run(run_dir, model, *extra):
     from posttrain.pipeline import run_recipe
 
@@ -258,14 +244,14 @@ def _untimed(m):
     return {k: v for k, v in m.items() if not k.startswith("time")}
 
 
-def test_k0_is_the_synchronous_step_and_k1_trains_on_batches_one_version_old(tiny_model_dir, tmp_path, monkeypatch):
+def test_k0_is_the_synchronous_step_and_k1_trains_on_batches_one_version_old(tiny_model_dir, tmp_path, monkeypatch,
+                                                                              noisy_rewards):
     """K=0 written out is the recipe without an `async` section: the same metrics and weights, no async metrics.
     K=1: step 0's batch is the synchronous one (version 0 both ways); later rows are one version old; a row stamped
     three versions older than it is never reaches the learner (its loss mask is 0) and is counted each step."""
     from posttrain.workers.learner import LearnerWorker
     from posttrain.workers.rollout import RolloutWorker
 
-    _noisy_rewards(monkeypatch)
     local = ["ray.backend=local", "grpo.steps=3"]
     sync_info, sync = _run(tmp_path / "sync", tiny_model_dir, *local)
     k0_info, k0 = _run(tmp_path / "k0", tiny_model_dir, *local, "grpo.async.max_staleness=0",
@@ -304,13 +290,12 @@ def test_k0_is_the_synchronous_step_and_k1_trains_on_batches_one_version_old(tin
         assert k1[0][key] == sync[0][key]  # step 0: the same seed and weights (version 0)
 
 
-def test_k1_resumes_after_a_failure_with_the_bound_kept(tiny_model_dir, tmp_path, monkeypatch):
+def test_k1_resumes_after_a_failure_with_the_bound_kept(tiny_model_dir, tmp_path, monkeypatch, noisy_rewards):
     """A run at K=1 that fails in step 2's update resumes from the step-2 save: every step once in metrics.jsonl,
     the resumed step's batch generated anew (staleness 0), the bound kept throughout."""
     from posttrain.rlstate import latest
     from posttrain.workers.learner import LearnerWorker
 
-    _noisy_rewards(monkeypatch)
     real, calls = LearnerWorker.step, [0]
 
     @functools.wraps(real)

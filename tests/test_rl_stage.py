@@ -15,21 +15,6 @@ TINY = ["threads=1", "task.max_difficulty=2", "{algo}.steps=2", "{algo}.prompts_
         "{algo}.eval_max_new_tokens=8"]
 
 
-def _noisy_rewards(monkeypatch):
-    """The random tiny model never answers correctly, so every reward would be 0 and nothing would be learnt;
-    add per-row noise to the real scores so that advantages (and the update) are non-zero."""
-    from posttrain.workers.reward import RLRewardWorker
-
-    real = RLRewardWorker.score
-
-    @functools.wraps(real)
-    def noisy(self, *args, **kwargs):
-        scores, correct, metrics = real(self, *args, **kwargs)
-        return [s + 0.1 * (i % 3) for i, s in enumerate(scores)], correct, metrics
-
-    monkeypatch.setattr(RLRewardWorker, "score", noisy)
-
-
 def _overrides(tmp_path, tiny_model_dir, algo, extra=()) -> list[str]:
     return [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"stages=[{algo}]",
             *[s.format(algo=algo) for s in TINY], *extra]
@@ -52,8 +37,7 @@ def _changed(info, tiny_model_dir) -> bool:
     return any((p - b[n]).abs().max() > 0 for n, p in trained.named_parameters())
 
 
-def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    _noisy_rewards(monkeypatch)
+def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch, capsys, noisy_rewards):
     extra = ["ray.backend=local", "grpo.kl_coef=0.1", "grpo.router_aux_coef=0.01"]
     info, lines = _run(tmp_path, tiny_model_dir, "grpo", extra)
     assert [m["step"] for m in lines] == [0, 1]
@@ -94,8 +78,7 @@ def test_grpo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch, caps
     assert f"p {v['accuracy_capped_middle']['p_value']:.3g}  {v['accuracy_capped_middle']['measurably']}" in out
 
 
-def test_ppo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch):
-    _noisy_rewards(monkeypatch)
+def test_ppo_stage_end_to_end_local(tiny_model_dir, tmp_path, monkeypatch, noisy_rewards):
     info, lines = _run(tmp_path, tiny_model_dir, "ppo", ["ray.backend=local"])
     for m in lines:
         for key in ("critic/vf_loss", "critic/vpred_mean", "actor/reward_kl_penalty", "actor/pg_loss"):
@@ -136,12 +119,11 @@ def test_grpo_advantages_mask_dropped_groups_and_forced_tokens():
     assert mask[2:].sum() == 0  # the second group's rewards are all equal: dropped
 
 
-def test_grpo_with_lora_syncs_only_the_adapter(tiny_model_dir, tmp_path, monkeypatch):
+def test_grpo_with_lora_syncs_only_the_adapter(tiny_model_dir, tmp_path, monkeypatch, noisy_rewards):
     """grpo.lora.enabled: the learner trains a LoRA adapter, only adapter tensors go to the rollout workers,
     and the stage's checkpoint is the merged model (different from the input)."""
     from posttrain.workers.rollout import RolloutWorker
 
-    _noisy_rewards(monkeypatch)
     sent = []
     real = RolloutWorker.update_weights
 
@@ -158,12 +140,11 @@ def test_grpo_with_lora_syncs_only_the_adapter(tiny_model_dir, tmp_path, monkeyp
     assert _changed(info, tiny_model_dir)
 
 
-def test_grpo_with_routing_replay(tiny_model_dir, tmp_path, monkeypatch):
+def test_grpo_with_routing_replay(tiny_model_dir, tmp_path, monkeypatch, noisy_rewards):
     """grpo.routing_replay: rollouts record every token's experts and the learner replays them (R3); the run
     trains and reports router metrics."""
     from posttrain.learner import Learner
 
-    _noisy_rewards(monkeypatch)
     seen = []
     real = Learner.forward
 
@@ -279,10 +260,9 @@ def test_first_error_marks_land_on_the_token_that_went_wrong(tokenizer):
     torch.testing.assert_close(adv, plain[:, None] + marks)
 
 
-def test_grpo_with_ptx_and_process_penalty(tiny_model_dir, tmp_path, monkeypatch):
+def test_grpo_with_ptx_and_process_penalty(tiny_model_dir, tmp_path, monkeypatch, noisy_rewards):
     """grpo.ptx_coef and grpo.process_penalty: the stage trains and reports the demonstrations' NLL and the share
     of responses whose first error was marked (the random tiny model is wrong everywhere)."""
-    _noisy_rewards(monkeypatch)
     info, lines = _run(tmp_path, tiny_model_dir, "grpo", ["ray.backend=local", "grpo.ptx_coef=0.5",
                                                            "grpo.process_penalty=0.5"])
     assert all(math.isfinite(m["actor/ptx_nll"]) and m["actor/ptx_nll"] > 0 for m in lines)
@@ -348,8 +328,7 @@ def test_file_problems_split_held_out_rows_per_budget_and_sample_the_rest(tmp_pa
                                                     "closed": True, "forced": False})()] * 2)[0].correct
 
 
-def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monkeypatch):
-    _noisy_rewards(monkeypatch)
+def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monkeypatch, noisy_rewards):
     _word_problems(tmp_path / "d.jsonl")
     info, lines = _run(tmp_path, tiny_model_dir, "grpo", [
         "ray.backend=local", "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
@@ -366,12 +345,12 @@ def test_grpo_trains_and_evaluates_on_a_data_file(tiny_model_dir, tmp_path, monk
     assert set(info["summary"]["comparison"]) == {"4", "auto"}
 
 
-def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(tiny_model_dir, tmp_path, monkeypatch):
+def test_eval_and_sweep_stages_on_a_data_file_evaluate_the_rows_grpo_held_out(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           noisy_rewards):
     from posttrain.tasks.files import first_per_difficulty
     from posttrain.pipeline import run_recipe
     from posttrain.tasks.task import build_task
 
-    _noisy_rewards(monkeypatch)
     rows = _word_problems(tmp_path / "d.jsonl")
     data = ["data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q", "data.answer_column=a",
             "data.difficulty_column=lvl"]

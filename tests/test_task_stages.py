@@ -3,7 +3,6 @@ reasoning-gym datasets by name, `posttrain sweep --model RUN` on their held-out 
 and scalar RM as RL reward terms."""
 
 import argparse
-import functools
 import json
 import math
 
@@ -89,20 +88,10 @@ def test_a_data_file_changed_since_the_run_is_not_swept_as_its_held_out_rows(tmp
         build_task(load_recipe(None, over)).check_recorded(tmp_path / "run")
 
 
-def test_tis_from_the_recipe_weights_the_learners_update(tiny_model_dir, tmp_path, monkeypatch):
+def test_tis_from_the_recipe_weights_the_learners_update(tiny_model_dir, tmp_path, noisy_rewards):
     """grpo.tis_cap: the learner recomputes the old policy's log-probs and reports the truncated IS weights (the
     rollout worker and the learner run the same model here, so the weights are close to 1)."""
     from posttrain.pipeline import run_recipe
-    from posttrain.workers.reward import RLRewardWorker
-
-    real = RLRewardWorker.score  # the random model is never right: vary the scores so that no group is dropped
-
-    @functools.wraps(real)
-    def noisy(self, *args, **kwargs):
-        scores, correct, metrics = real(self, *args, **kwargs)
-        return [s + 0.1 * (i % 3) for i, s in enumerate(scores)], correct, metrics
-
-    monkeypatch.setattr(RLRewardWorker, "score", noisy)
 
     run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "stages=[grpo]",
                                   *SMALL_RL, "grpo.tis_cap=2.0"]))
