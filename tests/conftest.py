@@ -125,3 +125,28 @@ def noisy_rewards(monkeypatch):
         return [s + 0.1 * (i % 3) for i, s in enumerate(scores)], correct, metrics
 
     monkeypatch.setattr(RLRewardWorker, "score", noisy)
+
+
+@pytest.fixture(scope="session")
+def ragged_batch():
+    """`make(seed=0, T=5, group=2)` -> a `RolloutBatch` of 2 groups of `group` rows (4 rows at group 2) with ragged
+    prompts (left-padded) and responses of 5, 3, 4, 2 tokens, and one forced token (row 1, position 1: out of the
+    loss); log-probs 0. For learner tests on the tiny model."""
+    import torch
+
+    from posttrain.workers.rollout import RolloutBatch
+
+    def make(seed: int = 0, T: int = 5, group: int = 2):
+        g = torch.Generator().manual_seed(seed)
+        n, P = 2 * group, 4
+        prompt_mask = (torch.arange(P)[None] >= P - torch.randint(2, P + 1, (n,), generator=g)[:, None]).long()
+        response_mask = (torch.arange(T)[None] < torch.tensor([5, 3, 4, 2])[:, None]).long()
+        forced = torch.zeros(n, T, dtype=torch.bool)
+        forced[1, 1] = True
+        return RolloutBatch(prompt_ids=torch.randint(3, 100, (n, P), generator=g), prompt_mask=prompt_mask,
+                            response_ids=torch.randint(3, 100, (n, T), generator=g), response_mask=response_mask,
+                            logp=torch.zeros(n, T), forced_mask=forced, n_think=[1] * n, closed=[True] * n,
+                            forced=[False, True, False, False], group_index=[i // group for i in range(n)],
+                            budgets=[None] * n, texts=[""] * n)
+
+    return make

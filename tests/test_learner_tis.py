@@ -10,23 +10,6 @@ torch.set_num_threads(1)
 GROUP, T = 2, 5
 
 
-def _batch(seed=0):
-    """2 groups of 2 rows, ragged prompts and responses, a forced token (out of the loss)."""
-    from posttrain.workers.rollout import RolloutBatch
-
-    g = torch.Generator().manual_seed(seed)
-    n, P = 2 * GROUP, 4
-    prompt_mask = (torch.arange(P)[None] >= P - torch.randint(2, P + 1, (n,), generator=g)[:, None]).long()
-    response_mask = (torch.arange(T)[None] < torch.tensor([5, 3, 4, 2])[:, None]).long()
-    forced = torch.zeros(n, T, dtype=torch.bool)
-    forced[1, 1] = True
-    return RolloutBatch(prompt_ids=torch.randint(3, 100, (n, P), generator=g), prompt_mask=prompt_mask,
-                        response_ids=torch.randint(3, 100, (n, T), generator=g), response_mask=response_mask,
-                        logp=torch.zeros(n, T), forced_mask=forced, n_think=[1] * n, closed=[True] * n,
-                        forced=[False, True, False, False], group_index=[i // GROUP for i in range(n)],
-                        budgets=[None] * n, texts=[""] * n)
-
-
 def _worker(model_dir, **kw):
     from posttrain.workers.learner import LearnerWorker
 
@@ -46,12 +29,12 @@ def _spy_losses(learner) -> list[float]:
 
 @pytest.mark.parametrize("mini_batches", [1, 2])
 def test_weights_are_one_and_the_update_is_unchanged_when_the_rollout_logp_is_the_learners(tiny_model_dir,
-                                                                                            mini_batches):
+                                                                                            mini_batches, ragged_batch):
     """Rollout log-probs equal to the learner's own: every weight is exactly 1 and the step (every mini-batch's
     loss, the weights after it) is bit for bit the step without TIS, whose old policy is the rollout's."""
     from posttrain.learner import group_bounds
 
-    batch, adv = _batch(), torch.tensor([1.0, -1.0, 0.5, -2.0])
+    batch, adv = ragged_batch(0), torch.tensor([1.0, -1.0, 0.5, -2.0])
     tis, plain = _worker(tiny_model_dir, tis_cap=2.0), _worker(tiny_model_dir)
     tis.learner.model.train()
     batch.logp = tis.learner.old_logp(batch, group_bounds(len(batch), GROUP, mini_batches), batch.loss_mask)
@@ -66,14 +49,14 @@ def test_weights_are_one_and_the_update_is_unchanged_when_the_rollout_logp_is_th
     assert all(torch.equal(w_tis[n], w_plain[n]) for n in w_plain)
 
 
-def test_policy_loss_is_weighted_by_the_capped_ratio_of_learner_to_rollout(tiny_model_dir):
+def test_policy_loss_is_weighted_by_the_capped_ratio_of_learner_to_rollout(tiny_model_dir, ragged_batch):
     """Rollout log-probs off the learner's by -1.5 to +1.5: the first update's loss is the hand computation
     mean over loss tokens of -A * min(exp(old - rollout), cap) (the learner's ratio to its own old policy is 1),
     the metrics report the weights' mean and max, and without TIS the loss is a different one."""
     from posttrain.learner import group_bounds
 
     cap = 1.5
-    batch, adv = _batch(1), torch.tensor([1.0, -1.0, 0.5, -2.0])
+    batch, adv = ragged_batch(1), torch.tensor([1.0, -1.0, 0.5, -2.0])
     tis, plain = _worker(tiny_model_dir, tis_cap=cap), _worker(tiny_model_dir)
     tis.learner.model.train()
     own = tis.learner.old_logp(batch, group_bounds(len(batch), GROUP, 1), batch.loss_mask)

@@ -124,23 +124,6 @@ def test_corrections_are_identities_on_identical_log_probs_and_engage_on_far_one
     assert tis.metrics["rollout/tis_clipfrac"] == pytest.approx((7 + 3 + 4) / 25)  # the tokens of rows 0, 2, 4
 
 
-def _batch(T=5, group=2):
-    """2 groups of 2 rows, ragged prompts and responses, a forced token (out of the loss)."""
-    from posttrain.workers.rollout import RolloutBatch
-
-    g = torch.Generator().manual_seed(1)
-    n, P = 2 * group, 4
-    prompt_mask = (torch.arange(P)[None] >= P - torch.randint(2, P + 1, (n,), generator=g)[:, None]).long()
-    response_mask = (torch.arange(T)[None] < torch.tensor([5, 3, 4, 2])[:, None]).long()
-    forced = torch.zeros(n, T, dtype=torch.bool)
-    forced[1, 1] = True
-    return RolloutBatch(prompt_ids=torch.randint(3, 100, (n, P), generator=g), prompt_mask=prompt_mask,
-                        response_ids=torch.randint(3, 100, (n, T), generator=g), response_mask=response_mask,
-                        logp=torch.zeros(n, T), forced_mask=forced, n_think=[1] * n, closed=[True] * n,
-                        forced=[False, True, False, False], group_index=[i // group for i in range(n)],
-                        budgets=[None] * n, texts=[""] * n)
-
-
 def _spy_losses(learner) -> list[float]:
     losses, apply = [], learner._apply
 
@@ -152,7 +135,7 @@ def _spy_losses(learner) -> list[float]:
     return losses
 
 
-def test_masked_tokens_leave_the_learners_loss(tiny_model_dir):
+def test_masked_tokens_leave_the_learners_loss(tiny_model_dir, ragged_batch):
     """`mis` in the learner: rollout log-probs off the learner's own by -1.5..1.5 nats; the update equals, bit for
     bit, the update without a correction on the learner's own log-probs with the masked tokens taken out by hand."""
     import dataclasses
@@ -165,7 +148,7 @@ def test_masked_tokens_leave_the_learners_loss(tiny_model_dir):
                              **kw)
 
     GROUP, T = 2, 5
-    batch, adv = _batch(T, GROUP), torch.tensor([1.0, -1.0, 0.5, -2.0])
+    batch, adv = ragged_batch(1, T, GROUP), torch.tensor([1.0, -1.0, 0.5, -2.0])
     mis, plain = worker(correction="mis", correction_cap=2.0), worker()
     mis.learner.model.train()
     own = mis.learner.old_logp(batch, group_bounds(len(batch), GROUP, 1), batch.loss_mask)
