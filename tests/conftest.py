@@ -150,3 +150,20 @@ def ragged_batch():
                             budgets=[None] * n, texts=[""] * n)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def loss_spy():
+    """`spy(learner) -> list`: the list fills with each mini-batch loss the `posttrain.learner.Learner` applies."""
+
+    def spy(learner) -> list[float]:
+        losses, apply = [], learner._apply
+
+        def record(loss):
+            losses.append(float(loss.detach()))
+            return apply(loss)
+
+        learner._apply = record
+        return losses
+
+    return spy

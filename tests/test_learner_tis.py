@@ -16,20 +16,9 @@ def _worker(model_dir, **kw):
     return LearnerWorker(str(model_dir), lr=1e-2, router_aux_coef=0.0, router_metrics=False, kl_coef=0.0, **kw)
 
 
-def _spy_losses(learner) -> list[float]:
-    losses, apply = [], learner._apply
-
-    def spy(loss):
-        losses.append(float(loss.detach()))
-        return apply(loss)
-
-    learner._apply = spy
-    return losses
-
-
 @pytest.mark.parametrize("mini_batches", [1, 2])
-def test_weights_are_one_and_the_update_is_unchanged_when_the_rollout_logp_is_the_learners(tiny_model_dir,
-                                                                                            mini_batches, ragged_batch):
+def test_weights_are_one_and_the_update_is_unchanged_when_the_rollout_logp_is_the_learners(
+        tiny_model_dir, mini_batches, ragged_batch, loss_spy):
     """Rollout log-probs equal to the learner's own: every weight is exactly 1 and the step (every mini-batch's
     loss, the weights after it) is bit for bit the step without TIS, whose old policy is the rollout's."""
     from posttrain.learner import group_bounds
@@ -39,7 +28,7 @@ def test_weights_are_one_and_the_update_is_unchanged_when_the_rollout_logp_is_th
     tis.learner.model.train()
     batch.logp = tis.learner.old_logp(batch, group_bounds(len(batch), GROUP, mini_batches), batch.loss_mask)
     assert batch.logp[batch.loss_mask.bool()].abs().min() > 0  # real log-probs on every loss token
-    seen = [_spy_losses(w.learner) for w in (tis, plain)]
+    seen = [loss_spy(w.learner) for w in (tis, plain)]
     metrics = [w.step(batch, adv, mini_batches=mini_batches, group_size=GROUP) for w in (tis, plain)]
     assert metrics[0]["actor/updates"] == metrics[1]["actor/updates"] == mini_batches
     assert metrics[0]["rollout/tis_weight_mean"] == metrics[0]["rollout/tis_weight_max"] == 1.0
@@ -49,7 +38,8 @@ def test_weights_are_one_and_the_update_is_unchanged_when_the_rollout_logp_is_th
     assert all(torch.equal(w_tis[n], w_plain[n]) for n in w_plain)
 
 
-def test_policy_loss_is_weighted_by_the_capped_ratio_of_learner_to_rollout(tiny_model_dir, ragged_batch):
+def test_policy_loss_is_weighted_by_the_capped_ratio_of_learner_to_rollout(tiny_model_dir, ragged_batch,
+                                                                         loss_spy):
     """Rollout log-probs off the learner's by -1.5 to +1.5: the first update's loss is the hand computation
     mean over loss tokens of -A * min(exp(old - rollout), cap) (the learner's ratio to its own old policy is 1),
     the metrics report the weights' mean and max, and without TIS the loss is a different one."""
@@ -62,7 +52,7 @@ def test_policy_loss_is_weighted_by_the_capped_ratio_of_learner_to_rollout(tiny_
     own = tis.learner.old_logp(batch, group_bounds(len(batch), GROUP, 1), batch.loss_mask)
     shift = torch.linspace(-1.5, 1.5, len(batch) * T).view(len(batch), T)
     batch.logp = (own + shift) * batch.response_mask
-    seen = [_spy_losses(w.learner) for w in (tis, plain)]
+    seen = [loss_spy(w.learner) for w in (tis, plain)]
     metrics = tis.step(batch, adv, group_size=GROUP)
     plain.step(batch, adv, group_size=GROUP)
 

@@ -124,18 +124,7 @@ def test_corrections_are_identities_on_identical_log_probs_and_engage_on_far_one
     assert tis.metrics["rollout/tis_clipfrac"] == pytest.approx((7 + 3 + 4) / 25)  # the tokens of rows 0, 2, 4
 
 
-def _spy_losses(learner) -> list[float]:
-    losses, apply = [], learner._apply
-
-    def spy(loss):
-        losses.append(float(loss.detach()))
-        return apply(loss)
-
-    learner._apply = spy
-    return losses
-
-
-def test_masked_tokens_leave_the_learners_loss(tiny_model_dir, ragged_batch):
+def test_masked_tokens_leave_the_learners_loss(tiny_model_dir, ragged_batch, loss_spy):
     """`mis` in the learner: rollout log-probs off the learner's own by -1.5..1.5 nats; the update equals, bit for
     bit, the update without a correction on the learner's own log-probs with the masked tokens taken out by hand."""
     import dataclasses
@@ -157,7 +146,7 @@ def test_masked_tokens_leave_the_learners_loss(tiny_model_dir, ragged_batch):
     keep = torch.tensor([[0.5 <= math.exp(-float(shift[i, j])) <= 2.0 for j in range(T)] for i in range(len(batch))])
     mask = batch.loss_mask * keep.long()
     assert 0 < int(mask.sum()) < int(batch.loss_mask.sum())
-    seen = [_spy_losses(w.learner) for w in (mis, plain)]
+    seen = [loss_spy(w.learner) for w in (mis, plain)]
     metrics = mis.step(batch, adv, group_size=GROUP)
     plain.step(dataclasses.replace(batch, logp=own), adv, mask=mask, group_size=GROUP)
     assert seen[0] == seen[1]
