@@ -11,7 +11,7 @@ from __future__ import annotations
 from .registry import RewardOutput, get_field, mean, register_reward
 from .shaping import (L1_ALPHA, L1_MAX_DELTA, check_group_weight, dapo_overlong_penalty, group_length_bonus,
                       l1_exact, l1_max, length_group_combine)
-from .verifiable import get_grader, gold_field
+from .verifiable import correctness, get_grader
 
 
 class _Graded:
@@ -24,11 +24,7 @@ class _Graded:
         self.grader = grader
 
     def _correct(self, completions, fields) -> list[float]:
-        n = len(completions)
-        field = gold_field(self.grader)  # what the grader compares with (`verifiable.gold`)
-        golds = get_field(fields, field, n, reward=self.name)
-        grade = get_grader(self.grader)
-        return [1.0 if grade(c, a) else 0.0 for c, a in zip(completions, golds)]
+        return correctness(self.grader, completions, fields, self.name)
 
 
 class _BudgetReward(_Graded):

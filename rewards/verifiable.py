@@ -123,8 +123,27 @@ def get_grader(name: str) -> Callable[[str, object], bool]:
     return GRADERS.get(name)
 
 
+class GraderReward:
+    """1.0 when `grader` (a `GRADERS` name) judges the completion right, else 0.0: a grader as a reward, reading the
+    per-example field the grader compares with (`gold_field`: ``answer``, or ``tests`` for code and reasoning-gym)."""
+
+    grader = ""
+
+    def __call__(self, prompts, completions, **fields) -> RewardOutput:
+        scores = correctness(self.grader, completions, fields, self.reward_name)
+        return RewardOutput(scores, {"accuracy": mean(scores)})
+
+
+def correctness(grader: str, completions, fields: dict, reward: str) -> list[float]:
+    """1.0 or 0.0 per completion by `grader`, against the batch field it compares with (`gold_field`); `reward`
+    names the reward in a missing-field error. What the grader rewards and the budget rewards' correctness share."""
+    golds = get_field(fields, gold_field(grader), len(completions), reward=reward)
+    grade = get_grader(grader)
+    return [1.0 if grade(c, g) else 0.0 for c, g in zip(completions, golds)]
+
+
 @register_reward("exact_int")
-class ExactIntReward:
+class ExactIntReward(GraderReward):
     """1.0 when the completion closed its think block and then stated exactly the gold integer, else 0.0.
 
     Fields: ``answer`` (B,) gold integers (int or str). A gold answer that is not an integer raises (a data bug).
@@ -133,35 +152,26 @@ class ExactIntReward:
     [1.0]
     """
 
-    def __call__(self, prompts, completions, **fields) -> RewardOutput:
-        answers = get_field(fields, "answer", len(completions), reward="exact_int")
-        scores = [1.0 if grade_integer(c, a) else 0.0 for c, a in zip(completions, answers)]
-        return RewardOutput(scores, {"accuracy": mean(scores)})
+    grader = "exact_int"
 
 
 @register_reward("reasoning_gym")
-class ReasoningGymReward:
+class ReasoningGymReward(GraderReward):
     """1.0 when the answer after ``</think>`` gets the full score of its reasoning-gym dataset
     (`grade_reasoning_gym`), else 0.0. Fields: ``tests`` (B,) the examples' reasoning-gym entries."""
 
-    def __call__(self, prompts, completions, **fields) -> RewardOutput:
-        entries = get_field(fields, "tests", len(completions), reward="reasoning_gym")
-        scores = [1.0 if grade_reasoning_gym(c, e) else 0.0 for c, e in zip(completions, entries)]
-        return RewardOutput(scores, {"accuracy": mean(scores)})
+    grader = "reasoning_gym"
 
 
 @register_reward("exact")
-class ExactReward:
+class ExactReward(GraderReward):
     """1.0 when the answer after ``</think>`` equals the gold ``answer`` as text (`grade_exact`), else 0.0.
 
     >>> ExactReward()(["q"], ["hm</think>\\n\\nParis"], answer=["paris"]).scores
     [1.0]
     """
 
-    def __call__(self, prompts, completions, **fields) -> RewardOutput:
-        answers = get_field(fields, "answer", len(completions), reward="exact")
-        scores = [1.0 if grade_exact(c, a) else 0.0 for c, a in zip(completions, answers)]
-        return RewardOutput(scores, {"accuracy": mean(scores)})
+    grader = "exact"
 
 
 def is_well_formed(completion: str) -> bool:
