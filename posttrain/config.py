@@ -271,15 +271,13 @@ class ExportStageConfig(Section):
 
     rank: int = Field(16, ge=1, description="Rank of an adapter extracted from a full fine-tune.")
     merged: bool = Field(False, description="Write a full HF checkpoint (RUN/export/merged) instead of an adapter.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Linear modules an extracted adapter covers (those the model lacks are skipped).",
-    )
-    target_parameters: list[str] = Field(
-        default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
-        description="Parameters (fused 3-D experts, routers) an extracted adapter covers via PEFT "
-        "`target_parameters`.",
-    )
+    target_modules: list[str] | None = Field(
+        None, description="Linear modules an extracted adapter covers; unset: the family's (attention, MLA "
+        "projections, shared experts where PEFT allows: docs/moe_families.md). An entry that matches nothing is an "
+        "error.")
+    target_parameters: list[str] | None = Field(
+        None, description="Parameters (fused 3-D experts, routers) an extracted adapter covers via PEFT "
+        "`target_parameters`; unset: the family's fused experts and `mlp.gate.weight` routers.")
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules (name suffixes) an extracted adapter stores whole with their tuned weights (PEFT "

@@ -271,13 +271,14 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
 
 
 def export(model: str | Path, out: str | Path, merged: bool = False, rank: int = 16, base: str | Path | None = None,
-           target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-           target_parameters: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
+           target_modules: tuple[str, ...] | None = None, target_parameters: tuple[str, ...] | None = None,
            modules_to_save: tuple[str, ...] = (), trust_remote_code: bool = False, allow_pickle: bool = False,
            carry_embeddings: bool = True, carry_small_tensors: bool = True, max_kl: float = DEFAULT_MAX_KL,
            allow_lossy: bool = False, probe_prompts: list[str] | None = None) -> dict:
     """Write the adapter (or merged checkpoint) and tokenizer to `out`; returns the report (also export.json).
     `probe_prompts`: the prompts the KL check is measured on (default: embedded-task problems).
+    `target_modules` / `target_parameters` of an extracted adapter: None for the family's (`export_targets`); an
+    explicit entry that matches nothing in the model is an `ExportError` naming `export.target_modules`.
     An extracted adapter further than `max_kl` from the fine-tuned model raises `LossyExport` (nothing written)
     unless `allow_lossy`."""
     from posttrain.model import load_model, save_model_files, write_dir_atomically
@@ -323,8 +324,7 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
                               f"(looked for {run_base or 'a run directory around the checkpoint'}); pass --base")
         tok = _tokenizer(ckpt)
         tuned, base_model = load_model(ckpt, **load), load_model(base, **load)
-        mods = [m for m in target_modules if any(n.endswith(m) for n, _ in base_model.named_modules())]
-        params = [p for p in target_parameters if any(n.endswith(p) for n, _ in base_model.named_parameters())]
+        mods, params = export_targets(base_model, target_modules, target_parameters)
         names = [n for n, _ in base_model.named_modules() if n]
         unknown = [m for m in modules_to_save if not any(n.endswith(m) for n in names)]  # PEFT's matching
         if unknown:
@@ -377,6 +377,36 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         write_dir_atomically(out, fill)
     log.info("export: %s -> %s", report["kind"], out)
     return report
+
+
+def export_targets(model, target_modules=None, target_parameters=None) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) an extracted adapter covers on `model`. None stands for the family's LoRA
+    targets (`moe_lora.family_lora_targets`: attention variants such as MLA, shared experts where PEFT allows, the
+    fused experts) plus the softmax routers' `mlp.gate.weight`; an explicit entry that matches no module
+    (parameter) of the model, or that PEFT would rewrite to the fused experts, is an ExportError naming the key."""
+    from posttrain.moe_lora import family_lora_targets, peft_matches, peft_remapped
+
+    fam_mods, fam_params = family_lora_targets(model)
+    names = [n for n, _ in model.named_modules()], [n for n, _ in model.named_parameters()]
+    if any(peft_matches(n, "mlp.gate.weight") for n in names[1]):
+        fam_params = [*fam_params, "mlp.gate.weight"]
+    out = []
+    for key, asked, fam, have in (("target_modules", target_modules, fam_mods, names[0]),
+                                  ("target_parameters", target_parameters, fam_params, names[1])):
+        if asked is None:
+            out.append(list(fam))
+            continue
+        missing = [t for t in asked if not any(peft_matches(n, t) for n in have)]
+        if missing:
+            raise ExportError(f"export.{key}: {missing} match{'es' if len(missing) == 1 else ''} nothing in "
+                              f"{type(model).__name__}; this family's are {fam} (leave export.{key} unset for them)")
+        remapped = peft_remapped(model, list(asked)) if key == "target_modules" else []
+        if remapped:
+            raise ExportError(f"export.target_modules: {remapped}: for {model.config.model_type} PEFT rewrites these "
+                              "names to the fused expert parameters, so no Linear layer of that name would be "
+                              "adapted; store such modules whole with export.modules_to_save (e.g. [shared_experts])")
+        out.append(list(asked))
+    return out[0], out[1]
 
 
 def _tokenizer(path: Path):

@@ -1,5 +1,5 @@
-"""The MoE families of transformers 5.23, each as a tiny random-init checkpoint built here (hidden 32, 2 layers,
-4 experts, top-2): routing recorded on a forward and replayed gives identical logits, router metrics and the
+"""The MoE families of transformers 5.23, each as a tiny random-init model (conftest's `family_config`: hidden 32,
+2 layers, 4 experts, top-2): routing recorded on a forward and replayed gives identical logits, router metrics and the
 family's load-balancing objective, LoRA targets that exist (MLA and shared experts included), and the features
 `posttrain.moe.check_moe_features` reports from config.json alone. GLM4-MoE stands for sigmoid routing without
 expert groups."""
@@ -14,35 +14,10 @@ from posttrain import moe
 FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe"]
 SIGMOID = {"deepseek_v3", "glm4_moe"}
 
-
-def _config(family: str, tokenizer):
-    import transformers as tf
-
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, num_experts_per_tok=2,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    mla = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8)
-    return {
-        "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=4),
-        "olmoe": lambda: tf.OlmoeConfig(**common, num_experts=4),
-        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=16,
-                                               shared_expert_intermediate_size=16),
-        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=16, head_dim=16,
-                                               norm_topk_prob=True),
-        # MLA, one shared expert, a dense first layer, experts in 2 groups of which the best 1 is routed to
-        "deepseek_v3": lambda: tf.DeepseekV3Config(**{**common, "num_key_value_heads": 2}, **mla, n_routed_experts=4,
-                                                   n_shared_experts=1, moe_intermediate_size=16, n_group=2,
-                                                   topk_group=1, first_k_dense_replace=1),
-        "gpt_oss": lambda: tf.GptOssConfig(**common, num_local_experts=4, head_dim=16),
-        "glm4_moe": lambda: tf.Glm4MoeConfig(**common, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
-                                             first_k_dense_replace=0, routed_scaling_factor=1.5),
-    }[family]()
-
-
 _MODELS: dict = {}
 
 
-def _model(family: str, tokenizer):
+def _model(family: str, tokenizer, family_config):
     """The family's tiny model with larger random router weights (and random correction / router biases), so
     routing is far from ties and the biases change which experts are chosen."""
     if family not in _MODELS:
@@ -50,7 +25,7 @@ def _model(family: str, tokenizer):
 
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(_config(family, tokenizer), experts_implementation="grouped_mm")
+        model = AutoModelForCausalLM.from_config(family_config(family, tokenizer), experts_implementation="grouped_mm")
         with torch.no_grad():
             for r in moe.moe_routers(model):
                 r.weight.normal_(0, 1.0)
@@ -72,9 +47,9 @@ def _batch(tokenizer):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_replaying_recorded_routing_reproduces_the_logits(family, tokenizer):
+def test_replaying_recorded_routing_reproduces_the_logits(family, tokenizer, family_config):
     """Fails before router adapters for DeepSeek-V3, GLM4-MoE and GPT-OSS: `no supported MoE router found`."""
-    model = _model(family, tokenizer)
+    model = _model(family, tokenizer, family_config)
     ids, mask = _batch(tokenizer)
     with torch.no_grad(), moe.record_routing(model, logits=True) as rec:
         ref = model(input_ids=ids, attention_mask=mask).logits
@@ -97,10 +72,10 @@ def test_replaying_recorded_routing_reproduces_the_logits(family, tokenizer):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_replayed_weights_are_the_routers_and_keep_its_gradients(family, tokenizer):
+def test_replayed_weights_are_the_routers_and_keep_its_gradients(family, tokenizer, family_config):
     """Replaying other experts: the routed weights are what the family's router computes for those experts from
     the current logits (sigmoid ones without the bias), with gradients into the router."""
-    model = _model(family, tokenizer)
+    model = _model(family, tokenizer, family_config)
     ids, mask = _batch(tokenizer)
     with torch.no_grad(), moe.record_routing(model) as rec:
         model(input_ids=ids, attention_mask=mask)
@@ -130,8 +105,8 @@ def test_replayed_weights_are_the_routers_and_keep_its_gradients(family, tokeniz
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_router_metrics_and_the_familys_balancing_objective(family, tokenizer):
-    model = _model(family, tokenizer)
+def test_router_metrics_and_the_familys_balancing_objective(family, tokenizer, family_config):
+    model = _model(family, tokenizer, family_config)
     ids, mask = _batch(tokenizer)
     out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
     logits = out.router_logits
@@ -184,7 +159,7 @@ WHOLE = {"deepseek_v3": ["shared_experts", "mlp.gate_proj", "mlp.up_proj", "mlp.
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_targets_cover_the_family_and_a_missing_target_is_an_error(family, tokenizer):
+def test_lora_targets_cover_the_family_and_a_missing_target_is_an_error(family, tokenizer, family_config):
     import copy
 
     from peft import get_peft_model
@@ -192,7 +167,7 @@ def test_lora_targets_cover_the_family_and_a_missing_target_is_an_error(family, 
     from posttrain.config import LoraConfig
     from posttrain.model import peft_config
 
-    model = _model(family, tokenizer)
+    model = _model(family, tokenizer, family_config)
     cfg = peft_config(LoraConfig(enabled=True, r=2, alpha=4, modules_to_save=WHOLE.get(family, [])), model)
     assert sorted(cfg.target_modules) == sorted(EXPECTED_TARGETS[family])
     assert sorted(cfg.target_parameters) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
@@ -224,10 +199,27 @@ def test_lora_targets_cover_the_family_and_a_missing_target_is_an_error(family, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_features_from_config_json_alone(family, tokenizer, tmp_path):
+def test_export_targets_are_the_familys_and_a_missing_target_is_an_error(family, tokenizer, family_config):
+    from posttrain.export import ExportError, export_targets
+
+    model = _model(family, tokenizer, family_config)
+    mods, params = export_targets(model)
+    assert sorted(mods) == sorted(EXPECTED_TARGETS[family])  # MLA and Qwen2-MoE's shared expert included
+    routers = [] if family == "gpt_oss" else ["mlp.gate.weight"]  # GPT-OSS's router (with bias) travels whole
+    assert sorted(params) == sorted(["mlp.experts.down_proj", "mlp.experts.gate_up_proj", *routers])
+    assert export_targets(model, ["o_proj"], ["mlp.experts.down_proj"]) == (["o_proj"], ["mlp.experts.down_proj"])
+    with pytest.raises(ExportError, match=r"export\.target_modules: \['k_proj'\]" if family == "deepseek_v3"
+                       else r"export\.target_modules: \['kv_b_proj'\]"):
+        export_targets(model, ["o_proj", "k_proj" if family == "deepseek_v3" else "kv_b_proj"])
+    with pytest.raises(ExportError, match=r"export\.target_parameters: \['mlp\.experts\.w1'\]"):
+        export_targets(model, None, ["mlp.experts.w1"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_features_from_config_json_alone(family, tokenizer, family_config, tmp_path):
     from types import SimpleNamespace
 
-    model = _model(family, tokenizer)
+    model = _model(family, tokenizer, family_config)
     model.config.save_pretrained(tmp_path)
     from_json = moe.moe_features(tmp_path)
     assert from_json == moe.moe_features(model)  # the config table agrees with the routers the model has

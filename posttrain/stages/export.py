@@ -24,7 +24,7 @@ def run(ctx) -> dict:
         log.info("export: %s, trained whole by this run's LoRA stages, go whole into an extracted adapter",
                  save[len(cfg.modules_to_save):])
     report = export(ctx.model_path, out, merged=cfg.merged, rank=cfg.rank,
-                    target_modules=tuple(cfg.target_modules), target_parameters=tuple(cfg.target_parameters),
+                    target_modules=cfg.target_modules, target_parameters=cfg.target_parameters,
                     modules_to_save=save, trust_remote_code=ctx.cfg.model.trust_remote_code,
                     allow_pickle=ctx.cfg.model.allow_pickle, carry_embeddings=cfg.carry_embeddings,
                     carry_small_tensors=cfg.carry_small_tensors, max_kl=cfg.max_kl, allow_lossy=cfg.allow_lossy,
