@@ -299,8 +299,16 @@ class MetricsWriter:
                 self._tb = None
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer. Its events are a view of metrics.jsonl: a full disk at this last
+        flush (the writer buffers asynchronously, so ENOSPC may surface only here) is a warning, not a failure of
+        the stage whose state is already saved."""
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:
+                log.warning("TensorBoard events in %s could not be flushed (%s); metrics.jsonl is complete",
+                            self._tb_dir, e.strerror or e)
 
 
 def latest_checkpoint(run_dir: Path, skip: tuple[str, ...] = ()) -> tuple[str, Path] | None:

@@ -42,3 +42,30 @@ def test_finished_checkpoint_is_the_stage_folder_whatever_done_json_says(tmp_pat
     assert stage.finished_checkpoint() == tmp_path / "run" / "sft" / "checkpoint"
     StageDir(tmp_path / "run", "sweep").mark_done({"produces_model": False})
     assert StageDir(tmp_path / "run", "sweep").finished_checkpoint() is None  # a stage that made no model
+
+
+def test_a_full_disk_at_the_last_tensorboard_flush_is_a_warning_and_metrics_stay_whole(tmp_path, caplog):
+    """TensorBoard's writer buffers events in a thread; a full disk can surface first at close (a flaky CI failure of
+    the full-disk test). Here a file-size limit (EFBIG, what the save path treats as a full disk) makes that last
+    flush fail: close warns and returns, metrics.jsonl keeps every line."""
+    import logging
+    import resource
+    import signal
+
+    from posttrain.runlog import MetricsWriter
+
+    m = MetricsWriter(tmp_path)
+    for step in range(50):
+        m.log(step, {"loss": float(step)})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))  # every write past byte 1 fails with EFBIG
+    try:
+        with caplog.at_level(logging.WARNING, logger="posttrain"):
+            m.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert "could not be flushed (File too large); metrics.jsonl is complete" in caplog.text
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(50))
+    m.close()  # a second close is a no-op
