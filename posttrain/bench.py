@@ -25,6 +25,9 @@ What is measured, in order (every figure on the same model and the recipe's `grp
   FLOP/s = 6 x active parameters x tokens / s (forward + backward, attention scores not counted; active
   parameters: every matrix a token passes through, with each routed-expert tensor counted top_k / num_experts of
   its size and the (tied) LM head counted as a matmul, the embedding lookup not);
+- `ours_async`: the same step at `grpo.async.max_staleness: 1` (`BenchSettings.async_staleness`; issue #29): the
+  next step's rollout generates while this one is scored, referenced and trained; `async_speedup` is the
+  synchronous median step over this one's (the first timed steps follow `warmup` steps, so the pipeline is full);
 - `scaling`: rollout seconds per step with 1 and 2 rollout actors (1 thread each) on the same batch;
 - `memory`: peak summed RSS of this process and all its descendants (Ray's GCS, raylet and actor processes),
   sampled every 0.2 s by a background thread, overall and per phase; and PSS (which does not count shared pages
@@ -41,7 +44,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # the report side (targets, memory sampler, summary, table); format_table is re-exported for the CLI and tests
@@ -62,6 +65,7 @@ class BenchSettings:
     trl: bool = True
     scaling: bool = True
     cuda: bool = True  # also on CUDA when there is one
+    async_staleness: int = 1  # also time our step at grpo.async.max_staleness K (issue #29); 0: skip
     overrides: list[str] = field(default_factory=list)  # dotted.key=value recipe overrides, e.g. ray.learner.threads=2
 
 
@@ -381,6 +385,13 @@ def _device_run(s: BenchSettings, model_path: Path, device_name: str, tmp: Path,
     with mem.during(f"ours_{device_name}"):
         res["ours"] = bench_ours(rc, device, dtype, warmup=s.warmup, steps=s.steps, tmp=tmp / f"ours_{device_name}",
                                  active_params=active)
+    if s.async_staleness > 0:  # the same step with rollouts one (K) version ahead of the learner
+        rc_async = bench_recipe(model_path, replace(s, overrides=[*s.overrides,
+                                                                f"grpo.async.max_staleness={s.async_staleness}"]),
+                                device_name)
+        with mem.during(f"ours_async_{device_name}"):
+            res["ours_async"] = bench_ours(rc_async, device, dtype, warmup=s.warmup, steps=s.steps,
+                                           tmp=tmp / f"ours_async_{device_name}", active_params=active)
     for threads in thread_counts(s) if device.type == "cpu" else [s.threads]:
         if s.trl:
             torch.set_num_threads(threads)

@@ -93,6 +93,11 @@ def summarize(run: dict, matmul_1: float | None, threads: int) -> dict:
            "learner_padding_share": 1 - mean["learner_tokens"] / max(1.0, mean["learner_padded_tokens"]),
            "step_shares": shares, "dispatch_sync_share": shares["dispatch"] + shares["sync"],
            "response_tokens_mean_ours": mean["response_tokens_mean"], "detail": run}
+    if "ours_async" in run:  # issue #29: rollouts one version ahead, same run
+        a = run["ours_async"]
+        out["grpo_step_s_async"], out["grpo_step_s_async_min"] = a["step_s"], a["step_s_min"]
+        out["async_speedup"] = ours["step_s"] / a["step_s"]
+        out["async_speedup_min"] = ours["step_s_min"] / a["step_s_min"]
     if matmul_1:
         out["learner_flops_utilisation"] = ours["learner_flops"] / matmul_1
     if "trl" in run:
@@ -135,6 +140,12 @@ def format_table(r: dict) -> str:
         if secs:
             row(f"GRPO step s, fastest (TRL {t} thr)", r["grpo_step_s_ours_min"],
                 r["grpo_step_s_trl_min_by_threads"][t], r["grpo_speedup_min_by_trl_threads"][t])
+    if "async_speedup" in r:
+        k = r["settings"].get("async_staleness", 1)
+        lines.append(f"{f'GRPO step s, median, max_staleness {k}':38}{r['grpo_step_s_async']:>12.3f}"
+                     f"{r['grpo_step_s_ours']:>12.3f}{r['async_speedup']:>8.2f}x  (vs ours synchronous; fastest "
+                     f"{r['grpo_step_s_async_min']:.3f} vs {r['grpo_step_s_ours_min']:.3f} s, "
+                     f"{r['async_speedup_min']:.2f}x)")
     row("  mean completion tokens", r["response_tokens_mean_ours"], r.get("response_tokens_mean_trl"), None,
         "{:.1f}")
     for t, ro in r["detail"]["rollout"].items():

@@ -16,14 +16,16 @@ def test_bench_smoke(tiny_model_dir, tmp_path, capsys):
     assert "GRPO step" in capsys.readouterr().out
     r = json.loads((tmp_path / "bench.json").read_text())
     for key in ("grpo_step_s_ours", "grpo_step_s_trl", "grpo_speedup", "rollout_speedup", "peak_rss_gib",
-                "learner_tokens_per_s", "learner_flops", "dispatch_sync_share", "matmul_flops_1_thread"):
+                "learner_tokens_per_s", "learner_flops", "dispatch_sync_share", "matmul_flops_1_thread",
+                "grpo_step_s_async", "async_speedup"):
         assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
     shares = r["step_shares"]
     assert {"rollout", "reward", "reference", "learner", "sync", "dispatch"} <= set(shares)
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)  # the components add up to the step
     assert r["params_active"] < r["params_total"]  # 2 of 4 experts per token
     assert set(r["targets"]) == {"grpo_speedup", "rollout_speedup", "dispatch_sync_share", "peak_rss_gib"}
-    assert "GRPO step" in format_table(r)  # the table reads bench.json as well
+    assert r["detail"]["ours_async"]["step_s_all"]  # timed at max_staleness 1 (issue #29)
+    assert "GRPO step" in format_table(r) and "max_staleness 1" in format_table(r)  # the table reads bench.json
 
 
 def test_active_parameters_count_top_k_experts(tiny_model_dir):
