@@ -267,3 +267,24 @@ def test_ptx_demonstrations_follow_the_sft_stages_budget_traces(tokenizer):
     assert got == budget_trace(p, 16, count, random.Random(3), "sampled", 1.0, 0.5)
     with pytest.raises(ValueError, match="budget_traces"):
         budget_trace(p, 16, count, random.Random(0), "shortest")
+
+
+@pytest.mark.ray
+def test_rendezvous_inside_ray_is_the_nodes_address_others_reach(tiny_model_dir, ray_session, monkeypatch):
+    """Issue #25 item 4: rank 0's rendezvous is the node IP Ray uses (reachable from the other nodes of a cluster),
+    not 127.0.0.1, inside an actor whatever RAY_ADDRESS says; outside Ray it is the loopback address."""
+    import ray
+
+    from posttrain.workers.actors import ActorOptions, spawn
+    from posttrain.workers.learner import LearnerWorker, node_ip
+
+    learner = spawn(LearnerWorker, str(tiny_model_dir), name="learner0",
+                    options=ActorOptions(cpus=0.5, threads=1, max_restarts=0, timeout_s=120))
+    try:
+        url = learner.call(LearnerWorker.rendezvous)
+    finally:
+        learner.kill()
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    assert host == ray.util.get_node_ip_address() and int(port) > 0
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a process without Ray (one process per rank)
+    assert node_ip() == "127.0.0.1"

@@ -12,7 +12,6 @@ directory appear atomically and turns a failed write into one message (see `post
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 from pathlib import Path
@@ -96,6 +95,15 @@ def freeze_except(model, patterns: list[str]) -> int:
     return kept
 
 
+def node_ip() -> str:
+    """This node's address for other nodes: Ray's view of it inside a Ray worker, else 127.0.0.1."""
+    try:
+        import ray
+    except ImportError:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 class LearnerWorker:
     """The trained policy and its optimizer. `learner_kwargs` go to `Learner` (lr, clip ranges, loss_agg, kl_coef,
     tis_cap, ...: the recipe's `grpo`/`ppo` keys of the same meaning)."""
@@ -117,8 +125,10 @@ class LearnerWorker:
 
     # ----------------------------------------------------------------------------------- data parallelism
     def rendezvous(self) -> str:
-        """A free `tcp://host:port` on this node for `init_distributed` (called on rank 0)."""
-        host = socket.gethostbyname(socket.gethostname()) if os.environ.get("RAY_ADDRESS") else "127.0.0.1"
+        """A free `tcp://host:port` on this node for `init_distributed` (called on rank 0). Inside a Ray worker the
+        host is this node's IP as Ray knows it (`ray.util.get_node_ip_address`), which the other nodes of a cluster
+        reach; outside Ray (tests, one process per rank) the loopback address."""
+        host = node_ip()
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
