@@ -45,6 +45,40 @@ def foreign_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def family_config():
+    """`make(family, tokenizer)` -> the transformers config of a tiny model of one MoE family (mixtral, olmoe,
+    qwen2_moe, qwen3_moe, deepseek_v3, gpt_oss, glm4_moe):
+    hidden 32, 2 layers, 4 experts, top-2, the vocabulary and pad / eos ids of `tokenizer`. GLM4-MoE stands for
+    sigmoid routing without expert groups."""
+
+    def make(family: str, tokenizer):
+        import transformers as tf
+
+        common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, num_experts_per_tok=2,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+        mla = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8)
+        return {
+            "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=4),
+            "olmoe": lambda: tf.OlmoeConfig(**common, num_experts=4),
+            "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=16,
+                                                   shared_expert_intermediate_size=16),
+            "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=16, head_dim=16,
+                                                   norm_topk_prob=True),
+            # MLA, one shared expert, a dense first layer, experts in 2 groups of which the best 1 is routed to
+            "deepseek_v3": lambda: tf.DeepseekV3Config(**{**common, "num_key_value_heads": 2}, **mla,
+                                                       n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
+                                                       n_group=2, topk_group=1, first_k_dense_replace=1),
+            "gpt_oss": lambda: tf.GptOssConfig(**common, num_local_experts=4, head_dim=16),
+            "glm4_moe": lambda: tf.Glm4MoeConfig(**common, n_routed_experts=4, n_shared_experts=1,
+                                                 moe_intermediate_size=16, first_k_dense_replace=0,
+                                                 routed_scaling_factor=1.5),
+        }[family]()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def arithmetic_sft(tokenizer):
     """`make(n, seed, budgets, budget_traces)` -> (examples, SFT rows) of the embedded task as the sft stage builds
     them (`Task.train_examples`, the task's `budget_demonstration` for budgeted rows), every row budgeted."""
