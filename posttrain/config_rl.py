@@ -160,6 +160,13 @@ class _RLStageFields(Section):
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (0: metric only).")
     router_aux_coef: float = Field(0.001, ge=0, description="Router load-balancing loss coefficient (MoE).")
     routing_replay: bool = Field(False, description="R3: replay the rollout's top-k experts in the learner's forward.")
+    router_bias_update_rate: float = Field(
+        0.0, ge=0, description="DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437, sec. 2.1.2): after "
+        "each learner step, every router's e_score_correction_bias moves by this rate gamma towards balance, b_i += "
+        "gamma * sign(mean load - load_i), load_i = the step's real tokens routed to expert i (the replayed experts "
+        "under routing_replay; summed over data-parallel learners). The biases reach the rollout workers with the "
+        "weights and are saved with the model. DeepSeek-V3 used 0.001. Only routers with a correction bias "
+        "(DeepSeek-V3, GLM4-MoE); 0: off, the checkpoint's biases are kept.")
     ptx_coef: float = Field(
         0.0, ge=0, description="Embedded task: add this times the NLL of demonstrations of each step's problems "
         "(as the SFT stage writes them) to the policy loss, InstructGPT's PPO-ptx: keeps what SFT taught from "

@@ -11,6 +11,16 @@ advantages into one AdamW update per mini-batch:
          + router_aux_coef * aux_loss                         the family's load balancing (`moe.aux_loss`)
          + ptx_coef * NLL(demonstrations)                     InstructGPT's PPO-ptx, when the caller passes demos
 
+With `router_bias_update_rate` gamma > 0 (DeepSeek-V3 / GLM4-MoE routers, which have an `e_score_correction_bias`),
+each step that is applied ends with DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437, sec. 2.1.2):
+every router's bias moves by gamma * sign(mean load - load_i), load_i = the top-k assignments to expert i of the
+real (non-padding) tokens of the step's loss forwards, i.e. the experts those forwards really used (the replayed
+ones under routing replay), over all mini-batches and ranks. One update per `step` (an RL step), after its last
+optimizer update, not one per mini-batch: the paper makes one per optimizer step on a pre-training batch, and
+here a bias moved mid-step would change the routing, hence the policy, between the updates of one rollout batch.
+The bias is a buffer, outside the optimizer and the gradient; it reaches the rollout workers with
+`trainable_weights` and the checkpoints with the model's state dict.
+
 `mask` is the batch's loss mask: forced `</think>` tokens are not the policy's actions and get zero weight, nor do
 rows of dropped groups. `old_logp` is the rollout's recorded log-probs; with an off-policy correction
 (`correction`, `posttrain.algo.offpolicy`; `tis_cap` is the `tis` one) it is the learner's own recomputation before
@@ -34,7 +44,8 @@ policy loss and KL by the loss_agg's count (loss tokens for `token_mean`, sequen
 sequence modes, as `algo.losses.agg_loss` counts them), the entropy bonus by loss tokens, ptx by demonstration
 tokens. The router load-balancing loss is a product of token means, not a mean: ranks weight theirs by their share
 of the attended tokens, which is close to, not exactly, the one-learner value. Skips are agreed collectively, so
-the ranks' weights never diverge.
+the ranks' weights never diverge; the bias update uses the expert loads summed over ranks, so every rank makes the
+one-learner update.
 """
 
 from __future__ import annotations
@@ -127,7 +138,8 @@ class Learner:
                  entropy_coef: float = 0.0, router_aux_coef: float = 0.0, max_grad_norm: float = 1.0,
                  max_len: int | None = None, router_metrics: bool = True, routing_replay: bool = False,
                  ptx_coef: float = 0.0, tis_cap: float | None = None, correction: str = "none",
-                 correction_cap: float = 2.0, correction_lower: float | None = None):
+                 correction_cap: float = 2.0, correction_lower: float | None = None,
+                 router_bias_update_rate: float = 0.0):
         if tis_cap is not None:  # the `tis` correction under its older name
             if not tis_cap > 0:
                 raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
@@ -153,6 +165,22 @@ class Learner:
             check_thresholds(correction, correction_cap, correction_lower)
             self.correction = functools.partial(get_correction(correction), cap=correction_cap, lower=correction_lower)
         self.top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
+        self._routers = None  # the model's MoE routers, found on first use (`_moe_routers`)
+        self.bias_rate = float(router_bias_update_rate)
+        # (state-dict name, router) of the correction biases the aux-loss-free balancing moves, and the step's load
+        self._bias_routers: list = []
+        self._step_load: torch.Tensor | None = None  # (L, E) float64 during `step`, summed by `loss`
+        if not self.bias_rate >= 0:
+            raise ValueError(f"router_bias_update_rate must be >= 0 (0: off), got {router_bias_update_rate}")
+        if self.bias_rate > 0:
+            from posttrain.moe import correction_bias_routers
+
+            self._bias_routers = correction_bias_routers(model)
+            if not self._bias_routers:  # the recipe check (`moe.check_moe_features`) names the section's key
+                raise ValueError(f"router_bias_update_rate: {router_bias_update_rate} asks for DeepSeek-V3's "
+                                 "auxiliary-loss-free bias update, which needs routers with an "
+                                 f"e_score_correction_bias (DeepSeek-V3, GLM4-MoE), and {type(model).__name__} has "
+                                 "none; set router_bias_update_rate: 0")
         self.skipped_steps = 0
         self.updates = 0
         self._probe = None  # the rows `_apply` checks the updated model's logits on (set by `step`)
@@ -182,7 +210,7 @@ class Learner:
         the one-learner loss (see the module docstring). old_logp: (B, T), default the rollout's `batch.logp`.
         is_weights: (B, T) TIS weights on the policy-gradient term, or None.
         """
-        want_router = self.router_aux_coef > 0 or self.router_metrics
+        want_router = self.router_aux_coef > 0 or self.router_metrics or self.bias_rate > 0
         logp, logits, router_logits = self.forward(batch, rows, router=want_router and self.top_k > 0)
         m = mask[rows]
         rollout_logp = batch.logp[rows]  # the behaviour policy's log-probs, recorded by the rollout at temperature 1
@@ -203,18 +231,42 @@ class Learner:
             loss, total = loss + self.kl_coef * kl, total + self.kl_coef * kl * agg_share
             metrics |= kl_metrics
         if router_logits is not None:
-            from posttrain.moe import aux_loss, model_router_metrics
+            from posttrain.moe import aux_loss
 
             seq_mask = torch.cat([batch.prompt_mask[rows], batch.response_mask[rows]], dim=1)
             if self.router_aux_coef > 0:
                 aux = aux_loss(self.model, router_logits, seq_mask)  # the objective of the model's family
                 loss, total = loss + self.router_aux_coef * aux, total + self.router_aux_coef * aux * attended_share
                 metrics["actor/router_aux_loss"] = float(aux.detach())
-            if self.router_metrics:
+            if self.router_metrics or self._step_load is not None:
                 with torch.no_grad():
-                    metrics |= model_router_metrics(self.model, router_logits, seq_mask)
+                    metrics |= self._routing(batch, rows, router_logits, seq_mask)
         metrics["actor/loss"] = float(loss.detach())
         return total, metrics
+
+    def _moe_routers(self) -> list:
+        if self._routers is None:
+            from posttrain.moe import moe_routers
+
+            self._routers = moe_routers(self.model)
+        return self._routers
+
+    def _routing(self, batch, rows: slice, router_logits, seq_mask: torch.Tensor) -> dict:
+        """From one loss forward's router logits (one (N, E) per MoE layer, N = rows * (P + T), seq_mask (rows,
+        P + T)): the router metrics of the experts the routers pick (`moe.router_metrics`), and, during a `step` with
+        the bias update on, this forward's expert load added to the step's: the experts the forward really used
+        (the replayed ones where routing replay replays a recorded token)."""
+        from posttrain.moe import expert_load, replay_tensors, replayed_experts, routed_experts, router_metrics
+
+        n_experts = router_logits[0].shape[-1]
+        experts = routed_experts(self.model, router_logits, self._moe_routers())  # the routers' own choice
+        metrics = router_metrics(experts, mask=seq_mask, num_experts=n_experts) if self.router_metrics else {}
+        if self._step_load is not None:
+            routing = getattr(batch, "routing", None)
+            if self.routing_replay and routing is not None:
+                experts = [replayed_experts(own, r) for own, r in zip(experts, replay_tensors(routing[:, rows]))]
+            self._step_load += expert_load(experts, seq_mask, n_experts).to(self._step_load.device)
+        return metrics
 
     @torch.no_grad()
     def old_logp(self, batch, bounds: Sequence[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
@@ -261,6 +313,10 @@ class Learner:
                     "actor/skip_reason": f"non-finite advantages ({int(bad)} values; a reward was NaN or inf?)"}
         self.model.train()
         collected: list[dict] = []
+        if self.bias_rate > 0:  # `loss` adds each forward's expert load; applied after the last update
+            first = self._bias_routers[0][1]
+            self._step_load = torch.zeros(len(self._bias_routers), first.e_score_correction_bias.shape[-1],
+                                          dtype=torch.float64, device=first.e_score_correction_bias.device)
         before = self._snapshot()  # a step is applied whole or not at all
         ptx = demos is not None and self.ptx_coef > 0
         # the demonstrations are divided among the mini-batches as the groups are (one per group, in group order,
@@ -319,8 +375,14 @@ class Learner:
             self.skipped_steps += 1
         else:
             self.updates += len(collected)
-        return _average(collected) | tis_metrics | {"actor/updates": 0.0 if skipped else float(len(collected)),
-                                                    "actor/skipped_steps": float(self.skipped_steps)}
+        out = _average(collected) | tis_metrics | {"actor/updates": 0.0 if skipped else float(len(collected)),
+                                                   "actor/skipped_steps": float(self.skipped_steps)}
+        load, self._step_load = self._step_load, None
+        if load is not None and collected and not skipped:  # every rank agrees on both, so all reach the all-reduce
+            from posttrain.moe import update_correction_bias
+
+            out |= update_correction_bias([r for _, r in self._bias_routers], _all_reduce_sum(load), self.bias_rate)
+        return out
 
     def _apply(self, loss: torch.Tensor) -> dict:
         """All-reduce gradients, clip, check finiteness (collectively), step and check the updated model; returns
@@ -420,8 +482,10 @@ class Learner:
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
         """{state-dict name: tensor} of what the updates change (all weights for full fine-tuning, the adapter
-        for LoRA), detached, on CPU, for `RolloutWorker.update_weights`."""
+        for LoRA, and the routers' correction biases when the bias update is on: buffers, never trainable, so they
+        are named here), detached, on CPU, for `RolloutWorker.update_weights`."""
         names = {n for n, _ in self.named_params}
+        names = names | {n for n, _ in self._bias_routers} if names else names
         return {n: t.detach().to("cpu", copy=True) for n, t in self.model.state_dict().items()
                 if n in names or not names}
 

@@ -10,8 +10,12 @@ GPT-OSS); the functions here pick the adapter of each router module by its class
   an unknown router is refused.
 - `router_metrics`: per-layer expert-load entropy and largest expert share, for logging; `model_router_metrics`
   takes the experts each router really picks from its logits (bias and groups included).
+- `expert_load` / `update_correction_bias`: DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437,
+  sec. 2.1.2): the tokens each expert got in a step, and the sign step of every router's `e_score_correction_bias`
+  towards the mean load (`moe_routers.bias_update`), for the routers that have one (DeepSeek-V3, GLM4-MoE).
 - `moe_features` / `check_moe_features`: what a checkpoint supports, from its config.json alone, and the recipe
-  keys (`grpo.routing_replay`, `grpo.router_aux_coef`, same for `ppo`) it cannot honour.
+  keys (`grpo.routing_replay`, `grpo.router_aux_coef`, `grpo.router_bias_update_rate`, same for `ppo`) it cannot
+  honour.
 - `record_routing` / `replay_routing`: Rollout Routing Replay (R3, Ma et al. 2025, arXiv 2510.11370). The
   rollout engine records which top-k experts every token went to; the learner's forward then uses those experts
   instead of its own top-k, so a tiny numerical or weight difference between the two engines cannot flip an
@@ -47,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.moe_routers import MODEL_TYPES, ROUTER_CLASSES, RouterAdapter, adapter_of
+from posttrain.moe_routers import MODEL_TYPES, ROUTER_CLASSES, RouterAdapter, adapter_of, bias_update, max_violation
 from posttrain.moe_routers import load_balancing_loss, sequence_balance_loss  # noqa: F401 (re-exported)
 
 UNRECORDED = -1  # expert id of a token whose routing was not recorded: replay leaves it to the router
@@ -88,9 +92,11 @@ def aux_loss(model: torch.nn.Module, router_logits: Sequence[torch.Tensor],
     return _adapter(routers).aux_loss(routers, router_logits, routers[0].top_k, mask)
 
 
-def routed_experts(model: torch.nn.Module, router_logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The (N, k) experts each router picks from its (N, E) logits, as its forward does (bias, groups included)."""
-    routers = moe_routers(model)
+def routed_experts(model: torch.nn.Module, router_logits: Sequence[torch.Tensor],
+                   routers: Sequence[torch.nn.Module] | None = None) -> list[torch.Tensor]:
+    """The (N, k) experts each router picks from its (N, E) logits, as its forward does (bias, groups included).
+    routers: `moe_routers(model)`, when the caller has them already (it saves a walk over the model's modules)."""
+    routers = moe_routers(model) if routers is None else routers
     with torch.no_grad():
         return [adapter_of(r).select(r, x.detach()) for r, x in zip(routers, router_logits)]
 
@@ -122,10 +128,7 @@ def router_metrics(routing: Sequence[torch.Tensor] | torch.Tensor, top_k: int | 
             if num_experts is None:
                 raise ValueError("router_metrics: num_experts is needed with selected-expert indices")
             n_experts = num_experts
-        idx = x.reshape(-1, x.shape[-1])  # (N, k)
-        w = torch.ones(idx.shape[0], device=idx.device) if mask is None else mask.reshape(-1).to(idx.device).float()
-        w = w[:, None] * (idx >= 0)  # (N, k): real tokens with recorded experts
-        load = torch.zeros(n_experts, device=idx.device).index_add_(0, idx.clamp(min=0).reshape(-1), w.reshape(-1))
+        load = _layer_load(x, mask, n_experts)
         share = load / load.sum().clamp(min=1e-12)
         entropy = -(share * share.clamp(min=1e-12).log()).sum() / math.log(n_experts)
         out[f"router/layer{i}/load_entropy"] = float(entropy)
@@ -134,6 +137,25 @@ def router_metrics(routing: Sequence[torch.Tensor] | torch.Tensor, top_k: int | 
     for name in ("load_entropy", "max_share"):
         out[f"router/{name}"] = sum(out[f"router/layer{i}/{name}"] for i in range(layers)) / max(layers, 1)
     return out
+
+
+def _layer_load(experts: torch.Tensor, mask: torch.Tensor | None, n_experts: int) -> torch.Tensor:
+    """(..., k) long experts of one layer (-1: unrecorded, left out), mask with as many elements as tokens (1 on
+    real tokens; None: all) -> (E,) float64 top-k assignments of real tokens to each expert."""
+    idx = experts.reshape(-1, experts.shape[-1])  # (N, k)
+    w = (torch.ones(idx.shape[0], device=idx.device, dtype=torch.float64) if mask is None
+         else mask.reshape(-1).to(device=idx.device, dtype=torch.float64))
+    w = w[:, None] * (idx >= 0)  # (N, k): real tokens with recorded experts
+    return torch.zeros(n_experts, device=idx.device, dtype=torch.float64).index_add_(
+        0, idx.clamp(min=0).reshape(-1), w.reshape(-1))
+
+
+def expert_load(experts: Sequence[torch.Tensor], mask: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert: one (N, k) long tensor of selected experts per MoE layer (e.g.
+    `routed_experts`, or `replayed_experts` for a forward under `replay_routing`; -1 ids are left out), mask (B, S)
+    or (N,), 1 on real tokens (None: every token) -> (L, E) float64 counts of top-k assignments of real tokens (a
+    token counts once for each of its k experts), on the experts' device. The `load` of `update_correction_bias`."""
+    return torch.stack([_layer_load(x, mask, num_experts) for x in experts])
 
 
 def model_router_metrics(model: torch.nn.Module, router_logits: Sequence[torch.Tensor],
@@ -199,6 +221,13 @@ def record_routing(model: torch.nn.Module, logits: bool = False):
             h.remove()
 
 
+def replayed_experts(own: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
+    """The (N, k) experts a forward under `replay_routing` sends its tokens to: the (N, k) `replayed` ones where a
+    token's k ids are recorded (>= 0), the router's `own` choice (N, k) where they are -1."""
+    replayed = replayed.to(device=own.device, dtype=torch.long)
+    return torch.where((replayed >= 0).all(-1, keepdim=True), replayed, own)
+
+
 def _replayed(router, experts: torch.Tensor):
     adapter = adapter_of(router)
 
@@ -208,8 +237,7 @@ def _replayed(router, experts: torch.Tensor):
             raise ValueError(f"replay_routing: routing of shape {tuple(experts.shape)} for a forward whose router "
                              f"sees {tuple(own.shape)} (N = batch * seq tokens, top_k); the replayed batch must "
                              "have exactly the layout of this forward's input_ids")
-        recorded = (experts >= 0).all(-1, keepdim=True)  # (N, 1)
-        chosen = torch.where(recorded, experts, own)  # (N, k)
+        chosen = replayed_experts(own, experts)  # (N, k)
         return logits, adapter.weights(module, logits, chosen).to(weights.dtype), chosen
     return hook
 
@@ -246,6 +274,38 @@ def replay_tensors(routing: torch.Tensor) -> list[torch.Tensor]:
     return [layer.reshape(-1, layer.shape[-1]) for layer in routing]
 
 
+# ---------------------------------------------------------------------------------------------- aux-loss-free balancing
+
+
+def correction_bias_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(state-dict name of the bias buffer, router) of every router of `model` with an `e_score_correction_bias`
+    (`RouterAdapter.correction_bias`: DeepSeek-V3, GLM4-MoE), in layer order; [] when it has none. The names are
+    those of `model.state_dict()` (PEFT wrapper prefix included), i.e. what `RolloutWorker.update_weights` takes."""
+    return [(f"{name}.e_score_correction_bias" if name else "e_score_correction_bias", m)
+            for name, m in model.named_modules()
+            if type(m).__name__ in ROUTER_CLASSES and ROUTER_CLASSES[type(m).__name__].correction_bias]
+
+
+@torch.no_grad()
+def update_correction_bias(routers: Sequence[torch.nn.Module], load: torch.Tensor, rate: float) -> dict[str, float]:
+    """One step of DeepSeek-V3's auxiliary-loss-free balancing on every router, in place:
+    b <- b + rate * sign(mean load - load) (`moe_routers.bias_update`).
+
+    routers: the L routers with a correction bias (`correction_bias_routers`), in the order of `load`'s layers;
+    load: (L, E) tokens routed to each expert in the step (`expert_load`; under data parallelism the sum over ranks,
+    so every rank makes the same update). Returns metrics: `router/bias_max`, `router/bias_min` (over all layers,
+    after the update) and `router/max_violation` (MaxVio of the step's load, max load / mean load - 1, averaged over
+    layers; 0 = balanced).
+    """
+    if len(routers) != load.shape[0]:
+        raise ValueError(f"update_correction_bias: load of {load.shape[0]} layers for {len(routers)} routers")
+    for r, layer in zip(routers, load):
+        r.e_score_correction_bias.copy_(bias_update(r.e_score_correction_bias, layer, rate))
+    biases = torch.stack([r.e_score_correction_bias.detach().float().cpu() for r in routers])  # (L, E)
+    return {"router/bias_max": float(biases.max()), "router/bias_min": float(biases.min()),
+            "router/max_violation": float(max_violation(load).mean())}
+
+
 # ---------------------------------------------------------------------------------------------- features
 
 
@@ -270,8 +330,8 @@ def moe_features(model_config) -> dict:
 
     model_config: a `PretrainedConfig`, a config.json dict, a checkpoint directory, or a loaded model (its routers
     are then looked at directly). Returns {"model_type", "moe" (has experts), "router" (the routing rule, or why it is
-    unknown), "shared_experts", "router_metrics", "aux_objective" (its name, or None), "routing_replay"} and, when a
-    feature is missing, "why".
+    unknown), "shared_experts", "router_metrics", "aux_objective" (its name, or None), "routing_replay",
+    "bias_update" (aux-loss-free balancing: the router has a correction bias)} and, when a feature is missing, "why".
     """
     if isinstance(model_config, torch.nn.Module):
         names = {type(m).__name__ for m in model_config.modules() if type(m).__name__ in ROUTER_CLASSES}
@@ -283,7 +343,7 @@ def moe_features(model_config) -> dict:
     moe = any(cfg.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
     out = {"model_type": cfg.get("model_type"), "moe": bool(moe),
            "shared_experts": bool(cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts")),
-           "router_metrics": False, "aux_objective": None, "routing_replay": False}
+           "router_metrics": False, "aux_objective": None, "routing_replay": False, "bias_update": False}
     if router is None:
         out["router"] = None
         out["why"] = (f"{out['model_type'] or 'this model'} has no experts" if not moe else
@@ -292,7 +352,7 @@ def moe_features(model_config) -> dict:
         return out
     adapter = ROUTER_CLASSES[router]
     return out | {"router": adapter.describe(cfg), "router_metrics": True, "aux_objective": adapter.aux_objective,
-                  "routing_replay": True}
+                  "routing_replay": True, "bias_update": adapter.correction_bias}
 
 
 def format_moe_features(features: dict) -> str:
@@ -302,7 +362,8 @@ def format_moe_features(features: dict) -> str:
              f"{features['router'] or 'unknown'}{' + shared experts' if features['shared_experts'] else ''}",
              f"  router metrics: {yes(features['router_metrics'])}; routing replay (routing_replay): "
              f"{yes(features['routing_replay'])}; load-balancing objective (router_aux_coef): "
-             f"{features['aux_objective'] or 'none'}"]
+             f"{features['aux_objective'] or 'none'}",
+             f"  aux-loss-free bias update (router_bias_update_rate): {yes(features.get('bias_update'))}"]
     if features.get("why"):
         lines.append(f"  ({features['why']})")
     return "\n".join(lines)
@@ -310,14 +371,13 @@ def format_moe_features(features: dict) -> str:
 
 def check_moe_features(model_config, rc) -> list[str]:
     """Problems (empty: none) with the MoE keys of recipe `rc` for the checkpoint of `model_config` (see
-    `moe_features`; None: the `base` stage's embedded Qwen3-MoE, which supports everything), each naming its key:
-    `{grpo,ppo}.routing_replay: true` on a model without a replayable router, and `{grpo,ppo}.router_aux_coef > 0`
-    on a model with experts whose router posttrain cannot balance. Only stages in `rc.stages` are checked; a dense
-    model ignores `router_aux_coef` (nothing to balance). Reads config.json only, so a recipe can be refused
-    before any stage runs."""
-    if model_config is None:
-        return []
-    f = moe_features(model_config)
+    `moe_features`; None: the `base` stage's embedded Qwen3-MoE, a softmax router), each naming its key:
+    `{grpo,ppo}.routing_replay: true` on a model without a replayable router, `{grpo,ppo}.router_aux_coef > 0`
+    on a model with experts whose router posttrain cannot balance, and `{grpo,ppo}.router_bias_update_rate > 0` on a
+    model whose router has no correction bias (anything but DeepSeek-V3 / GLM4-MoE, dense models included). Only
+    stages in `rc.stages` are checked; a dense model ignores `router_aux_coef` (nothing to balance). Reads
+    config.json only, so a recipe can be refused before any stage runs."""
+    f = moe_features({"model_type": "qwen3_moe", "num_experts": 8} if model_config is None else model_config)
     problems = []
     for algo in ("grpo", "ppo"):
         if algo not in rc.stages:
@@ -329,4 +389,18 @@ def check_moe_features(model_config, rc) -> list[str]:
         if section.router_aux_coef > 0 and f["moe"] and not f["aux_objective"]:
             problems.append(f"{algo}.router_aux_coef: {section.router_aux_coef} asks for a load-balancing loss and "
                             f"{f['why']}; set {algo}.router_aux_coef: 0")
+        rate = getattr(section, "router_bias_update_rate", 0.0)
+        if rate > 0 and not f["bias_update"]:
+            problems.append(f"{algo}.router_bias_update_rate: {rate} asks for DeepSeek-V3's auxiliary-loss-free bias "
+                            "update, which needs a router with an e_score_correction_bias (DeepSeek-V3, GLM4-MoE), "
+                            f"and {_bias_why(f)}; set {algo}.router_bias_update_rate: 0")
     return problems
+
+
+def _bias_why(features: dict) -> str:
+    """Why a model (its `moe_features`) has no correction bias to update, in words."""
+    if features.get("why"):
+        return features["why"]
+    router = MODEL_TYPES.get(features["model_type"])
+    kind = ROUTER_CLASSES[router].kind if router else features["router"]
+    return f"the router of {features['model_type']} is {kind}, without one"

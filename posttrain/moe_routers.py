@@ -12,9 +12,8 @@ for the N = batch * seq tokens of one call; they differ in how the weights and e
   within the `topk_group` best of `n_group` expert groups (a group scores the sum of its 2 best biased scores);
   weights = s at those experts (the bias only selects), divided by their sum + 1e-20 when `norm_topk_prob`, times
   `routed_scaling_factor` (DeepSeek-V3 technical report, arXiv 2412.19437, sec. 2.1.2, eqs. 12-16). DeepSeek-V3 is
-  trained auxiliary-loss-free (the bias is nudged towards balance outside the gradient) plus a small sequence-wise
-  balance loss (eqs. 17-20), which `sequence_balance_loss` computes; the bias update itself is not done here (the
-  bias is a buffer and stays as the checkpoint has it).
+  trained auxiliary-loss-free (the bias is nudged towards balance outside the gradient, `bias_update`) plus a small
+  sequence-wise balance loss (eqs. 17-20), which `sequence_balance_loss` computes.
 - `TopKSoftmax` (GPT-OSS; model card arXiv 2508.10925): logits from a linear layer *with bias*, experts = top-k of
   the logits, weights = softmax over the k chosen logits only. transformers trains it with the Switch loss on
   softmax over all E logits (`GptOssForCausalLM`, `router_aux_loss_coef`); softmax is monotone, so that loss's
@@ -36,6 +35,7 @@ class RouterAdapter:
 
     kind = ""
     aux_objective: str | None = None  # the load-balancing objective `aux_loss` computes; None: refused
+    correction_bias = False  # has `e_score_correction_bias`, which `bias_update` moves (aux-loss-free balancing)
 
     def select(self, router: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
         """(N, E) router logits -> (N, k) long experts, in the order the router returns them."""
@@ -87,7 +87,8 @@ class SigmoidBiasTopK(RouterAdapter):
     """sigmoid scores + correction bias, group-limited top-k (`DeepseekV3TopkRouter`, `Glm4MoeTopkRouter`)."""
 
     kind = "sigmoid + correction bias top-k"
-    aux_objective = "sequence-wise balance loss (DeepSeek-V3 eqs. 17-20; bias update not done)"
+    aux_objective = "sequence-wise balance loss (DeepSeek-V3 eqs. 17-20)"
+    correction_bias = True
 
     def select(self, router, logits):
         scores = logits.sigmoid()
@@ -229,3 +230,31 @@ def sequence_balance_loss(scores: Sequence[torch.Tensor], experts: Sequence[torc
     f = n_experts / top_k * (counts * w[None, ..., None]).sum(2) / t  # (L, B, E)
     p = (s * w[None, ..., None]).sum(2) / t  # (L, B, E)
     return (f * p).sum(-1)[:, real].mean()
+
+
+def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's auxiliary-loss-free load balancing (arXiv 2412.19437, sec. 2.1.2; Wang et al. 2024, "Auxiliary-
+    Loss-Free Load Balancing Strategy for Mixture-of-Experts", arXiv 2408.15664): the new correction biases
+    b_i + rate * sign(mean_j load_j - load_i), one step of the bias update.
+
+    bias: (..., E) the `e_score_correction_bias` of one router, or (L, E) of L routers stacked; load: (..., E) the
+    tokens routed to each expert in the step (top-k assignments of real tokens, any real dtype), same shape;
+    rate: the update speed gamma (DeepSeek-V3 used 0.001 for most of pre-training, then 0).
+    Returns a new tensor of the bias's shape and dtype: experts above the mean load lose `rate`, those below gain
+    it, those exactly at it (and a layer that saw no token) keep theirs. As in the paper the step is the sign only,
+    whatever the size of the imbalance; unlike the paper (one update per optimizer step on a pre-training batch),
+    the caller decides what a step's load is (`posttrain.learner`: all mini-batches of one RL step, all ranks).
+    """
+    load = load.to(device=bias.device, dtype=torch.float64)
+    step = torch.sign(load.mean(-1, keepdim=True) - load)  # (..., E), in {-1, 0, 1}
+    return (bias.double() + rate * step).to(bias.dtype)
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio of Wang et al. 2024 (arXiv 2408.15664): max_i load_i / mean_j load_j - 1 over the last axis.
+
+    load: (..., E) tokens routed to each expert. Returns (...) float64: 0 when perfectly balanced, E - 1 when one
+    expert takes every token (with top-1; E / k - 1 with top-k); 0 for a layer that saw no token."""
+    load = load.double()
+    mean = load.mean(-1)
+    return torch.where(mean > 0, load.amax(-1) / mean.clamp(min=1e-12) - 1, torch.zeros_like(mean))
