@@ -173,36 +173,41 @@ _PHASE = {"generate": "rollout", "score": "reward", "logp": "reference", "values
 
 
 def _record_calls(proxy, calls: list) -> None:
-    """Wrap `proxy.submit` so every call appends (proxy name, method, seconds busy in the actor, result)."""
-    submit = proxy.submit
+    """Wrap `proxy.submit` (and `submit_shared`) so every call appends (proxy name, method, seconds busy in the
+    actor, result)."""
 
-    def recorded(method, *args, **kwargs):
-        busy0 = proxy.busy
-        pending = submit(method, *args, **kwargs)
-        result = pending.result
+    def wrap(submit):
+        def recorded(method, *args, **kwargs):
+            busy0 = proxy.busy
+            pending = submit(method, *args, **kwargs)
+            result = pending.result
 
-        def finish():
-            out = result()
-            calls.append((proxy.name, method.__name__, proxy.busy - busy0, out))
-            return out
+            def finish(*a, **kw):
+                out = result(*a, **kw)
+                calls.append((proxy.name, method.__name__, proxy.busy - busy0, out))
+                return out
 
-        pending.result = finish
-        return pending
+            pending.result = finish
+            return pending
 
-    proxy.submit = recorded
+        return recorded
+
+    proxy.submit, proxy.submit_shared = wrap(proxy.submit), wrap(proxy.submit_shared)
 
 
 def step_profile(metrics: dict, calls: list, active_params: int) -> dict:
     """One step's seconds by component (they add up to time/step_s) and its token counts."""
     busy: dict[str, list[float]] = {}
+    from posttrain.workers.actors import tensor_bytes
+
     batches, sync_bytes = [], 0
     for name, method, b, out in calls:
         phase = ("critic" if name == "critic" else "learner") if method == "step" else _PHASE.get(method, method)
         busy.setdefault(f"{phase}:{method}", []).append(b)
         if method == "generate":
             batches.append(out)
-        if method == "weights":
-            sync_bytes += sum(t.numel() * t.element_size() for t in out.values())
+        if method == "weights":  # a `Shared` reference on Ray (the weights go learner -> rollout directly)
+            sync_bytes += getattr(out, "nbytes", None) or tensor_bytes(out)
 
     def par(key):  # calls of one phase run in parallel on different actors: the slowest is the phase's
         return max(busy.get(key, [0.0]))

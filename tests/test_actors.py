@@ -42,6 +42,14 @@ class Probe:
     def fail(self) -> None:
         raise ValueError("a bug in the worker")
 
+    def tensors(self, n: int) -> dict:
+        import torch
+
+        return {"a": torch.arange(n, dtype=torch.float32), "b": torch.ones(2, 3, dtype=torch.float16)}
+
+    def total(self, named: dict, *, scale: float = 1.0) -> float:
+        return scale * float(sum(v.float().sum() for v in named.values()))
+
 
 @pytest.fixture(autouse=True)
 def _pickle_probe_by_value():
@@ -188,3 +196,28 @@ def test_gather_times_out_a_hung_call_and_retries_it_on_the_restarted_actor(tmp_
     assert time.monotonic() - t0 < 60 and hung.restarts == 1
     for p in (hung, fine):
         p.kill()
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_shared_result_goes_actor_to_actor_with_the_driver_holding_a_reference(tmp_path, backend, request):
+    """`Proxy.share` (issue #25: weight sync without the driver): on Ray the result stays in the object store,
+    put by the actor that computed it; the driver gets a `Shared` (reference + tensor bytes) and another actor's
+    call receives the value itself, as an argument or keyword. In process: the value itself."""
+    from posttrain.workers.actors import Shared, tensor_bytes
+
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    src = spawn(Probe, str(tmp_path / "n"), name="src", backend=backend)
+    dst = spawn(Probe, str(tmp_path / "m"), name="dst", backend=backend)
+    try:
+        shared = src.share(Probe.tensors, 5)
+        expected = 10.0 + 6.0
+        if backend == "ray":
+            assert isinstance(shared, Shared) and shared.nbytes == 5 * 4 + 6 * 2
+        else:
+            assert not isinstance(shared, Shared) and tensor_bytes(shared) == 5 * 4 + 6 * 2
+        assert dst.call(Probe.total, shared) == expected
+        assert dst.call(Probe.total, named=shared, scale=2.0) == 2 * expected
+    finally:
+        src.kill()
+        dst.kill()

@@ -9,10 +9,12 @@ import sys
 import time
 
 import pytest
+import ray
 import torch
 
 from posttrain.recipe import load_recipe
 from posttrain.rlstate import latest
+from posttrain.workers.actors import Shared
 from posttrain.workers.learner import LearnerWorker
 from posttrain.workers.reward import RLRewardWorker
 from posttrain.workers.rollout import RolloutWorker
@@ -96,11 +98,12 @@ def faulty_workers(monkeypatch, tmp_path, ray_session):
     def rollout(driver, *args, **kwargs):
         """After every rollout: the rollout worker holds exactly the weights the driver last synced."""
         out = real_rollout(driver, *args, **kwargs)
-        if driver.weights is not None:
-            names = list(driver.weights)
+        if driver.weights is not None:  # a `Shared` reference: the weights went learner -> rollout directly
+            synced = ray.get(driver.weights.ref) if isinstance(driver.weights, Shared) else driver.weights
+            names = list(synced)
             held = driver.w.rollouts[0].call(FaultyRollout.weights_of, names)
             seen["checked"] += 1
-            if not all(torch.equal(held[n], driver.weights[n]) for n in names):
+            if not all(torch.equal(held[n], synced[n]) for n in names):
                 seen["stale"].append(driver.w.rollouts[0].restarts)
         return out
 

@@ -39,7 +39,7 @@ from posttrain.stages.rl_async import RolloutPipeline
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
 from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
-from posttrain.workers.actors import ActorOptions, Proxy, WorkerFailed, gather, init_ray, spawn
+from posttrain.workers.actors import ActorOptions, Proxy, Shared, WorkerFailed, gather, init_ray, spawn, tensor_bytes
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker, with_run_output
 from posttrain.workers.rollout import RolloutWorker
@@ -98,6 +98,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
         router_aux_coef=cfg.router_aux_coef, max_grad_norm=cfg.max_grad_norm, max_len=cfg.max_new_tokens,
         routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef, correction=correction,
         correction_cap=correction_cap, correction_lower=correction_lower,
+        router_bias_update_rate=cfg.router_bias_update_rate,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
     rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
@@ -206,8 +207,11 @@ class RLDriver:
         return out
 
     def sync_weights(self) -> None:
-        """The learner's weights (policy version `self.version`) to every rollout worker."""
-        self.weights, self.weights_version = self.w.learners[0].call(LearnerWorker.weights), self.version
+        """The learner's weights (policy version `self.version`) to every rollout worker, learner -> object store
+        -> rollout workers: the driver holds only the reference (`Proxy.share`; issue #25). Sets
+        `self.sync_bytes`, the bytes each rollout worker receives."""
+        self.weights, self.weights_version = self.w.learners[0].share(LearnerWorker.weights), self.version
+        self.sync_bytes = self.weights.nbytes if isinstance(self.weights, Shared) else tensor_bytes(self.weights)
         gather([w.submit(RolloutWorker.update_weights, self.weights, self.version) for w in self.w.rollouts])
 
     def _restore_rollout(self, proxy) -> None:
@@ -276,6 +280,7 @@ class RLDriver:
         for a, b in zip(names, names[1:]):
             metrics[f"time/{b}_s"] = t[b] - t[a]
         metrics["time/step_s"] = t["sync"] - t["start"]
+        metrics["sync/bytes"] = float(self.sync_bytes)
         self._check_skips(metrics, step)
         return metrics
 

@@ -57,6 +57,36 @@ class ActorOptions:
         return self.threads or max(1, int(self.cpus))
 
 
+@dataclass(frozen=True)
+class Shared:
+    """A call's result left in the Ray object store by the actor that computed it (`Proxy.share`). Passed as an
+    argument (top level) to other actors' calls, it reaches them straight from that actor's node: the driver holds
+    only the reference. `nbytes`: the bytes of the tensors in it."""
+
+    ref: Any
+    nbytes: int
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in `value` (a tensor, or a dict / list / tuple of them, nested)."""
+    if hasattr(value, "element_size") and hasattr(value, "numel"):
+        return value.element_size() * value.numel()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def _resolve(value):
+    """A `Shared` argument fetched from the object store (by this actor, not the driver); others as they are."""
+    if isinstance(value, Shared):
+        import ray
+
+        return ray.get(value.ref)
+    return value
+
+
 class Host:
     """What runs inside an actor process: sets the thread count, builds the worker, dispatches calls."""
 
@@ -68,11 +98,18 @@ class Host:
         self.worker = cls(*args, **kwargs)
         self.incarnation = uuid.uuid4().hex  # new after every restart: tells the proxy its state was lost
 
-    def call(self, method: str, args: tuple, kwargs: dict) -> tuple[Any, float, str]:
+    def call(self, method: str, args: tuple, kwargs: dict, share: bool = False) -> tuple[Any, float, str]:
         """(the method's result, seconds it ran inside the actor, incarnation): the rest of a call's wall time is
-        dispatch."""
+        dispatch. `Shared` arguments are fetched here; with `share` the result is put in the object store and only
+        its `Shared` reference returns."""
         t0 = time.perf_counter()
+        args = tuple(_resolve(a) for a in args)
+        kwargs = {k: _resolve(v) for k, v in kwargs.items()}
         out = getattr(self.worker, method)(*args, **kwargs)
+        if share:
+            import ray
+
+            out = Shared(ray.put(out), tensor_bytes(out))
         return out, time.perf_counter() - t0, self.incarnation
 
     def pid(self) -> int:
@@ -94,10 +131,10 @@ def _method_name(cls: type, method: Callable) -> str:
 class Pending(Generic[R]):
     """The result of a submitted call; `result()` waits (with the proxy's timeout) and retries on failure."""
 
-    def __init__(self, proxy: "Proxy", name: str, args: tuple, kwargs: dict):
-        self.proxy, self.name, self.args, self.kwargs = proxy, name, args, kwargs
+    def __init__(self, proxy: "Proxy", name: str, args: tuple, kwargs: dict, share: bool = False):
+        self.proxy, self.name, self.args, self.kwargs, self.share = proxy, name, args, kwargs, share
         t0 = time.perf_counter()
-        self._ref = proxy._start(name, args, kwargs)
+        self._ref = proxy._start(name, args, kwargs, share)
         self.started = time.monotonic()  # after a new actor's start: what `timeout_s` counts from
         # seconds the call ran inside the worker: known at once in process (it ran in `_start`), once the result is
         # in for an actor (the driver's overlap metrics compare it with the time it waited)
@@ -129,8 +166,19 @@ class Proxy(Generic[W]):
         """`submit(...).result()`."""
         return self.submit(method, *args, **kwargs).result()
 
+    def submit_shared(self, method: Callable[Concatenate[W, P], R], *args: P.args,
+                      **kwargs: P.kwargs) -> Pending[Shared | R]:
+        """`submit`, but the result stays in the Ray object store, put there by this actor: a `Shared` to pass to
+        other actors' calls (weights learner -> rollout workers without the driver, issue #25). In this process
+        (local backend): the result itself."""
+        return Pending(self, _method_name(self.cls, method), args, kwargs, share=True)
+
+    def share(self, method: Callable[Concatenate[W, P], R], *args: P.args, **kwargs: P.kwargs) -> Shared | R:
+        """`submit_shared(...).result()`."""
+        return self.submit_shared(method, *args, **kwargs).result()
+
     # the machinery -----------------------------------------------------------------------------------------
-    def _start(self, name: str, args: tuple, kwargs: dict):
+    def _start(self, name: str, args: tuple, kwargs: dict, share: bool = False):
         if self.local is not None:
             t0 = time.perf_counter()
             try:
@@ -140,7 +188,7 @@ class Proxy(Generic[W]):
                 self.busy += time.perf_counter() - t0
         if self.incarnation is None:  # a new actor: its start (imports, model load) is not part of a call's timeout
             self._wait_started()
-        return self.handle.call.remote(name, args, kwargs)
+        return self.handle.call.remote(name, args, kwargs, share)
 
     def _wait_started(self) -> None:
         """Block until a new actor's worker is constructed, at most `start_timeout_s`; a constructor that raises
@@ -183,7 +231,7 @@ class Proxy(Generic[W]):
             finally:
                 self.seconds += time.perf_counter() - t0
             self._recover(cause)
-            pending._ref = self._start(pending.name, pending.args, pending.kwargs)
+            pending._ref = self._start(pending.name, pending.args, pending.kwargs, pending.share)
             timeout = self.options.timeout_s
 
     def _recover(self, cause: str) -> None:
