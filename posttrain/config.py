@@ -291,7 +291,9 @@ class ExportStageConfig(Section):
                                    "the module whole; a tied head follows the embedding.")
     carry_small_tensors: bool = Field(True, description="Carry the changed norms and biases a low-rank delta cannot: "
                                       "small non-target modules whole (`modules_to_save`, names matching exactly "
-                                      "them), LoRA layers' biases as PEFT `bias: lora_only` (docs/export.md).")
+                                      "them), LoRA layers' biases as PEFT `bias: lora_only` (docs/export.md); and, "
+                                      "whole, the changed layers PEFT cannot adapt (DeepSeek-V3's and GLM4-MoE's "
+                                      "shared experts and dense MLP layers, docs/moe_families.md).")
     max_kl: float = Field(0.1, gt=0, description="Largest mean per-token KL(trained || base + adapter), in nats, on "
                           "held-out prompts, of an extracted adapter loaded in plain PEFT; above it the export fails "
                           "(`posttrain export --max-kl`).")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.export_carry import small_tensor_carriers
+from posttrain.export_carry import frozen_linear_carriers, moved_buffer_owners, small_tensor_carriers
 from posttrain.export_check import check_reloaded, heldout_batch, lossy_message
 from posttrain.runlog import log, write_json_atomic
 
@@ -233,7 +233,10 @@ def extract_adapter(base_model, tuned_model, rank: int, target_modules: list[str
         if isinstance(module, ModulesToSaveWrapper) and "default" in module.modules_to_save:
             prefix = name.removeprefix("base_model.model.")
             with torch.no_grad():
-                for pn, p in module.modules_to_save["default"].named_parameters():
+                whole = module.modules_to_save["default"]
+                for pn, p in [*whole.named_parameters(), *whole.named_buffers()]:  # buffers: moved router biases
+                    if f"{prefix}.{pn}" not in tuned_state:  # a non-persistent buffer (rotary tables): as it is
+                        continue
                     p.copy_(tuned_state[f"{prefix}.{pn}"].detach().to(p.dtype))  # state_dict: tied names too
                     covered.add(f"{prefix}.{pn}")
     for name, module in peft_model.named_modules():
@@ -332,6 +335,13 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
             raise ExportError(f"modules_to_save: no module of the model is named {', '.join(map(repr, unknown))} "
                               f"(module names end in one of: {', '.join(near)})")
         save = list(modules_to_save)
+        moved = moved_buffer_owners(base_model, tuned.state_dict()) if carry_small_tensors else []
+        if moved:  # routers whose correction bias moved: stored whole (weight and bias), not LoRA-adapted
+            routers = sorted({".".join(o.split(".")[-2:]) for o in moved})
+            params = [p for p in params if p not in {f"{r}.weight" for r in routers}]
+            save += [r for r in routers if r not in save]
+            log.info("export: %d routers' correction biases moved in training: %s stored whole", len(moved),
+                     ", ".join(routers))
         rows, whole = changed_embeddings(base_model, tuned, save) if carry_embeddings else ({}, [])
         if rows or whole:
             log.info("export: carrying the embedding rows training changed: %s",
@@ -341,6 +351,14 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         if small or lora_bias:
             log.info("export: carrying the small tensors training changed: %s",
                      ", ".join([f"{m} (whole)" for m in small] + ["the LoRA layers' biases"] * lora_bias))
+        frozen = (frozen_linear_carriers(base_model, tuned.state_dict(), mods, save + whole + small)
+                  if carry_small_tensors else [])
+        if frozen:
+            size = sum(p.numel() for n, p in base_model.named_parameters()
+                       if any(f".{m}." in f".{n}" for m in frozen))
+            log.info("export: storing whole the layers training changed that PEFT cannot adapt for %s: %s (%.2fM "
+                     "parameters)", base_model.config.model_type, ", ".join(frozen), size / 1e6)
+            small = [*small, *frozen]
         largest = max([min(p.shape[-2:]) for n, p in base_model.named_parameters()
                        if any(n.endswith(f"{m}.weight") for m in mods) or any(n.endswith(q) for q in params)] or [rank])
         if rank > largest:

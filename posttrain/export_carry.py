@@ -8,6 +8,9 @@ cannot express: 1-D tensors such as norm weights, biases, GPT-OSS's router bias 
   every norm changed, `model.norm` when only the final one did), and nothing else is stored.
 - A changed bias of a LoRA-targeted linear layer travels as PEFT's `bias="lora_only"` (saved from and loaded back
   into the layer's `base_layer.bias`).
+- A changed Linear layer PEFT cannot adapt because it rewrites the layer's name to the fused experts (DeepSeek-V3's
+  and GLM4-MoE's shared experts and dense MLP layers, `moe_lora.peft_remapped`) is stored whole, whatever its size
+  (`frozen_linear_carriers`): the adapter would otherwise put its untrained weights back.
 - Anything else stays out and is reported: attention sinks of a module with LoRA-targeted projections, fused
   experts' biases, a module too large to store whole. The export's KL check then decides.
 """
@@ -43,7 +46,7 @@ def small_tensor_carriers(base_model, tuned_state: dict, target_modules, target_
         parts = owner.split(".")
         return any(".".join(parts[:i]).endswith(m) for i in range(1, len(parts) + 1) for m in modules_to_save)
 
-    carry, lora_bias = set(), False
+    carry, lora_bias = set(), False  # owners of changed 1-D tensors to store whole
     for name, p in base_model.named_parameters():
         new = tuned_state.get(name)
         if p.ndim != 1 or new is None or torch.equal(new.detach().to(p.device, p.dtype), p.detach()):
@@ -59,6 +62,47 @@ def small_tensor_carriers(base_model, tuned_state: dict, target_modules, target_
                 or sum(q.numel() for q in module.parameters()) > SMALL_SHARE * total):
             continue  # left out: reported as not carried
         carry.add(owner)
+    return _shortest_names(carry, modules), lora_bias
+
+
+def moved_buffer_owners(base_model, tuned_state: dict) -> list[str]:
+    """Paths of the modules whose 1-D floating buffers differ between `base_model` and `tuned_state`: DeepSeek-V3's
+    routers after `router_bias_update_rate` moved their `e_score_correction_bias`. A buffer is no parameter, so
+    neither LoRA nor the parameter checks see it; storing its module whole carries it (PEFT saves the buffers of a
+    `modules_to_save` module)."""
+    out = []
+    for name, b in base_model.named_buffers():
+        new = tuned_state.get(name)
+        if (b.ndim == 1 and b.is_floating_point() and new is not None
+                and not torch.equal(new.detach().to(b.device, b.dtype), b.detach())):
+            out.append(name.rpartition(".")[0])
+    return sorted(set(out))
+
+
+def frozen_linear_carriers(base_model, tuned_state: dict, target_modules, modules_to_save=()) -> list[str]:
+    """[names to add to PEFT `modules_to_save`] for the Linear layers training changed that no LoRA target can cover
+    because PEFT rewrites their names to the fused experts (`moe_lora.peft_remapped`: DeepSeek-V3's shared experts
+    and dense MLP layers), nor `modules_to_save` stores already."""
+    from torch import nn
+
+    from posttrain.moe_lora import peft_remapped
+
+    modules = dict(base_model.named_modules(remove_duplicate=False))
+    heads = {id(base_model.get_input_embeddings()), id(base_model.get_output_embeddings())}
+    changed = {}
+    for name, m in modules.items():
+        new = tuned_state.get(f"{name}.weight")
+        if (not isinstance(m, nn.Linear) or id(m) in heads or new is None or _peft_match(name, target_modules)
+                or any(_peft_match(name, [s]) or f".{s}." in f".{name}." for s in modules_to_save)
+                or torch.equal(new.detach().to(m.weight.device, m.weight.dtype), m.weight.detach())):
+            continue
+        changed[name] = ".".join(name.split(".")[-2:])
+    remapped = set(peft_remapped(base_model, sorted(set(changed.values())))) if changed else set()
+    return _shortest_names({n for n, short in changed.items() if short in remapped}, modules)
+
+
+def _shortest_names(carry: set[str], modules: dict) -> list[str]:
+    """The shortest dotted suffixes of the module paths in `carry` whose PEFT matches are all in `carry`."""
     shortest = set()
     for owner in carry:
         parts = owner.split(".")
@@ -68,4 +112,4 @@ def small_tensor_carriers(base_model, tuned_state: dict, target_modules, target_
                 shortest.add(name)
                 break
     # a name that ends with another chosen one matches a subset of its modules: `norm` makes `q_norm` redundant
-    return sorted(n for n in shortest if not any(n != m and n.endswith(m) for m in shortest)), lora_bias
+    return sorted(n for n in shortest if not any(n != m and n.endswith(m) for m in shortest))
