@@ -222,6 +222,10 @@ class Learner:
         entropy = entropy_from_logits(logits)
         metrics["actor/entropy"] = float(masked_mean(entropy.detach(), m))
         metrics["actor/logp_mismatch"] = float(masked_mean((logp.detach() - rollout_logp).abs(), m))
+        routing = getattr(batch, "routing", None)
+        if self.routing_replay and routing is not None:  # loss tokens whose recorded experts this forward replayed
+            recorded = (routing[0, rows, -m.shape[1]:] >= 0).all(-1).float()  # (R, T): layer 0 records every token
+            metrics["actor/replayed_share"] = float(masked_mean(recorded, (m > 0).float()))
         if self.entropy_coef > 0:
             bonus = self.entropy_coef * masked_mean(entropy, m)
             loss, total = loss - bonus, total - bonus * token_share

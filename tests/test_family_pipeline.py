@@ -42,8 +42,8 @@ def _cases():
 @pytest.fixture
 def replays(monkeypatch):
     """Every `posttrain.moe.replay_routing` the learner enters, as (routing given, experts the routers then chose in
-    each forward): the real replay, with a recorder behind it (the replay's hooks run first). The learner logs no
-    metric of its own about replay, so this is where the test sees it."""
+    each forward): the real replay, with a recorder behind it (the replay's hooks run first). The learner's own
+    `actor/replayed_share` (checked in the test) says only how many loss tokens had routing to replay."""
     from posttrain import moe
 
     real, seen = moe.replay_routing, []
@@ -139,6 +139,10 @@ def test_prepared_family_checkpoint_through_sft_grpo_and_export(family, variant,
         for chosen in forwards:
             assert all(torch.equal(torch.where(m, r, c), c) for r, m, c in zip(routing, recorded, chosen))
 
+    grpo_metrics = [json.loads(ln) for ln in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    # the learner's metric: loss tokens with recorded routing. Not all: a response's last sampled token never went
+    # through a rollout forward (nothing recorded; the learner's router decides for it)
+    assert all(0.5 < m["actor/replayed_share"] < 1.0 for m in grpo_metrics), grpo_metrics
     report = json.loads((run / "export" / "adapter" / "export.json").read_text())
     assert report["kind"] == "lora (extracted by SVD)" and report["max_kl"] == 0.1
     assert report["kl_tuned_vs_adapted"] <= report["max_kl"], report
