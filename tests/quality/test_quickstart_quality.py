@@ -122,7 +122,8 @@ def test_exported_adapter_loads_with_plain_peft_and_keeps_thinking_within_budget
     """A fresh interpreter that imports only transformers and peft loads the adapter on the base checkpoint and,
     asked through the chat template for a budget, keeps its thinking within it as often as the GRPO checkpoint it
     was extracted from does (same held-out problems of every difficulty, made here and passed in as text; at most
-    2 of 72 fewer), and at least 80% of the time."""
+    2 of 72 fewer), and at least 80% of the time; and it reproduces the GRPO checkpoint's greedy responses (issue
+    #23): at most 3 of the 96 (autonomous and the three budgets) differ (measured: 1 at the recipe's rank 64)."""
     import subprocess
     import sys
 
@@ -146,19 +147,23 @@ problems = {problems!r}
 out = {{}}
 for name, model in models.items():
     out[name] = []
-    for budget in (8, 16, 32):
+    for budget in (None, 8, 16, 32):
         for p in problems:
+            kw = {{}} if budget is None else {{"thinking_budget": budget}}
             ids = tok.apply_chat_template([{{"role": "user", "content": p}}], add_generation_prompt=True,
-                                          thinking_budget=budget, return_tensors="pt", return_dict=True)
-            gen = model.generate(**ids, max_new_tokens=80, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+                                          return_tensors="pt", return_dict=True, **kw)
+            gen = model.generate(**ids, max_new_tokens=120, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
             n = gen.index(end) if end in gen else len(gen)
-            out[name].append([budget, n, end in gen])
+            out[name].append([budget, n, end in gen, gen])
 print(json.dumps(out))
 assert not [m for m in sys.modules if m.startswith("posttrain")]
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    within = {k: sum(closed and n <= budget for budget, n, closed in v) for k, v in rows.items()}
-    total = len(rows["adapter"])
-    assert within["adapter"] >= within["grpo"] - 2 and within["adapter"] >= 0.8 * total, (within, rows)
+    differ = sum(a[3] != g[3] for a, g in zip(rows["adapter"], rows["grpo"]))
+    assert differ <= 3, f"{differ} of {len(rows['grpo'])} greedy responses differ from the GRPO checkpoint's"
+    budgeted = {k: [r for r in v if r[0] is not None] for k, v in rows.items()}
+    within = {k: sum(closed and n <= budget for budget, n, closed, _ in v) for k, v in budgeted.items()}
+    total = len(budgeted["adapter"])
+    assert within["adapter"] >= within["grpo"] - 2 and within["adapter"] >= 0.8 * total, (within, budgeted)
