@@ -3,12 +3,14 @@
 #   make test         run the test suite
 #   make budget-blind recipes/budget_blind.yaml: GRPO teaching budgets that half the SFT data ignored
 #   make reasoning-gym recipes/reasoning_gym.yaml: the pipeline on reasoning-gym's chain_sum
+#   make distill      recipes/distill.yaml: the quickstart's GRPO model distilled into a 2-layer student (without a
+#                     finished runs/quickstart/grpo, recipes/distill_example.yaml builds its own SFT teacher)
 #   make bench        our GRPO step against TRL's GRPOTrainer and the other benchmarks (runs/bench/bench.json)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart budget-blind reasoning-gym test bench clean
+.PHONY: install quickstart budget-blind reasoning-gym distill test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,11 @@ budget-blind: install
 
 reasoning-gym: install
 	$(BIN)/posttrain run recipes/reasoning_gym.yaml
+
+distill: install
+	@if [ -f runs/quickstart/grpo/done.json ]; then $(BIN)/posttrain run recipes/distill.yaml; \
+	else echo "runs/quickstart/grpo is not finished: recipes/distill_example.yaml builds its own teacher"; \
+	$(BIN)/posttrain run recipes/distill_example.yaml; fi
 
 test: install
 	$(BIN)/pytest -q

@@ -64,6 +64,9 @@ class DistillStageConfig(Section):
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     logging_steps: int = Field(10, ge=1)
+    save_every: int = Field(50, ge=0, description="Save the student's training state (weights, optimizer, data "
+                            "order) every N steps into RUN/distill/state/, from which a killed run resumes (0: never).")
+    keep_checkpoints: int = Field(2, ge=1, description="Saved training states kept (the newest).")
 
     @field_validator("student")
     @classmethod

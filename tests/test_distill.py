@@ -361,3 +361,32 @@ def test_sweep_takes_distill_as_a_model_stage(tmp_path):
     specs = sweep_models(SimpleNamespace(cfg=rc, run_dir=tmp_path, model_path=None))
     assert [(s.label, s.checkpoint) for s in specs] == [("sft", tmp_path / "sft" / "checkpoint"),
                                                         ("distill", tmp_path / "distill" / "checkpoint")]
+
+
+def test_distill_recipe_distils_the_quickstart_grpo_model(tmp_path, monkeypatch, tiny_model_dir):
+    """recipes/distill.yaml (`make distill` after the quickstart) at toy size, the quickstart's GRPO model stood in
+    for by the tiny one: its teacher is that checkpoint, it samples under the quickstart's SFT budget mix, and the
+    sweep overlays teacher and student."""
+    import shutil
+    from pathlib import Path
+
+    from posttrain.pipeline import run_recipe
+    from posttrain.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    quick = load_recipe(recipes / "quickstart.yaml")
+    monkeypatch.chdir(tmp_path)
+    teacher = Path("runs/quickstart/grpo/checkpoint")
+    shutil.copytree(tiny_model_dir, teacher)
+    rc = load_recipe(recipes / "distill.yaml")
+    assert rc.stages == ["distill", "sweep"] and rc.distill.teacher == str(teacher) and rc.distill.loss == "sparse_kl"
+    assert (rc.sft.budgets, rc.sft.mix, rc.task) == (quick.sft.budgets, quick.sft.mix, quick.task)
+    assert rc.sweep.models == [str(teacher), "distill"]
+    toy = ["threads=1", "task.max_difficulty=2", "distill.n_examples=6", "distill.max_new_tokens=8", "distill.steps=2",
+           "distill.batch_size=4", "sweep.n_per_difficulty=1", "sweep.budgets=[0, auto]", "sweep.max_new_tokens=8",
+           "sweep.workers=1", "sweep.backend=local"]
+    out = run_recipe(load_recipe(recipes / "distill.yaml", toy))
+    s = out["distill"]["summary"]
+    assert out["distill"]["teacher"] == str(teacher) and s["student"]["layers"] == 2 and s["k"] == 16
+    assert s["bytes_per_token_sparse"] == 98 and s["bytes_per_token_full"] == 2 * s["vocab"] and s["tokens_per_s"] > 0
+    assert {r["model"] for r in out["sweep"]["summary"]} == {str(teacher), "distill"}

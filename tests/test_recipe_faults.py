@@ -186,7 +186,7 @@ def test_a_learner_section_keeps_the_learners_restart_default():
 def test_shipped_recipes_still_validate(recipe, tmp_path, monkeypatch):
     """Every recipe in recipes/ stays within the new bounds (the model paths they name made to exist)."""
     monkeypatch.chdir(tmp_path)
-    for d in ("runs/quickstart/sft/checkpoint", "runs/quickstart/rm/genrm"):
+    for d in ("runs/quickstart/sft/checkpoint", "runs/quickstart/rm/genrm", "runs/quickstart/grpo/checkpoint"):
         (tmp_path / d).mkdir(parents=True)
     cfg = load_recipe(recipe)
     assert cfg.stages and cfg.ray.learner.max_restarts == 0
