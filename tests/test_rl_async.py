@@ -302,3 +302,25 @@ def test_k1_on_ray_gives_the_local_batches(tiny_model_dir, tmp_path, ray_session
         for key in ("rollout/response_tokens", "rollout/forced_share", "reward/mean", "async/staleness_max"):
             assert a[key] == b[key], key
     assert remote[0]["time/rollout_busy_s"] > 0 and remote[0]["time/overlap_s"] >= 0
+
+
+def test_overlapping_roles_asking_for_more_threads_than_cores_are_warned_about(monkeypatch):
+    """At K >= 1 on CPU the rollout, reference and learner run at once: more torch threads than cores is named
+    (measured 0.30x the synchronous step on 2 cores); threads that fit, K = 0, or a GPU say nothing."""
+    import os
+
+    from posttrain.recipe import load_recipe
+    from posttrain.stages.rl_async import overlap_threads_warning
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    rc = load_recipe(None, ["grpo.async.max_staleness=1", "ray.rollout.threads=2", "ray.learner.threads=2",
+                            "grpo.kl_coef=0.01"])
+    msg = overlap_threads_warning(rc, rc.grpo, "grpo", "cpu")
+    assert msg.startswith("grpo.async.max_staleness 1: the roles that now run at once ask for ")
+    assert "on 2 cores" in msg and "rollout 2" in msg and "learner 2" in msg
+    assert overlap_threads_warning(rc, rc.grpo, "grpo", "cuda") is None
+    fits = load_recipe(None, ["grpo.async.max_staleness=1", "ray.rollout.threads=1", "ray.learner.threads=1",
+                              "grpo.kl_coef=0"])
+    assert overlap_threads_warning(fits, fits.grpo, "grpo", "cpu") is None
+    sync = load_recipe(None, ["ray.rollout.threads=2", "ray.learner.threads=2"])
+    assert overlap_threads_warning(sync, sync.grpo, "grpo", "cpu") is None

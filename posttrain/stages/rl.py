@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _without_vectors, evaluate_budget,
                                        format_comparison)
-from posttrain.stages.rl_async import RolloutPipeline
+from posttrain.stages.rl_async import RolloutPipeline, overlap_threads_warning
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
 from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
@@ -437,6 +437,8 @@ class RLDriver:
             r.on_restart = self._restore_rollout
         k = max_staleness(self.cfg)
         self.pipeline = RolloutPipeline(self, k) if k > 0 else None
+        if (crowded := overlap_threads_warning(self.rc, self.cfg, self.algo, ctx.device.type)) is not None:
+            log.warning(crowded)
         return self.w
 
     def fit(self) -> dict:

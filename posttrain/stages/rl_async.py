@@ -140,3 +140,30 @@ class RolloutPipeline:
             overlap += max(0.0, b - f.submit_s - f.wait_s)
         self._collected.clear()
         return {"time/rollout_busy_s": busy, "time/overlap_s": overlap}
+
+
+def overlap_threads_warning(rc, cfg, algo: str, device_type: str) -> str | None:
+    """At `max_staleness` >= 1 on CPU the rollout workers generate while the reference and the learners run: a
+    message when their torch threads together exceed this machine's cores (oversubscribed threads slow every role
+    several times over: measured 0.30x the synchronous step on 2 cores with 2 threads each); None when they fit."""
+    import os
+
+    from posttrain.config_rl import max_staleness
+
+    if max_staleness(cfg) < 1 or device_type != "cpu":
+        return None
+    from posttrain.workers.actors import ActorOptions
+
+    ray = rc.ray
+    roles = [("rollout", ray.rollout, ray.rollout.num), ("learner", ray.learner, ray.learner.num)]
+    if cfg.kl_coef > 0:
+        roles.append(("reference", ray.reference, 1))
+    threads = {name: ActorOptions(cpus=g.cpus, threads=g.threads).torch_threads * n for name, g, n in roles}
+    cores = os.cpu_count() or 1
+    if sum(threads.values()) <= cores:
+        return None
+    return (f"{algo}.async.max_staleness {max_staleness(cfg)}: the roles that now run at once ask for "
+            f"{sum(threads.values())} torch threads ({', '.join(f'{k} {v}' for k, v in threads.items())}) on "
+            f"{cores} cores; oversubscribed, each slows several times (README, Asynchronous RL). Give them fewer "
+            "threads (ray.<role>.threads) or keep max_staleness 0")
+
