@@ -78,13 +78,14 @@ class AsyncConfig(Section):
         "none", description="Off-policy correction (`posttrain.algo.offpolicy`) on the ratio of the learner's "
         "old-policy log-probs (recomputed by the learner before its update: one extra forward, no grad) to the "
         "rollout's: `tis` (token truncated IS: w = min(ratio, cap); `tis_cap` is this), `seq_tis` (sequence "
-        "truncated IS), `mis` (tokens outside [lower, cap] masked out of the loss; IcePop), `seq_mis` (rows, by the "
-        "product of their token ratios), `geo_mis` (rows, by its geometric mean), `decoupled` (AReaL: weight = "
-        "ratio, 0 above cap). `none`: the rollout's log-probs are the PPO ratio's old policy.")
+        "truncated IS), `mis` (tokens outside [lower, cap] masked out of the loss), `icepop` (weight = ratio inside "
+        "[lower, cap], 0 outside; the tokens stay in the loss's count), `seq_mis` (rows, by the product of their "
+        "token ratios), `geo_mis` (rows, by its geometric mean), `decoupled` (AReaL: weight = ratio, 0 above cap). "
+        "`none`: the rollout's log-probs are the PPO ratio's old policy.")
     cap: float = Field(2.0, gt=0, description="The correction's upper threshold C (truncation or mask).")
     lower: float | None = Field(
-        None, gt=0, description="The lower threshold: for the masking corrections the kept interval's lower end "
-        "(default 1/cap), for tis/seq_tis a floor on the weights (default none); must be < cap.")
+        None, gt=0, description="The lower threshold: for the masking corrections and icepop the kept interval's "
+        "lower end (default 1/cap), for tis/seq_tis a floor on the weights (default none); must be < cap.")
     partial: bool = Field(
         False, description="Partial rollouts (a row in generation continues under new weights): not supported by "
         "the HF rollout engine, which cannot pause a row; true is an error.")

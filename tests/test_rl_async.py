@@ -35,18 +35,21 @@ def _inputs(seed=0):
 
 def _loop(name, rollout, old, mask, cap, lower):
     """The slow reference, element by element in float64, from the papers' and verl's/AReaL's definitions:
-    (weights or None, keep or None), lists of lists."""
+    (weights or None, keep or None), lists of lists. (tests/test_offpolicy_verl.py checks the same corrections
+    against verl 0.9.1's own code.)"""
     B, T = mask.shape
     W, K = [[1.0] * T for _ in range(B)], [[True] * T for _ in range(B)]
     clamp = lambda x: max(-20.0, min(20.0, x))  # noqa: E731 - verl's SAFETY_BOUND
-    lo = (1 / cap if lower is None else lower) if name.endswith("mis") else lower
+    lo = (1 / cap if lower is None else lower) if name.endswith("mis") or name == "icepop" else lower
     for i in range(B):
         toks = [j for j in range(T) if mask[i, j]]
         lr = {}
         for j in toks:
             d = float(old[i, j]) - float(rollout[i, j])
             lr[j] = 0.0 if math.isnan(d) else d
-        total = sum(lr.values())
+        total = sum(lr.values())  # seq_tis: the sum of the token log-ratios, clamped after (verl's sequence IS)
+        clamped = sum(clamp(x) for x in lr.values())  # the rejections: each token clamped first (verl's k1 RS)
+        inside = lambda log_r: math.log(lo) <= log_r <= math.log(cap)  # noqa: E731 - ratio in [lo, cap]
         for j in toks:
             if name == "tis":
                 W[i][j] = min(math.exp(lr[j]), cap) if lower is None else max(lower, min(math.exp(lr[j]), cap))
@@ -54,11 +57,14 @@ def _loop(name, rollout, old, mask, cap, lower):
                 w = min(math.exp(clamp(total)), cap)
                 W[i][j] = w if lower is None else max(lower, w)
             elif name == "mis":
-                K[i][j] = lo <= math.exp(clamp(lr[j])) <= cap
+                K[i][j] = inside(clamp(lr[j]))
             elif name == "seq_mis":
-                K[i][j] = lo <= math.exp(clamp(total)) <= cap
+                K[i][j] = inside(clamped)
             elif name == "geo_mis":
-                K[i][j] = lo <= math.exp(clamp(total / len(toks))) <= cap
+                K[i][j] = inside(clamped / len(toks))
+            elif name == "icepop":
+                rho = math.exp(clamp(lr[j]))
+                W[i][j] = rho if lo <= rho <= cap else 0.0
             elif name == "decoupled":
                 rho = math.exp(lr[j])
                 W[i][j] = rho if rho <= cap else 0.0
@@ -68,7 +74,7 @@ def _loop(name, rollout, old, mask, cap, lower):
 
 
 @pytest.mark.parametrize("lower", [None, 0.7], ids=["default_lower", "lower"])
-@pytest.mark.parametrize("name", CORRECTIONS)
+@pytest.mark.parametrize("name", CORRECTIONS + ["icepop"])
 def test_each_correction_equals_the_loop_reference(name, lower):
     from posttrain.algo.offpolicy import Correction
     from posttrain.algo.registry import get_correction

@@ -17,21 +17,46 @@ the tokens kept, as verl's rejection sampling does), and metrics. Everything is 
 ``log rho = old_logp - rollout_logp`` (0 off the mask and where the rollout log-prob is NaN), clamped to +-20
 before any exp as verl clamps it (``SAFETY_BOUND``).
 
-Papers and code followed:
+Papers and code followed, and how each maps to verl 0.9.1's rollout correction (`rollout_corr`:
+verl/trainer/ppo/rollout_corr_helper.py, `compute_rollout_correction_weights` for the weights and
+`compute_rollout_rejection_mask` for the masks; tests/test_offpolicy_verl.py checks each against a vendored copy of
+that code to 1e-6):
 
 * `tis`, `seq_tis`: truncated importance sampling, token and sequence level (Yao et al. 2025, "Your efficient RL
-  framework secretly brings you off-policy RL training"; verl `rollout_is: token | sequence`,
-  `compute_rollout_correction_weights` in verl/trainer/ppo/rollout_corr_helper.py, volcengine/verl 0b4e2a81).
+  framework secretly brings you off-policy RL training"). verl: ``rollout_is: token | sequence``,
+  ``rollout_is_threshold: C`` (a float). Our optional `lower` is TRL's floor (``vllm_importance_sampling_clip_min``),
+  which verl has not (its ``"a_b"`` threshold string is IcePop, below). `seq_tis`, as verl's sequence IS, clamps a
+  row's sum of unclamped token log-ratios (verl's rejection, below, clamps each token first).
 * `mis`, `seq_mis`, `geo_mis`: masked importance sampling / rejection sampling: tokens, sequences (product of the
   token ratios) or sequences by the geometric mean of their token ratios (Geo-RS) outside [lower, C] (lower
   default 1/C) leave the loss (Liu, Li et al. 2025, "When speed kills stability: demystifying RL collapse from the
-  training-inference mismatch"; verl `rollout_rs: token | sequence | geometric`, `compute_rollout_rejection_mask`,
-  same file). `mis` with ``lower=a, cap=b`` is IcePop's token masking to [a, b] (Ling team 2025, Ring-1T).
+  training-inference mismatch"). verl: ``rollout_rs: token_k1 | seq_sum_k1 | seq_mean_k1``. verl states its K1
+  thresholds on -log rho, i.e. on the inverse ratio mu / pi_old: our [lower, C] on rho is verl's
+  ``rollout_rs_threshold: "{1/C}_{1/lower}"``, and the default lower = 1/C is verl's single float ``C``. As verl,
+  each token's log-ratio is clamped to +-20 before the sum or mean, and the bounds are compared in log space.
+* `icepop`: IcePop (Ling team 2025, Ring-1T, arXiv 2510.18855): each token's weight is its ratio rho_t inside
+  [lower, C] (lower default 1/C) and 0 outside; the zeroed tokens stay in the loss's token count. verl:
+  ``rollout_is: token``, ``rollout_is_threshold: "{lower}_{C}"``.
 * `decoupled`: AReaL's decoupled PPO objective (Fu et al. 2025, "AReaL: a large-scale asynchronous reinforcement
   learning system for language reasoning"; `ppo_actor_loss_fn` in areal/utils/functional.py): the clipped ratio
   is taken against the proximal policy (the learner's recomputation) and each token's loss is weighted by the
   behaviour weight rho = pi_prox / mu, set to 0 where rho > C (`behav_imp_weight_cap`); those tokens stay in the
-  token count, as in AReaL.
+  token count, as in AReaL. Not a verl correction: verl's "decoupled" mode is the same three policies (its PPO ratio
+  against old_log_prob, times its ``rollout_is`` weights), and AReaL's weight is then verl's IcePop weight with no
+  lower bound (``rollout_is_threshold: "{tiny}_{C}"``) up to verl's +-20 clamp (which changes a weight by < e^-20).
+
+Deliberate differences from verl, where verl's output is not what this project wants (the tests compare on the
+inputs where both are defined):
+
+* off the mask our weights are 1 and our keep mask True (verl: weight 0, mask 0); the learner multiplies both by
+  the loss mask, so only ``weights * mask`` and ``keep & mask`` mean anything, and those are what equal verl's;
+* a NaN rollout log-prob on a loss token (not reported by the engine) is ratio 1 here (weight 1, kept; as TRL and
+  `losses.tis_weights`); in verl the NaN spreads (a TIS weight NaN, an IcePop weight 0, the token or its whole row
+  rejected);
+* `tis` exponentiates without verl's +-20 clamp (the one implementation is `losses.tis_weights`, equal to TRL's):
+  a weight below e^-20 differs from verl's by less than 2.1e-9;
+* `geo_mis` divides a row's log-ratio sum by its token count n, verl's masked mean by n + 1e-8;
+* `offpolicy/mismatch_kl` clamps log rho to +-20 (verl's ``k3_kl`` does not, and is then inf or huge).
 """
 
 from __future__ import annotations
@@ -124,34 +149,37 @@ def sequence_tis(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch
 
 def _masked(rollout_logp, old_logp, mask, cap, lower, name: str, level: str) -> Correction:
     """Rejection of tokens (`level` token) or rows (sequence: sum of log rho; geometric: its mean over the row's
-    loss tokens) whose ratio lies outside [lower, C], as verl's `compute_rollout_rejection_mask`."""
+    loss tokens) whose ratio lies outside [lower, C], as verl's `compute_rollout_rejection_mask` with
+    ``token_k1`` / ``seq_sum_k1`` / ``seq_mean_k1``: each token's log rho clamped to +-20 first, the aggregate
+    compared with log(lower) and log(C) (no exp, no overflow)."""
     check_thresholds(name, cap, lower)
     lo = 1.0 / cap if lower is None else lower
     with torch.no_grad():
         keep_t = mask.to(torch.bool)
-        lr = log_ratio(rollout_logp, old_logp, mask)
+        lr = log_ratio(rollout_logp, old_logp, mask).clamp(-SAFETY_BOUND, SAFETY_BOUND)
         if level == "token":
             agg = lr
         elif level == "sequence":
             agg = lr.sum(-1, keepdim=True)
         else:  # geometric
             agg = lr.sum(-1, keepdim=True) / keep_t.sum(-1, keepdim=True).clamp(min=1)
-        rho = torch.exp(agg.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-        inside = ((rho >= lo) & (rho <= cap)).expand_as(lr)
+        high, low = agg > math.log(cap), agg < math.log(lo)
+        inside = (~high & ~low).expand_as(lr)
         keep = inside | ~keep_t
         rejected = keep_t & ~inside
         metrics = {"offpolicy/masked_token_share": float(masked_mean(rejected.float(), keep_t)),
                    "offpolicy/masked_row_share": _row_share(rejected.any(-1), mask),
-                   "offpolicy/ratio_high_share": float(masked_mean((rho > cap).expand_as(lr).float(), keep_t)),
-                   "offpolicy/ratio_low_share": float(masked_mean((rho < lo).expand_as(lr).float(), keep_t))}
+                   "offpolicy/ratio_high_share": float(masked_mean(high.expand_as(lr).float(), keep_t)),
+                   "offpolicy/ratio_low_share": float(masked_mean(low.expand_as(lr).float(), keep_t))}
     return Correction(None, keep, metrics | mismatch_metrics(rollout_logp, old_logp, mask))
 
 
 @register_correction("mis")
 def token_mis(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *, cap: float,
               lower: float | None = None) -> Correction:
-    """Token-level masked IS (verl ``rollout_rs: token``; IcePop with lower=a, cap=b): tokens with
-    exp(clamp(log rho_t, +-20)) outside [lower, C] (lower default 1/C) leave the loss; no weights. Metrics:
+    """Token-level masked IS (verl ``rollout_rs: token_k1``): tokens with exp(clamp(log rho_t, +-20)) outside
+    [lower, C] (lower default 1/C) leave the loss and its token count; no weights. (IcePop's interval with its
+    weight, the tokens kept in the count, is `icepop`.) Metrics:
     ``offpolicy/masked_token_share``, ``offpolicy/masked_row_share`` (rows with a token masked),
     ``offpolicy/ratio_high_share`` / ``ratio_low_share`` (tokens above C / below lower)."""
     return _masked(rollout_logp, old_logp, mask, cap, lower, "mis", "token")
@@ -160,7 +188,7 @@ def token_mis(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Te
 @register_correction("seq_mis")
 def sequence_mis(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *, cap: float,
                  lower: float | None = None) -> Correction:
-    """Sequence-level masked IS (verl ``rollout_rs: sequence``): a row whose ratio exp(clamp(sum_t log rho_it,
+    """Sequence-level masked IS (verl ``rollout_rs: seq_sum_k1``): a row whose ratio exp(sum_t clamp(log rho_it,
     +-20)) (the product of its token ratios) is outside [lower, C] (lower default 1/C) leaves the loss whole.
     Metrics as `token_mis` (the shares of tokens then count the rejected rows' tokens)."""
     return _masked(rollout_logp, old_logp, mask, cap, lower, "seq_mis", "sequence")
@@ -169,10 +197,34 @@ def sequence_mis(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch
 @register_correction("geo_mis")
 def geometric_mis(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *, cap: float,
                   lower: float | None = None) -> Correction:
-    """Geometric-mean sequence rejection (Geo-RS; verl ``rollout_rs: geometric``): a row whose per-token geometric
-    mean ratio exp(clamp(mean_t log rho_it, +-20)) over its loss tokens is outside [lower, C] leaves the loss
+    """Geometric-mean sequence rejection (Geo-RS; verl ``rollout_rs: seq_mean_k1``): a row whose per-token
+    geometric mean ratio exp(mean_t clamp(log rho_it, +-20)) over its loss tokens is outside [lower, C] leaves the loss
     whole: length-independent, unlike `sequence_mis`, whose product grows with the row's length."""
     return _masked(rollout_logp, old_logp, mask, cap, lower, "geo_mis", "geometric")
+
+
+@register_correction("icepop")
+def icepop(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *, cap: float,
+           lower: float | None = None) -> Correction:
+    """IcePop (Ling team 2025, Ring-1T, arXiv 2510.18855; verl ``rollout_is: token`` with
+    ``rollout_is_threshold: "{lower}_{C}"``): each loss token's weight is rho_t = exp(clamp(log rho_t, +-20)) when it
+    lies in [lower, C] (lower default 1/C) and 0 outside, detached; 1 off the mask. The zeroed tokens stay in the
+    loss's token count (unlike `token_mis`, which takes them out and applies no weight). Metrics:
+    ``offpolicy/weight_mean`` (over the mask, zeros included), ``offpolicy/masked_token_share`` (tokens zeroed),
+    ``offpolicy/ratio_high_share`` / ``ratio_low_share`` (tokens above C / below lower)."""
+    check_thresholds("icepop", cap, lower)
+    lo = 1.0 / cap if lower is None else lower
+    with torch.no_grad():
+        keep_t = mask.to(torch.bool)
+        rho = torch.exp(log_ratio(rollout_logp, old_logp, mask).clamp(-SAFETY_BOUND, SAFETY_BOUND))
+        high, low = (rho > cap) & keep_t, (rho < lo) & keep_t
+        w = torch.where(high | low, torch.zeros_like(rho), rho)
+        w = torch.where(keep_t, w, torch.ones_like(w))
+        metrics = {"offpolicy/weight_mean": float(masked_mean(w, keep_t)),
+                   "offpolicy/masked_token_share": float(masked_mean((high | low).float(), keep_t)),
+                   "offpolicy/ratio_high_share": float(masked_mean(high.float(), keep_t)),
+                   "offpolicy/ratio_low_share": float(masked_mean(low.float(), keep_t))}
+    return Correction(w, None, metrics | mismatch_metrics(rollout_logp, old_logp, mask))
 
 
 @register_correction("decoupled")
@@ -197,12 +249,12 @@ def decoupled(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Te
 
 def check_thresholds(name: str, cap: float, lower: float | None) -> None:
     """Raise ValueError (naming `cap`/`lower` as the recipe's keys) when `name`'s thresholds cannot work: an empty
-    [lower, cap] interval, a masking correction with cap <= 1 (its default lower 1/cap is then >= cap), the
+    [lower, cap] interval, a masking correction or IcePop with cap <= 1 (its default lower 1/cap is then >= cap), the
     decoupled correction with cap <= 1 or a lower threshold. Each correction checks its own; the recipe calls it at
 load."""
     if not math.isfinite(cap) or cap <= 0:
         raise ValueError(f"cap: must be a positive number, got {cap!r}")
-    if name in ("mis", "seq_mis", "geo_mis"):
+    if name in ("mis", "seq_mis", "geo_mis", "icepop"):
         lo = 1.0 / cap if lower is None else lower
         if not lo < cap:
             raise ValueError(f"cap: the {name} correction keeps ratios in [lower, cap] = [{lo:g}, {cap:g}], an empty "

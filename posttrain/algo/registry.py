@@ -112,6 +112,6 @@ def get_kl_estimator(name: str) -> Callable:
 
 
 def get_correction(name: str) -> Callable:
-    """The off-policy correction registered under `name` (``tis``, ``seq_tis``, ``mis``, ``seq_mis``, ``geo_mis``;
+    """The off-policy correction registered under `name` (``tis``, ``seq_tis``, ``mis``, ``icepop``, ``seq_mis``, ``geo_mis``, ``decoupled``;
     see `posttrain.algo.offpolicy`)."""
     return OFF_POLICY_CORRECTIONS.get(name)

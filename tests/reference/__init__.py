@@ -1,0 +1,1 @@
+"""Reference implementations vendored from other projects (licenses in each file), for tests only."""
