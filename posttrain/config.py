@@ -370,6 +370,16 @@ class RecipeConfig(Section):
                 raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _fsdp_needs_actors(self) -> "RecipeConfig":
+        """`fsdp` shards over learners in their own processes: with `ray.backend: local` the process group would
+        start inside this driver process."""
+        for algo in ("grpo", "ppo"):
+            if algo in self.stages and getattr(self, algo).fsdp and self.ray.backend == "local":
+                raise ValueError(f"{algo}.fsdp: true shards the learners' weights across their processes, and "
+                                 "ray.backend: local runs them inside this one; use ray.backend: ray")
+        return self
+
     def _check_rm_rewards(self, algo: str) -> None:
         """A reward that reads this run's `rm` stage output (`genrm`, `scalar_rm` without `params.path`) needs that
         stage before `algo`, and `scalar_rm` needs `rm.scalar.enabled`."""

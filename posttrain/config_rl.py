@@ -186,6 +186,11 @@ class _RLStageFields(Section):
                                  "train (empty: all); only these reach the rollout workers after each update.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Train a LoRA adapter on the policy; only the "
                              "adapter reaches the rollout workers after each update.")
+    fsdp: bool = Field(
+        False, description="Shard the learners' parameters, gradients and AdamW state across the data-parallel "
+        "learners (`ray.learner.num`) with FSDP2, per decoder layer (docs/fsdp.md): the same step as unsharded "
+        "learners, about 1/N of the memory each. On CUDA the weights and AdamW state are fp32 and the forward runs in "
+        "`model.dtype` (mixed precision); on CPU no mixed precision. LoRA and `trainable` work too.")
     dynamic_sampling: bool = Field(
         True, description="Drop groups whose rewards are all equal (DAPO's filter; no resampling to refill)."
     )
@@ -309,9 +314,27 @@ class ActorGroupConfig(Section):
     cpus: float = _cpus(1.0)
     gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
     threads: int | None = Field(None, ge=1, description="torch threads (default from cpus).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor reserves, `{label: amount}`: it runs only "
+        "on a node started with that label (`ray start --address HEAD --resources '{\"gpu_node\": 8}'`), which "
+        "places the role on chosen nodes of a cluster (`ray.address`). A label no node has is an error at start "
+        "(and at recipe load when no cluster is given: a local instance has none). A role without one may run on "
+        "any node with CPUs to spare. CPUs and GPUs go in `cpus` / `gpus`.")
     max_restarts: int = _ray_restarts(2)
     timeout_s: float | None = Field(600.0, gt=0, description="Seconds any call may take before the actor is "
                                     "treated as hung (killed, restarted, the call retried).")
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for label, amount in v.items():
+            if label in ("CPU", "GPU"):
+                raise ValueError(f"{label!r}: give CPUs and GPUs as `cpus` / `gpus`, not as a custom resource")
+            if not label.strip():
+                raise ValueError("a resource label must not be empty")
+            if not amount > 0 or round(amount, 4) != amount:  # Ray counts resources in units of 0.0001
+                raise ValueError(f"{label}: {amount!r} is not a positive amount in steps of 0.0001")
+        return v
 
 
 class RolloutGroupConfig(ActorGroupConfig):
@@ -346,6 +369,9 @@ class RewardGroupConfig(ActorGroupConfig):
     cpus: float = _cpus(0.0)
 
 
+RAY_ROLES = ("rollout", "learner", "reference", "critic", "reward")  # the `ray.<role>` sections
+
+
 class RayConfig(Section):
     """Where the RL actors run: a local Ray instance (default) or a cluster (`address`)."""
 
@@ -361,6 +387,25 @@ class RayConfig(Section):
     reference: ReferenceGroupConfig = Field(default_factory=ReferenceGroupConfig)
     critic: CriticGroupConfig = Field(default_factory=CriticGroupConfig)
     reward: RewardGroupConfig = Field(default_factory=RewardGroupConfig)
+
+    @model_validator(mode="after")
+    def _resources_need_a_cluster(self) -> "RayConfig":
+        """Custom resources are given to nodes by `ray start --resources`: the local instance started when neither
+        `address` nor RAY_ADDRESS names a cluster has none, and its actors would wait for them forever."""
+        import os
+
+        if self.backend != "ray" or self.address not in (None, "local") or (
+                self.address is None and os.environ.get("RAY_ADDRESS")):
+            return self
+        for role in RAY_ROLES:
+            labels = [k for k in getattr(self, role).resources if not k.startswith("node:")]
+            if labels:
+                raise ValueError(
+                    f"ray.{role}.resources: {', '.join(map(repr, labels))} would place the actor on a node started "
+                    "with that label, but with no `ray.address` (nor RAY_ADDRESS) a local Ray instance starts and "
+                    "has no custom resources; set ray.address to a cluster whose nodes carry it (`ray start "
+                    "--address HEAD --resources ...`), or remove the key")
+        return self
 
     @field_validator("address")
     @classmethod

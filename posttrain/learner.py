@@ -46,6 +46,15 @@ tokens. The router load-balancing loss is a product of token means, not a mean: 
 of the attended tokens, which is close to, not exactly, the one-learner value. Skips are agreed collectively, so
 the ranks' weights never diverge; the bias update uses the expert loads summed over ranks, so every rank makes the
 one-learner update.
+
+Sharded (FSDP2, `posttrain.workers.learner.shard_model`): the same ranks, the same shares, but the parameters, their
+gradients and the AdamW state are DTensors sharded across the ranks. FSDP reduce-scatters the gradients in the
+backward pass, summing them (its divide factor is set to 1), so the hand-made all-reduce is not done again, and the
+ranks' losses still sum to the one-learner loss. FSDP's all-gathers and reduce-scatters are collective, so every
+rank runs the same number of forwards and backwards: a rank without a loss token in a mini-batch (or without
+demonstrations, or without probe rows) runs an idle one-token forward whose loss is 0 x its logits. The grad norm,
+the finiteness checks and the weight export (`trainable_weights`, collective) work on the local shards and combine
+them across ranks.
 """
 
 from __future__ import annotations
@@ -121,6 +130,46 @@ def group_bounds(n_rows: int, group_size: int, parts: int) -> list[tuple[int, in
     return list(zip(cuts, cuts[1:]))
 
 
+def is_sharded(model) -> bool:
+    """Whether the model's parameters are FSDP2 DTensors (`workers.learner.shard_model`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (collective: every rank must call it); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _idle_objective(model) -> torch.Tensor:
+    """0 x the logits of a one-token forward: what a sharded rank with nothing to learn from runs so that FSDP's
+    all-gathers (forward) and reduce-scatters (backward) meet the other ranks' (its gradient is exactly 0)."""
+    p = next(model.parameters())
+    one = torch.ones((1, 1), dtype=torch.long, device=p.device)
+    logits, _ = response_forward(model, one, one, one, one)
+    return logits.sum() * 0.0
+
+
+def _sharded_clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float | None) -> float:
+    """`clip_grad_norm` over DTensor gradients: the squared norms of the local shards summed across ranks."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    sq = torch.stack([g.detach().pow(2).sum(dtype=torch.float64) for g in grads]).sum() if grads else None
+    sq = torch.zeros(1, dtype=torch.float64) if sq is None else sq.reshape(1).cpu()
+    norm = float(_all_reduce_sum(sq).sqrt())
+    limit = max_norm if max_norm is not None and max_norm > 0 else math.inf
+    coef = limit / (norm + 1e-6)
+    if math.isfinite(norm) and coef < 1:
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -148,6 +197,7 @@ class Learner:
                                  f"correction={correction!r}")
             correction, correction_cap = "tis", tis_cap
         self.model = model
+        self.sharded = is_sharded(model)  # FSDP2: see the module docstring
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
@@ -282,6 +332,8 @@ class Learner:
             if hi > lo and bool(mask[lo:hi].any()):
                 part, cols = compact(batch, lo, hi)
                 out[lo:hi, cols] = self.forward(part, slice(None))[0].to(out.dtype)
+            elif self.sharded:  # one forward per part on every rank: FSDP's all-gathers are collective
+                _idle_objective(self.model)
         return out
 
     # ---------------------------------------------------------------------------------------------- update
@@ -353,12 +405,16 @@ class Learner:
                     tis["is_weights"] = weights[rows, cols]
                 loss, metrics = self.loss(part, adv, mask[rows, cols], slice(None), ref, shares=shares, **tis)
                 loss.backward()
-            else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce
+            else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce (reduce-scatter)
                 loss, metrics = torch.zeros(()), {}
+                if self.sharded:
+                    _idle_objective(self.model).backward()
             if local_demo > 0:  # + ptx_coef * (mean NLL per token of this mini-batch's demos, over all ranks)
                 nll = demo_nll_sum(self.model, mine)
                 (self.ptx_coef * nll / demo_tokens).backward()
                 metrics["actor/ptx_nll"] = float(nll.detach()) / local_demo
+            elif self.sharded and demo_tokens > 0:
+                _idle_objective(self.model).backward()
             self._probe = self._probe_rows(batch, lo, hi) if local[0] > 0 else None
             try:
                 metrics |= self._apply(loss)
@@ -394,9 +450,14 @@ class Learner:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            _all_reduce_sum(p.grad)
-        grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
-        ok, reason = finite_or_skip(loss, self.named_params)
+            if not self.sharded:  # FSDP has summed the gradients in its reduce-scatter
+                _all_reduce_sum(p.grad)
+        if self.sharded:
+            grad_norm = _sharded_clip_grad_norm(self.params, self.max_grad_norm)
+            ok, reason = finite_or_skip(loss, [(n, _local(p.grad)) for n, p in self.named_params])
+        else:
+            grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
+            ok, reason = finite_or_skip(loss, self.named_params)
         ok = ok and math.isfinite(grad_norm)
         agreed = _all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))  # any rank's fault skips everyone's step
         out = {"actor/grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan")}
@@ -450,7 +511,9 @@ class Learner:
         """Why the just-updated model is unusable, or None: a non-finite weight, or non-finite logits on the
         mini-batch's probe rows (`_probe_rows`: weights finite but huge, from which the next rollout would fail to
         sample, "probability tensor contains inf/nan")."""
-        flags = torch.stack([torch.isfinite(p).all() for p in self.params]).cpu()
+        flags = torch.stack([torch.isfinite(_local(p)).all() for p in self.params]).cpu()
+        if self.sharded:  # every rank runs the probe forward (FSDP's all-gathers), then answers
+            probe_ok = self._probe_finite() if self._probe is not None else bool(_idle_objective(self.model) == 0)
         if not bool(flags.all()):
             bad = [n for (n, _), ok in zip(self.named_params, flags.tolist()) if not ok]
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -458,14 +521,18 @@ class Learner:
                     "too high?)")
         if self._probe is None:
             return None
+        if not (probe_ok if self.sharded else self._probe_finite()):
+            return f"the update made the model's logits non-finite (learning rate {self._lr():g} too high?)"
+        return None
+
+    def _probe_finite(self) -> bool:
+        """Whether the logits on the probe rows are finite."""
         self.model.eval()  # as the rollout runs it
         try:
             logits, _ = response_forward(self.model, *self._probe)
         finally:
             self.model.train()
-        if not bool(torch.isfinite(logits[self._probe[3].bool()]).all()):
-            return f"the update made the model's logits non-finite (learning rate {self._lr():g} too high?)"
-        return None
+        return bool(torch.isfinite(logits[self._probe[3].bool()]).all())
 
     def _snapshot(self) -> tuple[list[torch.Tensor], list[dict]]:
         """Copies of the trainable weights and of their AdamW state (moments, step count), for `_restore`."""
@@ -484,14 +551,20 @@ class Learner:
             else:
                 self.optimizer.state.pop(p, None)
 
-    def trainable_weights(self) -> dict[str, torch.Tensor]:
+    def trainable_weights(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """{state-dict name: tensor} of what the updates change (all weights for full fine-tuning, the adapter
         for LoRA, and the routers' correction biases when the bias update is on: buffers, never trainable, so they
-        are named here), detached, on CPU, for `RolloutWorker.update_weights`."""
+        are named here), detached, on CPU, for `RolloutWorker.update_weights`. Sharded, every rank must call it (the
+        tensors are gathered one by one); `keep=False` joins the gathers and keeps nothing (returns {})."""
         names = {n for n, _ in self.named_params}
         names = names | {n for n, _ in self._bias_routers} if names else names
-        return {n: t.detach().to("cpu", copy=True) for n, t in self.model.state_dict().items()
-                if n in names or not names}
+        out = {}
+        for n, t in self.model.state_dict().items():
+            if n in names or not names:
+                full = _full(t.detach())
+                if keep:
+                    out[n] = full.to("cpu", copy=True)
+        return out
 
 
 def _average(collected: Sequence[dict]) -> dict[str, float]:

@@ -39,7 +39,8 @@ from posttrain.stages.rl_async import RolloutPipeline, overlap_threads_warning
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
 from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
-from posttrain.workers.actors import ActorOptions, Proxy, Shared, WorkerFailed, gather, init_ray, spawn, tensor_bytes
+from posttrain.workers.actors import (ActorOptions, Proxy, Shared, WorkerFailed, custom_resources, gather, init_ray,
+                                      spawn, tensor_bytes)
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker, with_run_output
 from posttrain.workers.rollout import RolloutWorker
@@ -65,8 +66,22 @@ def _options(group, stateful: bool = False) -> ActorOptions:
     """ActorOptions of a recipe `ray.*` group. A stateful actor (learner, critic) is never restarted by Ray alone:
     it would come back with the input model's weights and a fresh optimizer. Its `max_restarts` are the driver's
     recoveries instead (`RLDriver.fit`: every actor restarted, the loop resumed from the last saved state)."""
-    return ActorOptions(cpus=group.cpus, gpus=group.gpus, threads=group.threads,
+    return ActorOptions(cpus=group.cpus, gpus=group.gpus, threads=group.threads, resources=dict(group.resources),
                         max_restarts=0 if stateful else group.max_restarts, timeout_s=group.timeout_s)
+
+
+def _log_placement(algo: str, proxies: list[Proxy]) -> None:
+    """On a cluster of several nodes, log which actors run on which node (its id, address and custom resources),
+    once every actor has started."""
+    import ray
+
+    where = {p.name: p.node_id() for p in proxies}
+    nodes = {n["NodeID"]: n for n in ray.nodes()}
+    for node_id in dict.fromkeys(where.values()):
+        n = nodes.get(node_id, {})
+        labels = "".join(f", {r}" for r in custom_resources(n.get("Resources", {})))
+        log.info("%s: node %s (%s%s): %s", algo, node_id, n.get("NodeManagerAddress", "?"), labels,
+                 ", ".join(k for k, v in where.items() if v == node_id))
 
 
 def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
@@ -76,14 +91,12 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
     ray_cfg = rc.ray
     backend = ray_cfg.backend
     with_critic = algo == "ppo" or cfg.adv_estimator == "gae"
-    groups = [(ray_cfg.rollout, ray_cfg.rollout.num), (ray_cfg.learner, ray_cfg.learner.num), (ray_cfg.reward, 1)]
-    if cfg.kl_coef > 0:
-        groups.append((ray_cfg.reference, 1))
-    if with_critic:
-        groups.append((ray_cfg.critic, 1))
-    if backend == "ray":
-        res = init_ray(ray_cfg.address, ray_cfg.num_cpus, required_cpus=sum(g.cpus * n for g, n in groups),
-                       required_gpus=sum(g.gpus * n for g, n in groups))
+    roles = ["rollout", "learner", "reward", *(["reference"] if cfg.kl_coef > 0 else []),
+             *(["critic"] if with_critic else [])]
+    res = {"nodes": 1}
+    if backend == "ray":  # refuses actors that cannot fit (CPUs, GPUs, custom resources) before any starts
+        res = init_ray(ray_cfg.address, ray_cfg.num_cpus, actors={
+            f"ray.{r}": (getattr(ray_cfg, r).num, _options(getattr(ray_cfg, r))) for r in roles})
         log.info("%s: Ray %s with %g CPUs, %g GPUs", algo, res["address"], res["CPU"], res["GPU"])
     dev = "cuda" if device.type == "cuda" and backend == "ray" and ray_cfg.learner.gpus > 0 else str(device)
     dt = str(dtype).removeprefix("torch.")
@@ -98,7 +111,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
         router_aux_coef=cfg.router_aux_coef, max_grad_norm=cfg.max_grad_norm, max_len=cfg.max_new_tokens,
         routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef, correction=correction,
         correction_cap=correction_cap, correction_lower=correction_lower,
-        router_bias_update_rate=cfg.router_bias_update_rate,
+        router_bias_update_rate=cfg.router_bias_update_rate, fsdp=cfg.fsdp,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
     rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
@@ -127,6 +140,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
             url = learners[0].call(LearnerWorker.rendezvous)
             gather([p.submit(LearnerWorker.init_distributed, url, i, len(learners)) for i, p in enumerate(learners)])
             log.info("%s: %d data-parallel learners joined %s", algo, len(learners), url)
+        if res["nodes"] > 1:
+            _log_placement(algo, workers.all())
     except BaseException:
         for p in workers.all():
             p.kill()
@@ -320,7 +335,8 @@ class RLDriver:
         from posttrain.rlstate import save_state
 
         def write(d):
-            self.w.learners[0].call(LearnerWorker.save_state, str(d))
+            # every learner: sharded (fsdp) ones gather to rank 0, which writes; unsharded ranks > 0 write nothing
+            gather([w.submit(LearnerWorker.save_state, str(d)) for w in self.w.learners])
             if self.w.critic is not None:
                 self.w.critic.call(CriticWorker.save_state, str(d))
 
@@ -470,7 +486,8 @@ class RLDriver:
                     log.warning("%s: %s; restarting every actor and resuming from the last saved state (recovery %d "
                                 "of %d)", self.algo, e, recoveries, budget)
             history = [history[s] for s in sorted(history)]
-            self.w.learners[0].call(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
+            gather([w.submit(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
+                    for w in self.w.learners])  # all ranks: sharded ones gather to rank 0, which writes
             after = self.evaluate()
             write_json_atomic(ctx.stage.path / "eval_after.json", after)
             unpaired = [b for b in after if b in before and not _paired(before, after, b)]

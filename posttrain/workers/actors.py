@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 W = TypeVar("W")
@@ -48,6 +48,7 @@ class ActorOptions:
     cpus: float = 1.0
     gpus: float = 0.0
     threads: int | None = None  # torch threads in the actor; default: the CPUs it was given (at least 1)
+    resources: Mapping[str, float] = field(default_factory=dict)  # custom Ray resources: the nodes it may run on
     max_restarts: int = 2
     timeout_s: float | None = None  # per call, not counting the actor's start; None waits forever
     start_timeout_s: float = 600.0  # how long a new or restarted actor may take to construct its worker
@@ -97,6 +98,12 @@ class Host:
         torch.set_num_threads(threads)
         self.worker = cls(*args, **kwargs)
         self.incarnation = uuid.uuid4().hex  # new after every restart: tells the proxy its state was lost
+
+    def node(self) -> str:
+        """The id of the Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def call(self, method: str, args: tuple, kwargs: dict, share: bool = False) -> tuple[Any, float, str]:
         """(the method's result, seconds it ran inside the actor, incarnation): the rest of a call's wall time is
@@ -277,6 +284,17 @@ class Proxy(Generic[W]):
 
         return ray.get(self.handle.pid.remote(), timeout=300)
 
+    def node_id(self) -> str | None:
+        """The Ray node the actor runs on, once it has started (as a first call waits for it; `WorkerFailed` if it
+        cannot start); None for a worker in this process."""
+        if self.local is not None:
+            return None
+        import ray
+
+        if self.incarnation is None:
+            self._wait_started()
+        return ray.get(self.handle.node.remote(), timeout=300)
+
     def kill(self) -> None:
         """End the actor for good (no restart)."""
         if self.handle is not None:
@@ -323,8 +341,8 @@ def spawn(cls: type[W], *args, name: str, options: ActorOptions = ActorOptions()
     """Build `cls(*args, **kwargs)` in a new Ray actor (or in this process) and return its typed proxy.
 
     The constructor runs with `options.torch_threads` torch threads. Ray must already be initialised
-    (`init_ray`). The actor is scheduled with `options.cpus` / `options.gpus` and restarted by Ray up to
-    `options.max_restarts` times.
+    (`init_ray`). The actor is scheduled with `options.cpus` / `options.gpus` on a node that has
+    `options.resources` (custom labels) and restarted by Ray up to `options.max_restarts` times.
     """
     if backend == "local":
         import torch
@@ -336,15 +354,16 @@ def spawn(cls: type[W], *args, name: str, options: ActorOptions = ActorOptions()
     import ray
 
     actor_cls = ray.remote(Host).options(
-        name=None, num_cpus=options.cpus, num_gpus=options.gpus, max_restarts=options.max_restarts,
-        max_task_retries=0, max_concurrency=1,
+        name=None, num_cpus=options.cpus, num_gpus=options.gpus, resources=dict(options.resources) or None,
+        max_restarts=options.max_restarts, max_task_retries=0, max_concurrency=1,
     )
     handle = actor_cls.remote(cls, args, kwargs, options.torch_threads)
     return Proxy(cls, name, options, handle=handle)
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus: float | None = None,
-             required_cpus: float = 0.0, required_gpus: float = 0.0) -> dict:
+             required_cpus: float = 0.0, required_gpus: float = 0.0,
+             actors: Mapping[str, tuple[int, ActorOptions]] | None = None) -> dict:
     """Start a local Ray instance (address None) or join a cluster; returns its resources.
 
     With no address, `RAY_ADDRESS` (which `ray job submit` sets for its entrypoint) is joined when set; otherwise a
@@ -352,7 +371,9 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
     `ray start` made, or a dead one whose address file was left behind). A local instance gets `num_cpus` CPUs
     (default: this machine's count), and its processes end with this one even when it is killed (`ray_guard`; a
     cluster joined by address is left alone). Checks that the actors the recipe asks for fit (`required_cpus` /
-    `required_gpus`): Ray would otherwise wait forever for resources that never come.
+    `required_gpus`, plus `actors`: how many of each recipe key's actors, e.g. `{"ray.learner": (2, options)}`, whose
+    custom resources must be on the nodes, `placement_problem`): Ray would otherwise wait forever for resources
+    that never come. Returns the cluster's CPUs, GPUs, address and number of live nodes.
     """
     import ray
 
@@ -381,12 +402,65 @@ def init_ray(address: str | None = None, num_cpus: float | None = None, num_gpus
             _name_session(guard)
     res = ray.cluster_resources()
     have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    actors = dict(actors or {})
+    required_cpus += sum(n * o.cpus for n, o in actors.values())
+    required_gpus += sum(n * o.gpus for n, o in actors.values())
     if required_cpus > have_cpu + 1e-9 or required_gpus > have_gpu + 1e-9:
         raise ValueError(
             f"the recipe's actors need {required_cpus:g} CPUs and {required_gpus:g} GPUs but Ray has {have_cpu:g} "
             f"CPUs and {have_gpu:g} GPUs; lower the `ray.*.cpus` / `ray.*.gpus` keys or raise `ray.num_cpus`"
         )
-    return {"CPU": have_cpu, "GPU": have_gpu, "address": address or "local"}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problem = placement_problem(actors, nodes)
+    if problem:
+        raise ValueError(problem)
+    return {"CPU": have_cpu, "GPU": have_gpu, "address": address or "local", "nodes": len(nodes)}
+
+
+def custom_resources(resources: Mapping[str, float]) -> list[str]:
+    """The labels given by `ray start --resources` among a node's resources, not those Ray gives every node (CPU,
+    memory, node:<ip>, ...)."""
+    return sorted(r for r in resources if r not in ("CPU", "GPU", "memory", "object_store_memory")
+                  and not r.startswith(("node:", "accelerator_type:")))
+
+
+def placement_problem(actors: Mapping[str, tuple[int, ActorOptions]], nodes: list[Mapping[str, float]]) -> str | None:
+    """Why `actors` (recipe key -> (how many, options)) cannot all run on `nodes` (each live node's resources, as
+    `ray.nodes()` gives them), or None. What can be told without Ray's scheduler: every custom label an actor asks
+    for is on some node; one actor of each key fits one node; and the actors asking for a label fit, in each
+    resource they ask for, within the nodes that have it. (Actors without a label may still take the CPUs of a
+    labelled node first: labelling every role rules that out.)"""
+
+    def demand(o: ActorOptions) -> dict[str, float]:
+        return {r: a for r, a in {"CPU": o.cpus, "GPU": o.gpus, **o.resources}.items() if a > 0}
+
+    def show(d: Mapping[str, float]) -> str:
+        return ", ".join(f"{a:g} {r}" for r, a in d.items())
+
+    for key, (n, o) in actors.items():
+        if n < 1:
+            continue
+        for label in o.resources:
+            if not any(node.get(label, 0) > 0 for node in nodes):
+                offered = sorted({r for node in nodes for r in custom_resources(node)})
+                return (f"{key}.resources: no node of the Ray cluster has the resource {label!r} (its nodes' custom "
+                        f"resources: {', '.join(offered) or 'none'}); start a node with it (`ray start --address "
+                        f"HEAD --resources '{{\"{label}\": 4}}'`), or remove the key")
+        if not any(all(node.get(r, 0) + 1e-9 >= a for r, a in demand(o).items()) for node in nodes):
+            return (f"{key}: one actor needs {show(demand(o))} on one node, and no node of the Ray cluster has them "
+                    f"all (`ray status` lists its nodes); lower `{key}.cpus` / `gpus` / `resources`")
+    for label in sorted({r for _, o in actors.values() for r in o.resources}):
+        users = [(key, n, demand(o)) for key, (n, o) in actors.items() if label in o.resources and n > 0]
+        hosts = [node for node in nodes if node.get(label, 0) > 0]
+        for r in dict.fromkeys(r for _, _, d in users for r in d):
+            need, have = sum(n * d.get(r, 0) for _, n, d in users), sum(node.get(r, 0) for node in hosts)
+            if need > have + 1e-9:
+                keys = " and ".join(f"{key}.resources" for key, _, _ in users)
+                counts = ", ".join(f"{n} {key.rsplit('.', 1)[-1]}" for key, n, _ in users)
+                return (f"{keys}: the actors that need {label!r} ({counts}) "
+                        f"need {need:g} {r} in all, and the nodes that have {label!r} have {have:g}; lower "
+                        f"`num` / `cpus` / `gpus` / `resources` of those keys, or start more such nodes")
+    return None
 
 
 def _check_reachable(source: str, address: str, timeout_s: float = 10.0) -> None:
