@@ -201,3 +201,62 @@ def loss_spy():
         return losses
 
     return spy
+
+
+def _rank_entry(target, rank: int, world: int, rendezvous: str, out: str, init: bool, args: tuple) -> None:
+    """One spawned rank of `gloo_ranks`: its result saved to `out`, or its traceback to `out`.error."""
+    import traceback
+
+    import torch
+
+    try:
+        torch.set_num_threads(1)
+        if init:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+            result = target(rank, *args)
+            dist.destroy_process_group()
+        else:
+            result = target(rank, world, rendezvous, *args)
+        torch.save(result, out)
+    except BaseException:
+        with open(out + ".error", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.fixture()
+def gloo_ranks(tmp_path):
+    """`with gloo_ranks(target, *args, world=2, init=True) as results:` runs `target(rank, *args)` in `world`
+    spawned processes joined in a gloo process group (file rendezvous; `init=False`: `target(rank, world,
+    rendezvous, *args)` joins it itself) while the `with` body runs here (the one-process reference); after the
+    block `results` holds each rank's return value (torch.save-able), or the test fails with the rank's
+    traceback."""
+    import contextlib
+    import multiprocessing
+
+    @contextlib.contextmanager
+    def run(target, *args, world: int = 2, init: bool = True, timeout: float = 600):
+        import torch
+
+        ctx = multiprocessing.get_context("spawn")
+        outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+        rdv = f"file://{tmp_path / 'rdv'}"
+        procs = [ctx.Process(target=_rank_entry, args=(target, r, world, rdv, outs[r], init, args))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        results: list = []
+        try:
+            yield results
+        finally:
+            for p in procs:
+                p.join(timeout=timeout)
+        for p, out in zip(procs, outs):
+            if p.exitcode != 0:
+                err = tmp_path / (out.rsplit("/", 1)[1] + ".error")
+                pytest.fail(f"rank exited with {p.exitcode}:\n{err.read_text() if err.exists() else '(no traceback)'}")
+        results.extend(torch.load(out, weights_only=True) for out in outs)
+
+    return run

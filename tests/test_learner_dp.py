@@ -7,9 +7,6 @@ whose group 1 dynamic sampling dropped (mask all zero), rank 1 rows 8-12. `seq_m
 ranks by their share of non-empty rows while the loss divided by all rows: gradients ~25% off.
 """
 
-import multiprocessing
-import traceback
-
 import pytest
 import torch
 
@@ -75,45 +72,20 @@ def _inputs(model_dir):
     return batch, adv, mask, ref
 
 
-def _rank_main(rank: int, world: int, model_dir: str, rendezvous: str, out: str) -> None:
-    try:
-        import torch.distributed as dist
+def _rank_main(rank: int, model_dir: str) -> dict:
+    from posttrain.rlbatch import select_rows
 
-        from posttrain.rlbatch import select_rows
-
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
-        batch, adv, mask, ref = _inputs(model_dir)
-        lo, hi = SHARES[rank]
-        results = {agg: _run(_learner(model_dir, agg), select_rows(batch, lo, hi), adv[lo:hi], mask[lo:hi],
-                             ref[lo:hi]) for agg in AGGS}
-        dist.destroy_process_group()
-        torch.save(results, out)
-    except BaseException:
-        with open(out + ".error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    batch, adv, mask, ref = _inputs(model_dir)
+    lo, hi = SHARES[rank]
+    return {agg: _run(_learner(model_dir, agg), select_rows(batch, lo, hi), adv[lo:hi], mask[lo:hi], ref[lo:hi])
+            for agg in AGGS}
 
 
-def test_two_ranks_with_a_dropped_group_take_the_one_learner_step_for_every_loss_agg(tiny_model_dir, tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tiny_model_dir), f"file://{tmp_path / 'rdv'}", outs[r]))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
+def test_two_ranks_with_a_dropped_group_take_the_one_learner_step_for_every_loss_agg(tiny_model_dir, gloo_ranks):
+    with gloo_ranks(_rank_main, str(tiny_model_dir)) as ranks:
         batch, adv, mask, ref = _inputs(str(tiny_model_dir))
         assert [bool(mask[lo:hi].any(1).all()) for lo, hi in SHARES] == [False, True]  # rank 0 holds the dropped rows
         single = {agg: _run(_learner(str(tiny_model_dir), agg), batch, adv, mask, ref) for agg in AGGS}
-    finally:
-        for p in procs:
-            p.join(timeout=300)
-    for p, out in zip(procs, outs):
-        if p.exitcode != 0:
-            err = tmp_path / (out.rsplit("/", 1)[1] + ".error")
-            pytest.fail(f"rank exited with {p.exitcode}:\n{err.read_text() if err.exists() else '(no traceback)'}")
-    ranks = [torch.load(out, weights_only=True) for out in outs]
     for agg in AGGS:
         one, dp = single[agg], [r[agg] for r in ranks]
         assert sum(r["loss"][0] for r in dp) == pytest.approx(one["loss"][0], rel=1e-5, abs=1e-7), agg

@@ -7,8 +7,6 @@ replay included); two data-parallel ranks make the one-learner update; the biase
 correction bias; and the key off (the default) changes nothing."""
 
 import json
-import multiprocessing
-import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -247,48 +245,23 @@ def _dp_step(learner, batch, adv) -> dict:
     return {"bias": _biases(learner.model), "metrics": {k: v for k, v in metrics.items() if k.startswith("router/")}}
 
 
-def _rank_main(rank: int, world: int, model_dir: str, rendezvous: str, out: str) -> None:
-    try:
-        import torch.distributed as dist
+def _rank_main(rank: int, model_dir: str) -> dict:
+    from posttrain.rlbatch import select_rows
 
-        from posttrain.rlbatch import select_rows
-
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
-        batch, adv = _dp_inputs()
-        lo, hi = SHARES[rank]
-        result = _dp_step(_learner(model_dir), select_rows(batch, lo, hi), adv[lo:hi])
-        dist.destroy_process_group()
-        torch.save(result, out)
-    except BaseException:
-        with open(out + ".error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    batch, adv = _dp_inputs()
+    lo, hi = SHARES[rank]
+    return _dp_step(_learner(model_dir), select_rows(batch, lo, hi), adv[lo:hi])
 
 
-def test_two_ranks_make_the_one_learner_bias_update(deepseek_dir, tmp_path):
+def test_two_ranks_make_the_one_learner_bias_update(deepseek_dir, gloo_ranks):
     """Each rank counts only its own groups' tokens; with the loads summed across ranks both make exactly the
     update of one learner that saw the whole batch (one of them alone would have made another)."""
     from posttrain.rlbatch import select_rows
 
-    ctx = multiprocessing.get_context("spawn")
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(deepseek_dir), f"file://{tmp_path / 'rdv'}", outs[r]))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
+    with gloo_ranks(_rank_main, str(deepseek_dir)) as ranks:
         batch, adv = _dp_inputs()
         one = _dp_step(_learner(deepseek_dir), batch, adv)
         alone = [_dp_step(_learner(deepseek_dir), select_rows(batch, lo, hi), adv[lo:hi]) for lo, hi in SHARES]
-    finally:
-        for p in procs:
-            p.join(timeout=300)
-    for p, out in zip(procs, outs):
-        if p.exitcode != 0:
-            err = tmp_path / (out.rsplit("/", 1)[1] + ".error")
-            pytest.fail(f"rank exited with {p.exitcode}:\n{err.read_text() if err.exists() else '(no traceback)'}")
-    ranks = [torch.load(out, weights_only=True) for out in outs]
     initial = _biases(_learner(deepseek_dir).model)
     assert (one["bias"] != initial).any()
     for r in ranks:

@@ -99,6 +99,21 @@ def _wait_for(cond, proc, log: Path, timeout=120.0) -> None:
         time.sleep(0.02)
 
 
+def _kill_after_the_step_2_save(tmp_path, run, model, *extra) -> Path:
+    """`posttrain run` (0.3 s per step) killed with SIGKILL once its step-2 save is on disk; returns the newest
+    saved state (the step-2 one, or a later one the run reached before the signal)."""
+    argv, env = _cli(tmp_path, run, model, *extra, pause=0.3)
+    proc = _start(argv, env, tmp_path / "killed.log")
+    try:
+        _wait_for(lambda: (run / "grpo" / "state" / "step_000002").is_dir(), proc, tmp_path / "killed.log")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not (run / "grpo" / "done.json").exists()
+    return step_dirs(run / "grpo" / "state")[-1][1]
+
+
 def _weights(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -135,16 +150,7 @@ def test_sigkill_mid_training_resumes_from_the_last_save_to_the_same_weights(tin
     would make this approximate.)"""
     reference = _run(tmp_path / "ref", tiny_model_dir, "grpo.steps=6", "grpo.save_every=2")
     run = tmp_path / "run"
-    argv, env = _cli(tmp_path, run, tiny_model_dir, "grpo.steps=6", "grpo.save_every=2", pause=0.3)
-    proc = _start(argv, env, tmp_path / "killed.log")
-    try:
-        _wait_for(lambda: (run / "grpo" / "state" / "step_000002").is_dir(), proc, tmp_path / "killed.log")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL and not (run / "grpo" / "done.json").exists()
-    newest = step_dirs(run / "grpo" / "state")[-1][1]
+    newest = _kill_after_the_step_2_save(tmp_path, run, tiny_model_dir, "grpo.steps=6", "grpo.save_every=2")
 
     argv, env = _cli(tmp_path, run, tiny_model_dir, "grpo.steps=6", "grpo.save_every=2")
     rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
@@ -168,16 +174,7 @@ def test_sigkill_at_max_staleness_1_resumes_with_no_step_lost_or_repeated_and_th
     kill is not saved, see `stages/rl_async.py`.)"""
     run = tmp_path / "run"
     extra = ("grpo.steps=5", "grpo.save_every=2", "grpo.async.max_staleness=1")
-    argv, env = _cli(tmp_path, run, tiny_model_dir, *extra, pause=0.3)
-    proc = _start(argv, env, tmp_path / "killed.log")
-    try:
-        _wait_for(lambda: (run / "grpo" / "state" / "step_000002").is_dir(), proc, tmp_path / "killed.log")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL and not (run / "grpo" / "done.json").exists()
-    newest = step_dirs(run / "grpo" / "state")[-1][1]
+    newest = _kill_after_the_step_2_save(tmp_path, run, tiny_model_dir, *extra)
     argv, env = _cli(tmp_path, run, tiny_model_dir, *extra)
     rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
