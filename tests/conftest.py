@@ -203,29 +203,6 @@ def loss_spy():
     return spy
 
 
-def _rank_entry(target, rank: int, world: int, rendezvous: str, out: str, init: bool, args: tuple) -> None:
-    """One spawned rank of `gloo_ranks`: its result saved to `out`, or its traceback to `out`.error."""
-    import traceback
-
-    import torch
-
-    try:
-        torch.set_num_threads(1)
-        if init:
-            import torch.distributed as dist
-
-            dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
-            result = target(rank, *args)
-            dist.destroy_process_group()
-        else:
-            result = target(rank, world, rendezvous, *args)
-        torch.save(result, out)
-    except BaseException:
-        with open(out + ".error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 @pytest.fixture()
 def gloo_ranks(tmp_path):
     """`with gloo_ranks(target, *args, world=2, init=True) as results:` runs `target(rank, *args)` in `world`
@@ -236,6 +213,8 @@ def gloo_ranks(tmp_path):
     import contextlib
     import multiprocessing
 
+    from spawned_ranks import rank_entry  # a module of its own: spawned processes import it by name
+
     @contextlib.contextmanager
     def run(target, *args, world: int = 2, init: bool = True, timeout: float = 600):
         import torch
@@ -243,7 +222,7 @@ def gloo_ranks(tmp_path):
         ctx = multiprocessing.get_context("spawn")
         outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
         rdv = f"file://{tmp_path / 'rdv'}"
-        procs = [ctx.Process(target=_rank_entry, args=(target, r, world, rdv, outs[r], init, args))
+        procs = [ctx.Process(target=rank_entry, args=(target, r, world, rdv, outs[r], init, args))
                  for r in range(world)]
         for p in procs:
             p.start()
