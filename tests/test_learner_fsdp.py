@@ -182,6 +182,7 @@ def test_fsdp_with_the_local_backend_is_refused_naming_the_key():
 
 
 @pytest.mark.ray
+@pytest.mark.ci_extra
 def test_grpo_stage_with_fsdp_learners_matches_plain_data_parallel(tiny_model_dir, tmp_path, ray_session):
     """The RL stage wired to sharded learners (Ray, 2 learners): saves every step (every rank takes part, rank 0
     writes), syncs weights to the rollout worker and writes the final checkpoint; it ends with the weights of the

@@ -207,6 +207,7 @@ def test_resources_without_a_cluster_are_refused_at_recipe_load(monkeypatch):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.ci_extra
 def test_grpo_across_two_nodes_with_learners_placed_by_resource(ray_two_nodes, tiny_model_dir, tmp_path):
     """A GRPO stage on a two-node cluster (both nodes on this machine): the rollout worker is placed on the head
     (`node_a`) and two data-parallel learners on the second node (`node_b`), where they meet by the node's IP (not

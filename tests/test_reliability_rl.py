@@ -166,6 +166,7 @@ def test_sigkill_mid_training_resumes_from_the_last_save_to_the_same_weights(tin
     assert not _same(final, _weights(tiny_model_dir / "model.safetensors"))  # the steps did train
 
 
+@pytest.mark.ci_extra
 def test_sigkill_at_max_staleness_1_resumes_with_no_step_lost_or_repeated_and_the_bound_kept(tiny_model_dir, tmp_path):
     """Issue #29: `kill -9` of a run at `grpo.async.max_staleness: 1` after its step-2 save, while a batch is in
     flight; the rerun resumes from that save: every step once in metrics.jsonl, the staleness recorded per step
