@@ -9,8 +9,6 @@ token of (rank 0's second holds only the dropped group, rank 1's first is empty)
 keeps FSDP's collectives in step is tested too; so is the weight export (`weights`, gathered) and the save/resume.
 """
 
-import multiprocessing
-import traceback
 
 import pytest
 import torch
@@ -60,64 +58,53 @@ def _memory(learner) -> dict:
     return {"local": local, "full": full, "adam_local": moments}
 
 
-def _rank_main(rank: int, world: int, model_dir: str, rendezvous: str, out: str, save_dir: str) -> None:
-    try:
-        import torch.distributed as dist
+def _rank_main(rank: int, world: int, rendezvous: str, model_dir: str, save_dir: str) -> dict:
+    import torch.distributed as dist
 
-        from posttrain.rlbatch import select_rows
-        from posttrain.workers.learner import LearnerWorker
+    from posttrain.rlbatch import select_rows
+    from posttrain.workers.learner import LearnerWorker
 
-        torch.set_num_threads(1)
-        batch, adv, mask, ref = _inputs(model_dir)
-        lo, hi = SHARES[rank]
-        part = (select_rows(batch, lo, hi), adv[lo:hi], mask[lo:hi], ref[lo:hi])
-        results = {}
-        for i, (agg, mb, lora) in enumerate(CASES):
-            w = LearnerWorker(model_dir, fsdp=True, loss_agg=agg, lora=lora, **KWARGS)
-            if i == 0:
-                w.init_distributed(rendezvous, rank, world)
-            else:
-                w._shard()
-            assert w.learner.sharded
-            res = _run(w.learner, *part, mb, step=w.step)
-            res["weights"] = w.weights() if rank == 0 else None  # gathered after the step, on rank 0
-            res["memory"] = _memory(w.learner)
-            if i == 0:  # a checkpoint round trip: the whole state on rank 0, every rank's shards back
-                w.save_state(save_dir)
-                dist.barrier()
-                again = LearnerWorker(model_dir, fsdp=True, loss_agg=agg, **KWARGS)
-                again._shard()
-                again.load_state(save_dir)
-                same = [bool(torch.equal(a.to_local(), b.to_local()))
-                        for a, b in zip(again.learner.params, w.learner.params)]
-                moments = [bool(torch.equal(again.learner.optimizer.state[a]["exp_avg"].to_local(),
-                                            w.learner.optimizer.state[b]["exp_avg"].to_local()))
-                           for a, b in zip(again.learner.params, w.learner.params)]
-                res["resumed"] = all(same) and all(moments) and again.learner.updates == w.learner.updates
-            if i == 0 or lora:  # the HF checkpoint rank 0 writes from the gathered weights (LoRA merged in)
-                w.save_model(f"{save_dir}/model{i}", model_dir)
-            results[f"{agg}/{mb}{'/lora' if lora else ''}"] = res
-        dist.destroy_process_group()
-        torch.save(results, out)
-    except BaseException:
-        with open(out + ".error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    batch, adv, mask, ref = _inputs(model_dir)
+    lo, hi = SHARES[rank]
+    part = (select_rows(batch, lo, hi), adv[lo:hi], mask[lo:hi], ref[lo:hi])
+    results = {}
+    for i, (agg, mb, lora) in enumerate(CASES):
+        w = LearnerWorker(model_dir, fsdp=True, loss_agg=agg, lora=lora, **KWARGS)
+        if i == 0:
+            w.init_distributed(rendezvous, rank, world)
+        else:  # the group is joined: shard as `init_distributed` does, rank set (rank 0 alone writes saves)
+            w.rank, w.world_size = rank, world
+            w._shard()
+        assert w.learner.sharded
+        res = _run(w.learner, *part, mb, step=w.step)
+        res["weights"] = w.weights() if rank == 0 else None  # gathered after the step, on rank 0
+        res["memory"] = _memory(w.learner)
+        if i == 0:  # a checkpoint round trip: the whole state on rank 0, every rank's shards back
+            w.save_state(save_dir)
+            dist.barrier()
+            again = LearnerWorker(model_dir, fsdp=True, loss_agg=agg, **KWARGS)
+            again.rank, again.world_size = rank, world
+            again._shard()
+            again.load_state(save_dir)
+            same = [bool(torch.equal(a.to_local(), b.to_local()))
+                    for a, b in zip(again.learner.params, w.learner.params)]
+            moments = [bool(torch.equal(again.learner.optimizer.state[a]["exp_avg"].to_local(),
+                                        w.learner.optimizer.state[b]["exp_avg"].to_local()))
+                       for a, b in zip(again.learner.params, w.learner.params)]
+            res["resumed"] = all(same) and all(moments) and again.learner.updates == w.learner.updates
+        if i == 0 or lora:  # the HF checkpoint rank 0 writes from the gathered weights (LoRA merged in)
+            w.save_model(f"{save_dir}/model{i}", model_dir)
+        results[f"{agg}/{mb}{'/lora' if lora else ''}"] = res
+    dist.destroy_process_group()
+    return results
 
 
-def test_two_fsdp_ranks_take_the_one_learner_step_on_half_the_memory(tiny_model_dir, tmp_path):
+def test_two_fsdp_ranks_take_the_one_learner_step_on_half_the_memory(tiny_model_dir, tmp_path, gloo_ranks):
     from posttrain.model import load_model
     from posttrain.workers.learner import LearnerWorker
 
-    ctx = multiprocessing.get_context("spawn")
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
     (tmp_path / "state").mkdir()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tiny_model_dir), f"file://{tmp_path / 'rdv'}", outs[r],
-                                                  str(tmp_path / "state")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
+    with gloo_ranks(_rank_main, str(tiny_model_dir), str(tmp_path / "state"), init=False) as ranks:
         batch, adv, mask, ref = _inputs(str(tiny_model_dir))
         single = {}
         for agg, mb, lora in CASES:
@@ -126,14 +113,6 @@ def test_two_fsdp_ranks_take_the_one_learner_step_on_half_the_memory(tiny_model_
             res = _run(learner, batch, adv, mask, ref, mb)
             weights = {n: p.detach().clone() for n, p in learner.named_params}
             single[f"{agg}/{mb}{'/lora' if lora else ''}"] = res | {"weights": weights}
-    finally:
-        for p in procs:
-            p.join(timeout=600)
-    for p, out in zip(procs, outs):
-        if p.exitcode != 0:
-            err = tmp_path / (out.rsplit("/", 1)[1] + ".error")
-            pytest.fail(f"rank exited with {p.exitcode}:\n{err.read_text() if err.exists() else '(no traceback)'}")
-    ranks = [torch.load(out, weights_only=True) for out in outs]
     for case, one in single.items():
         dp = [r[case] for r in ranks]
         assert len(one["loss"]) == len(dp[0]["loss"]) == len(dp[1]["loss"]), case
