@@ -25,9 +25,10 @@ def _learner(model_dir, agg):
                    entropy_coef=0.01, router_aux_coef=0.0, router_metrics=False, max_grad_norm=1e9)
 
 
-def _run(learner, batch, adv, mask, ref) -> dict:
-    """`learner.step` on the batch; returns the loss each update applied, the gradients the optimizer stepped with
-    (after the all-reduce; max_grad_norm is too large to clip) and the weights after the step."""
+def _run(learner, batch, adv, mask, ref, mini_batches: int = 1, step=None) -> dict:
+    """`step` (default `learner.step`) on the batch; returns the loss each update applied, the whole gradients the
+    optimizer stepped with (after the all-reduce, or gathered from FSDP's shards; max_grad_norm is too large to
+    clip), the float metrics and the (local) weights after the step."""
     seen = {"loss": [], "grads": []}
     apply, opt_step = learner._apply, learner.optimizer.step
 
@@ -36,13 +37,19 @@ def _run(learner, batch, adv, mask, ref) -> dict:
         return apply(loss)
 
     def spy_step(*a, **k):
-        seen["grads"].append({n: p.grad.detach().clone() for n, p in learner.named_params})
+        seen["grads"].append({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                              for n, p in learner.named_params})
         return opt_step(*a, **k)
 
     learner._apply, learner.optimizer.step = spy_apply, spy_step
-    metrics = learner.step(batch, adv, mask, mini_batches=1, group_size=GROUP, ref_logp=ref)
-    assert metrics["actor/updates"] == 1.0, metrics
-    return seen | {"weights": {n: p.detach().clone() for n, p in learner.named_params}}
+    try:
+        metrics = (step or learner.step)(batch, adv, mask, mini_batches=mini_batches, group_size=GROUP,
+                                         ref_logp=ref)
+    finally:
+        del learner._apply, learner.optimizer.step
+    assert metrics["actor/updates"] >= 1.0, metrics
+    return seen | {"metrics": {k: v for k, v in metrics.items() if isinstance(v, float)},
+                   "weights": {n: p.detach().clone() for n, p in learner.named_params}}
 
 
 def _inputs(model_dir):

@@ -13,7 +13,7 @@ keeps FSDP's collectives in step is tested too; so is the weight export (`weight
 import pytest
 import torch
 
-from test_learner_dp import GROUP, SHARES, T, _inputs, _learner
+from test_learner_dp import SHARES, T, _inputs, _learner, _run
 
 # (loss_agg, mini-batches, LoRA): LoRA adapts the attention projections and the fused 3-D expert parameters
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
@@ -22,31 +22,6 @@ CASES = [("token_mean", 1, None), ("seq_mean_token_mean", 1, None), ("seq_mean_t
          ("token_mean", 2, None), ("token_mean", 1, LORA)]
 KWARGS = dict(lr=1e-2, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, router_aux_coef=0.0, router_metrics=False,
               max_grad_norm=1e9, max_len=T + 2)
-
-
-def _run(learner, batch, adv, mask, ref, mini_batches: int, step=None) -> dict:
-    """`step` (default `learner.step`) on the batch; returns the loss each update applied, the whole gradients the
-    optimizer stepped with (gathered from the shards) and the metrics."""
-    seen = {"loss": [], "grads": []}
-    apply, opt_step = learner._apply, learner.optimizer.step
-
-    def spy_apply(loss):
-        seen["loss"].append(float(loss.detach()))
-        return apply(loss)
-
-    def spy_step(*a, **k):
-        seen["grads"].append({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                              for n, p in learner.named_params})
-        return opt_step(*a, **k)
-
-    learner._apply, learner.optimizer.step = spy_apply, spy_step
-    try:
-        metrics = (step or learner.step)(batch, adv, mask, mini_batches=mini_batches, group_size=GROUP,
-                                         ref_logp=ref)
-    finally:
-        del learner._apply, learner.optimizer.step
-    assert metrics["actor/updates"] >= 1.0, metrics
-    return seen | {"metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
 
 
 def _memory(learner) -> dict:
