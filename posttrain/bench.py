@@ -432,7 +432,7 @@ def run_bench(s: BenchSettings) -> dict:
     """Run every measurement (see the module docstring); writes `bench.json` into `s.out` when given."""
     import torch
 
-    from posttrain.workers.actors import shutdown_ray
+    from posttrain.workers.ray_cluster import shutdown_ray
 
     from posttrain.pipeline import _ray_running
 

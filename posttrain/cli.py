@@ -197,7 +197,7 @@ def _cmd_sweep(args) -> int:
                            grader=grader, modes=modes)
     finally:
         if args.backend == "ray":
-            from posttrain.workers.actors import shutdown_ray
+            from posttrain.workers.ray_cluster import shutdown_ray
 
             shutdown_ray()
     out = write_outputs(result.rows, args.out, result.forcing)

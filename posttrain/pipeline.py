@@ -48,7 +48,7 @@ def run_recipe(cfg: RecipeConfig) -> dict:
             return _run_stages(cfg, run_dir)
         finally:
             if not ray_before and _ray_running():  # a stage started Ray (`init_ray`): stop what we started only
-                from posttrain.workers.actors import shutdown_ray
+                from posttrain.workers.ray_cluster import shutdown_ray
 
                 shutdown_ray()
 

@@ -123,7 +123,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every test that needs Ray (starting one costs ~5 s)."""
-    from posttrain.workers.actors import init_ray, shutdown_ray
+    from posttrain.workers.ray_cluster import init_ray, shutdown_ray
 
     init_ray(num_cpus=4)  # logical CPUs: lets the fault tests and 2 DP learners be scheduled side by side
     yield

@@ -139,7 +139,7 @@ def test_ray_actor_out_of_restarts_names_actor_and_cause(tmp_path, ray_session):
 
 
 def test_init_ray_refuses_actors_that_cannot_fit(ray_session):
-    from posttrain.workers.actors import init_ray
+    from posttrain.workers.ray_cluster import init_ray
 
     with pytest.raises(ValueError, match="need 64 CPUs.*ray.num_cpus"):
         init_ray(required_cpus=64)
@@ -149,7 +149,7 @@ def test_unreachable_ray_address_fails_at_once_naming_it():
     """Ray retries an unreachable head for ~14 minutes; a host:port nobody listens on is refused in seconds."""
     import socket
 
-    from posttrain.workers.actors import _check_reachable
+    from posttrain.workers.ray_cluster import _check_reachable
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))

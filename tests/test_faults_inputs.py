@@ -200,7 +200,7 @@ def test_a_failed_prepare_keeps_the_earlier_output_and_leaves_no_partial_copy(ti
 DRIVER = """
 import sys, time
 import ray
-from posttrain.workers.actors import init_ray
+from posttrain.workers.ray_cluster import init_ray
 info = init_ray(**({"address": sys.argv[1]} if len(sys.argv) > 1 else {"num_cpus": 1}))
 print("READY", ray.get_runtime_context().gcs_address, flush=True)
 time.sleep(300)

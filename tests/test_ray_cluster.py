@@ -129,7 +129,7 @@ def test_grpo_joins_a_running_cluster_by_address(ray_head, tiny_model_dir, tmp_p
     cmd = [str(Path(sys.executable).parent / "posttrain"), "run", str(recipe), *TINY]
 
     # with no address, a new local instance, not the head that `ray start` just recorded as this machine's latest
-    local = subprocess.run([sys.executable, "-c", "from posttrain.workers.actors import init_ray; "
+    local = subprocess.run([sys.executable, "-c", "from posttrain.workers.ray_cluster import init_ray; "
                             "print(init_ray(num_cpus=2)['CPU'])"], capture_output=True, text=True, timeout=300,
                            env=_env(RAY_AUTH_MODE="token"))
     assert local.returncode == 0 and local.stdout.split()[-1] == "2.0", local.stderr[-3000:]
@@ -156,7 +156,8 @@ def test_grpo_joins_a_running_cluster_by_address(ray_head, tiny_model_dir, tmp_p
 
 def test_placement_problem_names_the_recipe_key():
     """What `init_ray` checks against the cluster's nodes before any actor starts (Ray would wait forever)."""
-    from posttrain.workers.actors import ActorOptions, placement_problem
+    from posttrain.workers.actors import ActorOptions
+    from posttrain.workers.ray_cluster import placement_problem
 
     head = {"CPU": 2.0, "node_a": 4.0, "node:10.0.0.5": 1.0, "memory": 1e9}
     node_b = {"CPU": 2.0, "node_b": 4.0, "node:10.0.0.6": 1.0, "memory": 1e9}

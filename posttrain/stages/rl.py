@@ -39,8 +39,8 @@ from posttrain.stages.rl_async import RolloutPipeline, overlap_threads_warning
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
 from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
-from posttrain.workers.actors import (ActorOptions, Proxy, Shared, WorkerFailed, custom_resources, gather, init_ray,
-                                      spawn, tensor_bytes)
+from posttrain.workers.actors import ActorOptions, Proxy, Shared, WorkerFailed, gather, spawn, tensor_bytes
+from posttrain.workers.ray_cluster import custom_resources, init_ray
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker, with_run_output
 from posttrain.workers.rollout import RolloutWorker

@@ -2,7 +2,7 @@
 
 Ray 2.60 starts a local instance's gcs_server, raylet, dashboard and monitors with PR_SET_PDEATHSIG, so they die
 with the driver; but the dashboard agent and the runtime-env agent, which the raylet starts, notice the raylet's
-death and then hang reporting it to the dead GCS, and stay alive for good. `posttrain.workers.actors.init_ray` runs
+death and then hang reporting it to the dead GCS, and stay alive for good. `posttrain.workers.ray_cluster.init_ray` runs
 this file (standard library only) as a process in a session of its own, so that a signal to the driver's process
 group or a Ctrl-C spares it. It reads a pipe that only the driver holds: a line naming the session directory of each
 local instance the driver started, then end of file when the driver exits, is killed or calls `shutdown_ray`. Then
