@@ -69,6 +69,7 @@ import torch
 from posttrain.algo.kl import kl_loss
 from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or_skip, masked_mean
 from posttrain.algo.registry import get_correction, get_policy_loss
+from posttrain.distributed import all_reduce_sum, full_tensor, is_sharded, local_shard, sharded_clip_grad_norm
 from posttrain.rlbatch import compact
 
 
@@ -130,23 +131,6 @@ def group_bounds(n_rows: int, group_size: int, parts: int) -> list[tuple[int, in
     return list(zip(cuts, cuts[1:]))
 
 
-def is_sharded(model) -> bool:
-    """Whether the model's parameters are FSDP2 DTensors (`workers.learner.shard_model`)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor; a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor (collective: every rank must call it); a plain tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _idle_objective(model) -> torch.Tensor:
     """0 x the logits of a one-token forward: what a sharded rank with nothing to learn from runs so that FSDP's
     all-gathers (forward) and reduce-scatters (backward) meet the other ranks' (its gradient is exactly 0)."""
@@ -154,28 +138,6 @@ def _idle_objective(model) -> torch.Tensor:
     one = torch.ones((1, 1), dtype=torch.long, device=p.device)
     logits, _ = response_forward(model, one, one, one, one)
     return logits.sum() * 0.0
-
-
-def _sharded_clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float | None) -> float:
-    """`clip_grad_norm` over DTensor gradients: the squared norms of the local shards summed across ranks."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    sq = torch.stack([g.detach().pow(2).sum(dtype=torch.float64) for g in grads]).sum() if grads else None
-    sq = torch.zeros(1, dtype=torch.float64) if sq is None else sq.reshape(1).cpu()
-    norm = float(_all_reduce_sum(sq).sqrt())
-    limit = max_norm if max_norm is not None and max_norm > 0 else math.inf
-    coef = limit / (norm + 1e-6)
-    if math.isfinite(norm) and coef < 1:
-        for g in grads:
-            g.mul_(coef)
-    return norm
-
-
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
 
 
 class Learner:
@@ -362,7 +324,7 @@ class Learner:
         mask = batch.loss_mask if mask is None else mask
         # a NaN/inf advantage (from a NaN reward, say) skips the whole step on every rank, masked rows included:
         # dynamic sampling would otherwise drop a NaN group as "all equal" and train on the rest
-        bad = _all_reduce_sum(torch.tensor([float((~torch.isfinite(advantages)).sum())], dtype=torch.float64))
+        bad = all_reduce_sum(torch.tensor([float((~torch.isfinite(advantages)).sum())], dtype=torch.float64))
         if float(bad) > 0:
             self.skipped_steps += 1
             return {"actor/updates": 0.0, "actor/skipped_steps": float(self.skipped_steps),
@@ -391,7 +353,7 @@ class Learner:
             local = self._counts(batch, mask, lo, hi)
             mine = demos.rows(d0, d1) if d1 > d0 else None
             local_demo = float(mine.response_mask.sum()) if mine is not None else 0.0
-            *totals, demo_tokens = _all_reduce_sum(torch.tensor(local + [local_demo], dtype=torch.float64)).tolist()
+            *totals, demo_tokens = all_reduce_sum(torch.tensor(local + [local_demo], dtype=torch.float64)).tolist()
             if totals[0] == 0:
                 continue  # no token to learn from on any rank
             self.optimizer.zero_grad(set_to_none=True)
@@ -441,7 +403,7 @@ class Learner:
         if load is not None and collected and not skipped:  # every rank agrees on both, so all reach the all-reduce
             from posttrain.moe import update_correction_bias
 
-            out |= update_correction_bias([r for _, r in self._bias_routers], _all_reduce_sum(load), self.bias_rate)
+            out |= update_correction_bias([r for _, r in self._bias_routers], all_reduce_sum(load), self.bias_rate)
         return out
 
     def _apply(self, loss: torch.Tensor) -> dict:
@@ -451,15 +413,15 @@ class Learner:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if not self.sharded:  # FSDP has summed the gradients in its reduce-scatter
-                _all_reduce_sum(p.grad)
+                all_reduce_sum(p.grad)
         if self.sharded:
-            grad_norm = _sharded_clip_grad_norm(self.params, self.max_grad_norm)
-            ok, reason = finite_or_skip(loss, [(n, _local(p.grad)) for n, p in self.named_params])
+            grad_norm = sharded_clip_grad_norm(self.params, self.max_grad_norm)
+            ok, reason = finite_or_skip(loss, [(n, local_shard(p.grad)) for n, p in self.named_params])
         else:
             grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
             ok, reason = finite_or_skip(loss, self.named_params)
         ok = ok and math.isfinite(grad_norm)
-        agreed = _all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))  # any rank's fault skips everyone's step
+        agreed = all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))  # any rank's fault skips everyone's step
         out = {"actor/grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan")}
         if float(agreed) == 0:
             reason = self._step_and_check()
@@ -499,7 +461,7 @@ class Learner:
             if "overflow" not in str(e):
                 raise
             reason = f"the optimizer step overflowed (learning rate {self._lr():g} is too large: {e})"
-        if float(_all_reduce_sum(torch.tensor([0.0 if reason is None else 1.0]))) == 0:
+        if float(all_reduce_sum(torch.tensor([0.0 if reason is None else 1.0]))) == 0:
             return None
         return reason or "the update broke the model on another rank"
 
@@ -511,7 +473,7 @@ class Learner:
         """Why the just-updated model is unusable, or None: a non-finite weight, or non-finite logits on the
         mini-batch's probe rows (`_probe_rows`: weights finite but huge, from which the next rollout would fail to
         sample, "probability tensor contains inf/nan")."""
-        flags = torch.stack([torch.isfinite(_local(p)).all() for p in self.params]).cpu()
+        flags = torch.stack([torch.isfinite(local_shard(p)).all() for p in self.params]).cpu()
         if self.sharded:  # every rank runs the probe forward (FSDP's all-gathers), then answers
             probe_ok = self._probe_finite() if self._probe is not None else bool(_idle_objective(self.model) == 0)
         if not bool(flags.all()):
@@ -561,7 +523,7 @@ class Learner:
         out = {}
         for n, t in self.model.state_dict().items():
             if n in names or not names:
-                full = _full(t.detach())
+                full = full_tensor(t.detach())
                 if keep:
                     out[n] = full.to("cpu", copy=True)
         return out

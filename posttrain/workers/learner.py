@@ -337,12 +337,12 @@ class LearnerWorker:
     def _unsharded_copy(self):
         """Rank 0: the input model (LoRA-wrapped as trained), on the CPU in the recipe's dtype, with the sharded
         model's whole weights (gathered: collective); None on the other ranks."""
-        from posttrain.learner import _full
+        from posttrain.distributed import full_tensor
 
         # tensor by tensor, under the model's own state-dict names (those of the copy: PEFT's prefixes included)
         full = {}
         for k, v in self.learner.model.state_dict().items():
-            t = _full(v.detach())
+            t = full_tensor(v.detach())
             if self.rank == 0:
                 full[k] = t.cpu()
         if self.rank != 0:
