@@ -402,28 +402,20 @@ def export_targets(model, target_modules=None, target_parameters=None) -> tuple[
     targets (`moe_lora.family_lora_targets`: attention variants such as MLA, shared experts where PEFT allows, the
     fused experts) plus the softmax routers' `mlp.gate.weight`; an explicit entry that matches no module
     (parameter) of the model, or that PEFT would rewrite to the fused experts, is an ExportError naming the key."""
-    from posttrain.moe_lora import family_lora_targets, peft_matches, peft_remapped
+    from posttrain.moe_lora import check_targets, family_lora_targets, peft_matches
 
     fam_mods, fam_params = family_lora_targets(model)
-    names = [n for n, _ in model.named_modules()], [n for n, _ in model.named_parameters()]
-    if any(peft_matches(n, "mlp.gate.weight") for n in names[1]):
+    if any(peft_matches(n, "mlp.gate.weight") for n, _ in model.named_parameters()):
         fam_params = [*fam_params, "mlp.gate.weight"]
     out = []
-    for key, asked, fam, have in (("target_modules", target_modules, fam_mods, names[0]),
-                                  ("target_parameters", target_parameters, fam_params, names[1])):
-        if asked is None:
-            out.append(list(fam))
-            continue
-        missing = [t for t in asked if not any(peft_matches(n, t) for n in have)]
-        if missing:
-            raise ExportError(f"export.{key}: {missing} match{'es' if len(missing) == 1 else ''} nothing in "
-                              f"{type(model).__name__}; this family's are {fam} (leave export.{key} unset for them)")
-        remapped = peft_remapped(model, list(asked)) if key == "target_modules" else []
-        if remapped:
-            raise ExportError(f"export.target_modules: {remapped}: for {model.config.model_type} PEFT rewrites these "
-                              "names to the fused expert parameters, so no Linear layer of that name would be "
-                              "adapted; store such modules whole with export.modules_to_save (e.g. [shared_experts])")
-        out.append(list(asked))
+    for field, asked, fam in (("target_modules", target_modules, fam_mods),
+                              ("target_parameters", target_parameters, fam_params)):
+        if asked is not None:
+            try:
+                check_targets(model, field, list(asked), fam, "export")
+            except ValueError as e:
+                raise ExportError(str(e)) from None
+        out.append(list(fam if asked is None else asked))
     return out[0], out[1]
 
 

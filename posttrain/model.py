@@ -194,29 +194,15 @@ def lora_targets(lora, model, key: str = "sft.lora") -> tuple[list[str], list[st
     module (no parameter) of the model, or that PEFT would silently rewrite to the fused experts
     (`moe_lora.peft_remapped`), is a ValueError naming `{key}.target_modules` (`.target_parameters`)."""
     from posttrain.config_common import LoraConfig as RecipeLora
-    from posttrain.moe_lora import family_lora_targets, peft_matches, peft_remapped
+    from posttrain.moe_lora import check_targets, family_lora_targets
 
-    family = family_lora_targets(model)
-    names = ([n for n, _ in model.named_modules()], [n for n, _ in model.named_parameters()])
     out = []
-    for field, fam, have in zip(("target_modules", "target_parameters"), family, names):
+    for field, fam in zip(("target_modules", "target_parameters"), family_lora_targets(model)):
         asked = list(getattr(lora, field))
         if asked == RecipeLora.model_fields[field].default_factory():
             out.append(fam)
             continue
-        missing = [t for t in asked if not any(peft_matches(n, t) for n in have)]
-        if missing:
-            raise ValueError(f"{key}.{field}: {missing} match{'es' if len(missing) == 1 else ''} nothing in "
-                             f"{type(model).__name__} (a name or dotted suffix of a "
-                             f"{'module' if field == 'target_modules' else 'parameter'}); this family's are "
-                             f"{fam}, or leave {key}.{field} at its default for them")
-        remapped = peft_remapped(model, asked) if field == "target_modules" else []
-        if remapped:
-            raise ValueError(f"{key}.target_modules: {remapped}: for {model.config.model_type} PEFT rewrites these "
-                             "names to the fused expert parameters (transformers v4 compatibility), so no Linear "
-                             f"layer of that name would be adapted; adapt the experts with {key}.target_parameters "
-                             f"and train shared experts or dense MLP layers whole with {key}.modules_to_save (e.g. "
-                             "[shared_experts])")
+        check_targets(model, field, asked, fam, key)
         out.append(asked)
     return out[0], out[1]
 

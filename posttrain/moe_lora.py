@@ -78,3 +78,23 @@ def peft_remapped(model, targets: list[str]) -> list[str]:
         if t not in set(cfg.target_modules or ()):
             out.append(t)
     return out
+
+
+def check_targets(model, field: str, asked: list[str], family: list[str], key: str) -> None:
+    """ValueError naming `{key}.{field}` (`target_modules` or `target_parameters`) when an entry of `asked` matches
+    no module (parameter) of `model` (PEFT's rule, `peft_matches`), or, for `target_modules`, when PEFT would rewrite
+    it to the fused experts (`peft_remapped`), so that no Linear layer of that name would be adapted. `family`: the
+    family's own targets for that field, named in the message."""
+    kind = "module" if field == "target_modules" else "parameter"
+    have = [n for n, _ in (model.named_modules() if kind == "module" else model.named_parameters())]
+    missing = [t for t in asked if not any(peft_matches(n, t) for n in have)]
+    if missing:
+        raise ValueError(f"{key}.{field}: {missing} match{'es' if len(missing) == 1 else ''} nothing in "
+                         f"{type(model).__name__} (a name or dotted suffix of a {kind}); this family's are {family}, "
+                         f"or leave {key}.{field} at its default for them")
+    remapped = peft_remapped(model, list(asked)) if kind == "module" else []
+    if remapped:
+        raise ValueError(f"{key}.target_modules: {remapped}: for {model.config.model_type} PEFT rewrites these names "
+                         "to the fused expert parameters (transformers v4 compatibility), so no Linear layer of that "
+                         f"name would be adapted; adapt the experts with {key}.target_parameters and keep shared "
+                         f"experts or dense MLP layers whole with {key}.modules_to_save (e.g. [shared_experts])")
