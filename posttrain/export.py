@@ -335,7 +335,8 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
             raise ExportError(f"modules_to_save: no module of the model is named {', '.join(map(repr, unknown))} "
                               f"(module names end in one of: {', '.join(near)})")
         save = list(modules_to_save)
-        moved = moved_buffer_owners(base_model, tuned.state_dict()) if carry_small_tensors else []
+        tuned_state = tuned.state_dict()
+        moved = moved_buffer_owners(base_model, tuned_state) if carry_small_tensors else []
         if moved:  # routers whose correction bias moved: stored whole (weight and bias), not LoRA-adapted
             routers = sorted({".".join(o.split(".")[-2:]) for o in moved})
             params = [p for p in params if p not in {f"{r}.weight" for r in routers}]
@@ -346,12 +347,12 @@ def export(model: str | Path, out: str | Path, merged: bool = False, rank: int =
         if rows or whole:
             log.info("export: carrying the embedding rows training changed: %s",
                      ", ".join([f"{k} ({len(v)} rows)" for k, v in rows.items()] + [f"{k} (whole)" for k in whole]))
-        small, lora_bias = (small_tensor_carriers(base_model, tuned.state_dict(), mods, params, save + whole)
+        small, lora_bias = (small_tensor_carriers(base_model, tuned_state, mods, params, save + whole)
                             if carry_small_tensors else ([], False))
         if small or lora_bias:
             log.info("export: carrying the small tensors training changed: %s",
                      ", ".join([f"{m} (whole)" for m in small] + ["the LoRA layers' biases"] * lora_bias))
-        frozen = (frozen_linear_carriers(base_model, tuned.state_dict(), mods, save + whole + small)
+        frozen = (frozen_linear_carriers(base_model, tuned_state, mods, save + whole + small)
                   if carry_small_tensors else [])
         if frozen:
             size = sum(p.numel() for n, p in base_model.named_parameters()
