@@ -264,7 +264,8 @@ def start_workers(checkpoint: Path, n: int, backend: str, device, cpus_per_worke
     import torch
 
     from posttrain.model import pick_dtype
-    from posttrain.workers.actors import ActorOptions, init_ray, spawn
+    from posttrain.workers.actors import ActorOptions, spawn
+    from posttrain.workers.ray_cluster import init_ray
     from posttrain.workers.rollout import RolloutWorker
 
     if n < 1:
