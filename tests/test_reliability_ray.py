@@ -79,10 +79,10 @@ def faulty_workers(monkeypatch, tmp_path, ray_session):
     from ray import cloudpickle
 
     from posttrain.stages import rl
-    from posttrain.workers import actors
+    from posttrain.workers import ray_cluster
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests folder
-    monkeypatch.setattr(actors, "shutdown_ray", lambda: None)  # the session's Ray outlives the run
+    monkeypatch.setattr(ray_cluster, "shutdown_ray", lambda: None)  # the session's Ray outlives the run
     monkeypatch.setattr(rl, "RolloutWorker", FaultyRollout)
     monkeypatch.setattr(rl, "RLRewardWorker", HangingReward)
     monkeypatch.setattr(FaultyRollout, "counter", str(tmp_path / "generate_calls"))
