@@ -9,7 +9,7 @@ against the stages live in `config_distill`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,6 +17,7 @@ from posttrain.config_common import (MAX_TOKENS, TOKENS_BOUND, Budget, BudgetRan
                                      LoraConfig, PositiveBudget, Section, StageName, check_budgets)
 from posttrain.config_data import DataConfig  # noqa: F401 - part of the schema's public names
 from posttrain.config_distill import DistillStageConfig, check_distill
+from posttrain.config_flywheel import FlywheelConfig
 from posttrain.config_rl import (ActorGroupConfig, CriticGroupConfig, GRPORewardConfig,  # noqa: F401
                                  GRPOStageConfig, LearnerGroupConfig, PPOStageConfig, RayConfig,
                                  ReferenceGroupConfig, RewardGroupConfig, RLStageConfig, RolloutGroupConfig)
@@ -309,9 +310,10 @@ class RecipeConfig(Section):
         "auto", description="Training dtype; auto = bf16 on CUDA, fp32 on CPU."
     )
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores).")
-    stages: list[StageName] = Field(
+    stages: list[str] = Field(
         default_factory=lambda: ["base", "sft", "eval"], min_length=1,
-        description="Stages to run, in order (at least one)."
+        description="Stages to run, in order (at least one): " + ", ".join(get_args(StageName)) + ". A later "
+                    "round of sft, rm, eval, grpo or ppo is `name@2`, `name@3`, ... (or `flywheel.rounds`).",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -326,6 +328,38 @@ class RecipeConfig(Section):
     distill: DistillStageConfig = Field(default_factory=DistillStageConfig)
     sweep: SweepStageConfig = Field(default_factory=SweepStageConfig)
     export: ExportStageConfig = Field(default_factory=ExportStageConfig)
+    flywheel: FlywheelConfig = Field(default_factory=FlywheelConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_rounds(cls, data):
+        """`flywheel.rounds` N >= 2: `stages` with the round stages repeated (`posttrain.rounds.expand_rounds`). A
+        list that already names later rounds (a run directory's recipe.yaml) must be that expansion."""
+        from posttrain.rounds import expand_rounds
+
+        if not isinstance(data, dict):
+            return data
+        fw, stages = data.get("flywheel"), data.get("stages")
+        rounds = fw.get("rounds", 1) if isinstance(fw, dict) else getattr(fw, "rounds", 1)
+        if not isinstance(rounds, int) or rounds < 2 or not isinstance(stages, list) \
+                or not all(isinstance(s, str) for s in stages):
+            return data
+        first = [s for s in stages if "@" not in s]
+        expanded = expand_rounds(first, rounds)
+        if len(first) < len(stages) and stages != expanded:
+            raise ValueError(f"stages: with flywheel.rounds: {rounds} list round 1's stages only (they expand to "
+                             f"{expanded}), or name every round's stages yourself and leave flywheel.rounds at 1")
+        return {**data, "stages": expanded}
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v: list[str]) -> list[str]:
+        from posttrain.rounds import check_stages
+
+        problems = check_stages(v)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -356,6 +390,24 @@ class RecipeConfig(Section):
             if m not in self.stages and not Path(m).expanduser().is_dir():
                 raise ValueError(f"sweep.models: {m!r} is neither a stage of this recipe ({', '.join(self.stages)}) "
                                  "nor an existing directory")
+        return self
+
+    @model_validator(mode="after")
+    def _flywheel_genrm(self) -> "RecipeConfig":
+        """`flywheel.genrm` filters a later round's sft samples by the GenRM of the latest rm stage before it: refused
+        at load time, not after round 1 has trained, when there is no such stage."""
+        from posttrain.rounds import latest, split_stage
+
+        if not self.flywheel.genrm:
+            return self
+        for s in self.stages:
+            kind, r = split_stage(s)
+            missing = "there is none" if latest(self.stages, s, "rm") is None else \
+                None if self.rm.genrm.enabled else "rm.genrm.enabled is false"
+            if kind == "sft" and r > 1 and missing:
+                raise ValueError(f"flywheel.genrm: {s} filters its samples by the GenRM of the latest rm stage before "
+                                 f"it, and {missing}; run rm (with rm.genrm.enabled) before it, or set "
+                                 "flywheel.genrm: false")
         return self
 
     @model_validator(mode="after")
@@ -403,8 +455,6 @@ class RecipeConfig(Section):
             raise ValueError("model.path is required when the `base` stage is not run")
         if "base" in self.stages and self.model.path is not None:
             raise ValueError("set either model.path (an existing checkpoint) or the `base` stage, not both")
-        if len(set(self.stages)) != len(self.stages):
-            raise ValueError("stages must not repeat")
         evaluating = [s for s in ("eval", "sweep") if s in self.stages]
         if self.data.source != "arithmetic" and evaluating and not any(
                 a in self.stages and getattr(self, a).eval_budgets and getattr(self, a).eval_n_per_difficulty > 0

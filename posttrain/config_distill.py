@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Union, get_args
 from pydantic import Discriminator, Field, Tag, field_validator
 
 from posttrain.config_common import MAX_TOKENS, TOKENS_BOUND, Section, StageName
+from posttrain.rounds import kind_of
 
 # Stages whose done.json names a checkpoint: what `distill.teacher` may name.
 TEACHER_STAGES = ("base", "sft", "grpo", "ppo")
@@ -41,8 +42,9 @@ class DistillStageConfig(Section):
     teacher's k-sparse next-token distributions are computed once and stored in RUN/distill/targets/."""
 
     teacher: str | None = Field(
-        None, description="A model-producing stage of this recipe run before `distill` (base, sft, grpo, ppo), or a "
-        "local checkpoint directory. Empty: the model of the stage before (the run's latest model).")
+        None, description="A model-producing stage of this recipe run before `distill` (base, sft, grpo, ppo, or a "
+        "later round's, as `grpo@2`), or a local checkpoint directory. Empty: the model of the stage before (the "
+        "run's latest model).")
     student: StudentSpec = Field(
         default_factory=StudentSize, description="`{layers, experts, hidden, init}`: the teacher's architecture made "
         "smaller; or a local checkpoint directory with the teacher's tokenizer.")
@@ -88,8 +90,8 @@ def check_distill(rc) -> list[str]:
                 "model's, so no LoRA adapter on the base holds it; set export.merged: true"]
     if teacher is None:
         return []
-    if teacher in get_args(StageName):
-        if teacher not in TEACHER_STAGES:
+    if teacher in stages or teacher in get_args(StageName):
+        if kind_of(teacher) not in TEACHER_STAGES:
             return [f"distill.teacher: stage {teacher!r} produces no model; name one of {', '.join(TEACHER_STAGES)} "
                     "or a checkpoint directory"]
         if teacher not in stages:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -26,6 +25,20 @@ class StageContext:
     device: object
     dtype: object
     model_path: Path | None  # checkpoint produced by the latest model-producing stage (or model.path)
+    name: str = ""  # the stage's name in `stages` (`sft@2` in a later flywheel round: `posttrain.rounds`)
+
+    @property
+    def round(self) -> int:
+        from posttrain.rounds import split_stage
+
+        return split_stage(self.name)[1] if self.name else 1
+
+    def latest(self, kind: str) -> str | None:
+        """The name of the last stage of `kind` (any round) before this one; None when there is none, or when this
+        context is no stage of the recipe (the benchmark's)."""
+        from posttrain.rounds import latest
+
+        return latest(self.cfg.stages, self.name, kind) if self.name in self.cfg.stages else None
 
 
 def seed_everything(seed: int) -> None:
@@ -74,14 +87,21 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
-def stage_settings(recipe: dict, stage: str) -> dict:
-    """The recipe keys a stage's result depends on (flattened `key.path: value`): its own section and the shared
-    ones, without what only changes how it runs; `data.*` besides `data.source` only when a data file is read,
-    and then also which rows the RL stages hold out (`held_out.grpo`/`.ppo`: their eval budgets and size); `distill`
-    also depends on `sft.budgets` and `sft.mix` (its teacher samples under them)."""
+def stage_settings(recipe: dict, name: str) -> dict:
+    """The recipe keys a stage's result depends on (flattened `key.path: value`): its own section (a later round's
+    `sft@2` that of `sft`) and the shared ones, without what only changes how it runs; `data.*` besides
+    `data.source` only when a data file is read, and then also which rows the RL stages hold out
+    (`held_out.grpo`/`.ppo`: their eval budgets and size); `distill` also depends on `sft.budgets` and `sft.mix`
+    (its teacher samples under them), a later round's sft on the `flywheel` section (its data)."""
+    from posttrain.rounds import split_stage
+
+    stage, rnd = split_stage(name)
     flat = {}
     for section in SHARED_SECTIONS + (stage,):
         flat.update(_flatten(recipe.get(section), f"{section}."))
+    if stage == "sft" and rnd > 1:
+        fw = _flatten(recipe.get("flywheel"), "flywheel.")
+        flat.update({k: v for k, v in fw.items() if k != "flywheel.rounds"})
     if stage == "distill":  # the teacher samples under the SFT stage's budget mix
         sft = recipe.get("sft") or {}
         flat.update(_flatten({"budgets": sft.get("budgets"), "mix": sft.get("mix")}, "sft."))
@@ -170,6 +190,7 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
     import torch
 
     from posttrain.model import pick_device, pick_dtype
+    from posttrain.rounds import kind_of
     from posttrain.stages import get_stage
 
     setup_logging(run_dir / "run.log")
@@ -195,9 +216,9 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
             seed_everything(cfg.seed)
             metrics = MetricsWriter(stage.path)
             t0 = time.time()
-            ctx = StageContext(cfg, run_dir, stage, metrics, device, dtype, model_path)
+            ctx = StageContext(cfg, run_dir, stage, metrics, device, dtype, model_path, name)
             try:
-                info = get_stage(name)(ctx)
+                info = get_stage(kind_of(name))(ctx)
             finally:
                 metrics.close()
             info["seconds"] = round(time.time() - t0, 1)
@@ -207,4 +228,20 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
         if "checkpoint" in info:  # the stage's own folder: done.json's path is relative to where the run began
             model_path = stage.checkpoint
         results[name] = info
+    _write_round_summary(cfg, run_dir)
     return results
+
+
+def _write_round_summary(cfg: RecipeConfig, run_dir: Path) -> None:
+    """With flywheel rounds: each round's SFT and RL model side by side (`posttrain.rounds.round_summary`), logged
+    and written to RUN/rounds.json and RUN/rounds.txt."""
+    from posttrain.rounds_report import format_rounds, round_summary
+    from posttrain.runlog import write_json_atomic
+
+    summary = round_summary(run_dir, cfg.stages)
+    if summary is None:
+        return
+    text = format_rounds(summary)
+    write_json_atomic(run_dir / "rounds.json", summary)
+    (run_dir / "rounds.txt").write_text(text + "\n")
+    log.info("flywheel rounds (%s):\n%s", run_dir / "rounds.json", text)

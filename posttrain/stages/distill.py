@@ -40,6 +40,7 @@ def resolve_teacher(ctx) -> Path:
     """The teacher checkpoint: `distill.teacher`'s stage's (in this run directory), its path, or the latest model."""
     from posttrain.config_distill import TEACHER_STAGES
     from posttrain.recipe import RecipeError
+    from posttrain.rounds import kind_of
     from posttrain.runlog import StageDir
 
     name = ctx.cfg.distill.teacher
@@ -47,7 +48,7 @@ def resolve_teacher(ctx) -> Path:
         if ctx.model_path is None:
             raise RecipeError("distill.teacher: no model before the distill stage; name a stage or a checkpoint")
         return Path(ctx.model_path)
-    if name in TEACHER_STAGES and name in ctx.cfg.stages:
+    if name in ctx.cfg.stages and kind_of(name) in TEACHER_STAGES:
         ckpt = StageDir(ctx.run_dir, name).finished_checkpoint()
         if ckpt is None or not (ckpt / "config.json").is_file():
             raise RecipeError(f"distill.teacher: stage {name!r} has no finished checkpoint in {ctx.run_dir / name}")

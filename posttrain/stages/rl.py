@@ -32,6 +32,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _without_vectors, evaluate_budget,
                                        format_comparison)
@@ -84,7 +85,7 @@ def _log_placement(algo: str, proxies: list[Proxy]) -> None:
                  ", ".join(k for k, v in where.items() if v == node_id))
 
 
-def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
+def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str = "rm") -> Workers:
     """Spawn every role (Ray actors unless `ray.backend` is local); DP learners join one process group."""
     from posttrain.config_rl import off_policy
 
@@ -122,7 +123,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str) -> Workers:
                       **learner_kwargs, name=f"learner{i}",
                       options=_options(ray_cfg.learner, stateful=True), backend=backend)
                 for i in range(ray_cfg.learner.num)]
-    reward = spawn(RLRewardWorker, [with_run_output(s.model_dump(), rc.run_dir) for s in cfg.rewards],
+    reward = spawn(RLRewardWorker, [with_run_output(s.model_dump(), Path(rc.run_dir) / rm_stage)
+                           for s in cfg.rewards],
                    rc.data.grader_name, cfg.reward_combine.model_dump(), name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
     reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
@@ -448,7 +450,8 @@ class RLDriver:
         check_chat_template(self._tokenizer, ctx.model_path)
         check_added_tokens(ctx.model_path, self.cfg.lora, f"{self.algo}.lora", self.rc.model.trust_remote_code)
         self._pad_id = self._tokenizer.pad_token_id
-        self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo)
+        self.w = start_workers(self.rc, self.cfg, ctx.model_path, ctx.device, ctx.dtype, self.algo,
+                               ctx.latest("rm") or "rm")
         for r in self.w.rollouts:
             r.on_restart = self._restore_rollout
         k = max_staleness(self.cfg)

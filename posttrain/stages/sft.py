@@ -3,6 +3,10 @@
 Loss on the assistant part only (`completion_mask`). Full fine-tune, or LoRA (PEFT) on the attention projections
 and, through `target_parameters`, the fused 3-D expert weights. A LoRA run saves the adapter (`adapter/`) and
 the merged model (`checkpoint/`), so later stages load one kind of checkpoint either way.
+
+A later flywheel round (`sft@2`, ...: `posttrain.rounds`) trains on the previous round's model's own accepted
+samples mixed with the task's demonstrations (`posttrain.flywheel`), from that model or round 1's starting point
+(`flywheel.init`), for `flywheel.steps` at `flywheel.learning_rate` when they are set.
 """
 
 from __future__ import annotations
@@ -42,23 +46,34 @@ def run(ctx) -> dict:
     model = load_model(ctx.model_path, ctx.device, ctx.dtype, rc.model.trust_remote_code, rc.model.allow_pickle,
                        rc.model.experts_implementation)
     task = build_task(rc)
-    examples = task.train_examples(cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
-    rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, rc.seed + 2, cfg.max_length,
-                              fit=task.budget_demonstration)
+    steps, lr, flywheel = cfg.steps, cfg.learning_rate, None
+    if ctx.round > 1:
+        fw = rc.flywheel
+        rows, flywheel = round_rows(ctx, tok, model, task)
+        steps, lr = fw.steps or steps, fw.learning_rate or lr
+        if fw.init == "base":
+            del model
+            model = load_model(round_one_input(ctx), ctx.device, ctx.dtype, rc.model.trust_remote_code,
+                               rc.model.allow_pickle, rc.model.experts_implementation)
+    else:
+        examples = task.train_examples(cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
+        rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, rc.seed + 2, cfg.max_length,
+                                  fit=task.budget_demonstration)
     if not rows:
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.max_length} tokens")
     modes = Counter(r["mode"] for r in rows)
-    log.info("sft: %d examples (%s)", len(rows), ", ".join(f"{k} {v}" for k, v in sorted(modes.items())))
+    log.info("%s: %d examples (%s)", ctx.name or "sft", len(rows),
+             ", ".join(f"{k} {v}" for k, v in sorted(modes.items())))
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
 
     out = ctx.stage.path / "trainer"
     args = SFTConfig(
         output_dir=str(out),
-        max_steps=cfg.steps,
+        max_steps=steps,
         per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
+        learning_rate=lr,
         lr_scheduler_type="cosine",
-        warmup_steps=int(cfg.warmup_ratio * cfg.steps),
+        warmup_steps=int(cfg.warmup_ratio * steps),
         weight_decay=0.0,
         logging_steps=cfg.logging_steps,
         save_strategy="no",
@@ -83,6 +98,8 @@ def run(ctx) -> dict:
     result = trainer.train()
     trained = trainer.model
     info = {"train_loss": result.training_loss, "examples": len(rows), "modes": dict(modes), "lora": cfg.lora.enabled}
+    if flywheel is not None:
+        info["flywheel"] = flywheel
     if cfg.lora.enabled:
         trained.save_pretrained(ctx.stage.path / "adapter", safe_serialization=True)
         tok.save_pretrained(ctx.stage.path / "adapter")
@@ -93,3 +110,62 @@ def run(ctx) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     info["checkpoint"] = str(ctx.stage.checkpoint)
     return info
+
+
+def round_one_input(ctx):
+    """The model round 1's sft started from: the base stage's checkpoint, or `model.path`."""
+    from pathlib import Path
+
+    from posttrain.runlog import StageDir
+
+    stages = ctx.cfg.stages
+    if "base" in stages and stages.index("base") < stages.index("sft"):
+        return StageDir(ctx.run_dir, "base").finished_checkpoint()
+    return Path(ctx.cfg.model.path).expanduser()
+
+
+def round_rows(ctx, tok, model, task) -> tuple[list[dict], dict]:
+    """A later round's SFT rows: `model` (the previous round's, at `ctx.model_path`) samples `flywheel.n_prompts`
+    fresh problems (`posttrain.flywheel`), its accepted samples become rows, and the task's demonstrations are mixed
+    in at `flywheel.demo_share`. Returns (rows, the round's data report)."""
+    from posttrain.distill_targets import teacher_fingerprint
+    from posttrain.flywheel import demo_count, report_of, sample_round_data, sample_rows
+    from posttrain.recipe import RecipeError
+    from posttrain.sft_data import build_sft_examples
+
+    rc, cfg, fw = ctx.cfg, ctx.cfg.sft, ctx.cfg.flywheel
+    seed = rc.seed + 7919 * ctx.round  # fresh problems and samples each round
+    problems = task.rm_problems(fw.n_prompts, seed)
+    genrm = None
+    if fw.genrm:
+        rm = ctx.latest("rm")
+        genrm = ctx.run_dir / rm / "genrm" if rm else None
+        if genrm is None or not (genrm / "config.json").is_file():
+            raise RecipeError(f"flywheel.genrm: {ctx.name} filters its samples by the GenRM of the latest rm stage "
+                              f"before it, and {'there is none' if rm is None else f'{genrm} holds none'}; run rm "
+                              "(with rm.genrm.enabled) before it, or set flywheel.genrm: false")
+    key = {"model": teacher_fingerprint(ctx.model_path), "seed": seed, "problems": len(problems),
+           "sft": cfg.model_dump(mode="json", include={"budgets", "mix"}),
+           "flywheel": fw.model_dump(mode="json", include={"n_prompts", "samples_per_prompt", "keep_per_prompt",
+                                                           "temperature", "max_new_tokens", "genrm",
+                                                           "genrm_threshold"})}
+    samples = sample_round_data(model, tok, problems, fw, cfg, seed, task.grader, genrm,
+                                ctx.stage.path / "flywheel_samples.json", key)
+    sampled = sample_rows(tok, samples, cfg.max_length)
+    if not sampled:
+        raise ValueError(f"{ctx.name}: none of the {len(samples)} samples of {ctx.model_path} was accepted (graded "
+                         "correct and within its budget); nothing to train the round on. Raise flywheel.n_prompts or "
+                         "flywheel.samples_per_prompt")
+    n_demo = demo_count(len(sampled), fw.demo_share)
+    demos = []
+    if n_demo:
+        shift = 7919 * (ctx.round - 1)  # the round's own draw of demonstrations
+        examples = task.train_examples(n_demo, rc.seed + 1 + shift, ctx.run_dir / "bad_rows.jsonl")
+        demos = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, rc.seed + 2 + shift, cfg.max_length,
+                                   fit=task.budget_demonstration)
+    report = report_of(samples) | {"sampled_by": str(ctx.model_path), "sampled_rows": len(sampled),
+                                   "demo_rows": len(demos)}
+    log.info("%s: %d of %d samples of %s kept (%d problems); %d demonstrations mixed in; by mode %s", ctx.name,
+             report["kept"], report["samples"], ctx.model_path, report["problems_kept"], len(demos),
+             {m: f"{c['kept']}/{c['samples']}" for m, c in report["by_mode"].items()})
+    return sampled + demos, report

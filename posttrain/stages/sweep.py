@@ -1,8 +1,9 @@
 """`sweep` stage: the budget-vs-accuracy sweep (`posttrain.eval.sweep`) of this run's models, into RUN/sweep/.
 
-Models: `sweep.models` (stage names or paths), by default every sft/grpo/ppo/distill stage listed before this one
-(the SFT checkpoint, the RL checkpoints and the distilled student side by side), labelled by stage name. One set of rollout workers (Ray actors
-unless `sweep.backend` is `local`) serves them all; the run's threads are split across the workers.
+Models: `sweep.models` (stage names or paths), by default every sft/grpo/ppo/distill stage listed before this one,
+every flywheel round's included (the SFT checkpoint, the RL checkpoints and the distilled student side by side),
+labelled by stage name. One set of rollout workers (Ray actors unless `sweep.backend` is `local`) serves them all;
+the run's threads are split across the workers.
 Problems: the embedded task's, or with `data.source: file`/`hub` the rows the RL stages hold out for evaluation
 (`rl_problems.evaluation_rows`, `n_per_difficulty` of each `data.difficulty_column` value), graded by the data's
 grader (`data.grader`).
@@ -23,10 +24,11 @@ MODEL_STAGES = ("sft", "grpo", "ppo", "distill")
 def sweep_models(ctx) -> list:
     """ModelSpecs labelled by stage name (or path) for the sweep."""
     from posttrain.eval.sweep import ModelSpec, SweepError, resolve_model
+    from posttrain.rounds import kind_of
     from posttrain.runlog import StageDir
 
     cfg, stages = ctx.cfg.sweep, ctx.cfg.stages
-    names = list(cfg.models) or [s for s in stages[: stages.index("sweep")] if s in MODEL_STAGES]
+    names = list(cfg.models) or [s for s in stages[: stages.index("sweep")] if kind_of(s) in MODEL_STAGES]
     if not names:
         return [ModelSpec("model", Path(ctx.model_path))]
     specs = []

@@ -23,14 +23,14 @@ def with_grader(spec: dict, grader: str) -> dict:
     return {**spec, "params": params}
 
 
-def with_run_output(spec: dict, run_dir) -> dict:
-    """`spec` with `params.path` set to this run's `rm` stage output when its reward reads one (`genrm`,
-    `scalar_rm`: a `run_output` class attribute) and the recipe gave no path."""
+def with_run_output(spec: dict, rm_dir) -> dict:
+    """`spec` with `params.path` set to this run's `rm` stage output (`rm_dir`: RUN/rm, or a later round's RUN/rm@2)
+    when its reward reads one (`genrm`, `scalar_rm`: a `run_output` class attribute) and the recipe gave no path."""
     sub = getattr(get_reward_cls(spec["name"]), "run_output", None)
     params = dict(spec.get("params") or {})
     if sub is None or params.get("path") is not None:
         return spec
-    return {**spec, "params": {**params, "path": str(Path(run_dir) / "rm" / sub)}}
+    return {**spec, "params": {**params, "path": str(Path(rm_dir) / sub)}}
 
 
 class RLRewardWorker:
