@@ -5,12 +5,14 @@
 #   make reasoning-gym recipes/reasoning_gym.yaml: the pipeline on reasoning-gym's chain_sum
 #   make distill      recipes/distill.yaml: the quickstart's GRPO model distilled into a 2-layer student (without a
 #                     finished runs/quickstart/grpo, recipes/distill_example.yaml builds its own SFT teacher)
+#   make flywheel     recipes/flywheel.yaml: a second round whose SFT data the round-1 GRPO model wrote (round 1 is
+#                     copied from a finished runs/quickstart when runs/flywheel does not exist yet)
 #   make bench        our GRPO step against TRL's GRPOTrainer and the other benchmarks (runs/bench/bench.json)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart budget-blind reasoning-gym distill test bench clean
+.PHONY: install quickstart budget-blind reasoning-gym distill flywheel test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,12 @@ distill: install
 	@if [ -f runs/quickstart/grpo/done.json ]; then $(BIN)/posttrain run recipes/distill.yaml; \
 	else echo "runs/quickstart/grpo is not finished: recipes/distill_example.yaml builds its own teacher"; \
 	$(BIN)/posttrain run recipes/distill_example.yaml; fi
+
+flywheel: install
+	@if [ -f runs/quickstart/grpo/done.json ] && [ ! -e runs/flywheel ]; then mkdir -p runs/flywheel && \
+	cp -r runs/quickstart/base runs/quickstart/sft runs/quickstart/rm runs/quickstart/grpo runs/flywheel/ && \
+	echo "round 1 (base, sft, rm, grpo) copied from runs/quickstart"; fi
+	$(BIN)/posttrain run recipes/flywheel.yaml
 
 test: install
 	$(BIN)/pytest -q
