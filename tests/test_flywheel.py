@@ -171,3 +171,30 @@ def test_two_rounds_end_to_end_killed_mid_round_and_resumed(tmp_path, tiny_model
     before2 = json.loads((run / "grpo@2" / "eval_before.json").read_text())
     assert before1["8"]["problems"] == before2["8"]["problems"] and len(before2["8"]["correct"]) == 20
     assert "r2 sft" in (run / "rounds.txt").read_text()
+
+
+def test_a_round_on_a_data_file_samples_training_rows_and_names_an_empty_harvest(tmp_path, tiny_model_dir):
+    """With `data.source: file` a later round samples the file's training rows, never those the RL stages hold out
+    for their evaluation; when the previous model gets none right (the random tiny model here), the round stops
+    with an error that says so and what to raise, after writing its samples (a rerun reuses them)."""
+    from posttrain.pipeline import run_recipe
+    from posttrain.tasks.task import build_task
+
+    rows = [{"q": f"What is {i} halved?", "a": f"\\frac{{{i}}}{{2}}"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "threads=2", "stages=[sft,grpo]",
+            "flywheel.rounds=2", "data.source=file", f"data.path={tmp_path / 'd.jsonl'}", "data.prompt_column=q",
+            "data.answer_column=a", "task.max_difficulty=2", "sft.steps=1", "sft.n_examples=20",
+            "flywheel.n_prompts=50", "flywheel.max_new_tokens=8", "grpo.steps=1", "grpo.prompts_per_step=2",
+            "grpo.group_size=2", "grpo.budgets=[4,auto]", "grpo.max_new_tokens=8", "grpo.eval_budgets=[4,auto]",
+            "grpo.eval_n_per_difficulty=3", "grpo.eval_max_new_tokens=8", "ray.backend=local", "grpo.ptx_coef=0"]
+    rc = load_recipe(None, over)
+    held = {p.expression for p in build_task(rc).evaluation_rows()}
+    with pytest.raises(ValueError, match=r"sft@2: none of the 56 samples of .*grpo/checkpoint was accepted .* Raise "
+                                         r"flywheel.n_prompts"):
+        run_recipe(rc)
+    samples = json.loads((tmp_path / "run" / "sft@2" / "flywheel_samples.json").read_text())["samples"]
+    asked = {s["problem"] for s in samples}
+    assert len(held) == 12 and len(asked) == 28 and not asked & held  # 28 training rows, all of them, none held out
+    assert not any(s["kept"] for s in samples) and all(s["answer"] == f"\\frac{{{s['problem'].split()[2]}}}{{2}}"
+                                                       for s in samples)
