@@ -235,7 +235,7 @@ def _run_stages(cfg: RecipeConfig, run_dir: Path) -> dict:
 def _write_round_summary(cfg: RecipeConfig, run_dir: Path) -> None:
     """With flywheel rounds: each round's SFT and RL model side by side (`posttrain.rounds.round_summary`), logged
     and written to RUN/rounds.json and RUN/rounds.txt."""
-    from posttrain.rounds_report import format_rounds, round_summary
+    from posttrain.stages.rounds_report import format_rounds, round_summary
     from posttrain.runlog import write_json_atomic
 
     summary = round_summary(run_dir, cfg.stages)

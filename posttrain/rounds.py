@@ -12,7 +12,7 @@ follow them (`sweep`, `export`, `distill`). What changes in a later round:
 - `rm@r` samples and labels the round's new SFT model, so the GenRM learns that model's mistakes;
 - an RL stage of round r reads the GenRM of the latest `rm` stage before it (`rm@r` when the round has one).
 
-Pure: names and lists (the run's per-round summary is `posttrain.rounds_report`).
+Pure: names and lists (the run's per-round summary is `posttrain.stages.rounds_report`).
 """
 
 from __future__ import annotations
