@@ -29,6 +29,9 @@ What is measured, in order (every figure on the same model and the recipe's `grp
   next step's rollout generates while this one is scored, referenced and trained; `async_speedup` is the
   synchronous median step over this one's (the first timed steps follow `warmup` steps, so the pipeline is full);
 - `scaling`: rollout seconds per step with 1 and 2 rollout actors (1 thread each) on the same batch;
+- `fsdp`: the bytes of parameters, gradients and AdamW state one learner rank holds with FSDP2 over
+  `fsdp_ranks` gloo processes against one unsharded learner, and each process's peak RSS, after one update each
+  (`posttrain.bench_fsdp`);
 - `memory`: peak summed RSS of this process and all its descendants (Ray's GCS, raylet and actor processes),
   sampled every 0.2 s by a background thread, overall and per phase; and PSS (which does not count shared pages
   twice; every 2 s, as it is ~10x dearer to read).
@@ -66,6 +69,7 @@ class BenchSettings:
     scaling: bool = True
     cuda: bool = True  # also on CUDA when there is one
     async_staleness: int = 1  # also time our step at grpo.async.max_staleness K (issue #29); 0: skip
+    fsdp_ranks: int = 2  # the memory a learner rank holds with FSDP2 over this many gloo ranks (issue #25); 0: skip
     overrides: list[str] = field(default_factory=list)  # dotted.key=value recipe overrides, e.g. ray.learner.threads=2
 
 
@@ -459,6 +463,11 @@ def run_bench(s: BenchSettings) -> dict:
             if s.scaling and s.backend == "ray":
                 with mem.during("scaling"):
                     result["scaling"] = bench_scaling(bench_recipe(model_path, s), reps=s.steps, warmup=s.warmup)
+            if s.fsdp_ranks > 1:
+                from posttrain.bench_fsdp import bench_fsdp
+
+                with mem.during("fsdp"):
+                    result["fsdp"] = bench_fsdp(model_path, s.fsdp_ranks, tmp / "fsdp")
             if s.cuda and torch.cuda.is_available():
                 result["cuda"] = summarize(_device_run(s, model_path, "cuda", tmp, active, mem), None, s.threads)
         finally:

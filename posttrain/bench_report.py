@@ -168,6 +168,10 @@ def format_table(r: dict) -> str:
         lines.append(f"scaling: rollout {sc['rollout_s_1_workers']:.3f} s/step with 1 worker, "
                      f"{sc['rollout_s_2_workers']:.3f} s with 2 ({sc['speedup_2_vs_1']:.2f}x; fastest "
                      f"{sc['rollout_s_1_workers_min']:.3f} vs {sc['rollout_s_2_workers_min']:.3f} s)")
+    if "fsdp" in r:
+        from posttrain.bench_fsdp import format_fsdp
+
+        lines.append(format_fsdp(r["fsdp"]))
     ph = ", ".join(f"{k} {v:.2f}" for k, v in r["peak_rss_gib_by_phase"].items())
     lines.append(f"peak memory: RSS {r['peak_rss_gib']:.2f} GiB (PSS {r['peak_pss_gib']:.2f}), this process and "
                  f"its descendants, Ray's included; by phase (RSS GiB): {ph}")

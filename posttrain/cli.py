@@ -267,7 +267,7 @@ def _cmd_bench(args) -> int:
 
     s = BenchSettings(steps=args.steps, warmup=args.warmup, out=args.out, model=args.model, quick=args.quick,
                       threads=args.threads, backend=args.backend, trl=not args.no_trl, scaling=not args.no_scaling,
-                      async_staleness=args.async_staleness, overrides=list(args.set))
+                      async_staleness=args.async_staleness, fsdp_ranks=args.fsdp_ranks, overrides=list(args.set))
     result = run_bench(s)
     print(format_table(result))
     if args.out:
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 rollout workers measurement")
     b.add_argument("--async-staleness", type=int, default=1, metavar="K", help="also time our step at "
                    "grpo.async.max_staleness K, rollouts K versions ahead of the learner (0: skip)")
+    b.add_argument("--fsdp-ranks", type=int, default=2, metavar="N", help="the memory a learner rank holds with "
+                   "FSDP2 over N gloo ranks against one unsharded learner (0: skip)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for both sides (repeatable), e.g. model.experts_implementation=eager")
     b.set_defaults(func=_cmd_bench)

@@ -1,5 +1,6 @@
 """Smoke test of `posttrain bench` (the API the subcommand calls) on the random tiny model: every headline key is
-there and finite, the table prints, bench.json is written. No timing is asserted: timings belong to the bench."""
+there and finite, the table prints, bench.json is written, and the FSDP ranks hold their share of the learner's
+state. No timing is asserted: timings belong to the bench."""
 
 import json
 import math
@@ -26,6 +27,16 @@ def test_bench_smoke(tiny_model_dir, tmp_path, capsys):
     assert set(r["targets"]) == {"grpo_speedup", "rollout_speedup", "dispatch_sync_share", "peak_rss_gib"}
     assert r["detail"]["ours_async"]["step_s_all"]  # timed at max_staleness 1 (issue #29)
     assert "GRPO step" in format_table(r) and "max_staleness 1" in format_table(r)  # the table reads bench.json
+    # FSDP2 over 2 spawned gloo ranks against one unsharded learner, one update each (issue #25): the ranks' shards
+    # partition the learner's parameters and AdamW state, so each holds about half
+    f = r["fsdp"]
+    one, ranks = f["unsharded"], f["per_rank"]
+    assert len(ranks) == 2 and all(x["updates"] == 1.0 for x in [one, *ranks]), f
+    assert one["adam"] == 2 * one["params"] > 0  # fp32 AdamW: two moments the parameters' size
+    for key in ("params", "adam", "total"):
+        assert sum(x[key] for x in ranks) == one[key], key
+        assert max(x[key] for x in ranks) <= 0.55 * one[key], key
+    assert 0.45 <= f["held_ratio"] <= 0.55 and "per learner rank at 2 gloo ranks" in format_table(r)
 
 
 def test_active_parameters_count_top_k_experts(tiny_model_dir):
