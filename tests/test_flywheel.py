@@ -154,7 +154,8 @@ def test_two_rounds_end_to_end_killed_mid_round_and_resumed(tmp_path, tiny_model
 
     monkeypatch.setattr(SFTTrainer, "train", train)
     results = run_recipe(load_recipe(None, _overrides(run, tiny_model_dir)))
-    assert "reusing the 200 flywheel samples" in (run / "run.log").read_text()
+    log = (run / "run.log").read_text()
+    assert "reusing the 200 flywheel samples" in log and "grpo@2: input model" in log  # lines name the round
     assert {s: (run / s / "done.json").read_text() for s in done_before} == done_before  # round 1 untouched
     fw = results["sft@2"]["flywheel"]
     assert fw["kept"] == len(kept) and fw["sampled_by"].endswith("grpo/checkpoint")

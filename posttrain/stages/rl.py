@@ -123,9 +123,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str =
                       **learner_kwargs, name=f"learner{i}",
                       options=_options(ray_cfg.learner, stateful=True), backend=backend)
                 for i in range(ray_cfg.learner.num)]
-    reward = spawn(RLRewardWorker, [with_run_output(s.model_dump(), Path(rc.run_dir) / rm_stage)
-                           for s in cfg.rewards],
-                   rc.data.grader_name, cfg.reward_combine.model_dump(), name="reward",
+    rewards = [with_run_output(s.model_dump(), Path(rc.run_dir) / rm_stage) for s in cfg.rewards]
+    reward = spawn(RLRewardWorker, rewards, rc.data.grader_name, cfg.reward_combine.model_dump(), name="reward",
                    options=_options(ray_cfg.reward), backend=backend)
     reference = spawn(ReferenceWorker, path, **common, name="reference", options=_options(ray_cfg.reference),
                       backend=backend) if cfg.kl_coef > 0 else None
@@ -161,6 +160,7 @@ class RLDriver:
 
     def __init__(self, ctx, algo: str):
         self.ctx, self.algo = ctx, algo
+        self.label = ctx.name or algo  # `grpo@2` in a later flywheel round: what the log lines say
         self.rc = ctx.cfg
         self.cfg = getattr(ctx.cfg, algo)
         self.w: Workers | None = None
@@ -305,11 +305,11 @@ class RLDriver:
         skipped = "actor/skip_reason" in metrics
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         if skipped:
-            log.warning("%s: step %d: update skipped (%s); %d in a row, the limit is %d", self.algo, step,
+            log.warning("%s: step %d: update skipped (%s); %d in a row, the limit is %d", self.label, step,
                         metrics["actor/skip_reason"], self.consecutive_skips, self.cfg.max_consecutive_skips)
         if self.consecutive_skips >= self.cfg.max_consecutive_skips:
             raise TrainingStopped(
-                f"{self.algo}: {self.consecutive_skips} steps in a row were skipped because the rewards, advantages, "
+                f"{self.label}: {self.consecutive_skips} steps in a row were skipped because the rewards, advantages, "
                 f"loss or gradients were not finite (last: {metrics.get('actor/skip_reason')}); stopping. The last "
                 f"saved state is intact; lower {self.algo}.learning_rate or check the rewards.")
 
@@ -344,7 +344,7 @@ class RLDriver:
 
         path = save_state(self.ctx.stage.path / "state", step, write, {"consecutive_skips": self.consecutive_skips},
                           keep=self.cfg.keep_checkpoints)
-        log.info("%s: saved the training state after step %d to %s", self.algo, step, path)
+        log.info("%s: saved the training state after step %d to %s", self.label, step, path)
 
     def resume(self) -> int:
         """Load the newest good saved state into the workers; returns the first step to run (0 when none)."""
@@ -368,7 +368,7 @@ class RLDriver:
         self.version = int(driver["step"])
         self.sync_weights()
         self.ctx.metrics.resume_at(int(driver["step"]))
-        log.info("%s: resuming from %s (step %d of %d)", self.algo, d, driver["step"], self.cfg.steps)
+        log.info("%s: resuming from %s (step %d of %d)", self.label, d, driver["step"], self.cfg.steps)
         return int(driver["step"])
 
     def _steps(self, start: int, history: dict) -> None:
@@ -376,7 +376,7 @@ class RLDriver:
         from tqdm.auto import tqdm
 
         ctx, cfg = self.ctx, self.cfg
-        bar = tqdm(range(start, cfg.steps), desc=self.algo, initial=start, total=cfg.steps, leave=False)
+        bar = tqdm(range(start, cfg.steps), desc=self.label, initial=start, total=cfg.steps, leave=False)
         with self._graceful_stop():
             for step in bar:
                 metrics = self.train_step(step)
@@ -388,7 +388,7 @@ class RLDriver:
                 if (cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps) or self.stop_requested:
                     self.save(done)
                 if self.stop_requested:
-                    raise KeyboardInterrupt(f"{self.algo} stopped by a signal after step {done}; state saved")
+                    raise KeyboardInterrupt(f"{self.label} stopped by a signal after step {done}; state saved")
 
     def _recoveries_allowed(self, actor: str) -> int:
         """How often a failure of `actor` in the step loop may be recovered by restarting every actor from the last
@@ -422,7 +422,7 @@ class RLDriver:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
-            log.warning("%s: stop requested (signal %d); saving after the current step", self.algo, signum)
+            log.warning("%s: stop requested (signal %d); saving after the current step", self.label, signum)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -468,7 +468,7 @@ class RLDriver:
             before = self.evaluate() if start == 0 else _read_json(ctx.stage.path / "eval_before.json")
             if start == 0:
                 write_json_atomic(ctx.stage.path / "eval_before.json", before)
-            log.info("%s: input model %s", self.algo, _brief(before))
+            log.info("%s: input model %s", self.label, _brief(before))
             history: dict[int, dict] = {}
             recoveries, restart = 0, False
             while True:
@@ -487,7 +487,7 @@ class RLDriver:
                         raise
                     recoveries, restart = recoveries + 1, True
                     log.warning("%s: %s; restarting every actor and resuming from the last saved state (recovery %d "
-                                "of %d)", self.algo, e, recoveries, budget)
+                                "of %d)", self.label, e, recoveries, budget)
             history = [history[s] for s in sorted(history)]
             gather([w.submit(LearnerWorker.save_model, str(ctx.stage.checkpoint), str(ctx.model_path))
                     for w in self.w.learners])  # all ranks: sharded ones gather to rank 0, which writes
@@ -496,9 +496,9 @@ class RLDriver:
             unpaired = [b for b in after if b in before and not _paired(before, after, b)]
             if unpaired:
                 log.warning("%s: eval_before.json holds other problems at budgets %s (another version or other eval "
-                            "settings): those budgets are not compared", self.algo, ", ".join(unpaired))
-            log.info("%s: trained model %s", self.algo, _brief(after))
-            log.info("%s: against the input model (95%% paired intervals)\n%s", self.algo,
+                            "settings): those budgets are not compared", self.label, ", ".join(unpaired))
+            log.info("%s: trained model %s", self.label, _brief(after))
+            log.info("%s: against the input model (95%% paired intervals)\n%s", self.label,
                      format_comparison(_compare(before, after), _verdict(before, after)))
             counters = self.w.learners[0].call(LearnerWorker.counters)
         finally:
