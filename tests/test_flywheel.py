@@ -107,6 +107,25 @@ def test_sample_rows_are_the_rendered_prompt_then_the_sampled_ids(tokenizer):
     assert sample_rows(tokenizer, samples, max_length=len(ids) + 2) == []  # too long: left out
 
 
+def test_a_later_rounds_lora_adapter_on_the_previous_model_is_not_what_export_ships(tmp_path):
+    """sft@2 with LoRA on the previous round's model saves `round_adapter`: export, which ships a stage's `adapter`
+    as an adapter of the run's base, extracts one from the merged checkpoint instead."""
+    from posttrain.export import trained_adapter
+    from posttrain.stages.sft import adapter_key
+
+    assert adapter_key(1, "previous") == adapter_key(2, "base") == "adapter"
+    assert adapter_key(2, "previous") == adapter_key(3, "previous") == "round_adapter"
+    stage = tmp_path / "sft@2"
+    for sub, name in (("checkpoint", "config.json"), ("round_adapter", "adapter_config.json")):
+        (stage / sub).mkdir(parents=True)
+        (stage / sub / name).write_text("{}")
+    (stage / "done.json").write_text(json.dumps({"round_adapter": str(stage / "round_adapter")}))
+    assert trained_adapter(stage / "checkpoint") is None
+    (stage / "round_adapter").rename(stage / "adapter")  # round 1's layout: the adapter is shipped
+    (stage / "done.json").write_text(json.dumps({"adapter": str(stage / "adapter")}))
+    assert trained_adapter(stage / "checkpoint") == stage / "adapter"
+
+
 def _overrides(run_dir, model_dir):
     return [f"run_dir={run_dir}", f"model.path={model_dir}", "stages=[sft,rm,grpo]", "flywheel.rounds=2",
             "threads=2", "task.max_difficulty=1", "sft.steps=150", "sft.batch_size=16", "sft.learning_rate=3e-3",

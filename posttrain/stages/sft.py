@@ -101,15 +101,28 @@ def run(ctx) -> dict:
     if flywheel is not None:
         info["flywheel"] = flywheel
     if cfg.lora.enabled:
-        trained.save_pretrained(ctx.stage.path / "adapter", safe_serialization=True)
-        tok.save_pretrained(ctx.stage.path / "adapter")
+        # the adapter export ships as it is (`adapter`) holds only on the run's starting model; a later round's on
+        # the previous round's model is kept as `round_adapter`, and export extracts one from the merged checkpoint
+        key = adapter_key(ctx.round, rc.flywheel.init)
+        trained.save_pretrained(ctx.stage.path / key, safe_serialization=True)
+        tok.save_pretrained(ctx.stage.path / key)
         trained = trained.merge_and_unload()
-        info["adapter"] = str(ctx.stage.path / "adapter")
+        info[key] = str(ctx.stage.path / key)
     trained.eval()
     save_model(trained, tok, ctx.stage.checkpoint)
     shutil.rmtree(out, ignore_errors=True)
     info["checkpoint"] = str(ctx.stage.checkpoint)
     return info
+
+
+def adapter_key(round_: int, init: str) -> str:
+    """Where a LoRA sft stage saves its adapter: `adapter` (what export ships) when it trained on the run's starting
+    model (round 1, or a later round with `flywheel.init: base`), else `round_adapter`.
+
+    >>> adapter_key(1, "previous"), adapter_key(2, "base"), adapter_key(2, "previous")
+    ('adapter', 'adapter', 'round_adapter')
+    """
+    return "adapter" if round_ == 1 or init == "base" else "round_adapter"
 
 
 def round_one_input(ctx):
