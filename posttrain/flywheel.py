@@ -7,7 +7,7 @@ post-training, with a thinking budget: a budgeted sample is kept only when it is
 itself within its budget (`budgets.adherent`), so the round's model imitates its own budget-keeping successes, never
 its overruns. Each kept sample is the exact token sequence the model sampled after the prompt as the decoder renders
 it (on-policy tokens, EOS included). At most `keep_per_prompt` samples per problem, so easy problems do not crowd out
-the rest. The task's demonstrations (those round 1 trained on) are mixed in at `flywheel.demo_share`.
+the rest. Fresh demonstrations of the task (drawn as round 1's are) are mixed in at `flywheel.demo_share`.
 
 `sample_round_data` writes its samples and verdicts to `out` (atomic JSON, keyed by the sampling model and the
 settings): a round's sft killed while training reuses them instead of sampling again.
@@ -39,6 +39,11 @@ def plan(problems: list, budgets: list, mix, samples_per_prompt: int, seed: int)
     return out
 
 
+def mode_of(budget: int | None) -> str:
+    """The SFT mode of a sample's budget: None autonomous, 0 zero, any other budgeted."""
+    return "autonomous" if budget is None else "zero" if budget == 0 else "budgeted"
+
+
 def verdicts(samples: list[dict], keep_per_prompt: int) -> None:
     """Mark each sample's `kept` (in place): accepted by the grader (`correct`), within its budget when it has one
     (`adherent`), by the GenRM when it was asked (`genrm_ok`), and among the first `keep_per_prompt` such samples of
@@ -52,13 +57,10 @@ def verdicts(samples: list[dict], keep_per_prompt: int) -> None:
 
 def report_of(samples: list[dict]) -> dict:
     """Counts by mode (budgeted, autonomous, zero) and acceptance by difficulty: what the round's summary shows."""
-    def mode(s):
-        return "autonomous" if s["budget"] is None else "zero" if s["budget"] == 0 else "budgeted"
-
     by_mode: dict = defaultdict(Counter)
     by_diff: dict = defaultdict(Counter)
     for s in samples:
-        for c in (by_mode[mode(s)], by_diff[s["difficulty"]]):
+        for c in (by_mode[mode_of(s["budget"])], by_diff[s["difficulty"]]):
             c["samples"] += 1
             c["correct"] += s["correct"]
             c["adherent"] += s["adherent"]
@@ -117,18 +119,18 @@ def sample_rows(tok, samples: list[dict], max_length: int) -> list[dict]:
     tokens: left out."""
     from posttrain.decode import render_prompts
 
+    kept = [s for s in samples if s["kept"]]
+    if not kept:
+        return []
+    texts = render_prompts(tok, [s["problem"] for s in kept], [s["budget"] for s in kept])
     rows = []
-    for s in samples:
-        if not s["kept"]:
-            continue
-        text = render_prompts(tok, [s["problem"]], [s["budget"]])[0]
-        prompt = tok(text, add_special_tokens=False)["input_ids"]
+    for s, prompt in zip(kept, tok(texts, add_special_tokens=False)["input_ids"]):
         if len(prompt) + len(s["ids"]) > max_length:
             continue
         b = s["budget"]
         rows.append({"input_ids": prompt + s["ids"], "completion_mask": [0] * len(prompt) + [1] * len(s["ids"]),
-                     "mode": "autonomous" if b is None else "zero" if b == 0 else "budgeted",
-                     "budget": -1 if b is None else b, "n_think": s["n_think"], "source": "sampled"})
+                     "mode": mode_of(b), "budget": -1 if b is None else b, "n_think": s["n_think"],
+                     "source": "sampled"})
     return rows
 
 

@@ -36,7 +36,6 @@ def run(ctx) -> dict:
 
     from posttrain.model import check_chat_template, load_model, load_tokenizer, peft_config, save_model
     from posttrain.prepare import check_added_tokens
-    from posttrain.sft_data import build_sft_examples
     from posttrain.tasks.task import build_task
 
     cfg, rc = ctx.cfg.sft, ctx.cfg
@@ -56,9 +55,7 @@ def run(ctx) -> dict:
             model = load_model(round_one_input(ctx), ctx.device, ctx.dtype, rc.model.trust_remote_code,
                                rc.model.allow_pickle, rc.model.experts_implementation)
     else:
-        examples = task.train_examples(cfg.n_examples, rc.seed + 1, ctx.run_dir / "bad_rows.jsonl")
-        rows = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, rc.seed + 2, cfg.max_length,
-                                  fit=task.budget_demonstration)
+        rows = demonstrations(ctx, tok, task, cfg.n_examples)
     if not rows:
         raise ValueError(f"sft: every example is longer than sft.max_length={cfg.max_length} tokens")
     modes = Counter(r["mode"] for r in rows)
@@ -115,6 +112,18 @@ def run(ctx) -> dict:
     return info
 
 
+def demonstrations(ctx, tok, task, n: int) -> list[dict]:
+    """`n` SFT rows of the task's demonstrations under the sft budgets and mix; a later round draws its own (the
+    seeds shifted by the round)."""
+    from posttrain.sft_data import build_sft_examples
+
+    rc, cfg = ctx.cfg, ctx.cfg.sft
+    shift = 7919 * (ctx.round - 1)
+    examples = task.train_examples(n, rc.seed + 1 + shift, ctx.run_dir / "bad_rows.jsonl")
+    return build_sft_examples(tok, examples, cfg.budgets, cfg.mix, rc.seed + 2 + shift, cfg.max_length,
+                              fit=task.budget_demonstration)
+
+
 def adapter_key(round_: int, init: str) -> str:
     """Where a LoRA sft stage saves its adapter: `adapter` (what export ships) when it trained on the run's starting
     model (round 1, or a later round with `flywheel.init: base`), else `round_adapter`.
@@ -144,7 +153,6 @@ def round_rows(ctx, tok, model, task) -> tuple[list[dict], dict]:
     from posttrain.distill_targets import teacher_fingerprint
     from posttrain.flywheel import demo_count, report_of, sample_round_data, sample_rows
     from posttrain.recipe import RecipeError
-    from posttrain.sft_data import build_sft_examples
 
     rc, cfg, fw = ctx.cfg, ctx.cfg.sft, ctx.cfg.flywheel
     seed = rc.seed + 7919 * ctx.round  # fresh problems and samples each round
@@ -172,10 +180,7 @@ def round_rows(ctx, tok, model, task) -> tuple[list[dict], dict]:
     n_demo = demo_count(len(sampled), fw.demo_share)
     demos = []
     if n_demo:
-        shift = 7919 * (ctx.round - 1)  # the round's own draw of demonstrations
-        examples = task.train_examples(n_demo, rc.seed + 1 + shift, ctx.run_dir / "bad_rows.jsonl")
-        demos = build_sft_examples(tok, examples, cfg.budgets, cfg.mix, rc.seed + 2 + shift, cfg.max_length,
-                                   fit=task.budget_demonstration)
+        demos = demonstrations(ctx, tok, task, n_demo)
     report = report_of(samples) | {"sampled_by": str(ctx.model_path), "sampled_rows": len(sampled),
                                    "demo_rows": len(demos)}
     log.info("%s: %d of %d samples of %s kept (%d problems); %d demonstrations mixed in; by mode %s", ctx.name,
