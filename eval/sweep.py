@@ -257,16 +257,16 @@ def sweep_model(workers: list, label: str, problems, budgets: list[int | None], 
 
 
 def start_workers(checkpoint: Path, n: int, backend: str, device, cpus_per_worker: int = 1,
-                  ray_init: dict | None = None) -> list:
+                  ray_init: dict | None = None, engine: dict | None = None) -> list:
     """`n` RolloutWorkers holding `checkpoint`: Ray actors (`backend="ray"`; on CUDA each gets 1/n of a GPU; Ray is
     started by `init_ray(**ray_init)` unless it runs already) or objects in this process (`"local"`, which keep this
-    process's thread count)."""
+    process's thread count). `engine`: a `rollout_engine` section as a dict (None: the hf engine)."""
     import torch
 
     from posttrain.model import pick_dtype
     from posttrain.workers.actors import ActorOptions, spawn
     from posttrain.workers.ray_cluster import init_ray
-    from posttrain.workers.rollout import RolloutWorker
+    from posttrain.workers.engines import engine_class, engine_kwargs
 
     if n < 1:
         raise SweepError(f"--workers must be >= 1, got {n}")
@@ -281,8 +281,9 @@ def start_workers(checkpoint: Path, n: int, backend: str, device, cpus_per_worke
     else:
         raise SweepError(f"unknown backend {backend!r}; expected 'ray' or 'local'")
     dtype = pick_dtype("auto", device)
-    return [spawn(RolloutWorker, str(checkpoint), str(device), dtype, options.torch_threads, name=f"sweep{i}",
-                  options=options, backend=backend) for i in range(n)]
+    cls = engine_class((engine or {}).get("name", "hf"))
+    return [spawn(cls, str(checkpoint), str(device), dtype, options.torch_threads, name=f"sweep{i}",
+                  options=options, backend=backend, **engine_kwargs(engine)) for i in range(n)]
 
 
 def _check_ray_fits(n: int, cpus_per_worker: int, gpus_per_worker: float, have_cpu: float, have_gpu: float,
@@ -359,7 +360,7 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
               difficulties: list[int] = list(range(1, 9)), max_new_tokens: int = 160, batch_size: int = 64,
               device: str = "auto", workers: int = 1, backend: str = "local", cpus_per_worker: int = 1,
               ray_init: dict | None = None, problems: list | None = None, grader: str | None = None,
-              modes=MODES) -> SweepResult:
+              modes=MODES, engine: dict | None = None) -> SweepResult:
     """Rows (and the forcing comparison: `sweep_model`) in `modes` for every model (a path for `resolve_model`, or a `ModelSpec`) on the same held-out problems: the
     embedded task's (`n_per_difficulty` of each of `difficulties`, from `seed`), or the given `problems` (a data
     file's, e.g. `file_problems`; `n_per_difficulty`, `seed` and `difficulties` then unused), graded by `grader`
@@ -368,7 +369,7 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
     The settings are checked and every model is resolved first (a bad option or path fails before any model
     loads); a budget, difficulty or model given twice is swept once (`distinct_models`). Then `workers` rollout
     workers are started once and reused: each loads the next model in turn (`RolloutWorker.load`). They are ended on
-    return.
+    return. `engine`: the `rollout_engine` they run (a dict of `RolloutEngineConfig`; None: hf).
     """
     from posttrain.tasks.arithmetic import generate_problems
     from posttrain.workers.rollout import RolloutWorker
@@ -390,7 +391,7 @@ def run_sweep(models: list, budgets: list[int | None], n_per_difficulty: int = 4
     grader = grader or ("exact_int" if problems is None else "math")
     if problems is None:
         problems = generate_problems(n_per_difficulty * len(difficulties), seed, difficulties)
-    pool = start_workers(specs[0].checkpoint, workers, backend, dev, cpus_per_worker, ray_init)
+    pool = start_workers(specs[0].checkpoint, workers, backend, dev, cpus_per_worker, ray_init, engine)
     result = SweepResult([])
     try:
         for k, spec in enumerate(specs):

@@ -194,7 +194,8 @@ def _cmd_sweep(args) -> int:
         result = run_sweep(args.model, budgets, args.n, args.seed, difficulties,
                            args.max_new_tokens, args.batch_size, args.device, args.workers, args.backend,
                            cpus_per_worker=max(1, threads // max(1, args.workers)), problems=problems,
-                           grader=grader, modes=modes)
+                           grader=grader, modes=modes,
+                           engine={"name": args.engine, "python": args.vllm_python})
     finally:
         if args.backend == "ray":
             from posttrain.workers.ray_cluster import shutdown_ray
@@ -342,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "every model)")
     w.add_argument("--backend", choices=("ray", "local"), default="ray",
                    help="workers as Ray actors, or in this process (debugging)")
+    w.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="rollout engine: the project's own loop (hf) or vLLM in a child process")
+    w.add_argument("--vllm-python", default=None, help="--engine vllm: the interpreter with vLLM installed (default "
+                   "$POSTTRAIN_VLLM_PYTHON, else this one)")
     w.add_argument("--threads", type=int, default=0, help="torch CPU threads in all, split across the workers "
                    "(0: all cores)")
     w.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")

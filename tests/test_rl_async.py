@@ -164,7 +164,7 @@ def test_masked_tokens_leave_the_learners_loss(tiny_model_dir, ragged_batch, los
 @pytest.mark.parametrize("overrides,key,words", [
     (["grpo.async.max_staleness=-1"], "grpo.async.max_staleness", "greater than or equal to 0"),
     (["ppo.async.correction=tiss"], "ppo.async.correction", "unknown off-policy correction 'tiss'; known: none, "),
-    (["grpo.async.partial=true"], "grpo.async.partial", "not supported by the HF rollout engine"),
+    (["grpo.async.partial=true"], "grpo.async.partial", "not supported by either rollout engine"),
     (["grpo.async.correction=mis", "grpo.async.cap=0.8"], "grpo.async.cap", "empty interval"),
     (["grpo.async.correction=mis", "grpo.async.lower=3"], "grpo.async.cap", "empty interval"),
     (["grpo.async.correction=seq_tis", "grpo.async.lower=3"], "grpo.async.lower", "lower must be < cap"),

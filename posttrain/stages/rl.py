@@ -45,6 +45,7 @@ from posttrain.workers.ray_cluster import custom_resources, init_ray
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker, with_run_output
 from posttrain.workers.rollout import RolloutWorker
+from posttrain.workers.engines import engine_class, engine_kwargs
 
 
 class TrainingStopped(RuntimeError):
@@ -115,9 +116,12 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str =
         router_bias_update_rate=cfg.router_bias_update_rate, fsdp=cfg.fsdp,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
-    rollouts = [spawn(RolloutWorker, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
+    engine = cfg.rollout_engine.model_dump()  # `hf` spawns rl.RolloutWorker itself (the fault tests patch it)
+    roll_cls = RolloutWorker if engine["name"] == "hf" else engine_class(engine["name"])
+    rollouts = [spawn(roll_cls, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
                       experts_implementation=rc.model.experts_implementation, load_options=load, name=f"rollout{i}",
-                      options=_options(ray_cfg.rollout), backend=backend) for i in range(ray_cfg.rollout.num)]
+                      options=_options(ray_cfg.rollout), backend=backend, **engine_kwargs(engine))
+                for i in range(ray_cfg.rollout.num)]
     learners = [spawn(LearnerWorker, path, **common, seed=rc.seed, trainable=list(cfg.trainable) or None,
                       lora=cfg.lora.model_dump() if cfg.lora.enabled else None, lora_key=f"{algo}.lora",
                       **learner_kwargs, name=f"learner{i}",

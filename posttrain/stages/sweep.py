@@ -72,7 +72,7 @@ def run(ctx) -> dict:
     log.info("sweep: %d held-out problems of %s", len(problems), task.where)
     result = run_sweep(specs, budgets, cfg.n_per_difficulty, cfg.seed, diffs, cfg.max_new_tokens, cfg.batch_size,
                        str(ctx.device), cfg.workers, cfg.backend, max(1, threads // cfg.workers), ray_init, problems,
-                       rc.data.grader_name)
+                       rc.data.grader_name, engine=cfg.rollout_engine.model_dump())
     rows = result.rows
     out = write_outputs(rows, ctx.stage.path, result.forcing)
     plots = plot_all(rows, out)

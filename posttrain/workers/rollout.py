@@ -68,6 +68,17 @@ class RolloutWorker(Decoder):
         """
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
         state = self.model.state_dict()  # tensors share storage with the parameters
+        self._check_update(state, items)
+        with torch.no_grad():
+            for name, value in items:
+                state[name].copy_(value)
+        if version is not None:
+            self.version = int(version)
+        return len(items)
+
+    @staticmethod
+    def _check_update(state: Mapping[str, torch.Tensor], items: list[tuple[str, torch.Tensor]]) -> None:
+        """Raise ValueError naming the first of `items` whose name is not in `state` or whose shape differs."""
         for name, value in items:
             if name not in state:
                 near = difflib.get_close_matches(name, list(state), n=1)
@@ -76,12 +87,6 @@ class RolloutWorker(Decoder):
             if tuple(value.shape) != tuple(state[name].shape):
                 raise ValueError(f"update_weights: {name!r} has shape {tuple(value.shape)}, "
                                  f"the model expects {tuple(state[name].shape)}")
-        with torch.no_grad():
-            for name, value in items:
-                state[name].copy_(value)
-        if version is not None:
-            self.version = int(version)
-        return len(items)
 
     def enable_lora(self, lora: dict, key: str = "lora") -> None:
         """Wrap the policy in the same LoRA adapter as the learner's (see `workers.learner.apply_lora`), so that
