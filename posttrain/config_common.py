@@ -119,6 +119,10 @@ class RolloutEngineConfig(Section):
     kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: the KV cache's size in GiB (VLLM_CPU_KVCACHE_SPACE).")
     max_model_len: int | None = Field(None, ge=1, description="vllm: the longest prompt + response (default: the "
                                       "model's).")
+    max_num_seqs: int = Field(256, ge=1, description="vllm: requests in one engine step; a larger call is split.")
+    max_num_batched_tokens: int = Field(
+        16384, ge=1, description="vllm: tokens in one engine step. Each call's prompts are split to fit it, so no "
+        "prefill is chunked (vLLM 0.32 on CPU fails on a chunked prefill of a seeded request).")
     enforce_eager: bool = Field(True, description="vllm: no CUDA graphs or compilation (quicker start).")
     start_timeout_s: float = Field(600.0, gt=0, description="vllm: how long the engine may take to start.")
 

@@ -90,7 +90,7 @@ def _same_batches(a, b, logp_tol=1e-4):
                          ids=["capped", "natural", "forced"])
 def test_greedy_rollouts_are_token_identical(engines, mode):
     hf, vllm = engines
-    prompts, budgets = _problems()
+    prompts, budgets = _problems(144)
     a = hf.generate(prompts, budgets, 1, 48, greedy=True, **mode)
     b = vllm.generate(prompts, budgets, 1, 48, greedy=True, **mode)
     _same_batches(a, b)
@@ -125,6 +125,28 @@ def test_sampled_log_probs_are_the_policys(engines):
     assert (own - batch.logp)[m].abs().max().item() < 1e-4
     for n, budget in zip(batch.n_think, batch.budgets):
         assert budget is None or n <= budget
+
+
+@needs_vllm
+def test_calls_split_to_the_step_limits_sample_the_same(engines, checkpoint):
+    """Requests go to vLLM in calls that fit `max_num_seqs` and `max_num_batched_tokens` (so no prefill is chunked:
+    vLLM 0.32 on CPU fails on a chunked prefill of a seeded request, as a GRPO batch of 128 rows hit). Each row's
+    seed is its own, so the split calls sample exactly what one call does; a prompt longer than the token limit is
+    named."""
+    from posttrain.workers.vllm_rollout import VLLMRolloutWorker
+
+    _, vllm = engines
+    prompts, budgets = _problems(12)
+    whole = vllm.generate(prompts, budgets, 4, 24, temperature=1.0, seed=11)
+    small = VLLMRolloutWorker(str(checkpoint), threads=1, engine={"python": PYTHON, "max_num_seqs": 5,
+                                                                  "max_num_batched_tokens": 160})
+    try:
+        split = small.generate(prompts, budgets, 4, 24, temperature=1.0, seed=11)
+        assert _rows(split) == _rows(whole) and torch.allclose(split.logp, whole.logp, atol=1e-5)
+        with pytest.raises(ValueError, match="max_num_batched_tokens: a prompt of"):
+            small.generate(["1+1" * 200], [None], 1, 4)
+    finally:
+        small.close()
 
 
 @needs_vllm
@@ -176,6 +198,22 @@ def test_grpo_stage_on_vllm_rollouts(random_model_dir, tmp_path, noisy_rewards):
     assert len(lines) == 3 and all(m["actor/updates"] > 0 for m in lines)
     gaps = [(m["rollout/logp_diff_abs_max"], m["offpolicy/mismatch_kl"]) for m in lines]
     assert all(gap < 1e-4 and kl < 1e-6 for gap, kl in gaps), gaps
+
+
+@needs_vllm
+def test_a_sweep_is_the_same_on_both_engines(checkpoint):
+    """`run_sweep` (natural, capped and forced modes, every budget kind) gives the same rows with either engine:
+    accuracy, thinking tokens, adherence and forced shares per budget and difficulty."""
+    from posttrain.eval.sweep import run_sweep
+
+    def sweep(engine):
+        result = run_sweep([str(checkpoint)], [0, 4, 12, 24, None], n_per_difficulty=3, max_new_tokens=48,
+                           backend="local", engine=engine)
+        return result.rows, result.forcing
+
+    hf_rows, hf_forcing = sweep({"name": "hf"})
+    vllm_rows, vllm_forcing = sweep({"name": "vllm", "python": PYTHON})
+    assert len(hf_rows) > 0 and hf_rows == vllm_rows and hf_forcing == vllm_forcing
 
 
 # ------------------------------------------------------------------------------------- refusals, no vLLM needed

@@ -10,10 +10,10 @@ prompt token ids.
 
 Budget semantics, by stop-and-continue (no logits processor, so any vLLM version and device does it):
 - a capped row (an int budget N with `cap`, or the prompt's budget 0) first samples at most N + 1 tokens, stopping
-  at `</think>` or EOS. If the (N+1)-th token is not `</think>`, it is replaced by a forced `</think>` (marked in
-  `forced_mask`, so the learner leaves it out of the loss; its log-prob is the model's log-prob of `</think>`
-  there, read as the last prompt token's of the continuation), exactly where the HF loop forces it: after N
-  thinking tokens, and only when the row's own sample was not `</think>` already;
+  at `</think>` or EOS. If the (N+1)-th token is not `</think>` (an EOS included), it is replaced by a forced
+  `</think>` (marked in `forced_mask`, so the learner leaves it out of the loss; its log-prob is the model's
+  log-prob of `</think>` there, read as the last prompt token's of the continuation), exactly where the HF loop
+  forces it: after N thinking tokens, and only when the row's own sample was not `</think>` already;
 - every row then continues to EOS or `max_new_tokens` in one more request (the prompt plus what it has so far);
 - natural mode (`cap=False`) and autonomous rows are one request each.
 Each row is its own request with its own seed (`seed` + row, the continuation `seed` + row + 2**31), so a batch is
@@ -122,7 +122,8 @@ class VLLMRolloutWorker(RolloutWorker):
     """A `RolloutWorker` that samples with vLLM (see the module docstring for what differs and what does not).
 
     `engine`: the recipe's `rollout_engine` section as a dict (`python`, `gpu_memory_utilization`,
-    `kv_cache_gib`, `max_model_len`, `enforce_eager`, `start_timeout_s`)."""
+    `kv_cache_gib`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `enforce_eager`,
+    `start_timeout_s`)."""
 
     def __init__(self, model_path, device="cpu", dtype=torch.float32, threads: int = 1,
                  experts_implementation: str = "grouped_mm", load_options: dict | None = None,
@@ -170,6 +171,9 @@ class VLLMRolloutWorker(RolloutWorker):
                   "gpu_memory_utilization": float(self.engine.get("gpu_memory_utilization", 0.5))}
         if self.engine.get("max_model_len"):
             kwargs["max_model_len"] = int(self.engine["max_model_len"])
+        self.max_seqs = int(self.engine.get("max_num_seqs", 256))
+        self.max_tokens = int(self.engine.get("max_num_batched_tokens", 16384))
+        kwargs.update(max_num_seqs=self.max_seqs, max_num_batched_tokens=self.max_tokens)
         if self.engine_device.type == "cpu":
             kwargs.pop("gpu_memory_utilization")
         self.vllm_version = self.child.request("load", **kwargs)
@@ -220,6 +224,24 @@ class VLLMRolloutWorker(RolloutWorker):
 
     # ------------------------------------------------------------------ sampling
 
+    def _generate(self, requests: list[dict]) -> list:
+        """Send `requests` in calls of at most `max_num_seqs` requests and `max_num_batched_tokens` prompt tokens,
+        so that vLLM prefills every prompt of a call in its first step (never a chunked prefill)."""
+        out, call, tokens = [], [], 0
+        for r in requests:
+            n = len(r["prompt_token_ids"])
+            if n > self.max_tokens:
+                raise ValueError(f"rollout_engine.max_num_batched_tokens: a prompt of {n} tokens does not fit in "
+                                 f"{self.max_tokens}; raise it")
+            if call and (len(call) == self.max_seqs or tokens + n > self.max_tokens):
+                out += self.child.request("generate", requests=call)
+                call, tokens = [], 0
+            call.append(r)
+            tokens += n
+        if call:
+            out += self.child.request("generate", requests=call)
+        return out
+
     @torch.no_grad()
     def generate(self, prompts: list[str], budgets: list[int | None], group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, greedy: bool = False,
@@ -261,26 +283,27 @@ class VLLMRolloutWorker(RolloutWorker):
                 first.append(request(r, ids, max_new_tokens, [self.eos_id]))
             else:
                 first.append(request(r, ids, min(c + 1, max_new_tokens), [self.think_end_id, self.eos_id]))
-        out = self.child.request("generate", requests=first)
+        out = self._generate(first)
         tokens = [list(ids) for ids, _, _ in out]
         logps = [list(lp) for _, lp, _ in out]
         forced_at: list[int | None] = [None] * len(rows)
         again = []  # rows to continue: (row, needs the forced token's log-prob)
         for r, (ids, c) in enumerate(rows):
             toks = tokens[r]
-            if c is None or not toks or toks[-1] == self.eos_id:
+            if c is None or not toks:
                 continue
             if toks[-1] == self.think_end_id:
                 if len(toks) < max_new_tokens:
                     again.append((r, False))
-            elif len(toks) == c + 1:  # spent its budget with no </think>: force it in place of the sample
-                toks[-1] = self.think_end_id
+            elif len(toks) == c + 1:  # spent its budget with no </think>: force it in place of the sample (an
+                toks[-1] = self.think_end_id  # EOS too, as the HF loop does)
                 forced_at[r] = c
                 again.append((r, True))
+            # else: EOS before the budget ran out, or max_new_tokens reached: the row is done
         if again:
             second = [request(r, rows[r][0] + tokens[r], max(1, max_new_tokens - len(tokens[r])), [self.eos_id],
                               offset=2**31, prompt_logprob=forced) for r, forced in again]
-            for (r, forced), (ids, lps, last) in zip(again, self.child.request("generate", requests=second)):
+            for (r, forced), (ids, lps, last) in zip(again, self._generate(second)):
                 if forced:
                     logps[r][-1] = last
                 room = max_new_tokens - len(tokens[r])
