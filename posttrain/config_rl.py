@@ -156,6 +156,13 @@ class _RLStageFields(Section):
         "learner's (verl's rollout_is_threshold, TRL's vllm_importance_sampling_cap; 2 is usual). null: off, the "
         "rollout's log-probs are the old policy's. The same as `async: {correction: tis, cap: ...}`.")
     mini_batches: int = Field(2, ge=1, description="Optimizer updates per rollout batch (split by groups).")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="Split each mini-batch's forward/backward into micro-batches of at most this many "
+        "padded tokens (rows x (longest prompt + longest response)) and accumulate their gradients, each term "
+        "scaled by its share of the mini-batch's counts, so the update is the same as in one pass. null: one pass.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass instead of keeping them (less memory, "
+        "about a third more compute); not with routing_replay.")
     kl_coef: float = Field(0.05, ge=0, description="KL-to-reference coefficient; 0 skips the reference actor.")
     kl_kind: str = Field("k3", description="KL estimator (`k1`, `k2`, `k3`).")
     kl_in_reward: bool = Field(False, description="Apply the KL as a per-token reward penalty (PPO style) "
@@ -245,6 +252,9 @@ class _RLStageFields(Section):
             if self.routing_replay:
                 raise ValueError("rollout_engine.name: vllm does not record routing; routing_replay needs "
                                  "rollout_engine.name: hf")
+        if self.gradient_checkpointing and self.routing_replay:
+            raise ValueError("gradient_checkpointing cannot be combined with routing_replay: the recompute in the "
+                             "backward pass would route by the router's own top-k, not the replayed experts")
         if self.mini_batches > self.prompts_per_step:
             raise ValueError("mini_batches must be <= prompts_per_step (mini-batches split by groups)")
         if not self.rewards:

@@ -47,6 +47,17 @@ def render_prompts(tokenizer, prompts: list[str], budgets: list[int | None]) -> 
     return out
 
 
+def check_generate_args(prompts, budgets, group_size: int, max_new_tokens: int, temperature: float,
+                        top_p: float) -> None:
+    """The checks every rollout engine's `generate` makes first (ValueError naming the bad argument)."""
+    if len(prompts) != len(budgets):
+        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+
 @dataclass
 class RolloutBatch:
     """B = len(prompts) * group_size rows; the `group_size` samples of a prompt are adjacent."""
@@ -124,12 +135,7 @@ class Decoder:
         `generator`: draw the samples from it (on `self.device`; `seed` is then unused), e.g. one generator over
         several calls.
         """
-        if len(prompts) != len(budgets):
-            raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
-        if group_size < 1 or max_new_tokens < 1:
-            raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        check_generate_args(prompts, budgets, group_size, max_new_tokens, temperature, top_p)
         greedy = greedy or temperature == 0
         gen = generator
         if gen is None:

@@ -47,3 +47,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_max(n: int) -> int:
+    """The largest `n` over the ranks (this one's `n` without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = torch.tensor([n], dtype=torch.long)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return int(x.item())
+    return n

@@ -69,8 +69,9 @@ import torch
 from posttrain.algo.kl import kl_loss
 from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or_skip, masked_mean
 from posttrain.algo.registry import get_correction, get_policy_loss
-from posttrain.distributed import all_reduce_sum, full_tensor, is_sharded, local_shard, sharded_clip_grad_norm
-from posttrain.rlbatch import compact
+from posttrain.distributed import (all_reduce_max, all_reduce_sum, full_tensor, is_sharded, local_shard,
+                                  sharded_clip_grad_norm)
+from posttrain.rlbatch import compact, micro_slices
 
 
 def response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, router_logits: bool = False):
@@ -150,7 +151,8 @@ class Learner:
                  max_len: int | None = None, router_metrics: bool = True, routing_replay: bool = False,
                  ptx_coef: float = 0.0, tis_cap: float | None = None, correction: str = "none",
                  correction_cap: float = 2.0, correction_lower: float | None = None,
-                 router_bias_update_rate: float = 0.0):
+                 router_bias_update_rate: float = 0.0, micro_batch_tokens: int | None = None,
+                 gradient_checkpointing: bool = False):
         if tis_cap is not None:  # the `tis` correction under its older name
             if not tis_cap > 0:
                 raise ValueError(f"tis_cap must be > 0 (or None: off), got {tis_cap}")
@@ -160,6 +162,15 @@ class Learner:
             correction, correction_cap = "tis", tis_cap
         self.model = model
         self.sharded = is_sharded(model)  # FSDP2: see the module docstring
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens must be >= 1 (or None: one forward per mini-batch), got "
+                             f"{micro_batch_tokens}")
+        self.micro_batch_tokens = micro_batch_tokens
+        if gradient_checkpointing:
+            if routing_replay:  # the recompute runs in backward, after `forward` has left the replay context
+                raise ValueError("gradient_checkpointing cannot be combined with routing_replay: the recompute in "
+                                 "the backward pass would route by the router's own top-k, not the replayed experts")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
@@ -349,7 +360,6 @@ class Learner:
             if corr.keep is not None:  # masked IS: those tokens (rows) leave the loss and its counts
                 mask = mask * corr.keep.to(mask.dtype)
         for (lo, hi), (d0, d1) in zip(bounds, demo_parts):
-            rows = slice(lo, hi)
             local = self._counts(batch, mask, lo, hi)
             mine = demos.rows(d0, d1) if d1 > d0 else None
             local_demo = float(mine.response_mask.sum()) if mine is not None else 0.0
@@ -357,20 +367,32 @@ class Learner:
             if totals[0] == 0:
                 continue  # no token to learn from on any rank
             self.optimizer.zero_grad(set_to_none=True)
-            if local[0] > 0:
-                part, cols = compact(batch, lo, hi)  # no padding-only columns: no compute spent on them
-                adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, cols]
-                ref = None if ref_logp is None else ref_logp[rows, cols]
-                shares = tuple(mine_ / all_ for mine_, all_ in zip(local, totals))
-                tis = {} if old is None else {"old_logp": old[rows, cols]}
+            micro = micro_slices(batch, lo, hi, self.micro_batch_tokens) if local[0] > 0 else []
+            # sharded, every rank runs as many forward/backward passes as the rank with the most micro-batches (its
+            # own, then idle ones: FSDP's all-gathers and reduce-scatters must meet); agreed on before any of them
+            passes = all_reduce_max(len(micro)) if self.sharded else len(micro)
+            parts, loss = [], torch.zeros(())  # (metrics, loss_agg count, loss tokens) per micro-batch; summed loss
+            for a, b in micro:  # each term scaled by the micro-batch's share of the mini-batch's counts (all ranks)
+                counts = self._counts(batch, mask, a, b)
+                if counts[0] == 0:  # no loss token in this micro-batch (a dropped group's rows)
+                    if self.sharded:
+                        _idle_objective(self.model).backward()
+                    continue
+                part, cols = compact(batch, a, b)  # no padding-only columns: no compute spent on them
+                r = slice(a, b)
+                adv = advantages[r] if advantages.dim() == 1 else advantages[r, cols]
+                ref = None if ref_logp is None else ref_logp[r, cols]
+                shares = tuple(mine_ / all_ for mine_, all_ in zip(counts, totals))
+                tis = {} if old is None else {"old_logp": old[r, cols]}
                 if weights is not None:
-                    tis["is_weights"] = weights[rows, cols]
-                loss, metrics = self.loss(part, adv, mask[rows, cols], slice(None), ref, shares=shares, **tis)
-                loss.backward()
-            else:  # this rank has nothing in this mini-batch but must join the gradient all-reduce (reduce-scatter)
-                loss, metrics = torch.zeros(()), {}
-                if self.sharded:
-                    _idle_objective(self.model).backward()
+                    tis["is_weights"] = weights[r, cols]
+                part_loss, part_metrics = self.loss(part, adv, mask[r, cols], slice(None), ref, shares=shares, **tis)
+                part_loss.backward()
+                loss = loss + part_loss.detach()
+                parts.append((part_metrics, counts[0], counts[1]))
+            for _ in range(passes - len(micro)):  # fewer micro-batches here (or none: nothing in this mini-batch)
+                _idle_objective(self.model).backward()
+            metrics = _weighted(parts)
             if local_demo > 0:  # + ptx_coef * (mean NLL per token of this mini-batch's demos, over all ranks)
                 nll = demo_nll_sum(self.model, mine)
                 (self.ptx_coef * nll / demo_tokens).backward()
@@ -527,6 +549,22 @@ class Learner:
                 if keep:
                     out[n] = full.to("cpu", copy=True)
         return out
+
+
+def _weighted(parts: Sequence[tuple[dict, float, float]]) -> dict:
+    """One mini-batch's metrics from its micro-batches' (metrics, loss_agg count, loss tokens): the policy loss
+    and the total loss weighted by the loss_agg's count (tokens for token_mean, sequences otherwise), the other
+    floats (token means: KL, entropy, clip fractions, ratios) by loss tokens, which gives the one-pass values
+    (the total loss mixes both kinds and is close, not exact, under the sequence aggregations)."""
+    if len(parts) == 1:
+        return dict(parts[0][0])
+    by_agg, by_tokens = (sum(p[i] for p in parts) or 1.0 for i in (1, 2))
+    out: dict = {}
+    for metrics, n_agg, n_tokens in parts:
+        for k, v in metrics.items():
+            w = n_agg / by_agg if k in ("actor/pg_loss", "actor/loss") else n_tokens / by_tokens
+            out[k] = out.get(k, 0.0) + v * w if isinstance(v, float) else v
+    return out
 
 
 def _average(collected: Sequence[dict]) -> dict[str, float]:

@@ -100,3 +100,21 @@ def compact(batch, lo: int, hi: int):
     if out.get("routing") is not None:
         out["routing"] = out["routing"][:, :, P - p:P + t]
     return type(part)(**out), slice(0, t)
+
+
+def micro_slices(batch, lo: int, hi: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    """Rows lo..hi cut into contiguous micro-batches whose padded size, rows x (longest prompt + longest
+    response) among them (what the forward computes after `compact`), stays within `max_tokens`; a row longer
+    than that is a micro-batch of its own. None: one micro-batch."""
+    if max_tokens is None or hi - lo <= 1:
+        return [(lo, hi)]
+    lengths = list(zip(batch.prompt_mask[lo:hi].sum(1).tolist(), batch.response_mask[lo:hi].sum(1).tolist()))
+    out, start, p, t = [], lo, 0, 0
+    for i, (pl, rl) in enumerate(lengths, start=lo):
+        np_, nt = max(p, int(pl)), max(t, max(1, int(rl)))
+        if i > start and (i + 1 - start) * (np_ + nt) > max_tokens:
+            out.append((start, i))
+            start, np_, nt = i, int(pl), max(1, int(rl))
+        p, t = np_, nt
+    out.append((start, hi))
+    return out

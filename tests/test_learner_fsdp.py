@@ -15,11 +15,19 @@ import torch
 
 from test_learner_dp import SHARES, T, _inputs, _learner, _run
 
-# (loss_agg, mini-batches, LoRA): LoRA adapts the attention projections and the fused 3-D expert parameters
+# LoRA adapts the attention projections and the fused 3-D expert parameters
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
-CASES = [("token_mean", 1, None), ("seq_mean_token_mean", 1, None), ("seq_mean_token_sum_norm", 1, None),
-         ("token_mean", 2, None), ("token_mean", 1, LORA)]
+# (loss_agg, mini-batches, LoRA, micro_batch_tokens on the ranks): with 24 tokens a micro-batch holds at most two of
+# these rows, so rank 0 (8 rows, a dropped group) runs more micro-batches than rank 1 (4 rows) and pads with idle
+# backwards; the reference is still one unsharded learner in one pass
+CASES = [("token_mean", 1, None, None), ("seq_mean_token_mean", 1, None, None),
+         ("seq_mean_token_sum_norm", 1, None, None), ("token_mean", 2, None, None), ("token_mean", 1, LORA, None),
+         ("token_mean", 2, None, 24), ("seq_mean_token_mean", 1, None, 24)]
+
+
+def _case(agg, mb, lora, micro) -> str:
+    return f"{agg}/{mb}{'/lora' if lora else ''}{f'/micro{micro}' if micro else ''}"
 KWARGS = dict(lr=1e-2, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, router_aux_coef=0.0, router_metrics=False,
               max_grad_norm=1e9, max_len=T + 2)
 
@@ -43,8 +51,8 @@ def _rank_main(rank: int, world: int, rendezvous: str, model_dir: str, save_dir:
     lo, hi = SHARES[rank]
     part = (select_rows(batch, lo, hi), adv[lo:hi], mask[lo:hi], ref[lo:hi])
     results = {}
-    for i, (agg, mb, lora) in enumerate(CASES):
-        w = LearnerWorker(model_dir, fsdp=True, loss_agg=agg, lora=lora, **KWARGS)
+    for i, (agg, mb, lora, micro) in enumerate(CASES):
+        w = LearnerWorker(model_dir, fsdp=True, loss_agg=agg, lora=lora, micro_batch_tokens=micro, **KWARGS)
         if i == 0:
             w.init_distributed(rendezvous, rank, world)
         else:  # the group is joined: shard as `init_distributed` does, rank set (rank 0 alone writes saves)
@@ -69,7 +77,7 @@ def _rank_main(rank: int, world: int, rendezvous: str, model_dir: str, save_dir:
             res["resumed"] = all(same) and all(moments) and again.learner.updates == w.learner.updates
         if i == 0 or lora:  # the HF checkpoint rank 0 writes from the gathered weights (LoRA merged in)
             w.save_model(f"{save_dir}/model{i}", model_dir)
-        results[f"{agg}/{mb}{'/lora' if lora else ''}"] = res
+        results[_case(agg, mb, lora, micro)] = res
     dist.destroy_process_group()
     return results
 
@@ -82,12 +90,12 @@ def test_two_fsdp_ranks_take_the_one_learner_step_on_half_the_memory(tiny_model_
     with gloo_ranks(_rank_main, str(tiny_model_dir), str(tmp_path / "state"), init=False) as ranks:
         batch, adv, mask, ref = _inputs(str(tiny_model_dir))
         single = {}
-        for agg, mb, lora in CASES:
+        for agg, mb, lora, micro in CASES:
             learner = (LearnerWorker(str(tiny_model_dir), loss_agg=agg, lora=lora, **KWARGS).learner if lora
                        else _learner(str(tiny_model_dir), agg))
             res = _run(learner, batch, adv, mask, ref, mb)
             weights = {n: p.detach().clone() for n, p in learner.named_params}
-            single[f"{agg}/{mb}{'/lora' if lora else ''}"] = res | {"weights": weights}
+            single[_case(agg, mb, lora, micro)] = res | {"weights": weights}
     for case, one in single.items():
         dp = [r[case] for r in ranks]
         assert len(one["loss"]) == len(dp[0]["loss"]) == len(dp[1]["loss"]), case
@@ -105,9 +113,9 @@ def test_two_fsdp_ranks_take_the_one_learner_step_on_half_the_memory(tiny_model_
         assert set(gathered) >= set(one["weights"]), case
         for name, want in one["weights"].items():
             torch.testing.assert_close(gathered[name], want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{case}, {name}: {m}")
-    for i, (agg, mb, lora) in enumerate(CASES):  # the saved HF checkpoints are the one learner's model
+    for i, (agg, mb, lora, micro) in enumerate(CASES):  # the saved HF checkpoints are the one learner's model
         if i == 0 or lora:
-            case = f"{agg}/{mb}{'/lora' if lora else ''}"
+            case = _case(agg, mb, lora, micro)
             want = LearnerWorker(str(tiny_model_dir), loss_agg=agg, lora=lora, **KWARGS)
             with torch.no_grad():
                 for (name, p), w in zip(want.learner.named_params, single[case]["weights"].items()):

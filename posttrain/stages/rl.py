@@ -114,6 +114,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str =
         routing_replay=cfg.routing_replay, ptx_coef=cfg.ptx_coef, correction=correction,
         correction_cap=correction_cap, correction_lower=correction_lower,
         router_bias_update_rate=cfg.router_bias_update_rate, fsdp=cfg.fsdp,
+        micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
     engine = cfg.rollout_engine.model_dump()  # `hf` spawns rl.RolloutWorker itself (the fault tests patch it)

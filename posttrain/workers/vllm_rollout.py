@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.decode import RolloutBatch, render_prompts
+from posttrain.decode import RolloutBatch, check_generate_args, render_prompts
 from posttrain.model import load_model, load_tokenizer
 from posttrain.workers.rollout import RolloutWorker
 
@@ -248,12 +248,7 @@ class VLLMRolloutWorker(RolloutWorker):
                  cap: bool = True, record_routing: bool = False, budget_in_prompt: bool = True,
                  generator: torch.Generator | None = None) -> RolloutBatch:
         """`Decoder.generate`'s contract (see it for every argument), sampled by vLLM."""
-        if len(prompts) != len(budgets):
-            raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
-        if group_size < 1 or max_new_tokens < 1:
-            raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size}, {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        check_generate_args(prompts, budgets, group_size, max_new_tokens, temperature, top_p)
         if record_routing:
             raise ValueError("the vllm rollout engine does not record routing: routing replay needs "
                              "rollout_engine.name: hf")
