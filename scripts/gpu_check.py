@@ -17,7 +17,10 @@ it runs
 - peak device memory (`torch.cuda.max_memory_allocated`) after each part.
 The `tiny` size also runs the real `sft` and `grpo` stages for 2 steps each on the device (`posttrain.pipeline`,
 TRL's SFT trainer, Ray-free local backend), so the recipe path is exercised in bf16 end to end.
-Not covered (issue #25 items not built yet): the vLLM engine, FSDP, NCCL weight broadcast.
+With `--vllm-python` (default $POSTTRAIN_VLLM_PYTHON: an interpreter with vLLM, `make vllm-venv`), each size
+also samples the same batch through the vllm rollout engine (`VLLMRolloutWorker`): tokens per second, budgets
+kept, and the share of greedy rows token-identical to the hf engine's (bf16 on a GPU: near ties may differ).
+Not covered: FSDP on several GPUs, NCCL weight broadcast (not built).
 
 Prints a table and writes `gpu_check.json` into `--out`.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -69,8 +73,34 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_vllm(path: Path, device_name: str, dtype, hf, prompts: list, budgets: list, group: int, new_tokens: int,
+               python: str) -> dict:
+    """The vllm engine on the model at `path`: a sampled batch's tokens/s and budgets kept, and the share of
+    greedy rows identical to the hf engine `hf`'s."""
+    from posttrain.workers.vllm_rollout import VLLMRolloutWorker
+
+    t0 = time.perf_counter()
+    eng = VLLMRolloutWorker(str(path), device=device_name, dtype=dtype, threads=1, engine={"python": python})
+    start = time.perf_counter() - t0
+    try:
+        eng.generate(prompts[:2], budgets[:2], group_size=1, max_new_tokens=8, seed=0)  # warm-up
+        t0 = time.perf_counter()
+        batch = eng.generate(prompts, budgets, group_size=group, max_new_tokens=new_tokens, seed=1)
+        secs = time.perf_counter() - t0
+        kept = [n <= b for n, b in zip(batch.n_think, batch.budgets) if b is not None]
+        a = hf.generate(prompts, budgets, 1, new_tokens, greedy=True)
+        b = eng.generate(prompts, budgets, 1, new_tokens, greedy=True)
+        same = sum(a.response_ids[i][a.response_mask[i].bool()].tolist()
+                   == b.response_ids[i][b.response_mask[i].bool()].tolist() for i in range(len(a)))
+    finally:
+        eng.close()
+    return {"start_s": start, "tokens_per_s": int(batch.response_mask.sum()) / secs,
+            "budget_kept_share": sum(kept) / max(1, len(kept)), "greedy_identical_share": same / len(a),
+            "vllm": eng.vllm_version}
+
+
 def check_size(size: str, device_name: str, tmp: Path, prompts_n: int, group: int, new_tokens: int,
-               steps: int) -> dict:
+               steps: int, vllm_python: str | None = None) -> dict:
     """Rollouts with budgets and learner steps on a random model of `size`; the figures as a dict."""
     import torch
 
@@ -97,6 +127,8 @@ def check_size(size: str, device_name: str, tmp: Path, prompts_n: int, group: in
     kept = [n <= b for n, b in zip(batch.n_think, batch.budgets) if b is not None]
     res["rollout"] = {"rows": len(batch), "new_tokens": new, "seconds": secs, "tokens_per_s": new / secs,
                       "budget_kept_share": sum(kept) / max(1, len(kept)), "peak_gib": _peak(device)}
+    if vllm_python:
+        res["vllm"] = check_vllm(path, device_name, dtype, roll, prompts, budgets, group, new_tokens, vllm_python)
     del roll
     learner = LearnerWorker(str(path), device=device_name, dtype=res["dtype"], lr=1e-5, seed=0)
     adv = torch.randn(len(batch))
@@ -152,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed learner steps")
     ap.add_argument("--no-stages", action="store_true", help="skip the sft/grpo stage run on the tiny model")
     ap.add_argument("--out", help="directory for gpu_check.json")
+    ap.add_argument("--vllm-python", default=os.environ.get("POSTTRAIN_VLLM_PYTHON"),
+                    help="an interpreter with vLLM: also check the vllm rollout engine (default $POSTTRAIN_VLLM_PYTHON)")
     args = ap.parse_args(argv)
     import torch
 
@@ -168,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="posttrain-gpu-check-") as tmp_name:
         tmp = Path(tmp_name)
         for size in sizes:
-            results.append(check_size(size, args.device, tmp, args.prompts, args.group, args.new_tokens, args.steps))
+            results.append(check_size(size, args.device, tmp, args.prompts, args.group, args.new_tokens, args.steps,
+                                      args.vllm_python))
             print(format_table(results[-1:]), flush=True)
+            if "vllm" in results[-1]:
+                print(f"  vllm engine: {json.dumps(results[-1]['vllm'])}", flush=True)
         if "tiny" in sizes and not args.no_stages:
             info["stages"] = check_stages(tmp / "tiny", args.device, tmp / "run")
     report = {"info": info, "results": results}
@@ -179,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    ok = all(r["learner"]["finite"] and r["rollout"]["budget_kept_share"] == 1.0 for r in results)
+    ok = all(r["learner"]["finite"] and r["rollout"]["budget_kept_share"] == 1.0
+             and r.get("vllm", {}).get("budget_kept_share", 1.0) == 1.0 for r in results)
     return 0 if ok and info.get("stages", {}).get("finished", True) else 1
 
 
