@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,8 +81,9 @@ class _Child:
             thread.join(0.2)
         listener.close()
         if not accepted:
+            why = self.tail()
             self.close()
-            raise VLLMEngineError(f"the vLLM server ({python}) did not connect: {self.tail()}")
+            raise VLLMEngineError(f"the vLLM server ({python}) did not connect: {why}")
         self.conn = accepted[0]
 
     def tail(self, n: int = 20) -> str:
@@ -116,6 +118,7 @@ class _Child:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the socket and the server's log
 
 
 class VLLMRolloutWorker(RolloutWorker):
