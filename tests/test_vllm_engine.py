@@ -233,8 +233,10 @@ def test_a_missing_vllm_interpreter_is_named(tiny_model_dir, tmp_path):
     from posttrain.workers.vllm_rollout import VLLMEngineError, VLLMRolloutWorker
 
     missing = str(tmp_path / "no-venv" / "bin" / "python")
+    before = _child_dirs()
     with pytest.raises(VLLMEngineError, match="rollout_engine.python: cannot run .*no-venv"):
         VLLMRolloutWorker(str(tiny_model_dir), engine={"python": missing})
+    assert _child_dirs() <= before  # no socket directory left behind
 
 
 def test_an_interpreter_without_vllm_fails_with_its_traceback(tiny_model_dir, tmp_path):
@@ -246,5 +248,13 @@ def test_an_interpreter_without_vllm_fails_with_its_traceback(tiny_model_dir, tm
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed in this interpreter")
+    before = _child_dirs()
     with pytest.raises(VLLMEngineError, match="No module named 'vllm'"):
         VLLMRolloutWorker(str(tiny_model_dir), engine={"python": sys.executable})
+    assert _child_dirs() <= before  # the server process ended and its directory removed
+
+
+def _child_dirs() -> set:
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("posttrain-vllm-*"))

@@ -72,6 +72,8 @@ class _Child:
                 self.proc = subprocess.Popen([python, str(SERVER), address], env=child_env, stdout=log,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             except OSError as e:
+                listener.close()
+                shutil.rmtree(self._dir, ignore_errors=True)
                 raise VLLMEngineError(f"rollout_engine.python: cannot run {python!r}: {e}") from e
         accepted: list = []
         thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
@@ -143,7 +145,11 @@ class VLLMRolloutWorker(RolloutWorker):
         self.child = _Child(vllm_python(self.engine.get("python")), env,
                             float(self.engine.get("start_timeout_s", 600)))
         self._merged_dir: tempfile.TemporaryDirectory | None = None
-        self.load(model_path)
+        try:
+            self.load(model_path)
+        except BaseException:
+            self.close()  # no vLLM process left behind by a worker that failed to start
+            raise
 
     # ------------------------------------------------------------------ models
 
