@@ -62,7 +62,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -71,74 +70,10 @@ from posttrain.algo.losses import clip_grad_norm, entropy_from_logits, finite_or
 from posttrain.algo.registry import get_correction, get_policy_loss
 from posttrain.distributed import (all_reduce_max, all_reduce_sum, full_tensor, is_sharded, local_shard,
                                   sharded_clip_grad_norm)
-from posttrain.rlbatch import compact, micro_slices
-
-
-def response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, router_logits: bool = False):
-    """(logits (B, T, V) float32 predicting each response token, router logits or None) from one forward pass.
-
-    Prompts are left-padded and responses right-padded, so positions count real tokens only (as the rollout's
-    decoding loop does); padding is masked out of attention. With `router_logits`, the second value is the
-    model's per-layer router logits, each (B * (P + T), E).
-    """
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    mask = torch.cat([prompt_mask, response_mask], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    P, T = prompt_ids.shape[1], response_ids.shape[1]
-    kwargs = {"output_router_logits": True} if router_logits else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
-    logits = out.logits[:, P - 1:P + T - 1].float()  # the logit at position t predicts token t + 1
-    return logits, (getattr(out, "router_logits", None) if router_logits else None)
-
-
-def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-    """(B, T, V) float32 logits predicting each response token (see `response_forward`)."""
-    return response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask)[0]
-
-
-def gather_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) tokens -> (B, T) log-probs of the tokens."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-@dataclass
-class DemoBatch:
-    """Demonstrations for the ptx term (`Learner.step(demos=...)`): N examples."""
-
-    prompt_ids: torch.Tensor  # (N, P) long, left-padded
-    prompt_mask: torch.Tensor  # (N, P) long
-    response_ids: torch.Tensor  # (N, T) long, right-padded
-    response_mask: torch.Tensor  # (N, T) long, 1 on the tokens to imitate
-
-    def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    def rows(self, lo: int, hi: int) -> "DemoBatch":
-        """Demonstrations lo..hi (a rank's or a mini-batch's share)."""
-        return DemoBatch(self.prompt_ids[lo:hi], self.prompt_mask[lo:hi], self.response_ids[lo:hi],
-                         self.response_mask[lo:hi])
-
-
-def demo_nll_sum(model, demos: DemoBatch) -> torch.Tensor:
-    """Summed negative log-likelihood of the demonstrations' response tokens (with grad)."""
-    logits = response_logits(model, demos.prompt_ids, demos.prompt_mask, demos.response_ids, demos.response_mask)
-    return -(gather_logp(logits, demos.response_ids) * demos.response_mask).sum()
-
-
-def group_bounds(n_rows: int, group_size: int, parts: int) -> list[tuple[int, int]]:
-    """Split rows 0..n_rows into `parts` contiguous ranges of whole groups (some may be empty)."""
-    n_groups = n_rows // group_size
-    cuts = [round(i * n_groups / parts) * group_size for i in range(parts + 1)]
-    return list(zip(cuts, cuts[1:]))
-
-
-def _idle_objective(model) -> torch.Tensor:
-    """0 x the logits of a one-token forward: what a sharded rank with nothing to learn from runs so that FSDP's
-    all-gathers (forward) and reduce-scatters (backward) meet the other ranks' (its gradient is exactly 0)."""
-    p = next(model.parameters())
-    one = torch.ones((1, 1), dtype=torch.long, device=p.device)
-    logits, _ = response_forward(model, one, one, one, one)
-    return logits.sum() * 0.0
+from posttrain.policy_forward import (DemoBatch, _idle_objective, demo_nll_sum, gather_logp,  # noqa: F401 - also
+                                     response_forward, response_logits)  # imported from here by the workers, tests
+from posttrain.rlbatch import compact, group_bounds, micro_slices  # noqa: F401 - group_bounds: also imported here
+from posttrain.step_metrics import _average, _weighted  # noqa: F401 - _average: also imported from here
 
 
 class Learner:
@@ -549,33 +484,3 @@ class Learner:
                 if keep:
                     out[n] = full.to("cpu", copy=True)
         return out
-
-
-def _weighted(parts: Sequence[tuple[dict, float, float]]) -> dict:
-    """One mini-batch's metrics from its micro-batches' (metrics, loss_agg count, loss tokens): the policy loss
-    and the total loss weighted by the loss_agg's count (tokens for token_mean, sequences otherwise), the other
-    floats (token means: KL, entropy, clip fractions, ratios) by loss tokens, which gives the one-pass values
-    (the total loss mixes both kinds and is close, not exact, under the sequence aggregations)."""
-    if len(parts) == 1:
-        return dict(parts[0][0])
-    by_agg, by_tokens = (sum(p[i] for p in parts) or 1.0 for i in (1, 2))
-    out: dict = {}
-    for metrics, n_agg, n_tokens in parts:
-        for k, v in metrics.items():
-            w = n_agg / by_agg if k in ("actor/pg_loss", "actor/loss") else n_tokens / by_tokens
-            out[k] = out.get(k, 0.0) + v * w if isinstance(v, float) else v
-    return out
-
-
-def _average(collected: Sequence[dict]) -> dict[str, float]:
-    """Mean of each float metric over the mini-batches that reported it; the last skip reason is kept."""
-    out: dict = {}
-    keys = {k for m in collected for k in m}
-    for k in keys:
-        vals = [m[k] for m in collected if k in m and isinstance(m[k], (int, float))]
-        if vals:
-            out[k] = sum(vals) / len(vals)
-        else:
-            out[k] = [m[k] for m in collected if k in m][-1]
-    out["actor/clipfrac"] = out.get("actor/clipfrac_low", 0.0) + out.get("actor/clipfrac_high", 0.0)
-    return out

@@ -118,3 +118,10 @@ def micro_slices(batch, lo: int, hi: int, max_tokens: int | None) -> list[tuple[
         p, t = np_, nt
     out.append((start, hi))
     return out
+
+
+def group_bounds(n_rows: int, group_size: int, parts: int) -> list[tuple[int, int]]:
+    """Split rows 0..n_rows into `parts` contiguous ranges of whole groups (some may be empty)."""
+    n_groups = n_rows // group_size
+    cuts = [round(i * n_groups / parts) * group_size for i in range(parts + 1)]
+    return list(zip(cuts, cuts[1:]))

@@ -157,23 +157,23 @@ class VLLMRolloutWorker(RolloutWorker):
         """Serve `checkpoint`, with a PEFT adapter merged into it first when `adapter` is given (saved to a
         temporary directory, which vLLM then loads)."""
         served, tokenizer_dir = Path(checkpoint), Path(checkpoint)
+        if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+            tokenizer_dir = Path(adapter)
+        tokenizer = load_tokenizer(tokenizer_dir, self.load_options.get("trust_remote_code", False))
+        # this worker's CPU copy of the HF model (the adapter merged in): the names and shapes `update_weights`
+        # checks, and the whole state dict it reloads into vLLM
+        model = load_model(checkpoint, dtype=torch.float32, **self.load_options)
         if adapter is not None:
             from peft import PeftModel
 
-            model = load_model(checkpoint, dtype=torch.float32, **self.load_options)
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-            if (Path(adapter) / "tokenizer_config.json").is_file():
-                tokenizer_dir = Path(adapter)
             if self._merged_dir is not None:
                 self._merged_dir.cleanup()
             self._merged_dir = tempfile.TemporaryDirectory(prefix="posttrain-vllm-merged-")
             served = Path(self._merged_dir.name)
             model.save_pretrained(served)
-            load_tokenizer(tokenizer_dir).save_pretrained(served)
-        tokenizer = load_tokenizer(tokenizer_dir, self.load_options.get("trust_remote_code", False))
-        # this worker's CPU copy of the HF model: the names and shapes `update_weights` checks, and the whole
-        # state dict it reloads into vLLM
-        self.bind(load_model(served, dtype=torch.float32, **self.load_options).eval(), tokenizer)
+            tokenizer.save_pretrained(served)
+        self.bind(model.eval(), tokenizer)
         kwargs = {"model": str(served), "dtype": _DTYPES.get(self.dtype, "auto"), "skip_tokenizer_init": True,
                   "enforce_eager": bool(self.engine.get("enforce_eager", True)), "seed": 0,
                   "trust_remote_code": bool(self.load_options.get("trust_remote_code", False)),
