@@ -40,8 +40,8 @@ from posttrain.stages.rl_async import RolloutPipeline, overlap_threads_warning
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
 from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
-from posttrain.workers.actors import ActorOptions, Proxy, Shared, WorkerFailed, gather, spawn, tensor_bytes
-from posttrain.workers.ray_cluster import custom_resources, init_ray
+from posttrain.workers.actors import Proxy, Shared, WorkerFailed, gather, spawn, tensor_bytes
+from posttrain.workers.ray_cluster import init_ray, log_placement as _log_placement, recipe_actor_options as _options
 from posttrain.workers.learner import CriticWorker, LearnerWorker, ReferenceWorker
 from posttrain.workers.reward import RLRewardWorker, with_run_output
 from posttrain.workers.rollout import RolloutWorker
@@ -62,28 +62,6 @@ class Workers:
 
     def all(self) -> list[Proxy]:
         return [*self.rollouts, *self.learners, self.reward, *(p for p in (self.reference, self.critic) if p)]
-
-
-def _options(group, stateful: bool = False) -> ActorOptions:
-    """ActorOptions of a recipe `ray.*` group. A stateful actor (learner, critic) is never restarted by Ray alone:
-    it would come back with the input model's weights and a fresh optimizer. Its `max_restarts` are the driver's
-    recoveries instead (`RLDriver.fit`: every actor restarted, the loop resumed from the last saved state)."""
-    return ActorOptions(cpus=group.cpus, gpus=group.gpus, threads=group.threads, resources=dict(group.resources),
-                        max_restarts=0 if stateful else group.max_restarts, timeout_s=group.timeout_s)
-
-
-def _log_placement(algo: str, proxies: list[Proxy]) -> None:
-    """On a cluster of several nodes, log which actors run on which node (its id, address and custom resources),
-    once every actor has started."""
-    import ray
-
-    where = {p.name: p.node_id() for p in proxies}
-    nodes = {n["NodeID"]: n for n in ray.nodes()}
-    for node_id in dict.fromkeys(where.values()):
-        n = nodes.get(node_id, {})
-        labels = "".join(f", {r}" for r in custom_resources(n.get("Resources", {})))
-        log.info("%s: node %s (%s%s): %s", algo, node_id, n.get("NodeManagerAddress", "?"), labels,
-                 ", ".join(k for k, v in where.items() if v == node_id))
 
 
 def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str = "rm") -> Workers:

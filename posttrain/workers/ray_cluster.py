@@ -205,3 +205,27 @@ def _stop_guard() -> None:
         proc.wait(timeout=15)
     except (OSError, subprocess.TimeoutExpired):  # a broken pipe (the guard is gone), or it ends on its own later
         pass
+
+
+def recipe_actor_options(group, stateful: bool = False) -> ActorOptions:
+    """ActorOptions of a recipe `ray.*` group. A stateful actor (learner, critic) is never restarted by Ray alone:
+    it would come back with the input model's weights and a fresh optimizer. Its `max_restarts` are the driver's
+    recoveries instead (`posttrain.stages.rl.RLDriver.fit`: every actor restarted, the loop resumed from the last saved state)."""
+    return ActorOptions(cpus=group.cpus, gpus=group.gpus, threads=group.threads, resources=dict(group.resources),
+                        max_restarts=0 if stateful else group.max_restarts, timeout_s=group.timeout_s)
+
+
+def log_placement(algo: str, proxies: list) -> None:
+    """On a cluster of several nodes, log which actors run on which node (its id, address and custom resources),
+    once every actor has started."""
+    import ray
+
+    from posttrain.runlog import log
+
+    where = {p.name: p.node_id() for p in proxies}
+    nodes = {n["NodeID"]: n for n in ray.nodes()}
+    for node_id in dict.fromkeys(where.values()):
+        n = nodes.get(node_id, {})
+        labels = "".join(f", {r}" for r in custom_resources(n.get("Resources", {})))
+        log.info("%s: node %s (%s%s): %s", algo, node_id, n.get("NodeManagerAddress", "?"), labels,
+                 ", ".join(k for k, v in where.items() if v == node_id))
