@@ -267,7 +267,7 @@ class VLLMRolloutWorker(RolloutWorker):
         shown = budgets if budget_in_prompt else [None] * len(budgets)
         prompt_ids, prompt_mask = self._encode(render_prompts(self.tokenizer, prompts, shown))
         preclosed = [b == 0 for b in shown]
-        rows = []  # (prompt ids, cap or None, preclosed)
+        rows = []  # per row: (its prompt ids, its thinking cap or None)
         for i, (b, pre) in enumerate(zip(budgets, preclosed)):
             ids = prompt_ids[i][prompt_mask[i].bool()].tolist()
             row_cap = int(b) if (not pre and cap and b is not None) else None
