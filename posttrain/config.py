@@ -435,6 +435,18 @@ class RecipeConfig(Section):
                                  "ray.backend: local runs them inside this one; use ray.backend: ray")
         return self
 
+    @model_validator(mode="after")
+    def _broadcast_needs_actors(self) -> "RecipeConfig":
+        """A broadcast meets learner 0 and the rollout workers in a process group: with `ray.backend: local` they
+        are all this one process, which cannot be several ranks at once."""
+        for algo in ("grpo", "ppo"):
+            if algo in self.stages and getattr(self, algo).weight_sync.method == "broadcast" \
+                    and self.ray.backend == "local":
+                raise ValueError(f"{algo}.weight_sync.method: broadcast sends the weights between the learner's and "
+                                 "the rollout workers' processes, and ray.backend: local runs them all in this one; "
+                                 "use ray.backend: ray, or weight_sync.method: object_store")
+        return self
+
     def _check_rm_rewards(self, algo: str) -> None:
         """A reward that reads this run's `rm` stage output (`genrm`, `scalar_rm` without `params.path`) needs that
         stage before `algo`, and `scalar_rm` needs `rm.scalar.enabled`."""

@@ -123,6 +123,23 @@ class AsyncConfig(Section):
         return self
 
 
+class WeightSyncConfig(Section):
+    """`grpo.weight_sync` / `ppo.weight_sync`: how the learner's weights reach the rollout workers after each step
+    (`posttrain.workers.weight_sync`). Either way the driver never holds them."""
+
+    method: Literal["object_store", "broadcast"] = Field(
+        "object_store", description="`object_store`: learner 0 puts them in Ray's object store and each rollout worker "
+        "fetches them from there. `broadcast`: learner 0 broadcasts them over a process group of its own with the "
+        "rollout workers (gloo on CPU, NCCL on CUDA), for large models; needs ray.backend: ray. A failed broadcast "
+        "(a worker died) falls back to the object store for that sync and builds the group anew.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="broadcast: `auto` is nccl when the learners and rollout workers are on CUDA, else gloo.")
+    bucket_mib: int = Field(256, ge=1, description="broadcast: tensors of one dtype go in buffers of at most this "
+                            "many MiB (one collective each); a larger tensor goes alone.")
+    timeout_s: float = Field(600.0, gt=0, description="broadcast: how long joining the group and each collective "
+                             "may take.")
+
+
 class _RLStageFields(Section):
     """GRPO / PPO on the embedded arithmetic task, with per-prompt thinking budgets (controllable thinking) and
     budget-free prompts (autonomous thinking). Roles are Ray actors (see the `ray` section)."""
@@ -195,6 +212,8 @@ class _RLStageFields(Section):
                                  "train (empty: all); only these reach the rollout workers after each update.")
     rollout_engine: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig,
                                                 description="What samples the rollouts (hf or vllm).")
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig,
+                                          description="How the learner's weights reach the rollout workers.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Train a LoRA adapter on the policy; only the "
                              "adapter reaches the rollout workers after each update.")
     fsdp: bool = Field(

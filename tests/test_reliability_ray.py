@@ -26,11 +26,19 @@ TINY = ["stages=[grpo]", "threads=1", "task.max_difficulty=2", "grpo.steps=4", "
 
 
 def _bump(counter_file: str) -> int:
-    """Count a call in a file (the count survives the actor's restarts); returns the count including this one."""
-    n = int(open(counter_file).read() or 0) if os.path.exists(counter_file) else 0
-    with open(counter_file, "w") as f:
-        f.write(str(n + 1))
-    return n + 1
+    """Count a call in a file (the count survives the actor's restarts); returns the count including this one.
+    Under a file lock: two rollout workers count their calls at once."""
+    import fcntl
+
+    with open(counter_file, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        n = int(f.read() or 0) + 1
+        f.seek(0)
+        f.truncate()
+        f.write(str(n))
+        f.flush()
+    return n
 
 
 class FaultyRollout(RolloutWorker):
@@ -38,11 +46,17 @@ class FaultyRollout(RolloutWorker):
     The class attributes are set by the test; they travel with the class, which Ray gets pickled by value."""
 
     counter, die_on = "", 0
+    receive_counter, die_in_receive = "", 0  # the same for `receive_weights` (weight_sync.method: broadcast)
 
     def generate(self, *args, **kwargs):
         if _bump(self.counter) == self.die_on:
             os._exit(1)
         return RolloutWorker.generate(self, *args, **kwargs)
+
+    def receive_weights(self, *args, **kwargs):
+        if _bump(self.receive_counter) == self.die_in_receive:
+            os._exit(1)
+        return RolloutWorker.receive_weights(self, *args, **kwargs)
 
     def weights_of(self, names: list[str]) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
@@ -86,6 +100,7 @@ def faulty_workers(monkeypatch, tmp_path, ray_session):
     monkeypatch.setattr(rl, "RolloutWorker", FaultyRollout)
     monkeypatch.setattr(rl, "RLRewardWorker", HangingReward)
     monkeypatch.setattr(FaultyRollout, "counter", str(tmp_path / "generate_calls"))
+    monkeypatch.setattr(FaultyRollout, "receive_counter", str(tmp_path / "receive_calls"))
     monkeypatch.setattr(HangingReward, "counter", str(tmp_path / "score_calls"))
     seen = {"workers": None, "checked": 0, "stale": []}
     real_start, real_rollout = rl.start_workers, rl.RLDriver.rollout
@@ -96,15 +111,21 @@ def faulty_workers(monkeypatch, tmp_path, ray_session):
         return seen["workers"]
 
     def rollout(driver, *args, **kwargs):
-        """After every rollout: the rollout worker holds exactly the weights the driver last synced."""
+        """After every rollout: each rollout worker holds exactly the weights the driver last synced (by broadcast:
+        the learner's, which are those in a synchronous run)."""
         out = real_rollout(driver, *args, **kwargs)
         if driver.weights is not None:  # a `Shared` reference: the weights went learner -> rollout directly
             synced = ray.get(driver.weights.ref) if isinstance(driver.weights, Shared) else driver.weights
-            names = list(synced)
-            held = driver.w.rollouts[0].call(FaultyRollout.weights_of, names)
+        elif driver.broadcast is not None and driver.weights_version > 0:
+            synced = driver.w.learners[0].call(LearnerWorker.weights)
+        else:
+            return out
+        names = list(synced)
+        for r in driver.w.rollouts:
+            held = r.call(FaultyRollout.weights_of, names)
             seen["checked"] += 1
             if not all(torch.equal(held[n], synced[n]) for n in names):
-                seen["stale"].append(driver.w.rollouts[0].restarts)
+                seen["stale"].append((r.name, r.restarts))
         return out
 
     monkeypatch.setattr(rl, "start_workers", start_workers)
@@ -209,3 +230,34 @@ def test_learner_death_is_recovered_from_the_last_save_to_the_same_weights(fault
     with pytest.raises(Exception, match=r"actor 'learner0' failed: step\(\): the actor process died"):
         run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'stop'}", f"model.path={tiny_model_dir}", *TINY]))
     assert latest(tmp_path / "stop" / "grpo" / "state")[1]["step"] == 2
+
+
+def test_broadcast_weight_sync_survives_rollout_deaths_with_the_object_store_runs_weights(
+        faulty_workers, tiny_model_dir, tmp_path, monkeypatch):
+    """`grpo.weight_sync.method: broadcast` (gloo) with two rollout workers: one dies inside the second sync's
+    broadcast (that sync goes through the object store and the group is built anew), and rollout0 is killed while
+    idle before step 3 (restored through the object store; the group built anew again). Every rollout runs on the
+    learner's latest weights, every step is there, and the trained weights equal those of the same run synced
+    through the object store without faults (the rollouts are seeded, so a retried call samples the same)."""
+    from posttrain.model import load_model
+    from posttrain.pipeline import run_recipe
+
+    two = [*TINY, "ray.rollout.num=2", "ray.rollout.max_restarts=2", "grpo.eval_n_per_difficulty=0"]
+    clean = run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'clean'}", f"model.path={tiny_model_dir}", *two]))
+    monkeypatch.setattr(FaultyRollout, "die_in_receive", 3)  # receive calls 1-2: the first sync (two workers)
+    _kill_between_calls(monkeypatch, before_step=3)
+    run = tmp_path / "run"
+    info = run_recipe(load_recipe(None, [f"run_dir={run}", f"model.path={tiny_model_dir}", *two,
+                                         "grpo.weight_sync.method=broadcast", "grpo.weight_sync.timeout_s=60"]))
+    lines = [json.loads(s) for s in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2, 3]
+    assert [m["sync/fallbacks"] for m in lines] == [0, 1, 1, 1]
+    assert all(m["sync/bytes"] > 0 for m in lines)
+    assert faulty_workers["checked"] >= 6 and faulty_workers["stale"] == []
+    log = (run / "run.log").read_text()
+    assert "weight sync by gloo broadcast, group 3" in log and "group 4" not in log
+    assert "the weight broadcast of version 2 failed" in log
+    a = load_model(clean["grpo"]["checkpoint"]).state_dict()
+    b = load_model(info["grpo"]["checkpoint"]).state_dict()
+    assert any(not torch.equal(a[k], v) for k, v in load_model(tiny_model_dir).state_dict().items())
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -38,6 +38,7 @@ from posttrain.stages.rl_eval import (_brief, _compare, _paired, _verdict, _with
                                        format_comparison)
 from posttrain.stages.rl_async import RolloutPipeline, overlap_threads_warning
 from posttrain.stages.rl_step import compute_advantages, rollout_metrics
+from posttrain.stages.rl_sync import BroadcastSync, sync_backend
 from posttrain.stages.rl_task import demo_batch, first_error_marks
 from posttrain.runlog import log, write_json_atomic
 from posttrain.workers.actors import Proxy, Shared, WorkerFailed, gather, spawn, tensor_bytes
@@ -59,6 +60,7 @@ class Workers:
     reward: Proxy[RLRewardWorker]
     reference: Proxy[ReferenceWorker] | None
     critic: Proxy[CriticWorker] | None
+    sync_backend: str | None = None  # weight_sync.method broadcast: gloo or nccl
 
     def all(self) -> list[Proxy]:
         return [*self.rollouts, *self.learners, self.reward, *(p for p in (self.reference, self.critic) if p)]
@@ -95,6 +97,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str =
         micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
+    sync = sync_backend(cfg.weight_sync.backend, dev, roll_dev, f"{algo}.weight_sync.backend") \
+        if cfg.weight_sync.method == "broadcast" else None  # refused before any actor starts
     engine = cfg.rollout_engine.model_dump()  # `hf` spawns rl.RolloutWorker itself (the fault tests patch it)
     roll_cls = RolloutWorker if engine["name"] == "hf" else engine_class(engine["name"])
     rollouts = [spawn(roll_cls, path, device=roll_dev, dtype=dtype, threads=_options(ray_cfg.rollout).torch_threads,
@@ -114,7 +118,7 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str =
     critic = spawn(CriticWorker, path, **common, lr=cfg.critic_learning_rate, value_clip=cfg.value_clip,
                    max_grad_norm=cfg.max_grad_norm, seed=rc.seed, name="critic",
                    options=_options(ray_cfg.critic, stateful=True), backend=backend) if with_critic else None
-    workers = Workers(rollouts, learners, reward, reference, critic)
+    workers = Workers(rollouts, learners, reward, reference, critic, sync)
     try:  # a failure from here on ends every actor spawned, rather than leaving them holding their CPUs/GPUs
         if cfg.lora.enabled:
             gather([r.submit(RolloutWorker.enable_lora, cfg.lora.model_dump(), f"{algo}.lora") for r in rollouts])
@@ -150,6 +154,8 @@ class RLDriver:
         self.weights: dict | None = None  # the latest weights pushed to the rollout workers
         self.version = 0  # the learner's policy version: the steps it has trained (what `sync_weights` pushes)
         self.weights_version = 0  # the version of `self.weights`
+        self.learner_version = 0  # the version of the learners' weights (ahead of the rollouts' between learn and sync)
+        self.broadcast: BroadcastSync | None = None  # weight_sync.method: broadcast
         self.pipeline: RolloutPipeline | None = None  # async.max_staleness >= 1: the batches in flight
         self.stop_requested = False
         self.consecutive_skips = 0
@@ -207,19 +213,32 @@ class RLDriver:
         return out
 
     def sync_weights(self) -> None:
-        """The learner's weights (policy version `self.version`) to every rollout worker, learner -> object store
-        -> rollout workers: the driver holds only the reference (`Proxy.share`; issue #25). Sets
+        """The learner's weights (policy version `self.version`) to every rollout worker without the driver (issue
+        #25): by broadcast (`weight_sync.method: broadcast`, `stages/rl_sync.py`), or learner -> object store ->
+        rollout workers, the driver holding only the reference (`Proxy.share`; also when a broadcast failed). Sets
         `self.sync_bytes`, the bytes each rollout worker receives."""
+        if self.broadcast is not None:
+            sent = self.broadcast.push(self.w, self.version)
+            if sent is not None:
+                self.weights, self.weights_version, self.sync_bytes = None, self.version, sent
+                return
         self.weights, self.weights_version = self.w.learners[0].share(LearnerWorker.weights), self.version
         self.sync_bytes = self.weights.nbytes if isinstance(self.weights, Shared) else tensor_bytes(self.weights)
         gather([w.submit(RolloutWorker.update_weights, self.weights, self.version) for w in self.w.rollouts])
 
     def _restore_rollout(self, proxy) -> None:
         """on_restart hook: a restarted rollout worker reloads the input model; give it the LoRA wrapper (the
-        weights sent are adapter tensors) and the current weights."""
+        weights sent are adapter tensors) and the current weights: those last pushed, or with a broadcast group
+        (which the restarted process is no longer in; rebuilt before the next sync) the learner's, through the
+        object store."""
         if self.cfg.lora.enabled:
             proxy.call(RolloutWorker.enable_lora, self.cfg.lora.model_dump(), f"{self.algo}.lora")
-        if self.weights is not None:
+        if self.broadcast is not None:
+            self.broadcast.invalidate()
+            if self.learner_version > 0:
+                proxy.call(RolloutWorker.update_weights, self.w.learners[0].share(LearnerWorker.weights),
+                           self.learner_version)
+        elif self.weights is not None:
             proxy.call(RolloutWorker.update_weights, self.weights, self.weights_version)
 
     # --------------------------------------------------------------------------------------------- a step
@@ -263,6 +282,7 @@ class RLDriver:
                             lambda p, b, count: task.budget_demonstration(p, b, count, rng), task.demonstration)
                  if cfg.ptx_coef > 0 else None)
         metrics |= self.learn(batch, adv, mask, None if cfg.kl_in_reward else ref_logp, demos)
+        self.learner_version = step + 1
         t["learner"] = time.perf_counter()
         if self.w.critic is not None:
             metrics |= self.w.critic.call(CriticWorker.step, batch, returns, values, critic_mask,
@@ -281,6 +301,9 @@ class RLDriver:
             metrics[f"time/{b}_s"] = t[b] - t[a]
         metrics["time/step_s"] = t["sync"] - t["start"]
         metrics["sync/bytes"] = float(self.sync_bytes)
+        if self.broadcast is not None:
+            metrics["sync/broadcast_s"] = self.broadcast.seconds
+            metrics["sync/fallbacks"] = float(self.broadcast.fallbacks)
         self._check_skips(metrics, step)
         return metrics
 
@@ -340,7 +363,7 @@ class RLDriver:
         if found is None:
             self.ctx.metrics.resume_at(0)  # what a run killed before its first save logged
             self.weights, self.consecutive_skips = None, 0  # nothing of a failed attempt carries over
-            self.version = self.weights_version = 0
+            self.version = self.weights_version = self.learner_version = 0
             return 0
         d, driver = found
         self._check_saved_steps(d, driver)
@@ -348,7 +371,7 @@ class RLDriver:
         if self.w.critic is not None:
             self.w.critic.call(CriticWorker.load_state, str(d))
         self.consecutive_skips = int(driver.get("consecutive_skips", 0))
-        self.version = int(driver["step"])
+        self.version = self.learner_version = int(driver["step"])
         self.sync_weights()
         self.ctx.metrics.resume_at(int(driver["step"]))
         log.info("%s: resuming from %s (step %d of %d)", self.label, d, driver["step"], self.cfg.steps)
@@ -437,6 +460,8 @@ class RLDriver:
                                ctx.latest("rm") or "rm")
         for r in self.w.rollouts:
             r.on_restart = self._restore_rollout
+        self.broadcast = BroadcastSync(self.cfg.weight_sync, self.w.sync_backend, self.label) \
+            if self.w.sync_backend else None
         k = max_staleness(self.cfg)
         self.pipeline = RolloutPipeline(self, k) if k > 0 else None
         if (crowded := overlap_threads_warning(self.rc, self.cfg, self.algo, ctx.device.type)) is not None:

@@ -21,6 +21,7 @@ import torch
 
 from posttrain.learner import Learner, response_forward
 from posttrain.model import load_model
+from posttrain.workers.weight_sync import BroadcastSender
 
 
 def _rng_state() -> dict:
@@ -149,7 +150,7 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
-class LearnerWorker:
+class LearnerWorker(BroadcastSender):
     """The trained policy and its optimizer. `learner_kwargs` go to `Learner` (lr, clip ranges, loss_agg, kl_coef,
     tis_cap, ...: the recipe's `grpo`/`ppo` keys of the same meaning).
 

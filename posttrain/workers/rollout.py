@@ -19,11 +19,12 @@ import torch
 
 from posttrain.decode import Decoder, RolloutBatch
 from posttrain.model import load_model, load_tokenizer
+from posttrain.workers.weight_sync import BroadcastReceiver
 
 __all__ = ["RolloutBatch", "RolloutWorker"]  # RolloutBatch: re-exported, where the RL code has always found it
 
 
-class RolloutWorker(Decoder):
+class RolloutWorker(Decoder, BroadcastReceiver):
     """Holds a copy of the policy, samples groups of responses, and takes new weights from the learner."""
 
     def __init__(self, model_path, device="cpu", dtype=torch.float32, threads: int = 1,
