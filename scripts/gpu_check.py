@@ -20,7 +20,9 @@ TRL's SFT trainer, Ray-free local backend), so the recipe path is exercised in b
 With `--vllm-python` (default $POSTTRAIN_VLLM_PYTHON: an interpreter with vLLM, `make vllm-venv`), each size
 also samples the same batch through the vllm rollout engine (`VLLMRolloutWorker`): tokens per second, budgets
 kept, and the share of greedy rows token-identical to the hf engine's (bf16 on a GPU: near ties may differ).
-Not covered: FSDP on several GPUs, NCCL weight broadcast (not built).
+Then (unless `--no-sync`) the learner's weights of the largest size go to one rollout worker through the object
+store and by broadcast (NCCL on CUDA: `scripts/sync_compare.py`, Ray actors sharing the device), timed.
+Not covered: FSDP on several GPUs.
 
 Prints a table and writes `gpu_check.json` into `--out`.
 """
@@ -162,6 +164,21 @@ def check_stages(model_dir: Path, device_name: str, run_dir: Path) -> dict:
             "finished": all((run_dir / s / "done.json").is_file() for s in ("sft", "grpo"))}
 
 
+def check_sync(size: str, device_name: str, out: Path) -> dict:
+    """`scripts/sync_compare.py` in a process of its own (it starts a local Ray instance): one rollout worker, the
+    object store against the broadcast (NCCL on CUDA); its result, with `ok` (it ran and both ways sent the same
+    bytes)."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).with_name("sync_compare.py")), "--sizes", size, "--rollouts", "1",
+           "--device", device_name.split(":")[0], "--reps", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"ok": False, "error": (proc.stderr or proc.stdout)[-2000:]}
+    (r,) = json.loads((out / "sync_compare.json").read_text())
+    return {"ok": r["object_store"]["bytes"] == r["broadcast"]["bytes"] > 0, **r}
+
+
 def format_table(results: list[dict]) -> str:
     lines = [f"{'size':8}{'params':>10}{'device':>8}{'rollout tok/s':>15}{'budget kept':>13}"
              f"{'learner tok/s':>15}{'peak GiB':>10}"]
@@ -183,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128, help="max new tokens per sample")
     ap.add_argument("--steps", type=int, default=3, help="timed learner steps")
     ap.add_argument("--no-stages", action="store_true", help="skip the sft/grpo stage run on the tiny model")
+    ap.add_argument("--no-sync", action="store_true", help="skip the weight sync check (scripts/sync_compare.py)")
     ap.add_argument("--out", help="directory for gpu_check.json")
     ap.add_argument("--vllm-python", default=os.environ.get("POSTTRAIN_VLLM_PYTHON"),
                     help="an interpreter with vLLM: also check the vllm rollout engine (default $POSTTRAIN_VLLM_PYTHON)")
@@ -209,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  vllm engine: {json.dumps(results[-1]['vllm'])}", flush=True)
         if "tiny" in sizes and not args.no_stages:
             info["stages"] = check_stages(tmp / "tiny", args.device, tmp / "run")
+        if not args.no_sync:
+            info["sync"] = check_sync(sizes[-1], args.device, tmp / "sync")
     report = {"info": info, "results": results}
     print(format_table(results))
     if "stages" in info:
@@ -216,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    ok = all(r["learner"]["finite"] and r["rollout"]["budget_kept_share"] == 1.0
+    if "sync" in info:
+        print(f"weight sync ({sizes[-1]}, 1 rollout worker, {args.device}): {json.dumps(info['sync'])}")
+    ok = info.get("sync", {}).get("ok", True) and all(r["learner"]["finite"] and r["rollout"]["budget_kept_share"] == 1.0
              and r.get("vllm", {}).get("budget_kept_share", 1.0) == 1.0 for r in results)
     return 0 if ok and info.get("stages", {}).get("finished", True) else 1
 
