@@ -29,6 +29,8 @@ What is measured, in order (every figure on the same model and the recipe's `grp
   next step's rollout generates while this one is scored, referenced and trained; `async_speedup` is the
   synchronous median step over this one's (the first timed steps follow `warmup` steps, so the pipeline is full);
 - `scaling`: rollout seconds per step with 1 and 2 rollout actors (1 thread each) on the same batch;
+- `grid`: our step and TRL's at prompts per step 8 -> 64 and max new tokens 64 -> 512, on a random-init model of
+  the same shape (`posttrain.bench_grid`), with `bench_grid.png` (seconds per step against each, log-log);
 - `fsdp`: the bytes of parameters, gradients and AdamW state one learner rank holds with FSDP2 over
   `fsdp_ranks` gloo processes against one unsharded learner, and each process's peak RSS, after one update each
   (`posttrain.bench_fsdp`);
@@ -67,6 +69,8 @@ class BenchSettings:
     backend: str = "ray"  # `local`: every worker in this process (tests)
     trl: bool = True
     scaling: bool = True
+    grid: bool = True  # the scaling table (posttrain.bench_grid): prompts 8 -> 64, max new tokens 64 -> 512
+    grid_steps: int = 2  # timed steps per side at each of its points
     cuda: bool = True  # also on CUDA when there is one
     async_staleness: int = 1  # also time our step at grpo.async.max_staleness K (issue #29); 0: skip
     fsdp_ranks: int = 2  # the memory a learner rank holds with FSDP2 over this many gloo ranks (issue #25); 0: skip
@@ -173,7 +177,7 @@ def bench_recipe(model_path: Path, s: BenchSettings, device: str = "cpu"):
 
 # -------------------------------------------------------------------------------------------------- our step
 _PHASE = {"generate": "rollout", "score": "reward", "logp": "reference", "values": "critic_values",
-          "weights": "sync", "update_weights": "sync"}
+          "weights": "sync", "update_weights": "sync", "broadcast_weights": "sync", "receive_weights": "sync"}
 
 
 def _record_calls(proxy, calls: list) -> None:
@@ -374,8 +378,9 @@ def bench_scaling(rc, *, reps: int, warmup: int) -> dict:
 
 
 @dataclass
-class _Ctx:
+class _Ctx:  # what RLDriver reads of a StageContext when it only rolls out
     cfg: object
+    name: str | None = None
 
 
 # --------------------------------------------------------------------------------------------- the whole run
@@ -463,6 +468,13 @@ def run_bench(s: BenchSettings) -> dict:
             if s.scaling and s.backend == "ray":
                 with mem.during("scaling"):
                     result["scaling"] = bench_scaling(bench_recipe(model_path, s), reps=s.steps, warmup=s.warmup)
+            if s.grid:
+                from posttrain.bench_grid import DEFAULT_POINTS, QUICK_POINTS, bench_grid, random_like
+
+                with mem.during("grid"):
+                    result["grid"] = bench_grid(s, random_like(model_path, tmp / "grid_model"),
+                                                QUICK_POINTS if s.quick else DEFAULT_POINTS, tmp, active,
+                                                bench_recipe, bench_ours)
             if s.fsdp_ranks > 1:
                 from posttrain.bench_fsdp import bench_fsdp
 
@@ -485,5 +497,9 @@ def run_bench(s: BenchSettings) -> dict:
     if s.out:
         out = Path(s.out)
         out.mkdir(parents=True, exist_ok=True)
+        if result.get("grid"):
+            from posttrain.bench_grid import plot_grid
+
+            result["grid_png"] = str(plot_grid(result["grid"], out / "bench_grid.png"))
         (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
     return result

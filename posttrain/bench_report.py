@@ -168,6 +168,10 @@ def format_table(r: dict) -> str:
         lines.append(f"scaling: rollout {sc['rollout_s_1_workers']:.3f} s/step with 1 worker, "
                      f"{sc['rollout_s_2_workers']:.3f} s with 2 ({sc['speedup_2_vs_1']:.2f}x; fastest "
                      f"{sc['rollout_s_1_workers_min']:.3f} vs {sc['rollout_s_2_workers_min']:.3f} s)")
+    if r.get("grid"):
+        from posttrain.bench_grid import format_grid
+
+        lines.append(format_grid(r["grid"]) + (f"\n(plotted: {r['grid_png']})" if r.get("grid_png") else ""))
     if "fsdp" in r:
         from posttrain.bench_fsdp import format_fsdp
 

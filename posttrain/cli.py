@@ -268,6 +268,7 @@ def _cmd_bench(args) -> int:
 
     s = BenchSettings(steps=args.steps, warmup=args.warmup, out=args.out, model=args.model, quick=args.quick,
                       threads=args.threads, backend=args.backend, trl=not args.no_trl, scaling=not args.no_scaling,
+                      grid=not args.no_grid, grid_steps=args.grid_steps,
                       async_staleness=args.async_staleness, fsdp_ranks=args.fsdp_ranks, overrides=list(args.set))
     result = run_bench(s)
     print(format_table(result))
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "this process")
     b.add_argument("--no-trl", action="store_true", help="skip the TRL side")
     b.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 rollout workers measurement")
+    b.add_argument("--no-grid", action="store_true", help="skip the scaling table (prompts per step 8 -> 64, "
+                   "max new tokens 64 -> 512, ours and TRL, on a random-init model of the same shape)")
+    b.add_argument("--grid-steps", type=int, default=2, help="timed steps per side at each point of the scaling table")
     b.add_argument("--async-staleness", type=int, default=1, metavar="K", help="also time our step at "
                    "grpo.async.max_staleness K, rollouts K versions ahead of the learner (0: skip)")
     b.add_argument("--fsdp-ranks", type=int, default=2, metavar="N", help="the memory a learner rank holds with "

@@ -37,6 +37,14 @@ def test_bench_smoke(tiny_model_dir, tmp_path, capsys):
         assert sum(x[key] for x in ranks) == one[key], key
         assert max(x[key] for x in ranks) <= 0.55 * one[key], key
     assert 0.45 <= f["held_ratio"] <= 0.55 and "per learner rank at 2 gloo ranks" in format_table(r)
+    # the scaling table (issue #27): every point timed on both sides, on a random-init model that talks to the limit
+    grid = r["grid"]
+    assert [(g["prompts"], g["max_new_tokens"]) for g in grid] == [(2, 8), (4, 8), (2, 16)]
+    for g in grid:
+        assert g["ours_step_s"] > 0 and g["trl_step_s"] > 0 and g["ratio"] > 0
+        assert 0 < g["ours_response_tokens_mean"] <= g["max_new_tokens"] + 1  # + a forced </think>
+    assert grid[2]["ours_response_tokens_mean"] > grid[0]["ours_response_tokens_mean"]  # 16 tokens run longer than 8
+    assert (tmp_path / "bench_grid.png").stat().st_size > 10_000 and "scaling (random-init" in format_table(r)
 
 
 def test_active_parameters_count_top_k_experts(tiny_model_dir):
@@ -62,3 +70,14 @@ def test_trl_reward_is_our_grader():
 
     texts, answers = ["1+1=2</think>\n\n2", "1+1=2</think>\n\n3", "no answer"], ["2", "2", "2"]
     assert exact_int_reward(texts, answer=answers) == [float(grade_integer(t, a)) for t, a in zip(texts, answers)]
+
+
+@pytest.mark.ray
+def test_bench_scaling_times_one_and_two_rollout_workers(tiny_model_dir, ray_session):
+    """`bench_scaling` (on by default in `posttrain bench`, off in the smoke test): the driver's rollout over 1 and 2
+    Ray rollout workers, both timed."""
+    from posttrain.bench import BenchSettings, bench_recipe, bench_scaling
+
+    rc = bench_recipe(tiny_model_dir, BenchSettings(quick=True, threads=1))
+    sc = bench_scaling(rc, reps=1, warmup=0)
+    assert sc["rollout_s_1_workers"] > 0 and sc["rollout_s_2_workers"] > 0 and sc["speedup_2_vs_1"] > 0
