@@ -21,7 +21,8 @@ With `--vllm-python` (default $POSTTRAIN_VLLM_PYTHON: an interpreter with vLLM, 
 also samples the same batch through the vllm rollout engine (`VLLMRolloutWorker`): tokens per second, budgets
 kept, and the share of greedy rows token-identical to the hf engine's (bf16 on a GPU: near ties may differ).
 Then (unless `--no-sync`) the learner's weights of the largest size go to one rollout worker through the object
-store and by broadcast (NCCL on CUDA: `scripts/sync_compare.py`, Ray actors sharing the device), timed.
+store and by broadcast (`scripts/sync_compare.py`; Ray actors sharing the device, so gloo through host memory:
+NCCL takes one rank per device), timed.
 Not covered: FSDP on several GPUs.
 
 Prints a table and writes `gpu_check.json` into `--out`.

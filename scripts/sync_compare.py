@@ -1,13 +1,15 @@
 """The cost of one weight sync, learner -> rollout workers, by Ray's object store and by broadcast (issue #25):
 
     python scripts/sync_compare.py --sizes tiny medium --rollouts 2            # CPU: gloo
-    python scripts/sync_compare.py --device cuda --sizes medium --rollouts 1   # one GPU shared: NCCL
+    python scripts/sync_compare.py --device cuda --sizes medium --rollouts 1   # one GPU shared: gloo
+    python scripts/sync_compare.py --device cuda --whole-gpus --rollouts 1     # a GPU each (2 here): NCCL
 
 For each size (`scripts/gpu_check.py`'s random-init Qwen3-MoE checkpoints: `tiny` ~3.4M parameters, `medium`
 ~0.5B) it starts one `LearnerWorker` and N `RolloutWorker`s as Ray actors on a local instance, then syncs the
 learner's whole trainable weights `--reps` times each way, as the RL driver does (`RLDriver.sync_weights`):
 - `object_store`: learner 0 puts them in the object store, every rollout worker fetches and applies them;
-- `broadcast`: `stages/rl_sync.BroadcastSync` (the group built once, outside the timing; gloo on CPU, NCCL on CUDA).
+- `broadcast`: `stages/rl_sync.BroadcastSync` (the group built once, outside the timing; gloo on CPU; on CUDA,
+  NCCL when every actor has a GPU of its own, else gloo through host memory: NCCL takes one rank per device).
 It prints the median seconds per sync (the driver's wall time until every worker has applied the weights), the bytes
 each worker received, and the learner's own time in the broadcast. Writes `sync_compare.json` into `--out`.
 """
@@ -26,14 +28,14 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def compare(model_dir: Path, rollouts: int, device: str, reps: int) -> dict:
+def compare(model_dir: Path, rollouts: int, device: str, reps: int, whole_gpus: bool = False) -> dict:
     from posttrain.config_rl import WeightSyncConfig
     from posttrain.stages.rl_sync import BroadcastSync, sync_backend
     from posttrain.workers.actors import ActorOptions, gather, spawn
     from posttrain.workers.learner import LearnerWorker
     from posttrain.workers.rollout import RolloutWorker
 
-    gpus = 1 / (rollouts + 1) if device == "cuda" else 0.0
+    gpus = (1.0 if whole_gpus else 1 / (rollouts + 1)) if device == "cuda" else 0.0
     options = ActorOptions(cpus=0, gpus=gpus, threads=1)
     learner = spawn(LearnerWorker, str(model_dir), device=device, name="learner0", options=options, lr=1e-5)
     workers = [spawn(RolloutWorker, str(model_dir), device=device, name=f"rollout{i}", options=options)
@@ -48,7 +50,7 @@ def compare(model_dir: Path, rollouts: int, device: str, reps: int) -> dict:
             gather([r.submit(RolloutWorker.update_weights, ref, v) for r in workers])
             times.append(time.perf_counter() - t0)
         out["object_store"] = {"seconds": statistics.median(times), "bytes": ref.nbytes}
-        sync = BroadcastSync(WeightSyncConfig(method="broadcast"), sync_backend("auto", device, device, "--device"),
+        sync = BroadcastSync(WeightSyncConfig(method="broadcast"), sync_backend("auto", device, device, "--device", gpus >= 1),
                              "sync_compare")
         t0 = time.perf_counter()
         sync._build(w)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rollouts", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--whole-gpus", action="store_true", help="cuda: a GPU per actor (NCCL) instead of one shared")
     ap.add_argument("--out", type=Path, default=Path("runs/sync_compare"))
     args = ap.parse_args(argv)
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for size in args.sizes:
                 path, n = build(size, Path(tmp) / size)
-                r = {"size": size, "parameters": n, **compare(path, args.rollouts, args.device, args.reps)}
+                r = {"size": size, "parameters": n, **compare(path, args.rollouts, args.device, args.reps, args.whole_gpus)}
                 results.append(r)
                 o, b = r["object_store"], r["broadcast"]
                 print(f"{size} ({n / 1e6:.1f}M parameters, {o['bytes'] / 2**20:.1f} MiB a worker, {args.rollouts} "

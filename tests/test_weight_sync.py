@@ -143,6 +143,7 @@ def test_nccl_needs_cuda_on_both_sides_and_auto_picks_the_backend():
     assert sync_backend("auto", "cuda", "cpu", "k") == "gloo"
     assert sync_backend("auto", "cuda", "cuda", "k") == "nccl"
     assert sync_backend("gloo", "cuda", "cuda", "k") == "gloo"
+    assert sync_backend("auto", "cuda", "cuda", "k", whole_gpus=False) == "gloo"  # NCCL: one rank per device
     with pytest.raises(ValueError, match="grpo.weight_sync.backend: nccl broadcasts between CUDA devices"):
         sync_backend("nccl", "cuda", "cpu", "grpo.weight_sync.backend")
 

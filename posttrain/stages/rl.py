@@ -97,7 +97,8 @@ def start_workers(rc, cfg, model_path, device, dtype, algo: str, rm_stage: str =
         micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
     )
     roll_dev = "cuda" if device.type == "cuda" and ray_cfg.rollout.gpus > 0 else ("cpu" if backend == "ray" else str(device))
-    sync = sync_backend(cfg.weight_sync.backend, dev, roll_dev, f"{algo}.weight_sync.backend") \
+    sync = sync_backend(cfg.weight_sync.backend, dev, roll_dev, f"{algo}.weight_sync.backend",
+                        ray_cfg.learner.gpus >= 1 and ray_cfg.rollout.gpus >= 1) \
         if cfg.weight_sync.method == "broadcast" else None  # refused before any actor starts
     engine = cfg.rollout_engine.model_dump()  # `hf` spawns rl.RolloutWorker itself (the fault tests patch it)
     roll_cls = RolloutWorker if engine["name"] == "hf" else engine_class(engine["name"])

@@ -17,14 +17,17 @@ from posttrain.workers.learner import LearnerWorker
 from posttrain.workers.rollout import RolloutWorker
 
 
-def sync_backend(choice: str, learner_device: str, rollout_device: str, key: str) -> str:
-    """gloo or nccl for `weight_sync.backend` `choice` (auto: nccl when both sides are on CUDA); ValueError naming
-    `key` for nccl without CUDA on both sides."""
+def sync_backend(choice: str, learner_device: str, rollout_device: str, key: str, whole_gpus: bool = True) -> str:
+    """gloo or nccl for `weight_sync.backend` `choice`; ValueError naming `key` for nccl without CUDA on both sides.
+
+    auto: nccl when both sides are on CUDA with whole GPUs each (`whole_gpus`: ray.learner.gpus and
+    ray.rollout.gpus >= 1). NCCL takes one rank per device, and actors given fractions of a GPU may share one, so
+    they get gloo, which stages the tensors through host memory."""
     cuda = learner_device.startswith("cuda") and rollout_device.startswith("cuda")
     if choice == "nccl" and not cuda:
         raise ValueError(f"{key}: nccl broadcasts between CUDA devices, and the learner is on {learner_device}, the "
                          f"rollout workers on {rollout_device} (ray.learner.gpus / ray.rollout.gpus); use gloo or auto")
-    return "nccl" if choice == "nccl" or (choice == "auto" and cuda) else "gloo"
+    return "nccl" if choice == "nccl" or (choice == "auto" and cuda and whole_gpus) else "gloo"
 
 
 class BroadcastSync:
