@@ -30,6 +30,8 @@ def test_gpu_check_runs_on_cpu_and_reports_every_figure(tmp_path, capsys):
     assert roll["budget_kept_share"] == 1.0  # capped rows never think past their budget
     assert learn["finite"] and learn["tokens_per_s"] > 0 and math.isfinite(learn["loss"])
     assert report["info"]["stages"]["finished"] and report["info"]["stages"]["stages"] == ["grpo", "sft"]
+    sync = report["info"]["sync"]  # scripts/sync_compare.py: object store and gloo broadcast, the same bytes
+    assert sync["ok"] and sync["broadcast"]["backend"] == "gloo" and sync["broadcast"]["bytes"] > 10 * 2**20
     assert "rollout tok/s" in capsys.readouterr().out
 
 
