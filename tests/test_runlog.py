@@ -1,4 +1,5 @@
 import json
+import time
 
 
 def _tb_steps(tb_dir, tag):
@@ -58,8 +59,15 @@ def test_a_failing_last_tensorboard_flush_is_a_warning_and_metrics_stay_whole(tm
     for step in range(50):
         m.log(step, {"loss": float(step)})
     (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
-    events.unlink()
-    events.mkdir()  # appending to it now fails: IsADirectoryError
+    m._tb.flush()  # nothing left queued: TensorBoard's writer appends by path, and would re-create the file
+    for _ in range(100):  # (a CI run once lost this race: the file was back between unlink and mkdir)
+        events.unlink(missing_ok=True)
+        try:
+            events.mkdir()  # appending to it now fails: IsADirectoryError
+            break
+        except FileExistsError:
+            time.sleep(0.01)
+    assert events.is_dir()
     m.log(50, {"loss": 50.0})  # queued for the writer thread: it fails writing it, close's flush raises
     with caplog.at_level(logging.WARNING, logger="posttrain"):
         m.close()
