@@ -92,13 +92,13 @@ def faulty_workers(monkeypatch, tmp_path, ray_session):
     """The driver spawns FaultyRollout and HangingReward; returns what the test hooks record."""
     from ray import cloudpickle
 
-    from posttrain.stages import rl
+    from posttrain.stages import rl, rl_workers
     from posttrain.workers import ray_cluster
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import the tests folder
     monkeypatch.setattr(ray_cluster, "shutdown_ray", lambda: None)  # the session's Ray outlives the run
-    monkeypatch.setattr(rl, "RolloutWorker", FaultyRollout)
-    monkeypatch.setattr(rl, "RLRewardWorker", HangingReward)
+    monkeypatch.setattr(rl_workers, "RolloutWorker", FaultyRollout)
+    monkeypatch.setattr(rl_workers, "RLRewardWorker", HangingReward)
     monkeypatch.setattr(FaultyRollout, "counter", str(tmp_path / "generate_calls"))
     monkeypatch.setattr(FaultyRollout, "receive_counter", str(tmp_path / "receive_calls"))
     monkeypatch.setattr(HangingReward, "counter", str(tmp_path / "score_calls"))
@@ -209,9 +209,9 @@ def test_learner_death_is_recovered_from_the_last_save_to_the_same_weights(fault
     actor, resumes from the save, redoes step 2 and 3, and ends with the weights of a run that never failed."""
     from posttrain.model import load_model
     from posttrain.pipeline import run_recipe
-    from posttrain.stages import rl
+    from posttrain.stages import rl_workers
 
-    monkeypatch.setattr(rl, "LearnerWorker", FaultyLearner)
+    monkeypatch.setattr(rl_workers, "LearnerWorker", FaultyLearner)
     monkeypatch.setattr(FaultyLearner, "counter", str(tmp_path / "step_calls"))
     clean = run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'clean'}", f"model.path={tiny_model_dir}", *TINY]))
     (tmp_path / "step_calls").unlink()
