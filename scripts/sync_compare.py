@@ -53,7 +53,7 @@ def compare(model_dir: Path, rollouts: int, device: str, reps: int, whole_gpus: 
         sync = BroadcastSync(WeightSyncConfig(method="broadcast"), sync_backend("auto", device, device, "--device", gpus >= 1),
                              "sync_compare")
         t0 = time.perf_counter()
-        sync._build(w)
+        sync.build(w)
         build_s = time.perf_counter() - t0
         times, on_learner = [], []
         for v in range(reps + 1, 2 * reps + 1):

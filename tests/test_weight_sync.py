@@ -116,7 +116,7 @@ def test_rollout_workers_take_the_broadcast_as_their_weights_or_keep_theirs_on_a
 
     def join(rank):
         if rank == 0:
-            return learner.join_weight_sync(url, 3, "gloo", 30, 1, 1 << 10)
+            return learner.join_weight_sync(url, 3, "gloo", 30, 1, 1 << 10, specs)
         return workers[rank - 1].join_weight_sync(url, rank, 3, "gloo", 30, 1, 1 << 10, specs)
 
     _ranks(join, join, join)

@@ -45,14 +45,15 @@ class BroadcastSync:
         """The group lost a member (a restarted worker): build a new one before the next sync."""
         self.ready = False
 
-    def _build(self, workers) -> None:
+    def build(self, workers) -> None:
+        """A new group: learner 0's rendezvous address and weight specs, then every member joins at once."""
         self.generation += 1
         learner, rollouts = workers.learners[0], workers.rollouts
         url = learner.call(LearnerWorker.rendezvous)
         specs = learner.call(LearnerWorker.weight_specs)
         world, bucket = 1 + len(rollouts), self.ws.bucket_mib << 20
         gather([learner.submit(LearnerWorker.join_weight_sync, url, world, self.backend, self.ws.timeout_s,
-                               self.generation, bucket),
+                               self.generation, bucket, specs),
                 *(r.submit(RolloutWorker.join_weight_sync, url, i + 1, world, self.backend, self.ws.timeout_s,
                            self.generation, bucket, specs) for i, r in enumerate(rollouts))])
         self.ready = True
@@ -61,7 +62,7 @@ class BroadcastSync:
 
     def push(self, workers, version: int) -> int | None:
         if not self.ready:
-            self._build(workers)
+            self.build(workers)
         gen = self.generation
         sent = workers.learners[0].submit(LearnerWorker.broadcast_weights, gen)
         got = [r.submit(RolloutWorker.receive_weights, version, gen) for r in workers.rollouts]

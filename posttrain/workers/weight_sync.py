@@ -163,11 +163,13 @@ class BroadcastSender:
         return specs_of(self.weights())
 
     def join_weight_sync(self, url: str, world_size: int, backend: str, timeout_s: float, generation: int,
-                         bucket_bytes: int) -> None:
-        """Open group `generation` as rank 0 (returns once every rank has joined)."""
+                         bucket_bytes: int, specs: list) -> None:
+        """Open group `generation` as rank 0 (returns once every rank has joined); `specs`: `weight_specs()`, which
+        every rank of the group holds."""
         self.close_weight_sync()
         self._wsync = BroadcastGroup(url, 0, world_size, backend, timeout_s)
-        self._wsync_gen, self._wsync_specs, self._wsync_bucket = generation, self.weight_specs(), bucket_bytes
+        self._wsync_gen, self._wsync_bucket = generation, bucket_bytes
+        self._wsync_specs = [(n, tuple(s), d) for n, s, d in specs]
 
     def broadcast_weights(self, generation: int) -> dict:
         """Broadcast `weights()` to the group `generation`. Returns {"ok", "bytes", "seconds", "error"}; a failed
