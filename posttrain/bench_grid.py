@@ -42,9 +42,10 @@ def bench_grid(s, model_path: Path, points, tmp: Path, active: int, bench_recipe
     from posttrain.model import pick_dtype
 
     rows = []
+    mini_batches = bench_recipe(model_path, s).grpo.mini_batches  # the recipe's, at most one per prompt
     for prompts, length in points:
-        point = replace(s, overrides=[*s.overrides, f"grpo.prompts_per_step={prompts}",
-                                      f"grpo.max_new_tokens={length}", f"grpo.mini_batches={min(2, prompts)}"])
+        point = replace(s, overrides=[*s.overrides, f"grpo.prompts_per_step={prompts}", f"grpo.max_new_tokens={length}",
+                                      f"grpo.mini_batches={min(mini_batches, prompts)}"])
         rc = bench_recipe(model_path, point)
         device = torch.device("cpu")
         dtype = pick_dtype(rc.dtype, device)

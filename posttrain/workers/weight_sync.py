@@ -23,6 +23,7 @@ driver then sends the weights through the object store and builds a new group be
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -43,20 +44,13 @@ def buckets(specs: list[Spec], bucket_bytes: int) -> list[list[int]]:
     out: list[list[int]] = []
     size, dtype = 0, None
     for i, (_, shape, dt) in enumerate(specs):
-        nbytes = _numel(shape) * getattr(torch, dt).itemsize
+        nbytes = math.prod(shape) * getattr(torch, dt).itemsize
         if not out or dt != dtype or size + nbytes > bucket_bytes:
             out.append([])
             size, dtype = 0, dt
         out[-1].append(i)
         size += nbytes
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -68,7 +62,7 @@ def unpack(flat: torch.Tensor, specs: list[Spec]) -> list[torch.Tensor]:
     """The tensors of `specs` (in order) as views of `flat`, `pack`'s inverse."""
     out, at = [], 0
     for _, shape, _ in specs:
-        n = _numel(shape)
+        n = math.prod(shape)
         out.append(flat[at:at + n].view(shape))
         at += n
     if at != flat.numel():
@@ -138,7 +132,7 @@ class BroadcastGroup:
         out = {}
         for idx in plan:
             part = [specs[i] for i in idx]
-            flat = torch.empty(sum(_numel(s[1]) for s in part), dtype=getattr(torch, part[0][2]), device=self.device)
+            flat = torch.empty(sum(math.prod(s[1]) for s in part), dtype=getattr(torch, part[0][2]), device=self.device)
             self.broadcast(flat)
             out.update({s[0]: t for s, t in zip(part, unpack(flat, part))})
         return out
